@@ -1,0 +1,27 @@
+# iBOT reproduction workflow. Default target: `rule all` (every enabled stage for every model).
+#   snakemake                                   # embedded default (config/config.yaml)
+#   snakemake --configfile config/paper.yaml    # the paper: ViT-S/16, ViT-B/16, ViT-L/16
+# Profiles live in workflow/profiles/{default,slurm}; with a root Snakefile Snakemake does not
+# find them by itself, so pass `--workflow-profile workflow/profiles/default` (see README).
+from ibot.config import validate_config
+
+# A --configfile replaces the embedded default instead of being merged into it (Snakemake would
+# otherwise deep-merge, leaking the embedded models into the paper run).
+if not workflow.config_settings.configfiles:
+    configfile: "config/config.yaml"
+
+validate_config(config, base_dir=workflow.basedir)
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/classification.smk"
+include: "workflow/rules/dense.smk"
+include: "workflow/rules/robustness.smk"
+include: "workflow/rules/results.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

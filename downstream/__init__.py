@@ -1,0 +1,1 @@
+"""Downstream evaluations of pretrained backbones (classification, dense, robustness)."""

@@ -1,0 +1,95 @@
+"""Shared plumbing of the dense stages: per-architecture paper values, mmengine runtime settings
+taken from the project config, and the train → test run inside our launcher job."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["CONFIG_DIR", "arch_value", "env_world_size", "norm_cfg", "per_gpu_batch", "configure_runtime",
+           "set_dataloader_workers", "train_and_test"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: Official recipes exist for ViT-S/16 and ViT-B/16; other sizes use the nearest one.
+_NEAREST_RECIPE = {"vit_tiny": "vit_small", "vit_small": "vit_small", "vit_base": "vit_base",
+                   "vit_large": "vit_base"}
+
+
+def arch_value(value: Any, table: Mapping[str, Any], arch: str, key: str) -> Any:
+    """``value`` unless it is None; then the official value for ``arch`` (nearest recipe)."""
+    if value is not None:
+        return value
+    recipe = _NEAREST_RECIPE.get(arch, "vit_base")
+    if key not in table[recipe]:
+        raise KeyError(f"no official value of {key!r} for {arch}")
+    return table[recipe][key]
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def norm_cfg(world_size: int) -> dict[str, Any]:
+    """SyncBN only when distributed (the official configs use SyncBN on 8 GPUs)."""
+    return dict(type="SyncBN" if world_size > 1 else "BN", requires_grad=True)
+
+
+def per_gpu_batch(total: int, world_size: int, section: str) -> int:
+    if total % world_size:
+        raise ValueError(f"{section}.batch_size: {total} is not divisible by the {world_size} processes")
+    return total // world_size
+
+
+def set_dataloader_workers(loader: dict, num_workers: int) -> None:
+    loader["num_workers"] = int(num_workers)
+    loader["persistent_workers"] = int(num_workers) > 0
+
+
+def configure_runtime(cfg, *, stage: str, work_dir: Path, seed: int, amp: bool, log_interval: int,
+                      val_interval: int, world_size: int) -> None:
+    """Runner-level settings common to detection and segmentation (mutates the mmengine Config)."""
+    cfg.work_dir = str(work_dir)
+    cfg.launcher = "pytorch" if world_size > 1 else "none"
+    cfg.env_cfg.dist_cfg = dict(backend="nccl" if torch.cuda.is_available() else "gloo")
+    cfg.randomness = dict(seed=int(seed), deterministic=False)
+    cfg.resume = True  # continue from work_dir/last_checkpoint after a requeue
+    cfg.load_from = None
+    # unique names: several runners may live in one process (tests, debug cluster)
+    tag = f"{stage}_{uuid.uuid4().hex[:8]}"
+    cfg.experiment_name = tag
+    cfg.visualizer.name = f"visualizer_{tag}"
+    cfg.default_hooks.logger.interval = int(log_interval)
+    if amp and torch.cuda.is_available():
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    if val_interval and val_interval > 0:
+        cfg.train_cfg.val_interval = int(val_interval)
+    else:  # evaluate once, after training, with the test loop (the reported numbers)
+        cfg.val_dataloader = None
+        cfg.val_cfg = None
+        cfg.val_evaluator = None
+
+
+def train_and_test(cfg) -> dict[str, float]:
+    """Build the runner, train (resuming from work_dir if possible), then test; returns the metrics."""
+    from mmengine.runner import Runner
+
+    from downstream.dense import registry  # noqa: F401  (registers our modules before building)
+
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    metrics = runner.test()
+    logging.getLogger(__name__).info("test metrics: %s", metrics)
+    return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def finite_or(value: Any, default: float = 0.0) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else default

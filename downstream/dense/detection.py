@@ -1,0 +1,218 @@
+"""COCO object detection + instance segmentation: Cascade Mask R-CNN (FPN, 4conv1fc GIoU box heads)
+on our ViT with the multi-scale adaptor, trained with mmdet and evaluated with its CocoMetric.
+
+``python -m downstream.dense.detection --data <coco root> --out results/<run>/<model>/detection/metrics.json
+[--checkpoint W] [--arch vit_small] [--config JSON]``. mmdet's work dir (logs, checkpoints, the
+resolved config) is ``<out dir>/work``; a requeued job resumes from its last checkpoint.
+
+Reported (percent): ``bbox_AP, bbox_AP50, bbox_AP75, segm_AP, segm_AP50, segm_AP75``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from downstream.cli import stage_main
+from downstream.dense.common import (CONFIG_DIR, arch_value, configure_runtime, env_world_size, norm_cfg,
+                                     per_gpu_batch, set_dataloader_workers, train_and_test)
+
+__all__ = ["DEFAULTS", "PAPER", "build_config", "run", "main"]
+
+STAGE = "detection"
+BASE_CONFIG = CONFIG_DIR / "cascade_mask_rcnn_vit_fpn_coco.py"
+
+#: Official values that depend on the backbone (README ``coco_det`` commands and configs).
+PAPER = {
+    "vit_small": {"layer_decay": 0.8, "drop_path": 0.1, "batch_size": 32},  # 8 GPUs x 4
+    "vit_base": {"layer_decay": 0.75, "drop_path": 0.2, "batch_size": 16},  # 8 GPUs x 2
+}
+
+DEFAULTS: dict[str, Any] = {
+    "epochs": 12,                 # 1x schedule
+    "lr_steps": [8, 11],          # MultiStepLR milestones (epochs), gamma 0.1
+    "warmup_iters": 500,          # linear warmup (iterations)
+    "warmup_ratio": 0.001,
+    "lr": 1e-4,                   # AdamW
+    "weight_decay": 0.05,
+    "layer_decay": None,          # None: official per arch (ViT-S 0.8, ViT-B 0.75)
+    "drop_path": None,            # None: official per arch (ViT-S 0.1, ViT-B 0.2)
+    "batch_size": None,           # total over all GPUs; None: official per arch (ViT-S 32, ViT-B 16)
+    "train_scales": list(range(480, 801, 32)),  # short sides of multi-scale training
+    "max_size": 1333,             # long-side limit (train and test)
+    "crop_aug": True,             # the DETR-style resize-crop-resize policy of the official config
+    "crop_resize_scales": [400, 500, 600],
+    "crop_size": [384, 600],      # absolute_range crop (min, max)
+    "test_scale": 800,            # test short side
+    "out_indices": None,          # None: [3, 5, 7, 11] scaled to the depth
+    "final_norm": False,          # official det: no final norm on the outputs
+    "num_classes": None,          # None: the categories of instances_val2017.json
+    "rpn_train_proposals": 2000,
+    "rpn_test_proposals": 1000,
+    "rcnn_sampler_num": 512,      # RoIs sampled per image and cascade stage
+    "amp": True,                  # AmpOptimWrapper on GPU (official fp16); ignored on CPU
+    "val_interval": 0,            # epochs between validations during training (0: only the final test)
+    "checkpoint_interval": 1,     # epochs
+    "num_workers": 2,             # data loader workers per process
+    "log_interval": 50,
+}
+
+
+def coco_categories(data_root: Path) -> list[str]:
+    """Category names of the val annotations, in file order (= mmdet label order)."""
+    path = data_root / "annotations" / "instances_val2017.json"
+    try:
+        categories = json.loads(path.read_text())["categories"]
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"detection: cannot read the COCO categories from {path}: {error}") from error
+    return [c["name"] for c in categories]
+
+
+def _scales(short_sides: Sequence[int], max_size: int) -> list[tuple[int, int]]:
+    return [(int(max_size), int(s)) for s in short_sides]
+
+
+def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
+                 checkpoint_key: str | None, data: str, work_dir: str | Path, seed: int = 0,
+                 world_size: int | None = None):
+    """The mmengine Config of this run: the base config file with the project config applied."""
+    from mmengine.config import Config
+
+    world_size = world_size or env_world_size()
+    arch = model_spec["arch"]
+    data_root = Path(data)
+    cfg = Config.fromfile(str(BASE_CONFIG))
+
+    # -- backbone -------------------------------------------------------------------------------
+    from ibot.models.vision_transformer import ARCHITECTURES
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"detection: unknown arch {arch!r}")
+    embed_dim = ARCHITECTURES[arch].embed_dim
+    norm = norm_cfg(world_size)
+    cfg.model.backbone.update(
+        arch=arch, patch_size=int(model_spec.get("patch_size") or 16), depth=model_spec.get("depth"),
+        drop_path_rate=float(arch_value(config["drop_path"], PAPER, arch, "drop_path")),
+        out_indices=config["out_indices"], final_norm=bool(config["final_norm"]), norm_cfg=norm,
+        pretrained=str(checkpoint) if checkpoint else None, checkpoint_key=checkpoint_key)
+    cfg.model.neck.in_channels = [embed_dim] * 4
+
+    # -- classes ----------------------------------------------------------------------------------
+    classes = coco_categories(data_root)
+    num_classes = int(config["num_classes"] or len(classes))
+    if num_classes != len(classes):
+        raise ValueError(f"detection.num_classes: {num_classes}, but {data_root} has {len(classes)} categories")
+    for head in cfg.model.roi_head.bbox_head:
+        head.num_classes = num_classes
+        head.norm_cfg = norm
+    cfg.model.roi_head.mask_head.num_classes = num_classes
+
+    # -- sampling sizes -------------------------------------------------------------------------------
+    cfg.model.train_cfg.rpn_proposal.update(nms_pre=int(config["rpn_train_proposals"]),
+                                            max_per_img=int(config["rpn_train_proposals"]))
+    cfg.model.test_cfg.rpn.update(nms_pre=int(config["rpn_test_proposals"]),
+                                  max_per_img=int(config["rpn_test_proposals"]))
+    for stage_cfg in cfg.model.train_cfg.rcnn:
+        stage_cfg.sampler.num = int(config["rcnn_sampler_num"])
+
+    # -- data ---------------------------------------------------------------------------------------
+    max_size = int(config["max_size"])
+    train_scales = _scales(config["train_scales"], max_size)
+    multi_scale = dict(type="RandomChoiceResize", scales=train_scales, keep_ratio=True)
+    if config["crop_aug"]:
+        augment = dict(type="RandomChoice", transforms=[
+            [multi_scale],
+            [dict(type="RandomChoiceResize", scales=_scales(config["crop_resize_scales"], max_size),
+                  keep_ratio=True),
+             dict(type="RandomCrop", crop_type="absolute_range", crop_size=tuple(config["crop_size"]),
+                  allow_negative_crop=True),
+             multi_scale]])
+    else:
+        augment = multi_scale
+    cfg.train_pipeline = [
+        dict(type="LoadImageFromFile", backend_args=None),
+        dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+        dict(type="RandomFlip", prob=0.5),
+        augment,
+        dict(type="PackDetInputs"),
+    ]
+    cfg.test_pipeline = [
+        dict(type="LoadImageFromFile", backend_args=None),
+        dict(type="Resize", scale=(max_size, int(config["test_scale"])), keep_ratio=True),
+        dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+        dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
+    ]
+    metainfo = dict(classes=tuple(classes))
+    batch_size = int(arch_value(config["batch_size"], PAPER, arch, "batch_size"))
+    train = cfg.train_dataloader
+    train.batch_size = per_gpu_batch(batch_size, world_size, STAGE)
+    train.dataset.update(data_root=str(data_root), metainfo=metainfo, pipeline=cfg.train_pipeline)
+    set_dataloader_workers(train, config["num_workers"])
+    test = cfg.test_dataloader
+    test.dataset.update(data_root=str(data_root), metainfo=metainfo, pipeline=cfg.test_pipeline)
+    set_dataloader_workers(test, config["num_workers"])
+    cfg.val_dataloader = test.copy()
+    evaluator = dict(type="CocoMetric", ann_file=str(data_root / "annotations" / "instances_val2017.json"),
+                     metric=["bbox", "segm"], format_only=False, backend_args=None)
+    cfg.val_evaluator = evaluator
+    cfg.test_evaluator = dict(evaluator)
+
+    # -- schedule and optimizer ---------------------------------------------------------------------------
+    epochs = int(config["epochs"])
+    cfg.train_cfg.max_epochs = epochs
+    cfg.train_cfg.val_interval = epochs
+    cfg.param_scheduler = [
+        dict(type="LinearLR", start_factor=float(config["warmup_ratio"]), by_epoch=False, begin=0,
+             end=int(config["warmup_iters"])),
+        dict(type="MultiStepLR", begin=0, end=epochs, by_epoch=True, milestones=[int(m) for m in config["lr_steps"]],
+             gamma=0.1),
+    ]
+    cfg.optim_wrapper.optimizer.update(lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
+    cfg.optim_wrapper.paramwise_cfg = dict(
+        layer_decay_rate=float(arch_value(config["layer_decay"], PAPER, arch, "layer_decay")), num_layers=None)
+    cfg.auto_scale_lr = dict(enable=False, base_batch_size=batch_size)
+    cfg.default_hooks.checkpoint.interval = int(config["checkpoint_interval"])
+
+    configure_runtime(cfg, stage=STAGE, work_dir=Path(work_dir), seed=seed, amp=bool(config["amp"]),
+                      log_interval=int(config["log_interval"]), val_interval=int(config["val_interval"]),
+                      world_size=world_size)
+    return cfg
+
+
+def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
+        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
+    from ibot.distributed import init_distributed, is_main
+    from ibot.metrics import write_metrics
+
+    init_distributed()
+    start = time.time()
+    out = Path(out)
+    cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, out.parent / "work", seed)
+    raw = train_and_test(cfg)
+    names = {"bbox_AP": "coco/bbox_mAP", "bbox_AP50": "coco/bbox_mAP_50", "bbox_AP75": "coco/bbox_mAP_75",
+             "segm_AP": "coco/segm_mAP", "segm_AP50": "coco/segm_mAP_50", "segm_AP75": "coco/segm_mAP_75"}
+    missing = sorted(v for v in names.values() if v not in raw)
+    # CocoMetric returns nothing for a task without a single detection: that is an AP of 0
+    metrics = {k: 100.0 * raw.get(v, 0.0) for k, v in names.items()}
+    if is_main():
+        write_metrics(out, run=run, model=model, stage=STAGE, task="detection", dataset="coco",
+                      protocol="cascade-mask-rcnn-1x", metrics=metrics, config=config,
+                      wall_time_s=time.time() - start, checkpoint=checkpoint,
+                      extra={"toolbox_metrics": raw, "missing_toolbox_metrics": missing,
+                             "work_dir": str(out.parent / "work"),
+                             "num_classes": cfg.model.roi_head.mask_head.num_classes,
+                             "layer_decay": cfg.optim_wrapper.paramwise_cfg.layer_decay_rate,
+                             "drop_path": cfg.model.backbone.drop_path_rate,
+                             "batch_size": cfg.auto_scale_lr.base_batch_size,
+                             "out_indices": cfg.model.backbone.out_indices})
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    return stage_main(STAGE, "downstream.dense.detection:run", DEFAULTS, argv,
+                      description="COCO detection + instance segmentation (Cascade Mask R-CNN, mmdet)")
+
+
+if __name__ == "__main__":
+    main()

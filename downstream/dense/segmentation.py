@@ -1,0 +1,235 @@
+"""ADE20K semantic segmentation with mmseg: UperNet (+ auxiliary FCN head) on our ViT with the
+multi-scale adaptor, or a linear head on the frozen ViT; evaluated with mmseg's IoUMetric.
+
+``python -m downstream.dense.segmentation --data <ADEChallengeData2016> --out .../seg_upernet/metrics.json
+--config '{"head": "upernet"}'`` (or ``"linear"``). mmseg's work dir is ``<out dir>/work``; a
+requeued job resumes from its last checkpoint.
+
+Classes: ``<data>/classes.txt`` (one name per line, line i = label i, 0 = ignore: the embedded
+set) gives the class list; without it the dataset is the real ADE20K (150 classes, mmseg's
+``ADE20KDataset``). Labels are read with ``reduce_zero_label=True`` either way.
+
+Reported (percent): ``mIoU, mAcc`` (and ``aAcc`` in extra).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from downstream.cli import stage_main
+from downstream.dense.common import (CONFIG_DIR, arch_value, configure_runtime, env_world_size, norm_cfg,
+                                     per_gpu_batch, set_dataloader_workers, train_and_test)
+
+__all__ = ["DEFAULTS", "PAPER", "HEADS", "build_config", "run", "main"]
+
+HEADS = {"upernet": CONFIG_DIR / "upernet_vit_ade20k.py", "linear": CONFIG_DIR / "linear_vit_ade20k.py"}
+ADE20K_NUM_CLASSES = 150
+
+#: Official UperNet values that depend on the backbone (README ``ade20k_seg`` commands, configs).
+PAPER = {
+    "vit_small": {"lr": 3e-5, "layer_decay": 0.9},
+    "vit_base": {"lr": 8e-5, "layer_decay": 0.65},
+}
+
+DEFAULTS: dict[str, Any] = {
+    "head": "upernet",            # upernet | linear (the rules seg_upernet / seg_linear set it)
+    "iters": 160000,
+    "warmup_iters": 1500,         # linear warmup from warmup_ratio x lr
+    "warmup_ratio": 1e-6,
+    "poly_power": 1.0,            # poly decay after the warmup ...
+    "min_lr": 0.0,                # ... down to this lr
+    "weight_decay": 0.05,         # AdamW
+    "batch_size": 16,             # total over all GPUs (official: 8 x 2 ViT-B, 4 x 4 ViT-S)
+    "crop_size": 512,             # training crop and sliding-window size
+    "slide_stride": 341,          # sliding-window stride at test time
+    "scale": [2048, 512],         # resize scale (train: x ratio_range, then crop; test: as is)
+    "ratio_range": [0.5, 2.0],
+    "cat_max_ratio": 0.75,        # RandomCrop: at most this fraction of one class
+    "num_classes": None,          # None: classes.txt in the data root, else the 150 ADE20K classes
+    "amp": True,                  # AmpOptimWrapper on GPU (official fp16); ignored on CPU
+    "val_interval": 0,            # iterations between validations (0: only the final test)
+    "checkpoint_interval": 16000,  # iterations
+    "num_workers": 4,
+    "log_interval": 50,
+    "upernet": {
+        "lr": None,               # None: official per arch (ViT-S 3e-5, ViT-B 8e-5)
+        "layer_decay": None,      # None: official per arch (ViT-S 0.9, ViT-B 0.65)
+        "drop_path": 0.1,
+        "channels": None,         # UperNet channels; None: the embed dim (official 384 ViT-S, 768 ViT-B)
+        "aux_loss_weight": 0.4,
+        "final_norm": True,       # README: out_with_norm=true
+        "out_indices": None,      # None: [3, 5, 7, 11] scaled to the depth
+    },
+    "linear": {
+        "lr": 8e-4,               # README ade20k_dense_linear; no layer decay (frozen backbone)
+        "final_norm": True,
+        "out_indices": None,      # None: [3, 5, 7, 11] scaled to the depth (official)
+        "with_bn": False,         # official: no BN before the 1x1 classifier
+    },
+}
+
+
+def read_classes(data_root: Path) -> list[str] | None:
+    path = data_root / "classes.txt"
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"segmentation: {path} lists no classes")
+    return names
+
+
+def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
+                 checkpoint_key: str | None, data: str, work_dir: str | Path, seed: int = 0,
+                 world_size: int | None = None):
+    """The mmengine Config of this run: the head's base config file with the project config applied."""
+    from mmengine.config import Config
+
+    from ibot.models.vision_transformer import ARCHITECTURES
+
+    head = config["head"]
+    if head not in HEADS:
+        raise ValueError(f"segmentation.head: {head!r} is not one of {sorted(HEADS)}")
+    world_size = world_size or env_world_size()
+    arch = model_spec["arch"]
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"segmentation: unknown arch {arch!r}")
+    embed_dim = ARCHITECTURES[arch].embed_dim
+    data_root = Path(data)
+    sub = config[head]
+    norm = norm_cfg(world_size)
+    cfg = Config.fromfile(str(HEADS[head]))
+
+    # -- backbone -------------------------------------------------------------------------------
+    backbone = cfg.model.backbone
+    backbone.update(arch=arch, patch_size=int(model_spec.get("patch_size") or 16), depth=model_spec.get("depth"),
+                    out_indices=sub["out_indices"], final_norm=bool(sub["final_norm"]),
+                    pretrained=str(checkpoint) if checkpoint else None, checkpoint_key=checkpoint_key)
+    if head == "upernet":
+        backbone.update(drop_path_rate=float(sub["drop_path"]), norm_cfg=norm)
+
+    # -- classes ----------------------------------------------------------------------------------
+    classes = read_classes(data_root)
+    if classes is not None:
+        num_classes = len(classes)
+        if config["num_classes"] not in (None, num_classes):
+            raise ValueError(f"segmentation.num_classes: {config['num_classes']}, but {data_root}/classes.txt "
+                             f"lists {num_classes} classes")
+    else:
+        num_classes = int(config["num_classes"] or ADE20K_NUM_CLASSES)
+
+    # -- heads ------------------------------------------------------------------------------------
+    decode = cfg.model.decode_head
+    decode.update(num_classes=num_classes, norm_cfg=norm)
+    if head == "upernet":
+        decode.update(in_channels=[embed_dim] * 4, channels=int(sub["channels"] or embed_dim))
+        aux = cfg.model.auxiliary_head
+        aux.update(in_channels=embed_dim, num_classes=num_classes, norm_cfg=norm)
+        aux.loss_decode.loss_weight = float(sub["aux_loss_weight"])
+    else:
+        from downstream.dense.backbone import default_out_indices
+        depth = int(model_spec.get("depth") or ARCHITECTURES[arch].depth)
+        levels = len(sub["out_indices"] or default_out_indices(depth))
+        decode.update(in_channels=[embed_dim] * levels, in_index=list(range(levels)),
+                      channels=embed_dim * levels, with_bn=bool(sub["with_bn"]))
+    crop = (int(config["crop_size"]), int(config["crop_size"]))
+    stride = (int(config["slide_stride"]), int(config["slide_stride"]))
+    cfg.model.test_cfg = dict(mode="slide", crop_size=crop, stride=stride)
+    cfg.model.data_preprocessor.size = crop
+
+    # -- data ---------------------------------------------------------------------------------------
+    scale = tuple(int(s) for s in config["scale"])
+    cfg.train_pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="LoadAnnotations", reduce_zero_label=True),
+        dict(type="RandomResize", scale=scale, ratio_range=tuple(config["ratio_range"]), keep_ratio=True),
+        dict(type="RandomCrop", crop_size=crop, cat_max_ratio=float(config["cat_max_ratio"])),
+        dict(type="RandomFlip", prob=0.5),
+        dict(type="PhotoMetricDistortion"),
+        dict(type="PackSegInputs"),
+    ]
+    cfg.test_pipeline = [
+        dict(type="LoadImageFromFile"),
+        dict(type="Resize", scale=scale, keep_ratio=True),
+        dict(type="LoadAnnotations", reduce_zero_label=True),
+        dict(type="PackSegInputs"),
+    ]
+    if classes is not None:  # a custom class list: label values as stored (BaseSegDataset never remaps)
+        dataset = dict(type="BaseSegDataset", img_suffix=".jpg", seg_map_suffix=".png",
+                       metainfo=dict(classes=tuple(classes)))
+    else:
+        dataset = dict(type="ADE20KDataset")
+    total_batch = int(config["batch_size"])
+    train = cfg.train_dataloader
+    train.batch_size = per_gpu_batch(total_batch, world_size, "segmentation")
+    train.dataset.update(data_root=str(data_root), pipeline=cfg.train_pipeline, reduce_zero_label=True, **dataset)
+    set_dataloader_workers(train, config["num_workers"])
+    test = cfg.test_dataloader
+    test.dataset.update(data_root=str(data_root), pipeline=cfg.test_pipeline, reduce_zero_label=True, **dataset)
+    set_dataloader_workers(test, config["num_workers"])
+    cfg.val_dataloader = test.copy()
+    cfg.val_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
+    cfg.test_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
+
+    # -- schedule and optimizer ---------------------------------------------------------------------------
+    iters, warmup = int(config["iters"]), int(config["warmup_iters"])
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters)
+    schedulers = []
+    if warmup > 0:
+        schedulers.append(dict(type="LinearLR", start_factor=float(config["warmup_ratio"]), by_epoch=False,
+                               begin=0, end=min(warmup, iters)))
+    if iters > warmup:
+        schedulers.append(dict(type="PolyLR", eta_min=float(config["min_lr"]), power=float(config["poly_power"]),
+                               begin=warmup, end=iters, by_epoch=False))
+    cfg.param_scheduler = schedulers
+    if head == "upernet":
+        lr = float(arch_value(sub["lr"], PAPER, arch, "lr"))
+        cfg.optim_wrapper.paramwise_cfg = dict(
+            layer_decay_rate=float(arch_value(sub["layer_decay"], PAPER, arch, "layer_decay")), num_layers=None)
+    else:
+        lr = float(sub["lr"])
+    cfg.optim_wrapper.optimizer.update(lr=lr, weight_decay=float(config["weight_decay"]))
+    cfg.default_hooks.checkpoint.interval = int(config["checkpoint_interval"])
+
+    configure_runtime(cfg, stage=f"seg_{head}", work_dir=Path(work_dir), seed=seed, amp=bool(config["amp"]),
+                      log_interval=int(config["log_interval"]), val_interval=int(config["val_interval"]),
+                      world_size=world_size)
+    return cfg
+
+
+def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
+        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
+    from ibot.distributed import init_distributed, is_main
+    from ibot.metrics import write_metrics
+
+    init_distributed()
+    start = time.time()
+    out = Path(out)
+    head = config["head"]
+    cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, out.parent / "work", seed)
+    raw = train_and_test(cfg)
+    missing = [k for k in ("mIoU", "mAcc") if k not in raw]
+    if missing:
+        raise RuntimeError(f"segmentation: IoUMetric returned no {missing} (got {sorted(raw)})")
+    metrics = {"mIoU": raw["mIoU"], "mAcc": raw["mAcc"]}  # IoUMetric reports percent
+    if is_main():
+        write_metrics(out, run=run, model=model, stage=f"seg_{head}", task="semantic_seg", dataset="ade20k",
+                      protocol=f"{head}-160k", metrics=metrics, config=config,
+                      wall_time_s=time.time() - start, checkpoint=checkpoint,
+                      extra={"toolbox_metrics": raw, "work_dir": str(out.parent / "work"),
+                             "num_classes": cfg.model.decode_head.num_classes,
+                             "lr": cfg.optim_wrapper.optimizer.lr,
+                             "layer_decay": (cfg.optim_wrapper.get("paramwise_cfg") or {}).get("layer_decay_rate"),
+                             "iters": cfg.train_cfg.max_iters})
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    return stage_main("segmentation", "downstream.dense.segmentation:run", DEFAULTS, argv,
+                      description="ADE20K semantic segmentation (UperNet or linear head, mmseg)")
+
+
+if __name__ == "__main__":
+    main()

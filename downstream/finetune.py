@@ -1,0 +1,360 @@
+"""End-to-end fine-tuning on ImageNet (iBOT ``evaluation/classification_layer_decay``, BEiT recipe).
+
+What the official run does (``run.sh imagenet_cls``: ``run_class_finetuning.py --use_cls
+--layer_scale_init_value 0 --abs_pos_emb --disable_rel_pos_bias --imagenet_default_mean_and_std
+--mixup 0.8 --cutmix 1.0 --warmup_epochs 20``) and how it is done here, with timm components:
+
+- model: our backbone (``build_pretrained_backbone(..., drop_path_rate=drop_path)``, built at the
+  fine-tuning crop so the positional embeddings are resampled once at load, as the official loader
+  does) + ``nn.Linear`` head on the final-norm [CLS] token (``--use_cls``: no mean pooling, no
+  fc_norm); head weight trunc-normal(0.02) × ``head_init_scale`` (0.001), bias 0;
+- data: ``timm.data.create_transform`` (RandomResizedCrop bicubic, flip, colour jitter 0.4,
+  RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25 pixel mode, ImageNet mean/std); eval
+  ``Resize(resize=crop/0.875, bilinear)`` + ``CenterCrop(crop)`` (the official eval transform);
+- ``timm.data.Mixup`` (mixup 0.8, cutmix 1.0, prob 1, switch 0.5, batch mode, label smoothing 0.1)
+  + ``timm.loss.SoftTargetCrossEntropy`` (a batch of odd size is not mixed: smoothed one-hot targets);
+- AdamW (eps 1e-8, betas 0.9/0.999), weight decay 0.05 except 1-D params, pos_embed and cls_token,
+  layer-wise lr decay through ``timm.optim.create_optimizer_v2(..., layer_decay=...)``. The model's
+  ``group_matcher`` reproduces BEiT's ``get_num_layer_for_vit``: cls_token/pos_embed/patch_embed
+  → layer 0, ``blocks.i`` → i + 1, final norm and head → depth + 1, scale
+  ``decay ** (depth + 1 - layer_id)`` (timm alone would put the head one layer above the norm);
+- ``timm.scheduler.CosineLRScheduler`` updated every iteration: linear warmup from 0 over
+  ``warmup_epochs``, cosine to ``min_lr`` 1e-6 (lr × each group's ``lr_scale``);
+- global batch 1024 (official 128 per GPU × 8; ViT-L 64 × 8 × 2 accumulation), lr 4e-3 (the
+  script default; the README commands pass no ``--lr``), not rescaled with the batch; fp16 AMP with a
+  grad scaler on GPU (``precision``), no gradient clipping, no EMA;
+- evaluation on val after every epoch; reported ``top1``/``top5`` are those of the best epoch
+  (the official "Max accuracy"), the last epoch's are in ``extra``.
+
+Paper recipes: ViT-S/16 200 epochs, drop path 0.1, layer decay 0.75, warmup 20 (DEFAULTS);
+ViT-B/16 100 epochs, 0.2, 0.65, warmup 20; ViT-L/16 50 epochs, 0.4, 0.75, warmup 5 (see the schema).
+
+Training state is checkpointed atomically after every epoch in ``<out dir>/work/checkpoint.pth``;
+a rerun (or a submitit requeue) resumes from it when config, weights and data are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision import transforms
+
+from downstream.cli import stage_main
+from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, autocast, config_fingerprint, dataset_label,
+                                 eval_transform, file_id, gather_correct, image_folder, log, make_loader,
+                                 pick_device, progress, seed_everything, topk_correct)
+from ibot.checkpoint import save_atomic
+from ibot.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
+from ibot.metrics import write_metrics
+
+__all__ = ["DEFAULTS", "PAPER_RECIPES", "ViTClassifier", "build_model", "build_optimizer", "build_scheduler",
+           "build_mixup", "train_transform", "beit_layer_id", "run", "main"]
+
+#: Paper defaults (ViT-S/16 recipe; the other models' overrides are PAPER_RECIPES / the schema).
+DEFAULTS: dict[str, Any] = {
+    "epochs": 200,
+    "warmup_epochs": 20,
+    "batch_size": 1024,              # global batch per optimizer step (official 128 per GPU × 8 GPUs)
+    "accum_steps": 1,                # gradient accumulation (official ViT-L: --update_freq 2, 64 per GPU)
+    "lr": 4.0e-3,                    # peak lr (official default; not rescaled with the batch size)
+    "min_lr": 1.0e-6,
+    "warmup_lr": 0.0,                # warmup starts here (official cosine_scheduler start_warmup_value 0)
+    "weight_decay": 0.05,
+    "layer_decay": 0.75,
+    "drop_path": 0.1,
+    "opt": "adamw",
+    "opt_eps": 1.0e-8,
+    "opt_betas": [0.9, 0.999],
+    "clip_grad": None,
+    "crop": 224,                     # input size
+    "resize": 256,                   # eval resize (crop / 0.875)
+    "eval_interpolation": "bilinear",
+    "train_interpolation": "bicubic",
+    "color_jitter": 0.4,
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "re_prob": 0.25,
+    "re_mode": "pixel",
+    "re_count": 1,
+    "mixup": 0.8,
+    "cutmix": 1.0,
+    "mixup_prob": 1.0,
+    "mixup_switch_prob": 0.5,
+    "mixup_mode": "batch",
+    "smoothing": 0.1,
+    "head_init_scale": 0.001,
+    "precision": "fp16",             # fp16 AMP (official) on GPU; falls back to fp32 on CPU; or bf16 / fp32
+    "val_freq": 1,
+    "num_workers": 10,
+}
+
+#: Per-model overrides of DEFAULTS for the paper (iBOT README / paper appendix).
+PAPER_RECIPES: dict[str, dict[str, Any]] = {
+    "vit_small": {"epochs": 200, "drop_path": 0.1, "layer_decay": 0.75, "warmup_epochs": 20},
+    "vit_base": {"epochs": 100, "drop_path": 0.2, "layer_decay": 0.65, "warmup_epochs": 20},
+    "vit_large": {"epochs": 50, "drop_path": 0.4, "layer_decay": 0.75, "warmup_epochs": 5, "accum_steps": 2},
+}
+
+
+# -- model ----------------------------------------------------------------------------------------
+class ViTClassifier(nn.Module):
+    """Backbone + linear head on the final-norm [CLS] token (official ``--use_cls``)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head_init_scale: float = 0.001) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images)[:, 0])
+
+    @property
+    def num_layers(self) -> int:
+        """BEiT's ``num_layers`` for layer decay: depth + 1 (embeddings + blocks; norm/head on top)."""
+        return len(self.backbone.blocks) + 1
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm layer groups equal to BEiT's ``get_num_layer_for_vit`` (see module docstring)."""
+        return dict(stem=r"^backbone\.(?:cls_token|pos_embed|patch_embed|masked_embed)",
+                    blocks=[(r"^backbone\.blocks\.(\d+)", None), (r"^(?:backbone\.norm|head)", (99999,))])
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+
+
+def beit_layer_id(name: str, depth: int) -> int:
+    """Official (BEiT) layer id of a parameter of :class:`ViTClassifier` (for checks and docs)."""
+    name = name.removeprefix("backbone.")
+    if name in ("cls_token", "mask_token", "masked_embed", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def build_model(model_spec: Mapping[str, Any], checkpoint: str | None, checkpoint_key: str | None,
+                num_classes: int, config: Mapping[str, Any]) -> ViTClassifier:
+    from ibot.models.pretrained import build_pretrained_backbone
+    backbone = build_pretrained_backbone(model_spec, checkpoint, checkpoint_key=checkpoint_key,
+                                         img_size=int(config["crop"]), drop_path_rate=float(config["drop_path"]))
+    return ViTClassifier(backbone, num_classes, float(config["head_init_scale"]))
+
+
+def build_optimizer(model: nn.Module, config: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """AdamW with BEiT-style layer-wise lr decay and weight-decay groups (timm ``create_optimizer_v2``)."""
+    from timm.optim import create_optimizer_v2
+    layer_decay = float(config["layer_decay"])
+    return create_optimizer_v2(model, opt=config["opt"], lr=float(config["lr"]),
+                               weight_decay=float(config["weight_decay"]),
+                               layer_decay=layer_decay if layer_decay < 1.0 else None,
+                               eps=float(config["opt_eps"]), betas=tuple(float(b) for b in config["opt_betas"]))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any], steps_per_epoch: int):
+    """Per-iteration cosine schedule with linear warmup (timm ``CosineLRScheduler``; ``step_update``)."""
+    from timm.scheduler import CosineLRScheduler
+    warmup = int(config["warmup_epochs"]) * steps_per_epoch
+    total = int(config["epochs"]) * steps_per_epoch
+    return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=float(config["min_lr"]),
+                             warmup_t=warmup, warmup_lr_init=float(config["warmup_lr"]), warmup_prefix=True,
+                             t_in_epochs=False, cycle_limit=1)
+
+
+def build_mixup(config: Mapping[str, Any], num_classes: int):
+    """timm ``Mixup`` (None when mixup and cutmix are both off)."""
+    from timm.data import Mixup
+    if float(config["mixup"]) <= 0 and float(config["cutmix"]) <= 0:
+        return None
+    return Mixup(mixup_alpha=float(config["mixup"]), cutmix_alpha=float(config["cutmix"]),
+                 prob=float(config["mixup_prob"]), switch_prob=float(config["mixup_switch_prob"]),
+                 mode=config["mixup_mode"], label_smoothing=float(config["smoothing"]), num_classes=num_classes)
+
+
+def train_transform(config: Mapping[str, Any]):
+    """timm ``create_transform(is_training=True)`` with the official arguments."""
+    from timm.data import create_transform
+    transform = create_transform(
+        input_size=int(config["crop"]), is_training=True, color_jitter=float(config["color_jitter"]),
+        auto_augment=config["auto_augment"], interpolation=config["train_interpolation"],
+        re_prob=float(config["re_prob"]), re_mode=config["re_mode"], re_count=int(config["re_count"]),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if int(config["crop"]) <= 32:  # official build_transform: small inputs use RandomCrop(padding=4)
+        transform.transforms[0] = transforms.RandomCrop(int(config["crop"]), padding=4)
+    return transform
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_samples: int, device: torch.device, precision: str) -> dict[str, float]:
+    model.eval()
+    hits, indices, loss_sum = [], [], torch.zeros(2, device=device)
+    for images, targets, index in progress(loader, desc="finetune val"):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(precision, device):
+            logits = model(images)
+        logits = logits.float()
+        hits.append(topk_correct(logits, targets, (1, 5)))
+        indices.append(index.to(device))
+        loss_sum += torch.stack([nn.functional.cross_entropy(logits, targets, reduction="sum"),
+                                 torch.tensor(float(len(targets)), device=device)])
+    per_sample = gather_correct(torch.cat(hits), torch.cat(indices), num_samples)
+    all_reduce_sum(loss_sum)
+    accuracy = 100.0 * per_sample.double().mean(dim=0)
+    return {"top1": float(accuracy[0]), "top5": float(accuracy[1]), "loss": float(loss_sum[0] / loss_sum[1])}
+
+
+# -- the stage --------------------------------------------------------------------------------------
+def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
+        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
+    """Stage entry (inside the launched job): fine-tune, evaluate every epoch, write metrics.json."""
+    from timm.data.mixup import mixup_target
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    init_distributed()
+    started = time.time()
+    out_path = Path(out)
+    work = out_path.parent / "work"
+    device = pick_device()
+    precision = config["precision"]
+    if precision == "fp16" and device.type != "cuda":
+        log("[finetune] precision fp16 needs a GPU: running in fp32 on CPU")
+        precision = "fp32"
+    seed_everything(seed)
+
+    train_set = image_folder(data, "train", train_transform(config))
+    val_set = image_folder(data, "val", eval_transform(config["resize"], config["crop"], config["eval_interpolation"]))
+    if train_set.classes != val_set.classes:
+        raise ValueError(f"dataset {data}: train/ and val/ have different class folders")
+    num_classes = len(train_set.classes)
+
+    accum = max(1, int(config["accum_steps"]))
+    per_process = max(1, int(config["batch_size"]) // (world_size() * accum))
+    shard = len(train_set) // world_size()
+    mixup_fn = build_mixup(config, num_classes)
+    if per_process > shard:  # tiny datasets: at least one step per epoch
+        per_process = max(1, shard)
+        if mixup_fn is not None and per_process > 1:
+            per_process -= per_process % 2
+        log(f"[finetune] batch_size {config['batch_size']} exceeds the data: using {per_process} per process")
+    global_batch = per_process * world_size() * accum
+    steps_per_epoch = max(1, len(train_set) // (per_process * world_size()) // accum)
+    epochs = int(config["epochs"])
+
+    net = build_model(model_spec, checkpoint, checkpoint_key, num_classes, config).to(device)
+    optimizer = build_optimizer(net, config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=(precision == "fp16"))
+    module: nn.Module = net
+    if world_size() > 1:
+        module = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    criterion = SoftTargetCrossEntropy() if mixup_fn is not None else (
+        LabelSmoothingCrossEntropy(float(config["smoothing"])) if float(config["smoothing"]) > 0 else nn.CrossEntropyLoss())
+    train_loader = make_loader(train_set, per_process, shuffle=True, seed=seed, drop_last=True,
+                               num_workers=int(config["num_workers"]))
+    val_loader = make_loader(val_set, per_process, shuffle=False, num_workers=int(config["num_workers"]))
+    log(f"[finetune] {len(train_set)} train / {len(val_set)} val images, {num_classes} classes; global batch "
+        f"{global_batch} ({steps_per_epoch} steps/epoch); {epochs} epochs; layer decay {config['layer_decay']} "
+        f"over {net.num_layers} layers; device {device}, {precision}")
+
+    # -- resume ------------------------------------------------------------------------------------
+    fingerprint = config_fingerprint(dict(config), dict(model_spec), checkpoint, file_id(checkpoint),
+                                     str(Path(data).resolve()), seed, world_size())
+    state_file = work / "checkpoint.pth"
+    start_epoch, history = 0, []
+    if state_file.is_file():
+        state = torch.load(state_file, map_location=device, weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+            log(f"[finetune] resuming from {state_file} after epoch {start_epoch}")
+        else:
+            log(f"[finetune] ignoring {state_file}: it was written for another config/model/data")
+
+    for epoch in range(start_epoch, epochs):
+        train_loader.sampler.set_epoch(epoch)
+        seed_everything(seed + 1000 * epoch + rank())
+        module.train()
+        loss_sum, count = torch.zeros((), device=device), 0
+        optimizer.zero_grad(set_to_none=True)
+        for step, (images, targets, _) in enumerate(progress(train_loader, desc=f"finetune epoch {epoch + 1}/{epochs}")):
+            update = step // accum
+            if update >= steps_per_epoch:
+                break
+            if step % accum == 0:
+                scheduler.step_update(num_updates=epoch * steps_per_epoch + update)
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if mixup_fn is not None and len(images) % 2 == 0:
+                images, soft = mixup_fn(images, targets)
+            elif mixup_fn is not None:  # odd batch: cannot pair samples; smoothed one-hot targets
+                soft = mixup_target(targets, num_classes, lam=1.0, smoothing=float(config["smoothing"]))
+            else:
+                soft = targets
+            with autocast(precision, device):
+                loss = criterion(module(images), soft)
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"finetune: loss is {float(loss.detach())} at epoch {epoch + 1}, step {step}")
+            scaler.scale(loss / accum).backward()
+            if (step + 1) % accum == 0:
+                if config["clip_grad"]:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(net.parameters(), float(config["clip_grad"]))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            count += 1
+        train_loss = float(all_reduce_sum(loss_sum.clone()) / max(1, count * world_size()))
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": max(g["lr"] for g in optimizer.param_groups)}
+        if (epoch + 1) % max(1, int(config["val_freq"])) == 0 or epoch == epochs - 1:
+            record.update(evaluate(net, val_loader, len(val_set), device, precision))
+            log(f"[finetune] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, val top-1 {record['top1']:.2f}, "
+                f"top-5 {record['top5']:.2f}")
+        history.append(record)
+        if is_main():
+            save_atomic({"fingerprint": fingerprint, "epoch": epoch + 1, "model": net.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history},
+                        state_file)
+        barrier()
+
+    metrics: dict[str, float] = {}
+    if is_main():
+        evaluated = [r for r in history if "top1" in r]
+        best = max(evaluated, key=lambda r: r["top1"])  # earliest best epoch on ties (official "Max accuracy")
+        last = evaluated[-1]
+        metrics = {"top1": best["top1"]}
+        if num_classes >= 5:
+            metrics["top5"] = best["top5"]
+        write_metrics(
+            out, run=run, model=model, stage="finetune", task="finetune", dataset=dataset_label(data, num_classes),
+            protocol=(f"{epochs}ep,layer_decay={config['layer_decay']},drop_path={config['drop_path']},"
+                      f"mixup/cutmix,cls"),
+            metrics=metrics, config=config, wall_time_s=time.time() - started, checkpoint=checkpoint,
+            extra={"best_epoch": best["epoch"], "best_top1": best["top1"], "best_top5": best["top5"],
+                   "last_epoch": last["epoch"], "last_top1": last["top1"], "last_top5": last["top5"],
+                   "history": history, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+                   "num_layers": net.num_layers, "precision": precision, "num_classes": num_classes,
+                   "num_train": len(train_set), "num_val": len(val_set),
+                   "top5_meaningful": num_classes >= 5})
+        log(f"[finetune] best top-1 {best['top1']:.2f} at epoch {best['epoch']} (last {last['top1']:.2f}); "
+            f"wrote {out_path}")
+    barrier()
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    return stage_main("finetune", "downstream.finetune:run", DEFAULTS, argv,
+                      description="End-to-end fine-tuning with layer-wise lr decay (iBOT/BEiT recipe, timm).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Backgrounds challenge / ImageNet-9 (Xiao et al., ICLR 2021): top-1 per background variant.
+
+Layout ``<root>/<variant>/val/<k>_<name>/*`` (``k`` = ImageNet-9 class index) for the variants
+original, only_fg, mixed_same, mixed_rand, mixed_next, no_fg, only_bg_b, only_bg_t, plus
+``<root>/in_to_in9.json`` = ``{head class index (str): IN-9 index or -1}`` (the real file maps
+the 1000 ImageNet classes; the embedded generator writes it for its own classes).
+
+Scoring follows the official code (MadryLab/backgrounds_challenge ``tools/model_utils.eval_model``,
+copied by iBOT): the prediction is the argmax over *all* head classes, then mapped to its IN-9
+super-class; a class mapped to -1 is always wrong. Transform: centre crop only by default
+(the official evaluation applies ``ToTensor`` to the stored 224 px images), ImageNet normalisation.
+
+Metrics (percent): ``top1_<variant>`` per variant and ``bg_gap`` = mixed_same - mixed_rand.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from downstream.features import log
+from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate, class_folders, common_extra,
+                                          list_images, percent, prepare, shard_loader, stage_cli,
+                                          write_robustness_metrics)
+from ibot.distributed import barrier, init_distributed, is_main
+
+__all__ = ["DEFAULTS", "VARIANTS", "NUM_IN9", "load_in9_map", "map_to_in9", "in9_label", "run", "main"]
+
+VARIANTS: tuple[str, ...] = ("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next", "no_fg",
+                             "only_bg_b", "only_bg_t")
+NUM_IN9 = 9
+_FOLDER = re.compile(r"^(\d+)_")
+
+DEFAULTS: dict[str, Any] = {
+    "variants": list(VARIANTS),
+    "mapping_file": None,        # null: <data>/in_to_in9.json
+    "resize": "none",            # official: ToTensor on the stored 224 px images
+    "crop": "head",
+    "batch_size": 256,
+    "num_workers": 10,
+    "max_images_per_class": None,
+}
+
+
+def load_in9_map(path: str | Path, num_classes: int) -> Tensor:
+    """``in_to_in9.json`` as a lookup tensor [num_classes] (IN-9 index or -1) over the head's outputs."""
+    path = Path(path)
+    try:
+        mapping = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise RobustnessError(f"ImageNet-9 class map {path}: cannot be read: {error}") from error
+    if not isinstance(mapping, dict):
+        raise RobustnessError(f"ImageNet-9 class map {path}: expected a JSON object {{class index: in9 index}}")
+    missing = [i for i in range(num_classes) if str(i) not in mapping]
+    if missing:
+        raise RobustnessError(f"ImageNet-9 class map {path}: no entry for head classes {missing[:10]}"
+                              f"{' ...' if len(missing) > 10 else ''} (the head has {num_classes} outputs, the map "
+                              f"{len(mapping)} entries); was the head trained on the classes the map is for?")
+    lut = torch.tensor([int(mapping[str(i)]) for i in range(num_classes)], dtype=torch.long)
+    if bool(((lut < -1) | (lut >= NUM_IN9)).any()):
+        raise RobustnessError(f"ImageNet-9 class map {path}: values must be -1 or 0..{NUM_IN9 - 1}")
+    return lut
+
+
+def map_to_in9(logits: Tensor, lut: Tensor) -> Tensor:
+    """IN-9 prediction: argmax over all classes, then the class → super-class map (-1: none)."""
+    return lut.to(logits.device)[logits.argmax(dim=-1)]
+
+
+def in9_label(folder: str) -> int:
+    match = _FOLDER.match(folder)
+    if not match or not 0 <= int(match.group(1)) < NUM_IN9:
+        raise RobustnessError(f"ImageNet-9 class folder {folder!r}: expected '<k>_<name>' with k in 0..{NUM_IN9 - 1}")
+    return int(match.group(1))
+
+
+def _samples(root: Path, variants: Sequence[str], max_per_class: int | None) -> list[tuple[str, int, int]]:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise RobustnessError(f"bg_challenge.variants: unknown {unknown}; expected some of {list(VARIANTS)}")
+    missing = [v for v in variants if not (root / v / "val").is_dir()]
+    if missing:
+        raise RobustnessError(f"ImageNet-9 {root}: missing variant folders {[f'{v}/val' for v in missing]}")
+    samples = []
+    for group, variant in enumerate(variants):
+        for folder in class_folders(root / variant / "val", what=f"ImageNet-9 {variant}"):
+            images = list_images(root / variant / "val" / folder)
+            if max_per_class is not None:
+                images = images[:int(max_per_class)]
+            samples += [(path, in9_label(folder), group) for path in images]
+    return samples
+
+
+def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
+        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int,
+        head: str) -> dict[str, float]:
+    init_distributed()
+    started = time.time()
+    root = Path(data)
+    variants = list(config["variants"])
+    samples = _samples(root, variants, config["max_images_per_class"])
+    net, transform, sizes, device = prepare(config, model_spec, checkpoint, checkpoint_key, head, seed)
+    mapping_file = Path(config["mapping_file"] or root / "in_to_in9.json")
+    lut = load_in9_map(mapping_file, net.num_classes).to(device)
+    dataset = LabelledImages(samples, transform)
+    group_of = dataset.groups.to(device)
+    log(f"[bg_challenge] {len(dataset)} images over {len(variants)} variants, device {device}")
+
+    def step(images, targets, indices):
+        correct = map_to_in9(net(images), lut).eq(targets)
+        group = group_of[indices.to(device)]
+        return {"correct": torch.bincount(group[correct], minlength=len(variants)),
+                "total": torch.bincount(group, minlength=len(variants))}
+
+    counts = accumulate(shard_loader(dataset, config["batch_size"], config["num_workers"]), step,
+                        {"correct": len(variants), "total": len(variants)}, device=device, desc="bg_challenge")
+    metrics: dict[str, float] = {}
+    if is_main():
+        for index, variant in enumerate(variants):
+            metrics[f"top1_{variant}"] = percent(counts["correct"][index], counts["total"][index])
+        if "mixed_same" in variants and "mixed_rand" in variants:
+            metrics["bg_gap"] = metrics["top1_mixed_same"] - metrics["top1_mixed_rand"]
+        extra = common_extra(net, sizes, device)
+        extra.update({
+            "num_images": {v: int(counts["total"][i]) for i, v in enumerate(variants)},
+            "mapping_file": str(mapping_file), "head_classes_mapped": int((lut >= 0).sum()),
+            "scoring": "argmax over all head classes, then in_to_in9 (unmapped = wrong), as the official eval_model",
+            "bg_gap": "top1_mixed_same - top1_mixed_rand",
+        })
+        write_robustness_metrics(out, run=run, model=model, stage="bg_challenge", dataset="imagenet-9",
+                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra)
+    barrier()
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    return stage_cli("bg_challenge", "downstream.robustness.bg_challenge:run", DEFAULTS, argv,
+                     description="Backgrounds challenge (ImageNet-9) top-1 per variant of backbone + linear head.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""ImageNet-C (Hendrycks & Dietterich, ICLR 2019): top-1 under 19 corruptions x 5 severities.
+
+Layout ``<root>/<corruption>/<severity 1-5>/<wnid>/*``. Labels come from the linear head's
+``classes`` (wnid list). Transform: centre crop only by default (``resize: none``), like the
+official evaluation (hendrycks/robustness ``ImageNet-C/test.py``, copied by iBOT's
+``analysis/corruptions_surf_variations/eval.py``): the images are stored at 224 px already.
+
+Metrics (percent; error = 100 - top-1):
+
+- ``mean_error_19``: *unnormalised* mean top-1 error over the 15 benchmark + 4 extra corruptions
+  (speckle_noise, gaussian_blur, spatter, saturate) and 5 severities. This is the number iBOT's
+  Tab. 8 calls "mCE" (48.1 for ViT-S/16; reference note R3).
+- ``mean_error_15``: the same over the 15 benchmark corruptions.
+- ``mCE_alexnet_15``: the standard AlexNet-normalised mCE: mean over the 15 of
+  ``CE_c = mean_s E_{s,c} / E^AlexNet_c`` (AlexNet errors averaged over severities, as published).
+- With corruptions or severities missing (``allow_missing``) or not configured, only
+  ``mean_error_evaluated`` (and ``mCE_alexnet_evaluated`` over the evaluated benchmark corruptions,
+  when all 5 severities are there) are written; ``extra.missing`` lists what was skipped.
+
+Per corruption x severity top-1: ``per_corruption.csv`` beside metrics.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from downstream.features import log
+from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate, common_extra,
+                                          folder_samples, head_class_index, percent, prepare, shard_loader,
+                                          stage_cli, write_csv, write_robustness_metrics)
+from ibot.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
+from ibot.distributed import barrier, init_distributed, is_main
+
+__all__ = ["DEFAULTS", "ALL_CORRUPTIONS", "ALEXNET_ERRORS", "SEVERITIES", "summarise", "run", "main"]
+
+ALL_CORRUPTIONS: tuple[str, ...] = tuple(BENCHMARK_CORRUPTIONS) + tuple(EXTRA_CORRUPTIONS)
+SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+
+#: AlexNet top-1 errors averaged over the 5 severities (hendrycks/robustness, ImageNet-C/test.py).
+ALEXNET_ERRORS: dict[str, float] = {
+    "gaussian_noise": 0.886428, "shot_noise": 0.894468, "impulse_noise": 0.922640,
+    "defocus_blur": 0.819880, "glass_blur": 0.826268, "motion_blur": 0.785948, "zoom_blur": 0.798360,
+    "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592,
+    "contrast": 0.853204, "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
+}
+
+DEFAULTS: dict[str, Any] = {
+    "corruptions": list(ALL_CORRUPTIONS),
+    "severities": list(SEVERITIES),
+    "allow_missing": False,      # true: skip corruption/severity folders absent on disk (recorded in extra)
+    "resize": "none",            # official: CenterCrop(224) only (images stored at 224 px)
+    "crop": "head",              # the linear head's eval crop (224)
+    "batch_size": 256,
+    "num_workers": 10,
+    "max_images_per_class": None,  # null: all images (a number subsamples each class folder, for quick checks)
+}
+
+
+def summarise(errors: Mapping[str, Mapping[int, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Summary metrics (percent) from top-1 *errors* in [0, 1] per corruption and severity.
+
+    Returns ``(metrics, per_corruption_mean_error_percent)``; see the module docstring for names.
+    """
+    complete = {c for c, by_severity in errors.items() if set(SEVERITIES) <= set(by_severity)}
+    mean_error = {c: sum(by_severity.values()) / len(by_severity) for c, by_severity in errors.items() if by_severity}
+    metrics: dict[str, float] = {}
+    if set(ALL_CORRUPTIONS) <= complete and len(errors) == len(ALL_CORRUPTIONS):
+        metrics["mean_error_19"] = 100.0 * sum(mean_error[c] for c in ALL_CORRUPTIONS) / len(ALL_CORRUPTIONS)
+    if set(BENCHMARK_CORRUPTIONS) <= complete:
+        metrics["mean_error_15"] = 100.0 * sum(mean_error[c] for c in BENCHMARK_CORRUPTIONS) / len(BENCHMARK_CORRUPTIONS)
+        metrics["mCE_alexnet_15"] = 100.0 * sum(mean_error[c] / ALEXNET_ERRORS[c]
+                                                for c in BENCHMARK_CORRUPTIONS) / len(BENCHMARK_CORRUPTIONS)
+    if "mean_error_19" not in metrics and mean_error:
+        metrics["mean_error_evaluated"] = 100.0 * sum(mean_error.values()) / len(mean_error)
+        normalisable = [c for c in complete if c in ALEXNET_ERRORS]
+        if normalisable and "mCE_alexnet_15" not in metrics:
+            metrics["mCE_alexnet_evaluated"] = 100.0 * sum(mean_error[c] / ALEXNET_ERRORS[c]
+                                                           for c in normalisable) / len(normalisable)
+    return metrics, {c: 100.0 * e for c, e in mean_error.items()}
+
+
+def _groups(root: Path, config: Mapping[str, Any]) -> tuple[list[tuple[str, int]], list[str]]:
+    unknown = [c for c in config["corruptions"] if c not in ALL_CORRUPTIONS]
+    if unknown:
+        raise RobustnessError(f"imagenet_c.corruptions: unknown {unknown}; expected names from {list(ALL_CORRUPTIONS)}")
+    bad = [s for s in config["severities"] if int(s) not in SEVERITIES]
+    if bad:
+        raise RobustnessError(f"imagenet_c.severities: {bad} not in 1..5")
+    present, missing = [], []
+    for corruption in config["corruptions"]:
+        for severity in config["severities"]:
+            folder = root / corruption / str(int(severity))
+            (present if folder.is_dir() else missing).append((corruption, int(severity)))
+    missing_names = [f"{c}/{s}" for c, s in missing]
+    if missing and not config["allow_missing"]:
+        raise RobustnessError(
+            f"ImageNet-C {root}: {len(missing)} corruption/severity folders are missing: {missing_names[:12]}"
+            f"{' ...' if len(missing) > 12 else ''}. Fix data.imagenet_c, or set "
+            f"robustness.imagenet_c.allow_missing: true (skipped ones are recorded; the 19/15-corruption "
+            f"summaries are then not written)")
+    if not present:
+        raise RobustnessError(f"ImageNet-C {root}: none of the configured corruption/severity folders exist")
+    return present, missing_names
+
+
+def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
+        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int,
+        head: str) -> dict[str, float]:
+    init_distributed()
+    started = time.time()
+    root = Path(data)
+    groups, missing = _groups(root, config)
+    net, transform, sizes, device = prepare(config, model_spec, checkpoint, checkpoint_key, head, seed)
+    labels = head_class_index(net.classes)
+    samples = []
+    for index, (corruption, severity) in enumerate(groups):
+        samples += folder_samples(root / corruption / str(severity), labels, what=f"ImageNet-C {corruption}/{severity}",
+                                  max_per_class=config["max_images_per_class"], group=index)
+    dataset = LabelledImages(samples, transform)
+    log(f"[imagenet_c] {len(dataset)} images, {len(groups)} corruption/severity folders, device {device}")
+    group_of = dataset.groups.to(device)
+    n_groups = len(groups)
+
+    def step(images, targets, indices):
+        correct = net(images).argmax(dim=-1).eq(targets)
+        group = group_of[indices.to(device)]
+        return {"correct": torch.bincount(group[correct], minlength=n_groups),
+                "total": torch.bincount(group, minlength=n_groups)}
+
+    loader = shard_loader(dataset, config["batch_size"], config["num_workers"])
+    counts = accumulate(loader, step, {"correct": n_groups, "total": n_groups}, device=device, desc="imagenet_c")
+
+    metrics: dict[str, float] = {}
+    if is_main():
+        rows, errors = [], {}
+        for index, (corruption, severity) in enumerate(groups):
+            top1 = percent(counts["correct"][index], counts["total"][index])
+            errors.setdefault(corruption, {})[severity] = 1.0 - top1 / 100.0
+            rows.append({"corruption": corruption, "severity": severity, "n_images": int(counts["total"][index]),
+                         "top1": round(top1, 4), "error": round(100.0 - top1, 4),
+                         "set": "benchmark" if corruption in BENCHMARK_CORRUPTIONS else "extra"})
+        metrics, per_corruption = summarise(errors)
+        table = Path(out).with_name("per_corruption.csv")
+        write_csv(table, rows, ["corruption", "severity", "set", "n_images", "top1", "error"])
+        extra = common_extra(net, sizes, device)
+        extra.update({
+            "reported": "mean_error_19",
+            "definitions": {
+                "mean_error_19": "unnormalised mean top-1 error (%) over 19 corruptions x 5 severities "
+                                 "(iBOT Tab.8 'mCE', note R3)",
+                "mean_error_15": "unnormalised mean top-1 error (%) over the 15 benchmark corruptions",
+                "mCE_alexnet_15": "AlexNet-normalised mCE (%) over the 15 benchmark corruptions "
+                                  "(Hendrycks & Dietterich 2019)",
+            },
+            "per_corruption_mean_error": per_corruption, "missing": missing, "num_images": len(dataset),
+            "per_corruption_csv": table.name, "alexnet_errors": ALEXNET_ERRORS,
+        })
+        write_robustness_metrics(out, run=run, model=model, stage="imagenet_c", dataset="imagenet-c",
+                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra)
+    barrier()
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    return stage_cli("imagenet_c", "downstream.robustness.imagenet_c:run", DEFAULTS, argv,
+                     description="ImageNet-C robustness of backbone + linear head (mean error, AlexNet mCE).")
+
+
+if __name__ == "__main__":
+    main()

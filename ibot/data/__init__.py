@@ -1,0 +1,1 @@
+"""Pretraining data: multi-crop augmentation, block-wise masking and datasets."""

@@ -1,0 +1,246 @@
+"""Collect a run's ``metrics.json`` files into one tidy table and join the paper's numbers.
+
+``summary.csv`` has one row per run x model x task x dataset x protocol x metric (see
+:data:`SUMMARY_COLUMNS`). The paper value of a row comes from ``results/reference/`` through
+``metric_map.csv`` (our (stage, metric) -> one reference row) and the model's
+``models.<name>.paper_model``; no paper row -> empty cells, never a derived number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from ibot.metrics import read_metrics, write_json_atomic
+
+__all__ = ["REFERENCE_DIR", "REFERENCE_CSV", "METRIC_MAP_CSV", "SUMMARY_COLUMNS", "AGG_KEYS",
+           "load_reference", "load_metric_map", "paper_values", "find_metrics_files", "build_summary",
+           "flat_metrics", "write_summary", "read_summaries", "aggregate", "models_info_from_config",
+           "load_models_info", "fmt_value"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REFERENCE_DIR = REPO_ROOT / "results" / "reference"
+REFERENCE_CSV = REFERENCE_DIR / "ibot_paper_results.csv"
+METRIC_MAP_CSV = REFERENCE_DIR / "metric_map.csv"
+
+SUMMARY_COLUMNS = [
+    "run", "model", "paper_model", "arch", "stage", "task", "dataset", "protocol", "metric", "value",
+    "seed", "paper_value", "delta", "higher_is_better", "group", "column", "paper_table", "paper_source",
+    "paper_note", "checkpoint_sha256", "wall_time_s", "created", "metrics_file",
+]
+#: A "setting" whose runs/seeds are pooled into mean ± std (n).
+AGG_KEYS = ("model", "stage", "metric")
+_REF_JOIN = {"paper_table": "table", "paper_model": "model", "paper_pretrain_data": "pretrain_data",
+             "paper_task": "task", "paper_dataset": "dataset", "paper_protocol": "protocol",
+             "paper_metric": "metric"}
+
+
+# -- reference --------------------------------------------------------------------------------------
+def load_reference(path: str | Path = REFERENCE_CSV) -> pd.DataFrame:
+    """The paper's reported numbers (all columns text, ``value`` float)."""
+    ref = pd.read_csv(path, dtype=str, keep_default_na=False)
+    expected = ["table", "model", "pretrain_data", "epochs", "task", "dataset", "protocol", "metric", "value",
+                "unit", "source", "note"]
+    if list(ref.columns) != expected:
+        raise ValueError(f"reference {path}: columns {list(ref.columns)}, expected {expected}")
+    ref["value"] = pd.to_numeric(ref["value"], errors="raise").astype(float)
+    return ref
+
+
+def load_metric_map(path: str | Path = METRIC_MAP_CSV) -> pd.DataFrame:
+    """Our (stage, metric) -> reference row, in table-column order (see results/reference/README.md)."""
+    mapping = pd.read_csv(path, dtype=str, keep_default_na=False)
+    required = ["group", "column", "stage", "metric", *_REF_JOIN.keys() - {"paper_model"}, "higher_is_better"]
+    missing = [c for c in required if c not in mapping.columns]
+    if missing:
+        raise ValueError(f"metric map {path}: missing columns {missing}")
+    duplicated = mapping[mapping.duplicated(["group", "column"], keep=False)]
+    if len(duplicated):
+        raise ValueError(f"metric map {path}: duplicate (group, column): {duplicated[['group', 'column']].values.tolist()}")
+    mapping["higher_is_better"] = mapping["higher_is_better"].map({"1": True, "0": False, "": True})
+    mapping["order"] = range(len(mapping))
+    return mapping
+
+
+def paper_values(reference: pd.DataFrame, metric_map: pd.DataFrame, paper_models: Iterable[str]) -> pd.DataFrame:
+    """Reference value of every mapping line for each paper model (rows without a value dropped).
+
+    Columns: paper_model, group, column, stage, metric, paper_value, paper_table, paper_source, paper_note, unit.
+    """
+    models = sorted({m for m in paper_models if isinstance(m, str) and m})
+    cols = ["paper_model", "group", "column", "stage", "metric", "paper_value", "paper_table", "paper_source",
+            "paper_note", "unit"]
+    if not models:
+        return pd.DataFrame(columns=cols)
+    lines = metric_map[metric_map["paper_table"] != ""]
+    grid = lines.merge(pd.DataFrame({"paper_model": models}), how="cross")
+    ref = reference.rename(columns={v: k for k, v in _REF_JOIN.items()})
+    ref = ref.rename(columns={"value": "paper_value", "source": "paper_source", "note": "paper_note"})
+    joined = grid.merge(ref[list(_REF_JOIN) + ["paper_value", "paper_source", "paper_note", "unit"]],
+                        on=list(_REF_JOIN), how="inner")
+    dup = joined[joined.duplicated(["paper_model", "group", "column"], keep=False)]
+    if len(dup):
+        raise ValueError("metric map matches several reference rows for "
+                         f"{dup[['paper_model', 'group', 'column']].drop_duplicates().values.tolist()}; "
+                         "make the mapping line more specific")
+    return joined[cols].reset_index(drop=True)
+
+
+# -- collection -------------------------------------------------------------------------------------
+def find_metrics_files(run_dir: str | Path) -> list[Path]:
+    """Every ``metrics.json`` under ``results/<run>/`` (sorted)."""
+    return sorted(Path(run_dir).rglob("metrics.json"))
+
+
+def _seed(record: Mapping[str, Any], default: int | None) -> int | None:
+    for section in ("extra", "config"):
+        value = (record.get(section) or {}).get("seed")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return int(value)
+    return default
+
+
+def _records_frame(paths: Sequence[str | Path], default_seed: int | None) -> pd.DataFrame:
+    rows = []
+    for path in paths:
+        record = read_metrics(path)
+        checkpoint = record.get("checkpoint") or {}
+        for name, value in record["metrics"].items():
+            rows.append({
+                "run": record["run"], "model": record["model"], "stage": record["stage"], "task": record["task"],
+                "dataset": record["dataset"], "protocol": record["protocol"], "metric": name, "value": float(value),
+                "seed": _seed(record, default_seed), "checkpoint_sha256": checkpoint.get("sha256"),
+                "wall_time_s": record.get("wall_time_s"), "created": record.get("created"),
+                "metrics_file": str(path)})
+    frame = pd.DataFrame(rows, columns=["run", "model", "stage", "task", "dataset", "protocol", "metric", "value",
+                                        "seed", "checkpoint_sha256", "wall_time_s", "created", "metrics_file"])
+    key = ["run", "model", "stage", "task", "dataset", "protocol", "metric"]
+    dup = frame[frame.duplicated(key, keep=False)]
+    if len(dup):
+        raise ValueError("the same run/model/stage/metric comes from several metrics files: "
+                         f"{sorted(set(dup['metrics_file']))}")
+    return frame
+
+
+def build_summary(paths: Sequence[str | Path], models_info: Mapping[str, Mapping[str, Any]] | None = None, *,
+                  reference: pd.DataFrame | None = None, metric_map: pd.DataFrame | None = None,
+                  default_seed: int | None = None) -> pd.DataFrame:
+    """Tidy long table of ``paths`` (metrics files) with the paper's numbers and deltas joined."""
+    reference = load_reference() if reference is None else reference
+    metric_map = load_metric_map() if metric_map is None else metric_map
+    models_info = dict(models_info or {})
+    frame = _records_frame(paths, default_seed)
+    info = lambda m, k: (models_info.get(m) or {}).get(k)  # noqa: E731
+    frame["paper_model"] = [info(m, "paper_model") for m in frame["model"]]
+    frame["arch"] = [info(m, "arch") for m in frame["model"]]
+
+    primary = metric_map.drop_duplicates(["stage", "metric"], keep="first")
+    frame = frame.merge(primary[["stage", "metric", "group", "column", "higher_is_better", "order"]],
+                        on=["stage", "metric"], how="left")
+    paper = paper_values(reference, primary, frame["paper_model"].dropna().unique())
+    frame = frame.merge(paper[["paper_model", "stage", "metric", "paper_value", "paper_table", "paper_source",
+                               "paper_note"]], on=["paper_model", "stage", "metric"], how="left")
+    frame["delta"] = frame["value"] - frame["paper_value"]
+    model_order = {m: i for i, m in enumerate(models_info)}
+    frame["_m"] = [model_order.get(m, len(model_order)) for m in frame["model"]]
+    frame = frame.sort_values(["_m", "model", "order", "stage", "metric"], na_position="last", kind="stable")
+    return frame[SUMMARY_COLUMNS].reset_index(drop=True)
+
+
+def flat_metrics(summary: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model: {stage: {metric: value}}}`` — the one file DVC tracks as the run's metrics."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for row in summary.itertuples(index=False):
+        out.setdefault(row.model, {}).setdefault(row.stage, {})[row.metric] = round(float(row.value), 4)
+    return {m: {s: dict(sorted(v.items())) for s, v in sorted(st.items())} for m, st in sorted(out.items())}
+
+
+def write_summary(summary: pd.DataFrame, out_csv: str | Path, flat_json: str | Path | None = None) -> None:
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_csv.with_name(f".{out_csv.name}.tmp")
+    summary.to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(out_csv)
+    if flat_json is not None:
+        write_json_atomic(flat_metrics(summary), flat_json)
+
+
+def read_summaries(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Concatenate ``summary.csv`` files (several runs or seeds of one setting)."""
+    frames = []
+    for path in paths:
+        frame = pd.read_csv(path, dtype={"run": str, "model": str, "paper_model": str, "stage": str, "metric": str,
+                                         "checkpoint_sha256": str, "paper_table": str})
+        missing = [c for c in SUMMARY_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"summary {path}: missing columns {missing} (rebuild it with `ibot.results summary`)")
+        frames.append(frame[SUMMARY_COLUMNS])
+    if not frames:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    frames = [f for f in frames if len(f)] or frames[:1]
+    out = pd.concat(frames, ignore_index=True)
+    for column in ("value", "paper_value", "delta", "wall_time_s"):
+        out[column] = pd.to_numeric(out[column], errors="coerce")
+    return out
+
+
+def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataFrame:
+    """Pool runs/seeds of one setting: mean, std (sample, NaN for n=1), n, runs, seeds; paper columns kept."""
+    keys = list(keys)
+    if summary.empty:
+        return pd.DataFrame(columns=keys + ["mean", "std", "n", "runs", "seeds", "paper_model", "arch",
+                                            "paper_value", "delta", "higher_is_better", "group", "column"])
+    first = [c for c in ("paper_model", "arch", "paper_value", "higher_is_better", "group", "column", "paper_table")
+             if c not in keys]
+    grouped = summary.groupby(keys, dropna=False, sort=False)
+    out = grouped["value"].agg(mean="mean", std="std", n="count").reset_index()
+    out["std"] = out["std"].where(out["n"] > 1)
+    extra = grouped.agg(**{c: (c, "first") for c in first},
+                        runs=("run", lambda s: ",".join(sorted(set(map(str, s))))),
+                        seeds=("seed", lambda s: ",".join(str(int(v)) for v in sorted(set(s.dropna()))))).reset_index()
+    out = out.merge(extra, on=keys, how="left")
+    out["delta"] = out["mean"] - pd.to_numeric(out["paper_value"], errors="coerce")
+    return out
+
+
+# -- model info ---------------------------------------------------------------------------------------
+def models_info_from_config(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{model: {paper_model, arch, patch_size, depth, weights}}`` from a (validated) workflow config."""
+    out = {}
+    for name, entry in (config.get("models") or {}).items():
+        out[name] = {"paper_model": entry.get("paper_model"), "arch": entry.get("arch"),
+                     "patch_size": entry.get("patch_size", 16), "depth": entry.get("depth"),
+                     "weights": entry.get("weights", "pretrain")}
+    return out
+
+
+def load_models_info(config_path: str | Path | None = None, models_json: str | None = None) -> dict[str, Any]:
+    """Model info from ``--models-json`` (JSON text or file) or a workflow config file (recipes resolved)."""
+    if models_json:
+        text = Path(models_json).read_text() if Path(models_json).is_file() else models_json
+        return json.loads(text)
+    if config_path:
+        from ibot.config import load_yaml, validate_config
+
+        config = validate_config(load_yaml(config_path), base_dir=REPO_ROOT)
+        return models_info_from_config(config)
+    return {}
+
+
+def fmt_value(mean: float | None, std: float | None = None, n: int | None = None, *, digits: int = 1,
+              pm: str = " ± ", always_n: bool = False) -> str:
+    """``75.2``, ``75.2 ± 0.3 (n=3)``; empty string for a missing value (never a made-up number).
+
+    ``always_n``: also ``(n=1)`` (a table pooling several runs where one stage ran once).
+    """
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)) or pd.isna(mean):
+        return ""
+    text = f"{float(mean):.{digits}f}"
+    if n is not None and not pd.isna(n) and (int(n) > 1 or always_n):
+        spread = "" if std is None or pd.isna(std) else f"{pm}{float(std):.{digits}f}"
+        text += f"{spread} (n={int(n)})"
+    return text

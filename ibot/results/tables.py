@@ -1,0 +1,259 @@
+"""Paper-style tables (classification, dense, robustness) in Markdown, CSV, LaTeX and HTML.
+
+Rows per paper architecture P (``models.<name>.paper_model``): the paper's DINO P and iBOT P rows
+(values from ``results/reference/``), then ours (mean ± std (n) over runs/seeds), then
+"Δ vs paper" (ours − paper iBOT). A stage that did not run, or a number the paper does not report,
+is an empty cell.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from ibot.results.aggregate import fmt_value, load_metric_map, load_reference, paper_values
+
+__all__ = ["GROUPS", "GROUP_TITLES", "group_table", "metrics_table", "to_markdown", "to_latex", "to_html",
+           "write_tables", "table_outputs", "latex_escape"]
+
+GROUPS = ("classification", "dense", "robustness")
+GROUP_TITLES = {
+    "classification": "ImageNet-1K classification: k-NN, linear probe, fine-tuning (top-1 %, cf. Tab.1/Tab.2)",
+    "dense": "Dense prediction: COCO detection / instance segmentation, ADE20K semantic segmentation (cf. Tab.6)",
+    "robustness": "Robustness of the linear head on frozen features (top-1 %; ImageNet-C error %, lower is better; cf. Tab.8)",
+}
+FORMATS = ("md", "csv", "tex", "html")
+_LEAD = ["Method", "Arch", "Source"]
+
+
+def _cell(mean: Any, std: Any = None, n: Any = None) -> dict[str, Any]:
+    return {"mean": mean, "std": std, "n": n}
+
+
+def _paper_label(paper_model: str) -> tuple[str, str]:
+    if paper_model.startswith("DINO "):
+        return "DINO", paper_model[len("DINO "):]
+    return "iBOT", paper_model
+
+
+def _paper_row(paper: pd.DataFrame, paper_model: str, columns: Sequence[str]) -> dict[str, Any] | None:
+    sub = paper[paper["paper_model"] == paper_model].set_index("column")
+    if sub.empty or not set(sub.index) & set(columns):
+        return None
+    method, arch = _paper_label(paper_model)
+    tables = sorted(set(sub.loc[[c for c in columns if c in sub.index], "paper_table"]), key=_table_key)
+    row = {"Method": method, "Arch": arch,
+           "Source": "paper " + ", ".join(t.split(" ")[0] for t in tables)}
+    for column in columns:
+        row[column] = _cell(sub.at[column, "paper_value"] if column in sub.index else None)
+    return row
+
+
+def _table_key(table: str) -> tuple[int, str]:
+    head = table.split(" ")[0].removeprefix("Tab.")
+    return (int(head), table) if head.isdigit() else (10**6, table)
+
+
+def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None = None,
+                metric_map: pd.DataFrame | None = None, models: Sequence[str] | None = None) -> pd.DataFrame:
+    """One paper-style table as a frame of cells ``{"mean", "std", "n"}`` (lead columns are text).
+
+    ``agg`` is :func:`ibot.results.aggregate.aggregate` output (keys model, stage, metric).
+    """
+    reference = load_reference() if reference is None else reference
+    metric_map = load_metric_map() if metric_map is None else metric_map
+    lines = metric_map[metric_map["group"] == group]
+    if lines.empty:
+        raise ValueError(f"unknown table group {group!r}; expected one of {sorted(set(metric_map['group']))}")
+    columns = list(lines["column"])
+    models = list(models) if models is not None else list(dict.fromkeys(agg["model"]))
+    info = agg.drop_duplicates("model").set_index("model") if len(agg) else pd.DataFrame()
+    paper_model_of = {m: _text(info.at[m, "paper_model"]) if m in info.index else "" for m in models}
+    arch_of = {m: _text(info.at[m, "arch"]) if m in info.index else "" for m in models}
+    wanted = []
+    for p in dict.fromkeys(p for p in paper_model_of.values() if p):
+        if not p.startswith("DINO "):
+            wanted.append(f"DINO {p}")
+        wanted.append(p)
+    paper = paper_values(reference, lines, wanted)
+
+    values = {}
+    if len(agg):
+        merged = agg.merge(lines[["stage", "metric", "column"]], on=["stage", "metric"], suffixes=("_agg", ""))
+        for row in merged.itertuples(index=False):
+            values[(row.model, row.column)] = _cell(row.mean, row.std, row.n)
+
+    rows: list[dict[str, Any]] = []
+    for p in [p for p in dict.fromkeys(paper_model_of.values()) if p] + [""]:
+        ibot_row = None
+        for candidate in ([f"DINO {p}", p] if p and not p.startswith("DINO ") else [p] if p else []):
+            row = _paper_row(paper, candidate, columns)
+            if row is not None:
+                rows.append(row)
+                ibot_row = row if candidate == p else ibot_row
+        ours = [m for m in models if paper_model_of[m] == p]
+        for model in ours:
+            runs = _text(info.at[model, "runs"]) if model in info.index and "runs" in info.columns else ""
+            row = {"Method": f"ours: {model}", "Arch": p or arch_of[model], "Source": f"run {runs}" if runs else ""}
+            row.update({c: values.get((model, c), _cell(None)) for c in columns})
+            rows.append(row)
+        if ibot_row is not None:
+            for model in ours:
+                row = {"Method": f"Δ {model} − paper", "Arch": p, "Source": ""}
+                for c in columns:
+                    ours_mean, paper_mean = values.get((model, c), {}).get("mean"), ibot_row[c]["mean"]
+                    delta = None if _missing(ours_mean) or _missing(paper_mean) else float(ours_mean) - float(paper_mean)
+                    row[c] = _cell(delta)
+                rows.append(row)
+    frame = pd.DataFrame(rows, columns=_LEAD + columns)
+    frame.attrs.update(group=group, title=GROUP_TITLES.get(group, group), columns=columns)
+    return frame
+
+
+def metrics_table(agg: pd.DataFrame) -> pd.DataFrame:
+    """Every metric of every model (long), with the paper value and delta: the complete record."""
+    out = pd.DataFrame({
+        "model": agg["model"], "paper_model": agg["paper_model"].map(_text), "stage": agg["stage"],
+        "metric": agg["metric"], "mean": agg["mean"], "std": agg["std"], "n": agg["n"],
+        "paper": pd.to_numeric(agg["paper_value"], errors="coerce"), "delta": agg["delta"], "runs": agg["runs"],
+        "seeds": agg["seeds"]})
+    return out.reset_index(drop=True)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or bool(pd.isna(value))
+
+
+def _text(value: Any) -> str:
+    return "" if _missing(value) else str(value)
+
+
+def _display(frame: pd.DataFrame, pm: str = " ± ") -> pd.DataFrame:
+    columns = frame.attrs.get("columns", [c for c in frame.columns if c not in _LEAD])
+    counts = [cell.get("n") for column in columns for cell in frame[column]]
+    pooled = any(not _missing(n) and int(n) > 1 for n in counts)  # then every "ours" cell says its n
+    out = frame[_LEAD].copy()
+    for column in columns:
+        out[column] = [_fmt_cell(cell, pm, delta=str(method).startswith("Δ"), always_n=pooled)
+                       for cell, method in zip(frame[column], frame["Method"])]
+    return out
+
+
+def _fmt_cell(cell: dict[str, Any], pm: str, delta: bool, always_n: bool = False) -> str:
+    text = fmt_value(cell.get("mean"), cell.get("std"), cell.get("n"), pm=pm, always_n=always_n)
+    if delta and text and not text.startswith("-"):
+        text = "+" + text
+    return text
+
+
+def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    columns = frame.attrs.get("columns", [c for c in frame.columns if c not in _LEAD])
+    out = frame[_LEAD].copy()
+    for column in columns:
+        out[column] = [c.get("mean") for c in frame[column]]
+        out[f"{column} std"] = [c.get("std") for c in frame[column]]
+        out[f"{column} n"] = [c.get("n") for c in frame[column]]
+    return out
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    display = _display(frame)
+    title = frame.attrs.get("title")
+    table = display.to_markdown(index=False, disable_numparse=True) if len(display) else _empty_markdown(display)
+    return (f"**{title}**\n\n" if title else "") + table + "\n"
+
+
+def _empty_markdown(display: pd.DataFrame) -> str:
+    header = "| " + " | ".join(display.columns) + " |"
+    return header + "\n|" + "|".join("---" for _ in display.columns) + "|"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(text: str) -> str:
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+    return out.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("−", "$-$")
+
+
+def to_latex(frame: pd.DataFrame, *, label: str | None = None) -> str:
+    display = _display(frame)
+    escaped = display.map(latex_escape)
+    escaped.columns = [latex_escape(c) for c in display.columns]
+    fmt = "l" * len(_LEAD) + "r" * (len(display.columns) - len(_LEAD))
+    title = frame.attrs.get("title")
+    return escaped.to_latex(index=False, escape=False, column_format=fmt, na_rep="",
+                            caption=latex_escape(title) if title else None,
+                            label=label or f"tab:{frame.attrs.get('group', 'results')}")
+
+
+def to_html(frame: pd.DataFrame, *, display: pd.DataFrame | None = None) -> str:
+    display = _display(frame) if display is None else display
+    title = frame.attrs.get("title", "")
+    body = display.to_html(index=False, na_rep="", border=0, classes="results", escape=True)
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>"
+            "<style>body{font-family:sans-serif} table.results{border-collapse:collapse}"
+            "table.results td,table.results th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
+            "table.results td:nth-child(-n+3){text-align:left}</style></head><body>\n"
+            f"<h3>{html.escape(title)}</h3>\n{body}\n"
+            "<p>Empty cell: stage not run, or number not reported by the paper. "
+            "Values: mean ± std (n) over runs/seeds when n &gt; 1.</p></body></html>\n")
+
+
+def table_outputs(out_dir: str | Path, formats: Sequence[str] = FORMATS) -> list[str]:
+    """The files :func:`write_tables` writes (Snakemake outputs)."""
+    out_dir = Path(out_dir)
+    names = [f"{group}.{ext}" for group in GROUPS for ext in formats]
+    names += [f"all_metrics.{ext}" for ext in ("md", "csv", "html")]
+    return [str(out_dir / name) for name in names]
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_tables(agg: pd.DataFrame, out_dir: str | Path, *, reference: pd.DataFrame | None = None,
+                 metric_map: pd.DataFrame | None = None, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Write every group table in every format plus ``all_metrics``; returns the paths."""
+    reference = load_reference() if reference is None else reference
+    metric_map = load_metric_map() if metric_map is None else metric_map
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for group in GROUPS:
+        frame = group_table(agg, group, reference=reference, metric_map=metric_map)
+        for ext in formats:
+            path = out_dir / f"{group}.{ext}"
+            if ext == "md":
+                _write(path, to_markdown(frame))
+            elif ext == "csv":
+                _numeric(frame).to_csv(path, index=False, float_format="%.4f")
+            elif ext == "tex":
+                _write(path, to_latex(frame))
+            elif ext == "html":
+                _write(path, to_html(frame))
+            else:
+                raise ValueError(f"unknown table format {ext!r}; expected {FORMATS}")
+            written.append(path)
+    full = metrics_table(agg)
+    full_display = full.copy()
+    for column in ("mean", "std", "paper", "delta"):
+        full_display[column] = [fmt_value(v, digits=2) for v in full[column]]
+    full_display["n"] = full["n"].map(lambda v: "" if _missing(v) else str(int(v)))
+    _write(out_dir / "all_metrics.md",
+           "**All metrics (mean, sample std, n over runs/seeds; paper value and delta where reported)**\n\n"
+           + (full_display.to_markdown(index=False, disable_numparse=True) if len(full_display)
+              else _empty_markdown(full_display)) + "\n")
+    full.to_csv(out_dir / "all_metrics.csv", index=False, float_format="%.4f")
+    frame = pd.DataFrame()
+    frame.attrs["title"] = "All metrics"
+    _write(out_dir / "all_metrics.html", to_html(frame, display=full_display))
+    written += [out_dir / "all_metrics.md", out_dir / "all_metrics.csv", out_dir / "all_metrics.html"]
+    return written

@@ -1,0 +1,1 @@
+"""Job launching: one submitit launcher reused by pretraining and every evaluation stage."""

@@ -1,0 +1,208 @@
+"""The one submitit launcher: every stage (pretraining, k-NN, linear, ..., dense) runs through it.
+
+``launch("pkg.module:function", kwargs, job_dir=..., resources=...)`` submits
+``function(**kwargs)`` with submitit's AutoExecutor (``cluster``: ``local`` subprocess, ``slurm``,
+or ``debug`` in-process), waits, streams the job log, and returns task 0's result.
+
+- Multi-task jobs (one task per GPU, or several CPU tasks) join one process group through
+  submitit's TorchDistributedEnvironment (nccl on GPU, gloo on CPU).
+- Timeout/preemption: the job is a ``Checkpointable``; submitit requeues it and the stage resumes
+  from the last checkpoint in its work directory (stages write checkpoints atomically).
+- Restart safety: the submitted job id is kept in ``job_dir/job.json``; if the caller (Snakemake)
+  is killed and rerun while the job still runs, ``launch`` re-attaches instead of submitting twice.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import submitit
+
+__all__ = ["Resources", "launch", "StageJob", "resolve_entry"]
+
+CLUSTERS = ("local", "slurm", "debug")
+_SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                "REQUEUE_HOLD", "REQUEUE_FED"}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Where and how big a job is. Keys equal the ``resources`` entries of the config."""
+
+    cluster: str = "local"
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: float | None = None
+    timeout_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    slurm_signal_delay_s: int = 120
+    max_num_timeout: int = 20
+    slurm_additional_parameters: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "Resources":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"resources: unknown keys {unknown}; expected some of {sorted(known)}")
+        resources = cls(**dict(config))
+        if resources.cluster not in CLUSTERS:
+            raise ValueError(f"resources.cluster: {resources.cluster!r}; expected one of {CLUSTERS}")
+        if resources.cluster != "slurm" and resources.nodes != 1:
+            raise ValueError(f"resources.nodes: {resources.nodes} nodes need cluster 'slurm'")
+        return resources
+
+    @property
+    def num_tasks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def resolve_entry(entry: str):
+    """``"package.module:function"`` → the function (entries are strings so jobs pickle cheaply)."""
+    module_name, _, attr = entry.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """Runs one stage function inside a submitit task; requeued as-is on timeout/preemption."""
+
+    def __call__(self, entry: str, kwargs: Mapping[str, Any]) -> Any:
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        else:  # a single task must never inherit a stale rank from the caller's environment
+            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+                os.environ.pop(name, None)
+        return resolve_entry(entry)(**kwargs)
+
+
+def _executor(resources: Resources, folder: Path, name: str) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=folder, cluster=resources.cluster)
+    params: dict[str, Any] = dict(name=name, timeout_min=resources.timeout_min, nodes=resources.nodes,
+                                  tasks_per_node=resources.tasks_per_node, cpus_per_task=resources.cpus_per_task)
+    if resources.gpus_per_node:
+        params["gpus_per_node"] = resources.gpus_per_node
+    if resources.mem_gb:
+        params["mem_gb"] = resources.mem_gb
+    if resources.cluster == "slurm":
+        slurm = dict(partition=resources.partition, account=resources.account, qos=resources.qos,
+                     constraint=resources.constraint, signal_delay_s=resources.slurm_signal_delay_s,
+                     max_num_timeout=resources.max_num_timeout,
+                     additional_parameters=resources.slurm_additional_parameters or None)
+        params.update({f"slurm_{k}": v for k, v in slurm.items() if v is not None})
+    elif resources.cluster == "local":
+        params["local_max_num_timeout"] = resources.max_num_timeout
+    executor.update_parameters(**params)
+    return executor
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"submitit" in cmdline
+
+
+def _slurm_alive(job_id: str) -> bool:
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                             timeout=60, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(state.strip() in _SLURM_ALIVE for state in out.splitlines())
+
+
+def _reattach(state_file: Path, resources: Resources) -> submitit.Job | None:
+    """The still-running job recorded in ``state_file`` (same cluster), or None."""
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if state.get("cluster") != resources.cluster or resources.cluster == "debug":
+        return None
+    job_id, folder, tasks = state["job_id"], Path(state["folder"]), range(state["num_tasks"])
+    if resources.cluster == "slurm" and _slurm_alive(job_id):
+        return submitit.SlurmJob(folder=folder, job_id=job_id, tasks=tasks)
+    if resources.cluster == "local" and _pid_alive(int(job_id)):
+        return _OrphanLocalJob(folder=folder, job_id=job_id, tasks=tasks)
+    return None
+
+
+class _OrphanLocalJob(submitit.local.local.LocalJob):
+    """A local job started by a previous (killed) caller: alive while its controller pid is."""
+
+    def done(self, force_check: bool = False) -> bool:
+        return not _pid_alive(int(self.job_id))
+
+
+class _LogTail:
+    """Copies new lines of the job's task-0 stdout/stderr to ours (progress in the Snakemake log)."""
+
+    def __init__(self, job: submitit.Job) -> None:
+        self._paths = [job.paths.stdout, job.paths.stderr] if not job._sub_jobs else \
+            [job._sub_jobs[0].paths.stdout, job._sub_jobs[0].paths.stderr]
+        self._offsets = {p: 0 for p in self._paths}
+
+    def pump(self) -> None:
+        for path, stream in zip(self._paths, (sys.stdout, sys.stderr)):
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(self._offsets[path])
+                    chunk = handle.read()
+            except OSError:
+                continue
+            if chunk:
+                self._offsets[path] += len(chunk)
+                stream.write(chunk.decode(errors="replace"))
+                stream.flush()
+
+
+def launch(entry: str, kwargs: Mapping[str, Any], *, job_dir: str | Path, resources: Mapping[str, Any] | Resources,
+           name: str, poll_s: float = 1.0) -> Any:
+    """Submit ``entry(**kwargs)`` (or re-attach to its running job), wait, and return task 0's result."""
+    resources = resources if isinstance(resources, Resources) else Resources.from_config(resources)
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    state_file = job_dir / "job.json"
+    job = _reattach(state_file, resources)
+    if job is not None:
+        print(f"[launcher] re-attaching to running {resources.cluster} job {job.job_id} ({state_file})", flush=True)
+    else:
+        executor = _executor(resources, job_dir / "submitit", name)
+        job = executor.submit(StageJob(), entry, dict(kwargs))
+        record = {"job_id": str(job.job_id), "cluster": resources.cluster, "folder": str(job_dir / "submitit"),
+                  "num_tasks": resources.num_tasks, "entry": entry, "resources": asdict(resources),
+                  "submitted": time.time()}
+        if resources.cluster != "debug":
+            from ibot.metrics import write_json_atomic
+            write_json_atomic(record, state_file)
+        print(f"[launcher] submitted {name} as {resources.cluster} job {job.job_id} "
+              f"({resources.num_tasks} task(s)); logs in {job_dir / 'submitit'}", flush=True)
+    if resources.cluster == "debug":
+        return job.result()
+    tail = _LogTail(job)
+    while not job.done():
+        tail.pump()
+        time.sleep(poll_s)
+    tail.pump()
+    try:
+        results = job.results()
+    finally:
+        state_file.unlink(missing_ok=True)
+    return results[0]

@@ -1,0 +1,1 @@
+"""iBOT pretraining: schedules, the training step and loop, and the pretraining stage entry."""

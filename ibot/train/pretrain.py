@@ -1,0 +1,411 @@
+"""iBOT pretraining loop (official ``main_ibot.py`` semantics, resumable, DDP-aware).
+
+Equivalent to the official step, with the waste removed (same loss values):
+- the student head projects only [CLS] and *masked* patch tokens of the global crops, and only
+  [CLS] of the local crops (the official code projects every token, most of them unused);
+- the teacher head projects [CLS], the masked patch tokens (targets) and the per-image mean patch
+  feature (its linear output layer gives the mean patch logits exactly, for ``center2``);
+- crops of equal size are batched through the backbone; attention uses timm's fused SDPA.
+
+Exact resume: data randomness is a function of (seed, epoch, index), global batches are a
+function of (seed, epoch), and checkpoints (written atomically every epoch) hold the model, the
+optimizer, the loss centres, the scaler and the RNG states, so a killed run that resumes ends
+with bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+
+from ibot import distributed as dist_utils
+from ibot.checkpoint import export_backbone, load_file, save_atomic
+from ibot.data.multicrop import MultiCropMaskedDataset, collate_multicrop
+from ibot.loss import IBOTLoss
+from ibot.metrics import write_json_atomic
+from ibot.models.head import build_head, loss_patch_out_dim
+from ibot.models.vision_transformer import build_backbone
+from ibot.train.schedules import (cancel_last_layer_gradients, clip_gradients_per_param, cosine_schedule,
+                                  param_groups)
+
+__all__ = ["DEFAULTS", "IBOTModel", "GlobalBatchSampler", "run", "train"]
+
+#: Every flag of the official main_ibot.py (same names and defaults) plus reproduction settings.
+DEFAULTS: dict[str, Any] = {
+    # model/head (arch and patch_size come from the model spec)
+    "out_dim": 8192, "patch_out_dim": 8192, "shared_head": False, "shared_head_teacher": True,
+    "norm_last_layer": True, "momentum_teacher": 0.996, "norm_in_head": None, "act_in_head": "gelu",
+    "use_masked_im_modeling": True, "pred_ratio": 0.3, "pred_ratio_var": 0.0, "pred_shape": "block",
+    "pred_start_epoch": 0, "lambda1": 1.0, "lambda2": 1.0,
+    # temperatures
+    "warmup_teacher_temp": 0.04, "teacher_temp": 0.04, "warmup_teacher_patch_temp": 0.04,
+    "teacher_patch_temp": 0.07, "warmup_teacher_temp_epochs": 30,
+    # optimisation
+    "use_fp16": True, "weight_decay": 0.04, "weight_decay_end": 0.4, "clip_grad": 3.0,
+    "batch_size_per_gpu": 128, "epochs": 100, "freeze_last_layer": 1, "lr": 0.0005, "warmup_epochs": 10,
+    "min_lr": 1e-6, "optimizer": "adamw", "load_from": None, "drop_path": 0.1,
+    # multi-crop
+    "global_crops_number": 2, "global_crops_scale": [0.14, 1.0], "local_crops_number": 0,
+    "local_crops_scale": [0.05, 0.4],
+    # misc
+    "saveckp_freq": 40, "seed": 0, "num_workers": 10,
+    # reproduction settings (not official flags)
+    "global_crops_size": 224, "local_crops_size": 96,
+    "precision": "auto",  # auto: bf16 autocast on GPU (fp16+GradScaler when use_fp16 and precision fp16), fp32 on CPU
+    "log_every": 10,
+}
+
+
+class IBOTModel(nn.Module):
+    """Backbone + iBOT head; ``forward_*`` methods return only the logits the loss consumes."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, globals_: Tensor, locals_: Tensor | None, masks: Tensor | None, teacher: bool = False
+                ) -> dict[str, Tensor]:
+        """``globals_`` [G*B,3,H,W] (masks [G*B,h,w] for the student), ``locals_`` [L*B,3,h,w] or None.
+
+        Student: cls [G*B,K], patch logits of masked tokens [M,P], local cls [L*B,K].
+        Teacher: cls [G*B,K], patch logits of masked tokens [M,P] (targets), mean patch logits [G*B,P].
+        """
+        tokens = self.backbone(globals_, mask=None if teacher else masks)
+        flat_mask = masks.flatten(1)
+        out = {"cls": self.head.forward_cls(tokens[:, 0]),
+               "patch": self.head.forward_patch(tokens[:, 1:][flat_mask])}
+        if teacher:
+            out["patch_mean"] = self.head.forward_patch_mean(tokens[:, 1:])
+        elif locals_ is not None:
+            out["local_cls"] = self.head.forward_cls(self.backbone(locals_)[:, 0])
+        return out
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """Each rank reads its contiguous slice of every global batch of a seeded per-epoch permutation.
+
+    Global batches (and thus the arithmetic of a step) are the same for any number of processes:
+    a 2-process run equals a 1-process run with the same global batch. Incomplete batches dropped.
+    """
+
+    def __init__(self, length: int, global_batch: int, rank: int, world_size: int, seed: int) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        if length < global_batch:
+            raise ValueError(f"dataset has {length} images, fewer than one global batch ({global_batch})")
+        self.length, self.global_batch, self.rank, self.world_size, self.seed = length, global_batch, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def steps(self) -> int:
+        return self.length // self.global_batch
+
+    def __len__(self) -> int:
+        return self.steps * (self.global_batch // self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        local = self.global_batch // self.world_size
+        for step in range(self.steps):
+            start = step * self.global_batch + self.rank * local
+            yield from order[start:start + local].tolist()
+
+
+def _precision(cfg: Mapping[str, Any], device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler)."""
+    choice = cfg["precision"]
+    if choice == "auto":
+        choice = ("fp16" if cfg["use_fp16"] else "bf16") if device.type == "cuda" else "fp32"
+    if choice == "fp32":
+        return None, False
+    if choice == "bf16":
+        return torch.bfloat16, False
+    if choice == "fp16":
+        return torch.float16, device.type == "cuda"
+    raise ValueError(f"pretrain.precision: {choice!r}; expected auto, fp32, bf16 or fp16")
+
+
+def build_models(cfg: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[IBOTModel, IBOTModel]:
+    """Student (drop path, mask token) and teacher (same weights, no drop path, no grad)."""
+    kwargs = dict(patch_size=spec["patch_size"], img_size=cfg["global_crops_size"], depth=spec.get("depth"))
+    student_backbone = build_backbone(spec["arch"], drop_path_rate=cfg["drop_path"],
+                                      masked_im_modeling=cfg["use_masked_im_modeling"], **kwargs)
+    teacher_backbone = build_backbone(spec["arch"], masked_im_modeling=False, **kwargs)
+    student = IBOTModel(student_backbone, build_head(student_backbone.embed_dim, cfg, teacher=False))
+    teacher = IBOTModel(teacher_backbone, build_head(teacher_backbone.embed_dim, cfg, teacher=True))
+    teacher.load_state_dict(student.state_dict(), strict=False)  # official: shared names only
+    for param in teacher.parameters():
+        param.requires_grad = False
+    return student, teacher
+
+
+def _shared_parameters(student: nn.Module, teacher: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """Parameters present in both networks, by name (official EMA rule: e.g. last_layer2 excluded)."""
+    teacher_params = dict(teacher.named_parameters())
+    pairs = [(p, teacher_params[n]) for n, p in student.named_parameters() if n in teacher_params]
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+class Trainer:
+    """Holds the state of one pretraining run; ``fit`` trains from the last checkpoint to the end."""
+
+    def __init__(self, cfg: Mapping[str, Any], spec: Mapping[str, Any], data: str | Path, work_dir: str | Path) -> None:
+        self.cfg, self.spec = dict(cfg), dict(spec)
+        self.work_dir = Path(work_dir)
+        self.device = torch.device("cuda", dist_utils.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        self.autocast_dtype, use_scaler = _precision(self.cfg, self.device)
+        torch.manual_seed(self.cfg["seed"])
+        self.student, self.teacher = (m.to(self.device) for m in build_models(self.cfg, self.spec))
+        self.student_ddp: nn.Module = self.student
+        if dist_utils.world_size() > 1:
+            self.student_ddp = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ema_pairs = _shared_parameters(self.student, self.teacher)
+
+        g, l = self.cfg["global_crops_number"], self.cfg["local_crops_number"]
+        self.dataset = MultiCropMaskedDataset(
+            data, global_crops_scale=tuple(self.cfg["global_crops_scale"]),
+            local_crops_scale=tuple(self.cfg["local_crops_scale"]), global_crops_number=g, local_crops_number=l,
+            global_crops_size=self.cfg["global_crops_size"], local_crops_size=self.cfg["local_crops_size"],
+            patch_size=self.spec["patch_size"], pred_ratio=self.cfg["pred_ratio"],
+            pred_ratio_var=self.cfg["pred_ratio_var"], pred_shape=self.cfg["pred_shape"],
+            pred_start_epoch=self.cfg["pred_start_epoch"], seed=self.cfg["seed"])
+        self.global_batch = self.cfg["batch_size_per_gpu"] * dist_utils.world_size()
+        self.sampler = GlobalBatchSampler(len(self.dataset), self.global_batch, dist_utils.rank(),
+                                          dist_utils.world_size(), self.cfg["seed"])
+        iters, epochs = self.sampler.steps, self.cfg["epochs"]
+        self.iters_per_epoch = iters
+
+        self.loss = IBOTLoss(self.cfg["out_dim"], loss_patch_out_dim(self.cfg), g, l,
+                             self.cfg["warmup_teacher_temp"], self.cfg["teacher_temp"],
+                             self.cfg["warmup_teacher_patch_temp"], self.cfg["teacher_patch_temp"],
+                             self.cfg["warmup_teacher_temp_epochs"], epochs, lambda1=self.cfg["lambda1"],
+                             lambda2=self.cfg["lambda2"], mim_start_epoch=self.cfg["pred_start_epoch"]).to(self.device)
+        if self.cfg["optimizer"] != "adamw":
+            raise ValueError(f"pretrain.optimizer: {self.cfg['optimizer']!r} is not supported; use 'adamw' (ViT recipe)")
+        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.lr_schedule = cosine_schedule(self.cfg["lr"] * self.global_batch / 256.0, self.cfg["min_lr"], epochs,
+                                           iters, warmup_epochs=self.cfg["warmup_epochs"])
+        self.wd_schedule = cosine_schedule(self.cfg["weight_decay"], self.cfg["weight_decay_end"], epochs, iters)
+        self.momentum_schedule = cosine_schedule(self.cfg["momentum_teacher"], 1.0, epochs, iters)
+        self.start_epoch = 0
+
+    # -- checkpointing ------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work_dir / "checkpoint.pth"
+
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        """Official keys (student, teacher, optimizer, epoch, args, ibot_loss, fp16_scaler) + RNG states."""
+        state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "epoch": epoch,
+                 "args": {**self.cfg, **{k: v for k, v in self.spec.items() if v is not None}},
+                 "ibot_loss": self.loss.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+        if self.scaler is not None:
+            state["fp16_scaler"] = self.scaler.state_dict()
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self, epoch: int) -> None:
+        if not dist_utils.is_main():
+            return
+        state = self.state_dict(epoch)
+        save_atomic(state, self.checkpoint_path)
+        if self.cfg["saveckp_freq"] and epoch % self.cfg["saveckp_freq"] == 0 and epoch < self.cfg["epochs"]:
+            save_atomic(state, self.work_dir / f"checkpoint{epoch:04d}.pth")
+
+    def resume(self) -> None:
+        """Restore the latest checkpoint (ours or an official one via ``load_from``) if any."""
+        path = self.checkpoint_path if self.checkpoint_path.is_file() else (
+            Path(self.cfg["load_from"]) if self.cfg["load_from"] else None)
+        if path is None:
+            return
+        state = load_file(path, map_location=self.device)
+        strip = lambda sd: {k.removeprefix("module."): v for k, v in sd.items()}  # noqa: E731
+        self.student.load_state_dict(strip(state["student"]))
+        self.teacher.load_state_dict(strip(state["teacher"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss.load_state_dict(state["ibot_loss"])
+        if self.scaler is not None and "fp16_scaler" in state:
+            self.scaler.load_state_dict(state["fp16_scaler"])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"]["torch"].cpu())
+            if "cuda" in state["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+        self.start_epoch = int(state["epoch"])
+        print(f"[pretrain] resumed from {path} at epoch {self.start_epoch}", flush=True)
+
+    # -- training -----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, images: list[Tensor], masks: list[Tensor], epoch: int, it: int) -> dict[str, float]:
+        """One official iBOT iteration (schedules, forward, loss, backward, clip, step, EMA)."""
+        cfg, g = self.cfg, self.cfg["global_crops_number"]
+        for index, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.lr_schedule[it]
+            if index == 0:
+                group["weight_decay"] = self.wd_schedule[it]
+        images = [im.to(self.device, non_blocking=True) for im in images]
+        global_masks = torch.cat([m.to(self.device, non_blocking=True) for m in masks[:g]])
+        globals_ = torch.cat(images[:g])
+        locals_ = torch.cat(images[g:]) if len(images) > g else None
+
+        with self._autocast():
+            with torch.no_grad():
+                teacher_out = self.teacher(globals_, None, global_masks, teacher=True)
+            student_out = self.student_ddp(globals_, locals_, global_masks)
+            losses = self.loss((student_out["cls"], student_out["patch"]), (teacher_out["cls"], teacher_out["patch"]),
+                               student_out.get("local_cls"), global_masks, epoch,
+                               teacher_patch_mean=teacher_out["patch_mean"])
+        loss = losses["loss"]
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(
+                f"pretraining loss is {loss.item()} at epoch {epoch}, iteration {it}; stopping. The last good "
+                f"checkpoint is {self.checkpoint_path} (epoch {epoch}); lower lr, raise clip_grad or use fp32.")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            if cfg["clip_grad"]:
+                clip_gradients_per_param(self.student, cfg["clip_grad"])
+            cancel_last_layer_gradients(self.student, epoch, cfg["freeze_last_layer"])
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            if cfg["clip_grad"]:
+                self.scaler.unscale_(self.optimizer)
+                clip_gradients_per_param(self.student, cfg["clip_grad"])
+            cancel_last_layer_gradients(self.student, epoch, cfg["freeze_last_layer"])
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+        with torch.no_grad():
+            momentum = self.momentum_schedule[it]
+            student_params, teacher_params = self.ema_pairs
+            torch._foreach_mul_(teacher_params, momentum)
+            torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
+        return {"loss": loss.item(), "cls": losses["cls"].item(), "patch": losses["patch"].item(),
+                "lr": self.lr_schedule[it], "wd": self.wd_schedule[it], "momentum": float(momentum),
+                "teacher_temp": float(self.loss.teacher_temp_schedule[epoch]),
+                "teacher_patch_temp": float(self.loss.teacher_temp2_schedule[epoch])}
+
+    def _loader(self, epoch: int) -> DataLoader:
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        workers = self.cfg["num_workers"]
+        return DataLoader(self.dataset, batch_size=self.cfg["batch_size_per_gpu"], sampler=self.sampler,
+                          num_workers=workers, collate_fn=collate_multicrop, drop_last=True,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          prefetch_factor=4 if workers else None)
+
+    def fit(self) -> dict[str, Any]:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        log = TrainLog(self.work_dir / "train_log.jsonl", keep_before_epoch=self.start_epoch)
+        epochs, started = self.cfg["epochs"], time.time()
+        total_iters = (epochs - self.start_epoch) * self.iters_per_epoch
+        done_iters = 0
+        for epoch in range(self.start_epoch, epochs):
+            self.student.train()
+            epoch_start = time.time()
+            for step, (images, _, masks) in enumerate(self._loader(epoch)):
+                it = epoch * self.iters_per_epoch + step
+                tick = time.time()
+                stats = self.train_step(images, masks, epoch, it)
+                stats["images_per_s"] = self.global_batch / max(time.time() - tick, 1e-9)
+                done_iters += 1
+                log.write({"epoch": epoch, "iteration": it, **stats})
+                if step % self.cfg["log_every"] == 0 or step == self.iters_per_epoch - 1:
+                    elapsed = time.time() - started
+                    eta = elapsed / done_iters * (total_iters - done_iters)
+                    print(f"[pretrain] epoch {epoch + 1}/{epochs} it {step + 1}/{self.iters_per_epoch} "
+                          f"loss {stats['loss']:.4f} (cls {stats['cls']:.4f} patch {stats['patch']:.4f}) "
+                          f"lr {stats['lr']:.2e} {stats['images_per_s']:.1f} img/s eta {eta / 60:.1f} min",
+                          flush=True)
+            self.save(epoch + 1)
+            print(f"[pretrain] epoch {epoch + 1} done in {time.time() - epoch_start:.1f}s; checkpoint saved", flush=True)
+        dist_utils.barrier()
+        return {"epochs": epochs, "iterations_per_epoch": self.iters_per_epoch, "global_batch": self.global_batch,
+                "train_time_s": time.time() - started, "resumed_from_epoch": self.start_epoch}
+
+
+class TrainLog:
+    """Append-only JSON-lines log (main rank); on resume, rows of re-run epochs are dropped first."""
+
+    def __init__(self, path: Path, keep_before_epoch: int) -> None:
+        self.path = path
+        self.enabled = dist_utils.is_main()
+        if self.enabled and path.exists():
+            rows = [line for line in path.read_text().splitlines()
+                    if line.strip() and _row_epoch(line) is not None and _row_epoch(line) < keep_before_epoch]
+            write_text_atomic(path, "".join(r + "\n" for r in rows))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+def _row_epoch(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a torn last line from a kill
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def train(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: str | Path, work_dir: str | Path) -> Trainer:
+    """Train to the end (resuming if possible) and return the trainer (for tests and export)."""
+    trainer = Trainer(cfg, spec, data, work_dir)
+    trainer.summary = trainer.fit()
+    return trainer
+
+
+def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], data: str, out_dir: str, run: str, model: str,
+        seed: int) -> dict[str, Any]:
+    """Pretraining stage entry (inside the launched job): train, then export the teacher backbone."""
+    dist_utils.init_distributed()
+    cfg = {**config, "seed": seed}
+    out = Path(out_dir)
+    trainer = train(cfg, model_spec, data, out / "work")
+    summary = {"run": run, "model": model, **trainer.summary, "arch": model_spec["arch"],
+               "patch_size": model_spec["patch_size"], "depth": trainer.teacher.backbone.depth}
+    if dist_utils.is_main():
+        meta = {"arch": model_spec["arch"], "patch_size": model_spec["patch_size"],
+                "depth": trainer.teacher.backbone.depth, "epochs": cfg["epochs"], "source": "ibot-repro teacher"}
+        export_backbone(trainer.teacher.backbone, out / "teacher_backbone.pth", meta)
+        export_log_csv(out / "work" / "train_log.jsonl", out / "train_log.csv")
+        write_json_atomic(summary, out / "summary.json")
+    return summary
+
+
+def export_log_csv(jsonl: Path, csv_path: Path) -> None:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["epoch"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(csv_path)

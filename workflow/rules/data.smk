@@ -1,0 +1,50 @@
+# Embedded datasets in the real on-disk layouts (ImageNet, COCO 2017, ADE20K, ImageNet-C/-A/-9),
+# generated deterministically when data.embedded.generate is true. External datasets are checked
+# for their layout before any job starts (onstart), so a real run refuses early.
+from ibot.config import check_datasets
+from ibot.data.embedded import SETS
+
+EMBEDDED_SIZE_ARGS = [f"{key}={value}" for key, value in sorted(EMBEDDED["sizes"].items())]
+
+
+def _size_args():
+    return [arg for item in EMBEDDED_SIZE_ARGS for arg in ("--size", item)]
+
+
+if EMBEDDED["generate"]:
+
+    rule embedded_data:
+        output:
+            expand("{root}/{name}.complete", root=EMBEDDED["root"], name=SETS),
+        params:
+            root=EMBEDDED["root"],
+            seed=EMBEDDED["seed"],
+            workers=EMBEDDED["workers"],
+            sizes=_size_args(),
+        log:
+            f"{RESULTS}/{RUN}/logs/embedded_data.log",
+        benchmark:
+            f"{RESULTS}/{RUN}/benchmarks/embedded_data.tsv"
+        threads: EMBEDDED["workers"]
+        shell:
+            "python -m ibot.data.embedded --out {params.root:q} --seed {params.seed} "
+            "--workers {params.workers} {params.sizes:q} > {log:q} 2>&1 && touch {output:q}"
+
+
+def _external_datasets():
+    """Datasets the enabled stages read that the workflow does not generate."""
+    if EMBEDDED["generate"]:
+        return []
+    needed = {"imagenet"}
+    for model in MODELS:
+        for stage in config["models"][model].get("stages") or STAGES:
+            needed |= set(STAGE_DATASETS.get(stage, ()))
+    return sorted(needed)
+
+
+# stage -> datasets it reads (rule files add theirs)
+STAGE_DATASETS = {}
+
+
+onstart:
+    check_datasets(config, _external_datasets())
