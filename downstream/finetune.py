@@ -17,7 +17,8 @@ What the official run does (``run.sh imagenet_cls``: ``run_class_finetuning.py -
   layer-wise lr decay through ``timm.optim.create_optimizer_v2(..., layer_decay=...)``. The model's
   ``group_matcher`` reproduces BEiT's ``get_num_layer_for_vit``: cls_token/pos_embed/patch_embed
   → layer 0, ``blocks.i`` → i + 1, final norm and head → depth + 1, scale
-  ``decay ** (depth + 1 - layer_id)`` (timm alone would put the head one layer above the norm);
+  ``decay ** (depth + 1 - layer_id)`` (timm's own ViT matcher differs: it merges the final norm
+  into the last block, scale ``decay``, and puts the head alone on top);
 - ``timm.scheduler.CosineLRScheduler`` updated every iteration: linear warmup from 0 over
   ``warmup_epochs``, cosine to ``min_lr`` 1e-6 (lr × each group's ``lr_scale``);
 - global batch 1024 (official 128 per GPU × 8; ViT-L 64 × 8 × 2 accumulation), lr 4e-3 (the
@@ -123,8 +124,10 @@ class ViTClassifier(nn.Module):
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm layer groups equal to BEiT's ``get_num_layer_for_vit`` (see module docstring)."""
+        # (100000,) gives norm + head their own top layer; timm's ViT uses (99999,) = MATCH_PREV_GROUP,
+        # which merges the final norm into the last block and leaves the head one layer above.
         return dict(stem=r"^backbone\.(?:cls_token|pos_embed|patch_embed|masked_embed)",
-                    blocks=[(r"^backbone\.blocks\.(\d+)", None), (r"^(?:backbone\.norm|head)", (99999,))])
+                    blocks=[(r"^backbone\.blocks\.(\d+)", None), (r"^(?:backbone\.norm|head)", (100000,))])
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
@@ -188,27 +191,46 @@ def train_transform(config: Mapping[str, Any]):
         mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if int(config["crop"]) <= 32:  # official build_transform: small inputs use RandomCrop(padding=4)
         transform.transforms[0] = transforms.RandomCrop(int(config["crop"]), padding=4)
+    _patch_posterize(transform)
     return transform
+
+
+def _posterize_keep_bits(img, bits_to_keep, **__):
+    """timm's ``posterize`` for every Pillow: Pillow >= 12 refuses 0 bits, which RandAugment
+    ``inc1`` asks for at high magnitudes; older Pillow (and TF's RandAugment) then return a black
+    image (mask 0), which is what this does."""
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep >= 1:
+        return ImageOps.posterize(img, bits_to_keep)
+    return img.point([0] * (256 * len(img.getbands())))
+
+
+def _patch_posterize(transform) -> None:
+    from timm.data import auto_augment
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize_keep_bits
 
 
 # -- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_samples: int, device: torch.device, precision: str) -> dict[str, float]:
+    """Top-1/top-5 (percent) and mean cross-entropy on the whole val set (exact under DDP padding)."""
     model.eval()
-    hits, indices, loss_sum = [], [], torch.zeros(2, device=device)
+    rows, indices = [], []
     for images, targets, index in progress(loader, desc="finetune val"):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(precision, device):
             logits = model(images)
         logits = logits.float()
-        hits.append(topk_correct(logits, targets, (1, 5)))
+        loss = nn.functional.cross_entropy(logits, targets, reduction="none")
+        rows.append(torch.cat([topk_correct(logits, targets, (1, 5)).float(), loss[:, None]], dim=1))
         indices.append(index.to(device))
-        loss_sum += torch.stack([nn.functional.cross_entropy(logits, targets, reduction="sum"),
-                                 torch.tensor(float(len(targets)), device=device)])
-    per_sample = gather_correct(torch.cat(hits), torch.cat(indices), num_samples)
-    all_reduce_sum(loss_sum)
-    accuracy = 100.0 * per_sample.double().mean(dim=0)
-    return {"top1": float(accuracy[0]), "top5": float(accuracy[1]), "loss": float(loss_sum[0] / loss_sum[1])}
+    per_sample = gather_correct(torch.cat(rows), torch.cat(indices), num_samples).double().mean(dim=0)
+    return {"top1": 100.0 * float(per_sample[0]), "top5": 100.0 * float(per_sample[1]), "loss": float(per_sample[2])}
 
 
 # -- the stage --------------------------------------------------------------------------------------

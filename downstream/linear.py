@@ -262,6 +262,8 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     n_last, avgpool = int(config["n_last_blocks"]), config["avgpool_patchtokens"]
 
     backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, int(config["crop"])).to(device)
+    if not 1 <= n_last <= len(backbone.blocks):
+        raise ValueError(f"linear.n_last_blocks: {n_last} but the backbone has {len(backbone.blocks)} blocks")
     dim = feature_dim(backbone.embed_dim, n_last, avgpool)
     log(f"[linear] {len(train_set)} train / {len(val_set)} val images, {num_classes} classes; features {dim}; "
         f"{len(lrs)} heads; batch {global_batch}; {epochs} epochs; device {device}")

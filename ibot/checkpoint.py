@@ -27,8 +27,8 @@ __all__ = ["CheckpointError", "save_atomic", "load_file", "extract_backbone_stat
 # The official training checkpoints pickle their argparse args; a Namespace carries no code.
 torch.serialization.add_safe_globals([argparse.Namespace])
 
-#: Keys a backbone may lack in a checkpoint: the mask token exists only in iBOT-pretrained
-#: weights (DINO/supervised ones have none) and is unused outside masked pretraining.
+#: Keys that may be absent on either side: the mask token exists only in iBOT student weights
+#: (teachers, DINO and supervised weights have none) and is unused outside masked pretraining.
 OPTIONAL_BACKBONE_KEYS = frozenset({"masked_embed"})
 _CONTAINER_KEYS = ("teacher", "state_dict", "model", "student", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
@@ -105,7 +105,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, key: str | None = 
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state) - OPTIONAL_BACKBONE_KEYS)
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(expected) - OPTIONAL_BACKBONE_KEYS)
     mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                         for k in set(state) & set(expected)
                         if state[k].shape != expected[k].shape and k != "pos_embed")
@@ -118,7 +118,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path, key: str | None = 
             f"  shape mismatches ({len(mismatched)}): {mismatched[:12]}")
     if "pos_embed" in state and state["pos_embed"].shape != expected["pos_embed"].shape:
         state["pos_embed"] = _resize_pos_embed(state["pos_embed"], expected["pos_embed"])
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return {"missing_optional": sorted(set(expected) - set(state))}
 
 

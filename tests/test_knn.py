@@ -39,7 +39,8 @@ def make_image_folder(root: Path, classes: int = 3, train: int = 6, val: int = 4
 def official_checkpoint(path: Path, arch: str = "vit_tiny", depth: int = 2, patch: int = 8, img: int = 32) -> Path:
     """An official iBOT training checkpoint layout: {'teacher': {'backbone.<k>', 'head.*'}, ...}."""
     torch.manual_seed(1)
-    backbone = build_backbone(arch, patch_size=patch, img_size=img, depth=depth)
+    # the official teacher has no mask token (only the student is built with masked_im_modeling)
+    backbone = build_backbone(arch, patch_size=patch, img_size=img, depth=depth, masked_im_modeling=False)
     teacher = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     teacher["head.mlp.0.weight"] = torch.randn(8, backbone.embed_dim)
     torch.save({"teacher": teacher, "student": {f"module.{k}": v for k, v in teacher.items()}, "epoch": 3}, path)
@@ -73,7 +74,9 @@ def test_knn_matches_brute_force() -> None:
                                  chunk_size=5)  # chunks that do not divide the test set
     for k in ks:
         expected = brute_force_knn(train_f, train_y, test_f, test_y, k, 0.07, num_classes)
-        assert results[k][0] == pytest.approx(expected[0]) and results[k][1] == pytest.approx(expected[1]), k
+        assert results[k][0] == pytest.approx(expected[0]), k
+        if k >= 20:  # with fewer neighbours, classes with zero votes tie and top-5 order is arbitrary
+            assert results[k][1] == pytest.approx(expected[1]), k
     # one chunk or many: the same
     assert knn.knn_classifier(train_f, train_y, test_f, test_y, ks, num_classes=num_classes, chunk_size=1000) == results
 

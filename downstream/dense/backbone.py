@@ -15,9 +15,11 @@ stride 32  MaxPool2d(2)
 Without the adaptor (``with_adaptor=False``, the linear segmentation head) every output is the
 stride-``patch_size`` token map.
 
-- Any input size: the input is zero-padded right/bottom to a multiple of the patch size, the
-  positional embeddings are interpolated by the backbone's ``prepare_tokens``, and each output is
-  cropped to ``ceil(H / stride)`` so that it stays aligned with the unpadded image.
+- Any input size: the input is zero-padded right/bottom to a multiple of the coarsest output
+  stride (32 with the adaptor, the patch size without), the positional embeddings are
+  interpolated by the backbone's ``prepare_tokens``, and each output is cropped to
+  ``ceil(H / stride)`` so that it stays aligned with the unpadded image. (mmdet already pads its
+  batches to a multiple of 32; mmseg's sliding window can hand over any crop size.)
 - ``final_norm``: apply the backbone's final LayerNorm to the outputs (official: det no, seg yes).
   When it is off, the norm's parameters are frozen (they still load strictly from checkpoints).
 - ``frozen``: no gradients and eval mode for the whole ViT (linear segmentation protocol).
@@ -109,8 +111,12 @@ class IBOTViTDense(BaseModule):
         else:
             self.adaptor = None
             self.out_strides = [patch_size] * len(self.out_indices)
-        if not self.final_norm:  # unused: frozen so that DDP never waits for its gradients
+        self.pad_multiple = max([patch_size] + self.out_strides)
+        # unused parameters are frozen so that DDP never waits for their gradients
+        if not self.final_norm:
             self.vit.norm.requires_grad_(False)
+        for block in self.vit.blocks[max(self.out_indices) + 1:]:
+            block.requires_grad_(False)
         if self.frozen:
             self.vit.requires_grad_(False)
             self.vit.eval()
@@ -131,7 +137,7 @@ class IBOTViTDense(BaseModule):
     # -- forward -------------------------------------------------------------------------------
     def _tokens(self, x: Tensor) -> tuple[dict[int, Tensor], int, int]:
         height, width = x.shape[-2:]
-        pad_h, pad_w = (-height) % self.patch_size, (-width) % self.patch_size
+        pad_h, pad_w = (-height) % self.pad_multiple, (-width) % self.pad_multiple
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         h_patches, w_patches = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size

@@ -37,8 +37,10 @@ def env_world_size() -> int:
 
 
 def norm_cfg(world_size: int) -> dict[str, Any]:
-    """SyncBN only when distributed (the official configs use SyncBN on 8 GPUs)."""
-    return dict(type="SyncBN" if world_size > 1 else "BN", requires_grad=True)
+    """SyncBN only when distributed on GPUs (the official configs: SyncBN on 8 GPUs); torch's
+    SyncBatchNorm has no CPU kernel, so CPU processes keep per-process BN."""
+    sync = world_size > 1 and torch.cuda.is_available()
+    return dict(type="SyncBN" if sync else "BN", requires_grad=True)
 
 
 def per_gpu_batch(total: int, world_size: int, section: str) -> int:
@@ -65,6 +67,9 @@ def configure_runtime(cfg, *, stage: str, work_dir: Path, seed: int, amp: bool, 
     tag = f"{stage}_{uuid.uuid4().hex[:8]}"
     cfg.experiment_name = tag
     cfg.visualizer.name = f"visualizer_{tag}"
+    if world_size > 1 and not torch.cuda.is_available():  # CPU processes: DDP without device ids
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+                                     find_unused_parameters=bool(cfg.get("find_unused_parameters", False)))
     cfg.default_hooks.logger.interval = int(log_interval)
     if amp and torch.cuda.is_available():
         cfg.optim_wrapper.type = "AmpOptimWrapper"
@@ -77,17 +82,57 @@ def configure_runtime(cfg, *, stage: str, work_dir: Path, seed: int, amp: bool, 
         cfg.val_evaluator = None
 
 
+_TRUSTED_DIRS: set[Path] = set()
+
+
+def _load_local_checkpoint(filename: str, map_location=None):
+    """mmengine's local checkpoint loader with an explicit ``weights_only`` choice.
+
+    torch >= 2.6 loads with ``weights_only=True`` by default, which refuses mmengine's own resume
+    checkpoints (they pickle the message hub's ``HistoryBuffer`` and bound methods). Files in a
+    work directory this stage created (``trust_work_dir``) are our own and load in full; every
+    other file keeps ``weights_only=True``.
+    """
+    path = Path(os.path.expanduser(filename)).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{filename} can not be found.")
+    trusted = any(path.is_relative_to(root) for root in _TRUSTED_DIRS)
+    return torch.load(path, map_location=map_location, weights_only=not trusted)
+
+
+def trust_work_dir(work_dir: str | Path) -> None:
+    """Let mmengine resume from the checkpoints it writes in ``work_dir`` (see above)."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    _TRUSTED_DIRS.add(Path(work_dir).resolve())
+    CheckpointLoader.register_scheme(prefixes="", loader=_load_local_checkpoint, force=True)
+
+
 def train_and_test(cfg) -> dict[str, float]:
     """Build the runner, train (resuming from work_dir if possible), then test; returns the metrics."""
     from mmengine.runner import Runner
 
     from downstream.dense import registry  # noqa: F401  (registers our modules before building)
 
+    trust_work_dir(cfg.work_dir)
     runner = Runner.from_cfg(cfg)
     runner.train()
+    # test() resumes from work_dir/last_checkpoint: the final weights (CheckpointHook save_last)
     metrics = runner.test()
     logging.getLogger(__name__).info("test metrics: %s", metrics)
-    return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+    # IoUMetric returns float32 values rounded to 2 decimals: keep them at that precision
+    return {k: round(float(v), 4) for k, v in (metrics or {}).items() if _is_scalar(v)}
+
+
+def _is_scalar(value: Any) -> bool:
+    """Python or numpy/torch real scalars (IoUMetric returns numpy float32, CocoMetric floats)."""
+    if isinstance(value, (bool, str)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return getattr(value, "ndim", 0) == 0
 
 
 def finite_or(value: Any, default: float = 0.0) -> float:

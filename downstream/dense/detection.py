@@ -52,6 +52,10 @@ DEFAULTS: dict[str, Any] = {
     "rpn_train_proposals": 2000,
     "rpn_test_proposals": 1000,
     "rcnn_sampler_num": 512,      # RoIs sampled per image and cascade stage
+    "score_thr": 0.05,            # test score threshold of the final detections
+    "neck_channels": 256,         # FPN output = RPN / RoI head input channels
+    "head_conv_channels": 256,    # the 4 convs of the box heads and of the mask head
+    "head_fc_channels": 1024,     # the fc of the box heads
     "amp": True,                  # AmpOptimWrapper on GPU (official fp16); ignored on CPU
     "val_interval": 0,            # epochs between validations during training (0: only the final test)
     "checkpoint_interval": 1,     # epochs
@@ -115,6 +119,18 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
                                   max_per_img=int(config["rpn_test_proposals"]))
     for stage_cfg in cfg.model.train_cfg.rcnn:
         stage_cfg.sampler.num = int(config["rcnn_sampler_num"])
+    cfg.model.test_cfg.rcnn.score_thr = float(config["score_thr"])
+
+    # -- widths (paper: 256 / 256 / 1024) -------------------------------------------------------------
+    neck, conv, fc = int(config["neck_channels"]), int(config["head_conv_channels"]), int(config["head_fc_channels"])
+    cfg.model.neck.out_channels = neck
+    cfg.model.rpn_head.update(in_channels=neck, feat_channels=neck)
+    roi = cfg.model.roi_head
+    roi.bbox_roi_extractor.out_channels = neck
+    roi.mask_roi_extractor.out_channels = neck
+    for head in roi.bbox_head:
+        head.update(in_channels=neck, conv_out_channels=conv, fc_out_channels=fc)
+    roi.mask_head.update(in_channels=neck, conv_out_channels=conv)
 
     # -- data ---------------------------------------------------------------------------------------
     max_size = int(config["max_size"])

@@ -10,7 +10,8 @@ copied by iBOT): the prediction is the argmax over *all* head classes, then mapp
 super-class; a class mapped to -1 is always wrong. Transform: centre crop only by default
 (the official evaluation applies ``ToTensor`` to the stored 224 px images), ImageNet normalisation.
 
-Metrics (percent): ``top1_<variant>`` per variant and ``bg_gap`` = mixed_same - mixed_rand.
+Metrics (percent): top-1 per variant, named by the variant (``original``, ``only_fg``, ...,
+``only_bg_t``), and ``bg_gap`` = mixed_same - mixed_rand.
 """
 
 from __future__ import annotations
@@ -123,15 +124,15 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     metrics: dict[str, float] = {}
     if is_main():
         for index, variant in enumerate(variants):
-            metrics[f"top1_{variant}"] = percent(counts["correct"][index], counts["total"][index])
+            metrics[variant] = percent(counts["correct"][index], counts["total"][index])
         if "mixed_same" in variants and "mixed_rand" in variants:
-            metrics["bg_gap"] = metrics["top1_mixed_same"] - metrics["top1_mixed_rand"]
+            metrics["bg_gap"] = metrics["mixed_same"] - metrics["mixed_rand"]
         extra = common_extra(net, sizes, device)
         extra.update({
             "num_images": {v: int(counts["total"][i]) for i, v in enumerate(variants)},
             "mapping_file": str(mapping_file), "head_classes_mapped": int((lut >= 0).sum()),
             "scoring": "argmax over all head classes, then in_to_in9 (unmapped = wrong), as the official eval_model",
-            "bg_gap": "top1_mixed_same - top1_mixed_rand",
+            "bg_gap": "mixed_same - mixed_rand (top-1 %)",
         })
         write_robustness_metrics(out, run=run, model=model, stage="bg_challenge", dataset="imagenet-9",
                                  metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra)

@@ -6,12 +6,11 @@ The linear-probing stage saves its best head as ``results/<run>/<model>/linear/h
      'meta': {'n_last_blocks', 'avgpool_patchtokens', 'num_classes', 'classes': [wnid, ...],
               'resize', 'crop', 'lr', 'epoch', ...}}
 
-:func:`load_model` rebuilds the classifier from it (``downstream.linear.load_linear_classifier``
-when that module exists, else an equivalent built here) and keeps the pieces the occlusion stage
-needs: the backbone, the ``nn.Linear`` head and the feature function (``linear_features`` of
-``downstream.linear``; the DINO/iBOT ``eval_linear.py`` recipe as fallback). Features computed
-from a *reduced token sequence* (:func:`logits_from_kept_tokens`) are assembled by that same
-feature function, so they match the head's training features exactly.
+:func:`load_model` rebuilds the classifier with the linear stage's own loader
+(``downstream.linear.load_linear_classifier``) and exposes the pieces the occlusion stage needs:
+the backbone, the ``nn.Linear`` head and the feature function (``downstream.linear.linear_features``).
+Features computed from a *reduced token sequence* (:func:`logits_from_kept_tokens`) are assembled
+by that same feature function, so they match the head's training features exactly.
 
 Also here: the evaluation transform (head meta ``resize``/``crop``, bicubic, ImageNet
 normalisation), folder datasets with a wnid → head-class remap, an exact count-based eval loop
@@ -21,8 +20,6 @@ normalisation), folder datasets with a wnid → head-class remap, an exact count
 from __future__ import annotations
 
 import csv
-import importlib
-import importlib.util
 import math
 import os
 import time
@@ -35,22 +32,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
-from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, build_eval_backbone, eval_transform,
-                                 log, pick_device, progress)
+from downstream.features import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, eval_transform, log, pick_device, progress
 from ibot.checkpoint import CheckpointError, load_file, sha256_file
 from ibot.distributed import all_reduce_sum, rank, world_size
 from ibot.metrics import write_metrics
 
-__all__ = ["RobustnessError", "HEAD_META_KEYS", "IMAGE_SUFFIXES", "TRANSFORM_KEYS", "HeadSpec", "read_head",
-           "default_linear_features", "LinearProbeModel", "load_model", "logits_from_kept_tokens",
+__all__ = ["RobustnessError", "HEAD_META_KEYS", "IMAGE_SUFFIXES", "HeadSpec", "read_head",
+           "LinearProbeModel", "load_model", "logits_from_kept_tokens",
            "robustness_transform", "LabelledImages", "list_images", "class_folders", "folder_samples",
            "head_class_index", "shard_loader", "accumulate", "percent", "write_csv", "write_robustness_metrics",
            "common_extra"]
 
 HEAD_META_KEYS = ("n_last_blocks", "avgpool_patchtokens", "classes", "resize", "crop")
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp"})
-#: Config keys every robustness stage has (see the stage DEFAULTS).
-TRANSFORM_KEYS = ("resize", "crop")
 
 
 class RobustnessError(ValueError):
@@ -103,41 +97,25 @@ def read_head(path: str | Path) -> HeadSpec:
     return HeadSpec(weight=weight.float(), bias=bias.float(), meta=meta, path=str(path))
 
 
-def default_linear_features(backbone: nn.Module, images: Tensor, n_last_blocks: int,
-                            avgpool_patchtokens: bool) -> Tensor:
-    """The DINO/iBOT ``eval_linear.py`` feature (fallback while ``downstream.linear`` is absent):
-    [CLS] of the last ``n`` blocks (after the final norm), concatenated; with ``avgpool`` the mean
-    patch token of the last block is interleaved exactly as the official code does."""
-    intermediate = backbone.get_intermediate_layers(images, n_last_blocks)
-    output = torch.cat([x[:, 0] for x in intermediate], dim=-1)
-    if avgpool_patchtokens:
-        output = torch.cat((output.unsqueeze(-1), torch.mean(intermediate[-1][:, 1:], dim=1).unsqueeze(-1)), dim=-1)
-        output = output.reshape(output.shape[0], -1)
-    return output
-
-
-def _linear_module():
-    """``downstream.linear`` if it exists (import errors inside it propagate), else None."""
-    if importlib.util.find_spec("downstream.linear") is None:
-        return None
-    return importlib.import_module("downstream.linear")
-
-
 class LinearProbeModel(nn.Module):
-    """images → logits of the linear probe, plus the pieces needed to run it on reduced token sets."""
+    """images → logits of the linear probe (``downstream.linear.LinearClassifier``), plus the pieces
+    the occlusion stage needs to run it on reduced token sets (backbone, linear layer, feature fn)."""
 
-    def __init__(self, backbone: nn.Module, head: HeadSpec, feature_fn: Callable[..., Tensor],
-                 classifier: nn.Module | None = None, source: str = "fallback") -> None:
+    def __init__(self, classifier: nn.Module, head: HeadSpec, feature_fn: Callable[..., Tensor]) -> None:
         super().__init__()
-        self.backbone = backbone
-        self.linear = nn.Linear(head.weight.shape[1], head.weight.shape[0])
-        self.linear.load_state_dict({"weight": head.weight, "bias": head.bias})
         self.classifier = classifier
-        self.feature_fn = feature_fn
         self.head = head
-        self.source = source
-        self.n_last_blocks = int(head.meta["n_last_blocks"])
-        self.avgpool = bool(head.meta["avgpool_patchtokens"])
+        self.feature_fn = feature_fn
+        self.n_last_blocks = int(classifier.n_last_blocks)
+        self.avgpool = classifier.avgpool_patchtokens
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.classifier.backbone
+
+    @property
+    def linear(self) -> nn.Linear:
+        return self.classifier.linear
 
     @property
     def classes(self) -> list[str]:
@@ -147,44 +125,26 @@ class LinearProbeModel(nn.Module):
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    def features(self, images: Tensor) -> Tensor:
-        return self.feature_fn(self.backbone, images, self.n_last_blocks, self.avgpool)
-
     def forward(self, images: Tensor) -> Tensor:
-        if self.classifier is not None:
-            return self.classifier(images)
-        return self.linear(self.features(images))
-
-
-def _find_backbone(module: nn.Module) -> nn.Module:
-    from ibot.models.vision_transformer import IBOTVisionTransformer
-    found = [m for m in module.modules() if isinstance(m, IBOTVisionTransformer)]
-    if len(found) != 1:
-        raise RobustnessError(f"downstream.linear.load_linear_classifier returned a {type(module).__name__} with "
-                              f"{len(found)} ViT backbones; the robustness stages need exactly one")
-    return found[0]
+        return self.classifier(images)
 
 
 def load_model(model_spec: Mapping[str, Any], checkpoint: str | None, checkpoint_key: str | None,
                head_path: str | Path, *, device: torch.device, seed: int = 0) -> LinearProbeModel:
-    """The evaluated model: backbone (``checkpoint``) + linear head (``head_path``), eval mode, frozen."""
+    """The evaluated model: backbone (``checkpoint``) + linear head (``head_path``), eval mode, frozen,
+    built by ``downstream.linear.load_linear_classifier`` (the linear stage's own loader)."""
+    from downstream import linear
+
     head = read_head(head_path)
     torch.manual_seed(seed)  # a random-init backbone (no checkpoint) is then reproducible
-    linear = _linear_module()
-    if linear is not None:
+    try:
         classifier = linear.load_linear_classifier(dict(model_spec), checkpoint, checkpoint_key, str(head_path))
-        model = LinearProbeModel(_find_backbone(classifier), head, linear.linear_features, classifier=classifier,
-                                 source="downstream.linear")
-    else:
-        backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, int(head.meta["crop"]))
-        model = LinearProbeModel(backbone, head, default_linear_features, source="fallback (eval_linear.py recipe)")
-    embed_dim = int(model.backbone.embed_dim)
-    expected = embed_dim * (model.n_last_blocks + int(model.avgpool))
-    if head.weight.shape[1] != expected:
-        raise RobustnessError(
-            f"linear head {head_path}: input dim {head.weight.shape[1]} does not match the backbone "
-            f"({model_spec.get('arch')}, embed_dim {embed_dim}, n_last_blocks {model.n_last_blocks}, "
-            f"avgpool {model.avgpool} → {expected}); was the head trained on another model?")
+    except CheckpointError as error:
+        raise RobustnessError(str(error)) from error
+    model = LinearProbeModel(classifier, head, linear.linear_features)
+    if len(model.backbone.blocks) < model.n_last_blocks:
+        raise RobustnessError(f"linear head {head_path}: n_last_blocks {model.n_last_blocks} does not fit a backbone "
+                              f"of depth {len(model.backbone.blocks)}")
     model.eval().requires_grad_(False)
     return model.to(device)
 
@@ -247,7 +207,7 @@ def logits_from_kept_tokens(model: LinearProbeModel, images: Tensor, keep: Tenso
                 out = torch.cat((out[:, :1], torch.where(valid.unsqueeze(-1), patch, mean.unsqueeze(1))), dim=1)
             outputs[index] = out
     features = model.feature_fn(_PrecomputedLayers(backbone, outputs), images, model.n_last_blocks, model.avgpool)
-    return model.linear(features)
+    return model.linear(features.float())
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -399,7 +359,7 @@ def common_extra(model: LinearProbeModel, sizes: Mapping[str, Any], device: torc
     return {
         "head": {"path": head.path, "sha256": sha256_file(head.path),
                  "meta": {k: head.meta[k] for k in keep if k in head.meta}},
-        "model_source": model.source, "transform": dict(sizes), "device": str(device),
+        "model": "downstream.linear.load_linear_classifier", "transform": dict(sizes), "device": str(device),
         "world_size": world_size(), "units": "percent",
     }
 

@@ -14,8 +14,9 @@ Metrics (percent; error = 100 - top-1):
 - ``mCE_alexnet_15``: the standard AlexNet-normalised mCE: mean over the 15 of
   ``CE_c = mean_s E_{s,c} / E^AlexNet_c`` (AlexNet errors averaged over severities, as published).
 - With corruptions or severities missing (``allow_missing``) or not configured, only
-  ``mean_error_evaluated`` (and ``mCE_alexnet_evaluated`` over the evaluated benchmark corruptions,
-  when all 5 severities are there) are written; ``extra.missing`` lists what was skipped.
+  ``mean_error_evaluated`` (and ``mCE_alexnet_evaluated`` over the evaluated benchmark corruptions
+  that have all 5 severities) are written besides whichever of the above are complete;
+  ``extra.missing`` lists what was skipped.
 
 Per corruption x severity top-1: ``per_corruption.csv`` beside metrics.json.
 """
@@ -68,7 +69,7 @@ def summarise(errors: Mapping[str, Mapping[int, float]]) -> tuple[dict[str, floa
     complete = {c for c, by_severity in errors.items() if set(SEVERITIES) <= set(by_severity)}
     mean_error = {c: sum(by_severity.values()) / len(by_severity) for c, by_severity in errors.items() if by_severity}
     metrics: dict[str, float] = {}
-    if set(ALL_CORRUPTIONS) <= complete and len(errors) == len(ALL_CORRUPTIONS):
+    if set(ALL_CORRUPTIONS) <= complete:
         metrics["mean_error_19"] = 100.0 * sum(mean_error[c] for c in ALL_CORRUPTIONS) / len(ALL_CORRUPTIONS)
     if set(BENCHMARK_CORRUPTIONS) <= complete:
         metrics["mean_error_15"] = 100.0 * sum(mean_error[c] for c in BENCHMARK_CORRUPTIONS) / len(BENCHMARK_CORRUPTIONS)
@@ -84,6 +85,7 @@ def summarise(errors: Mapping[str, Mapping[int, float]]) -> tuple[dict[str, floa
 
 
 def _groups(root: Path, config: Mapping[str, Any]) -> tuple[list[tuple[str, int]], list[str]]:
+    """The (corruption, severity) folders to evaluate, and the configured ones missing on disk."""
     unknown = [c for c in config["corruptions"] if c not in ALL_CORRUPTIONS]
     if unknown:
         raise RobustnessError(f"imagenet_c.corruptions: unknown {unknown}; expected names from {list(ALL_CORRUPTIONS)}")
@@ -116,23 +118,32 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     groups, missing = _groups(root, config)
     net, transform, sizes, device = prepare(config, model_spec, checkpoint, checkpoint_key, head, seed)
     labels = head_class_index(net.classes)
-    samples = []
-    for index, (corruption, severity) in enumerate(groups):
-        samples += folder_samples(root / corruption / str(severity), labels, what=f"ImageNet-C {corruption}/{severity}",
-                                  max_per_class=config["max_images_per_class"], group=index)
-    dataset = LabelledImages(samples, transform)
-    log(f"[imagenet_c] {len(dataset)} images, {len(groups)} corruption/severity folders, device {device}")
-    group_of = dataset.groups.to(device)
     n_groups = len(groups)
+    counts = {"correct": torch.zeros(n_groups, dtype=torch.float64), "total": torch.zeros(n_groups, dtype=torch.float64)}
+    num_images = 0
+    log(f"[imagenet_c] {n_groups} corruption/severity folders, device {device}")
+    # One loader per corruption (its severities together): the file list of the whole benchmark
+    # (4.75M images) is never held in memory at once.
+    for corruption in dict.fromkeys(name for name, _ in groups):
+        samples = []
+        for index, (name, severity) in enumerate(groups):
+            if name == corruption:
+                samples += folder_samples(root / name / str(severity), labels, what=f"ImageNet-C {name}/{severity}",
+                                          max_per_class=config["max_images_per_class"], group=index)
+        dataset = LabelledImages(samples, transform)
+        num_images += len(dataset)
+        group_of = dataset.groups.to(device)
 
-    def step(images, targets, indices):
-        correct = net(images).argmax(dim=-1).eq(targets)
-        group = group_of[indices.to(device)]
-        return {"correct": torch.bincount(group[correct], minlength=n_groups),
-                "total": torch.bincount(group, minlength=n_groups)}
+        def step(images, targets, indices, group_of=group_of):
+            correct = net(images).argmax(dim=-1).eq(targets)
+            group = group_of[indices.to(device)]
+            return {"correct": torch.bincount(group[correct], minlength=n_groups),
+                    "total": torch.bincount(group, minlength=n_groups)}
 
-    loader = shard_loader(dataset, config["batch_size"], config["num_workers"])
-    counts = accumulate(loader, step, {"correct": n_groups, "total": n_groups}, device=device, desc="imagenet_c")
+        result = accumulate(shard_loader(dataset, config["batch_size"], config["num_workers"]), step,
+                            {"correct": n_groups, "total": n_groups}, device=device, desc=f"imagenet_c {corruption}")
+        for key in counts:
+            counts[key] += result[key]
 
     metrics: dict[str, float] = {}
     if is_main():
@@ -156,7 +167,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                 "mCE_alexnet_15": "AlexNet-normalised mCE (%) over the 15 benchmark corruptions "
                                   "(Hendrycks & Dietterich 2019)",
             },
-            "per_corruption_mean_error": per_corruption, "missing": missing, "num_images": len(dataset),
+            "per_corruption_mean_error": per_corruption, "missing": missing, "num_images": num_images,
             "per_corruption_csv": table.name, "alexnet_errors": ALEXNET_ERRORS,
         })
         write_robustness_metrics(out, run=run, model=model, stage="imagenet_c", dataset="imagenet-c",

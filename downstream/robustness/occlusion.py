@@ -85,7 +85,7 @@ def salient_drop(sal: Tensor, ratio: float) -> Tensor:
     if ratio >= 1:
         return torch.ones_like(sal, dtype=torch.bool)
     values, order = sal.sort(dim=-1, descending=True, stable=True)
-    above = values.cumsum(dim=-1) - values  # mass of the patches ranked strictly above
+    above = torch.cat((torch.zeros_like(values[:, :1]), values.cumsum(dim=-1)[:, :-1]), dim=-1)  # mass ranked above
     drop = torch.zeros_like(sal, dtype=torch.bool)
     return drop.scatter(-1, order, above < ratio)
 

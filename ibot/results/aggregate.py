@@ -75,7 +75,7 @@ def paper_values(reference: pd.DataFrame, metric_map: pd.DataFrame, paper_models
     cols = ["paper_model", "group", "column", "stage", "metric", "paper_value", "paper_table", "paper_source",
             "paper_note", "unit"]
     if not models:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame({c: pd.Series(dtype=float if c == "paper_value" else object) for c in cols})
     lines = metric_map[metric_map["paper_table"] != ""]
     grid = lines.merge(pd.DataFrame({"paper_model": models}), how="cross")
     ref = reference.rename(columns={v: k for k, v in _REF_JOIN.items()})
@@ -135,8 +135,8 @@ def build_summary(paths: Sequence[str | Path], models_info: Mapping[str, Mapping
     models_info = dict(models_info or {})
     frame = _records_frame(paths, default_seed)
     info = lambda m, k: (models_info.get(m) or {}).get(k)  # noqa: E731
-    frame["paper_model"] = [info(m, "paper_model") for m in frame["model"]]
-    frame["arch"] = [info(m, "arch") for m in frame["model"]]
+    frame["paper_model"] = pd.Series([info(m, "paper_model") for m in frame["model"]], index=frame.index, dtype=object)
+    frame["arch"] = pd.Series([info(m, "arch") for m in frame["model"]], index=frame.index, dtype=object)
 
     primary = metric_map.drop_duplicates(["stage", "metric"], keep="first")
     frame = frame.merge(primary[["stage", "metric", "group", "column", "higher_is_better", "order"]],

@@ -110,7 +110,8 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
                     row[c] = _cell(delta)
                 rows.append(row)
     frame = pd.DataFrame(rows, columns=_LEAD + columns)
-    frame.attrs.update(group=group, title=GROUP_TITLES.get(group, group), columns=columns)
+    pooled = bool(len(agg)) and bool((pd.to_numeric(agg["n"], errors="coerce") > 1).any())
+    frame.attrs.update(group=group, title=GROUP_TITLES.get(group, group), columns=columns, pooled=pooled)
     return frame
 
 
@@ -134,8 +135,7 @@ def _text(value: Any) -> str:
 
 def _display(frame: pd.DataFrame, pm: str = " ± ") -> pd.DataFrame:
     columns = frame.attrs.get("columns", [c for c in frame.columns if c not in _LEAD])
-    counts = [cell.get("n") for column in columns for cell in frame[column]]
-    pooled = any(not _missing(n) and int(n) > 1 for n in counts)  # then every "ours" cell says its n
+    pooled = frame.attrs.get("pooled", False)  # several runs/seeds: every "ours" cell says its n
     out = frame[_LEAD].copy()
     for column in columns:
         out[column] = [_fmt_cell(cell, pm, delta=str(method).startswith("Δ"), always_n=pooled)

@@ -1,8 +1,9 @@
 """The one submitit launcher: every stage (pretraining, k-NN, linear, ..., dense) runs through it.
 
 ``launch("pkg.module:function", kwargs, job_dir=..., resources=...)`` submits
-``function(**kwargs)`` with submitit's AutoExecutor (``cluster``: ``local`` subprocess, ``slurm``,
-or ``debug`` in-process), waits, streams the job log, and returns task 0's result.
+``function(**kwargs)`` with submitit's AutoExecutor (``cluster``: ``local`` subprocess or
+``slurm``), waits, streams the job log, and returns task 0's result. ``debug`` runs the function
+in this process (tests, debuggers).
 
 - Multi-task jobs (one task per GPU, or several CPU tasks) join one process group through
   submitit's TorchDistributedEnvironment (nccl on GPU, gloo on CPU).
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import submitit
+
+from ibot.metrics import write_json_atomic
 
 __all__ = ["Resources", "launch", "StageJob", "resolve_entry"]
 
@@ -80,8 +83,7 @@ class StageJob(submitit.helpers.Checkpointable):
     """Runs one stage function inside a submitit task; requeued as-is on timeout/preemption."""
 
     def __call__(self, entry: str, kwargs: Mapping[str, Any]) -> Any:
-        env = submitit.JobEnvironment()
-        if env.num_tasks > 1:
+        if _in_submitit_job() and submitit.JobEnvironment().num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         else:  # a single task must never inherit a stale rank from the caller's environment
             for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
@@ -89,8 +91,15 @@ class StageJob(submitit.helpers.Checkpointable):
         return resolve_entry(entry)(**kwargs)
 
 
+def _in_submitit_job() -> bool:
+    return "SUBMITIT_EXECUTOR" in os.environ  # set by submitit in every local/slurm task
+
+
 def _executor(resources: Resources, folder: Path, name: str) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=folder, cluster=resources.cluster)
+    # max_num_timeout is an executor-constructor argument in submitit, not an update_parameters one
+    requeues = ({f"{resources.cluster}_max_num_timeout": resources.max_num_timeout}
+                if resources.cluster != "debug" else {})
+    executor = submitit.AutoExecutor(folder=folder, cluster=resources.cluster, **requeues)
     params: dict[str, Any] = dict(name=name, timeout_min=resources.timeout_min, nodes=resources.nodes,
                                   tasks_per_node=resources.tasks_per_node, cpus_per_task=resources.cpus_per_task)
     if resources.gpus_per_node:
@@ -100,11 +109,8 @@ def _executor(resources: Resources, folder: Path, name: str) -> submitit.AutoExe
     if resources.cluster == "slurm":
         slurm = dict(partition=resources.partition, account=resources.account, qos=resources.qos,
                      constraint=resources.constraint, signal_delay_s=resources.slurm_signal_delay_s,
-                     max_num_timeout=resources.max_num_timeout,
                      additional_parameters=resources.slurm_additional_parameters or None)
         params.update({f"slurm_{k}": v for k, v in slurm.items() if v is not None})
-    elif resources.cluster == "local":
-        params["local_max_num_timeout"] = resources.max_num_timeout
     executor.update_parameters(**params)
     return executor
 
@@ -134,7 +140,7 @@ def _reattach(state_file: Path, resources: Resources) -> submitit.Job | None:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError:
         return None
-    if state.get("cluster") != resources.cluster or resources.cluster == "debug":
+    if state.get("cluster") != resources.cluster:
         return None
     job_id, folder, tasks = state["job_id"], Path(state["folder"]), range(state["num_tasks"])
     if resources.cluster == "slurm" and _slurm_alive(job_id):
@@ -179,6 +185,10 @@ def launch(entry: str, kwargs: Mapping[str, Any], *, job_dir: str | Path, resour
     resources = resources if isinstance(resources, Resources) else Resources.from_config(resources)
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
+    if resources.cluster == "debug":
+        # In-process, without submitit's DebugExecutor (which opens pdb on any exception).
+        print(f"[launcher] running {name} in-process (cluster: debug)", flush=True)
+        return StageJob()(entry, dict(kwargs))
     state_file = job_dir / "job.json"
     job = _reattach(state_file, resources)
     if job is not None:
@@ -189,13 +199,9 @@ def launch(entry: str, kwargs: Mapping[str, Any], *, job_dir: str | Path, resour
         record = {"job_id": str(job.job_id), "cluster": resources.cluster, "folder": str(job_dir / "submitit"),
                   "num_tasks": resources.num_tasks, "entry": entry, "resources": asdict(resources),
                   "submitted": time.time()}
-        if resources.cluster != "debug":
-            from ibot.metrics import write_json_atomic
-            write_json_atomic(record, state_file)
+        write_json_atomic(record, state_file)
         print(f"[launcher] submitted {name} as {resources.cluster} job {job.job_id} "
               f"({resources.num_tasks} task(s)); logs in {job_dir / 'submitit'}", flush=True)
-    if resources.cluster == "debug":
-        return job.result()
     tail = _LogTail(job)
     while not job.done():
         tail.pump()

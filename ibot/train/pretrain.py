@@ -259,9 +259,9 @@ class Trainer:
         """One official iBOT iteration (schedules, forward, loss, backward, clip, step, EMA)."""
         cfg, g = self.cfg, self.cfg["global_crops_number"]
         for index, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = self.lr_schedule[it]
+            group["lr"] = float(self.lr_schedule[it])  # python floats: numpy scalars fail weights_only loads
             if index == 0:
-                group["weight_decay"] = self.wd_schedule[it]
+                group["weight_decay"] = float(self.wd_schedule[it])
         images = [im.to(self.device, non_blocking=True) for im in images]
         global_masks = torch.cat([m.to(self.device, non_blocking=True) for m in masks[:g]])
         globals_ = torch.cat(images[:g])
@@ -301,7 +301,10 @@ class Trainer:
             student_params, teacher_params = self.ema_pairs
             torch._foreach_mul_(teacher_params, momentum)
             torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
-        return {"loss": loss.item(), "cls": losses["cls"].item(), "patch": losses["patch"].item(),
+        # Logged values are means over all processes (the local loss covers only this rank's slice).
+        logged = dist_utils.all_reduce_sum(torch.stack([losses["loss"], losses["cls"], losses["patch"]]).detach().float())
+        total, cls_term, patch_term = (logged / dist_utils.world_size()).tolist()
+        return {"loss": total, "cls": cls_term, "patch": patch_term,
                 "lr": self.lr_schedule[it], "wd": self.wd_schedule[it], "momentum": float(momentum),
                 "teacher_temp": float(self.loss.teacher_temp_schedule[epoch]),
                 "teacher_patch_temp": float(self.loss.teacher_temp2_schedule[epoch])}

@@ -20,7 +20,7 @@ rule knn:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/knn.tsv"
     shell:
-        "python -m downstream.knn --data {params.data:q} --out {output.metrics:q} --config {params.config:q} "
+        "{PYTHON:q} -m downstream.knn --data {params.data:q} --out {output.metrics:q} --config {params.config:q} "
         "--resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
 
 
@@ -41,7 +41,7 @@ rule linear:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/linear.tsv"
     shell:
-        "python -m downstream.linear --data {params.data:q} --out {output.metrics:q} --config {params.config:q} "
+        "{PYTHON:q} -m downstream.linear --data {params.data:q} --out {output.metrics:q} --config {params.config:q} "
         "--resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
 
 
@@ -61,7 +61,7 @@ rule finetune:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/finetune.tsv"
     shell:
-        "python -m downstream.finetune --data {params.data:q} --out {output.metrics:q} --config {params.config:q} "
+        "{PYTHON:q} -m downstream.finetune --data {params.data:q} --out {output.metrics:q} --config {params.config:q} "
         "--resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
 
 

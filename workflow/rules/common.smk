@@ -1,8 +1,11 @@
 # Shared helpers for every rule file: paths, per-model stage configs, launcher arguments.
 import json
+import sys
 
 from ibot.config import model_spec, stage_config
 
+# Rules run `{PYTHON} -m ...`: the interpreter running Snakemake, so an unactivated venv works.
+PYTHON = sys.executable
 RUN = config["run"]
 RESULTS = config["results_dir"]
 MODELS = list(config["models"])

@@ -27,7 +27,7 @@ if EMBEDDED["generate"]:
             f"{RESULTS}/{RUN}/benchmarks/embedded_data.tsv"
         threads: EMBEDDED["workers"]
         shell:
-            "python -m ibot.data.embedded --out {params.root:q} --seed {params.seed} "
+            "{PYTHON:q} -m ibot.data.embedded --out {params.root:q} --seed {params.seed} "
             "--workers {params.workers} {params.sizes:q} > {log:q} 2>&1 && touch {output:q}"
 
 

@@ -30,7 +30,7 @@ rule detection:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/detection.tsv"
     shell:
-        "python -m downstream.dense.detection --data {params.data:q} --out {output.metrics:q} "
+        "{PYTHON:q} -m downstream.dense.detection --data {params.data:q} --out {output.metrics:q} "
         "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
 
 
@@ -50,7 +50,7 @@ rule seg_upernet:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/seg_upernet.tsv"
     shell:
-        "python -m downstream.dense.segmentation --data {params.data:q} --out {output.metrics:q} "
+        "{PYTHON:q} -m downstream.dense.segmentation --data {params.data:q} --out {output.metrics:q} "
         "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
 
 
@@ -70,7 +70,7 @@ rule seg_linear:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/seg_linear.tsv"
     shell:
-        "python -m downstream.dense.segmentation --data {params.data:q} --out {output.metrics:q} "
+        "{PYTHON:q} -m downstream.dense.segmentation --data {params.data:q} --out {output.metrics:q} "
         "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
 
 

@@ -25,5 +25,5 @@ rule pretrain:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/pretrain.tsv"
     shell:
-        "python -m ibot.train --data {params.train:q} --out-dir {params.out_dir:q} "
+        "{PYTHON:q} -m ibot.train --data {params.train:q} --out-dir {params.out_dir:q} "
         "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"

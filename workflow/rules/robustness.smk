@@ -43,7 +43,7 @@ rule imagenet_c:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/imagenet_c.tsv"
     shell:
-        "python -m downstream.robustness.imagenet_c --head {input.head:q} --data {params.data:q} "
+        "{PYTHON:q} -m downstream.robustness.imagenet_c --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
         "{params.model_args:q} > {log:q} 2>&1"
 
@@ -65,7 +65,7 @@ rule imagenet_a:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/imagenet_a.tsv"
     shell:
-        "python -m downstream.robustness.imagenet_a --head {input.head:q} --data {params.data:q} "
+        "{PYTHON:q} -m downstream.robustness.imagenet_a --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
         "{params.model_args:q} > {log:q} 2>&1"
 
@@ -86,7 +86,7 @@ rule imagenet_r:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/imagenet_r.tsv"
     shell:
-        "python -m downstream.robustness.imagenet_r --head {input.head:q} --data {params.data:q} "
+        "{PYTHON:q} -m downstream.robustness.imagenet_r --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
         "{params.model_args:q} > {log:q} 2>&1"
 
@@ -108,7 +108,7 @@ rule bg_challenge:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/bg_challenge.tsv"
     shell:
-        "python -m downstream.robustness.bg_challenge --head {input.head:q} --data {params.data:q} "
+        "{PYTHON:q} -m downstream.robustness.bg_challenge --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
         "{params.model_args:q} > {log:q} 2>&1"
 
@@ -133,7 +133,7 @@ rule occlusion:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/occlusion.tsv"
     shell:
-        "python -m downstream.robustness.occlusion --head {input.head:q} --data {params.data:q} "
+        "{PYTHON:q} -m downstream.robustness.occlusion --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
         "{params.model_args:q} > {log:q} 2>&1"
 

@@ -1,0 +1,201 @@
+"""DVC versions and shares the expensive outputs; Snakemake stays the one that runs the DAG.
+
+- :func:`track` — ``dvc add`` every output of the pretraining jobs (the exported teacher backbone, its
+  summary and the training curves: *all* outputs of the rule, found with ``snakemake --summary``, so
+  that a pulled job is complete), optionally ``dvc push``;
+- :func:`pull` — ``dvc pull``, then :func:`mark_up_to_date`: build whatever the pulled jobs depend on
+  that is missing (e.g. the embedded datasets, which are regenerated, not versioned), then
+  ``snakemake --touch`` the pulled outputs so that they are newer than their inputs. DVC restores
+  files with fresh mtimes but a regenerated input would be newer still, and Snakemake's mtime trigger
+  (and its "input files updated by another job" rule, which no ``--rerun-triggers`` choice turns
+  off) would plan a multi-day pretraining rerun. On a fresh clone there is no ``.snakemake``
+  metadata, so the params/code/input/software-env triggers stay silent.
+
+Every ``dvc`` invocation made here holds an exclusive file lock (:func:`dvc_lock`): several helpers
+(or cluster jobs on a shared file system) queue instead of failing on DVC's own repo lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import yaml
+
+__all__ = ["DVCError", "repo_root", "dvc_lock", "run_dvc", "run_snakemake", "snakemake_summary", "rule_outputs",
+           "tracked_outputs", "track", "push", "pull", "mark_up_to_date", "PRETRAIN_RULES"]
+
+PRETRAIN_RULES = ("pretrain",)
+
+
+class DVCError(RuntimeError):
+    """A DVC or Snakemake step of the sharing helpers failed (message says which and why)."""
+
+
+def repo_root(start: str | Path = ".") -> Path:
+    """The nearest folder upwards holding ``.dvc`` or ``.git`` (else ``start``)."""
+    start = Path(start).resolve()
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return folder
+    return start
+
+
+def _executable(name: str) -> str:
+    beside = Path(sys.executable).parent / name  # the venv's own dvc/snakemake first
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise DVCError(f"{name} not found (install the project environment: bash setup.sh)")
+    return found
+
+
+def _lock_path(root: Path) -> Path:
+    if (root / ".dvc").is_dir():
+        (root / ".dvc" / "tmp").mkdir(exist_ok=True)
+        return root / ".dvc" / "tmp" / "ibot-dvc.lock"
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"ibot-dvc-{digest}.lock"
+
+
+@contextlib.contextmanager
+def dvc_lock(root: str | Path = ".", timeout_s: float = 3600.0) -> Iterator[Path]:
+    """Exclusive lock around DVC calls on one repository (blocking, with a timeout)."""
+    path = _lock_path(Path(root).resolve())
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DVCError(f"DVC lock {path}: still held by another process after {timeout_s:.0f} s")
+                time.sleep(0.2)
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _run(cmd: Sequence[str], cwd: Path, what: str, capture: bool) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(cmd), cwd=cwd, text=True, capture_output=capture)
+    if result.returncode != 0:
+        detail = ((result.stderr or "") + (result.stdout or "")).strip()[-4000:] if capture else "(see above)"
+        raise DVCError(f"{what} failed (exit {result.returncode}): {' '.join(cmd)}\n{detail}")
+    return result
+
+
+def run_dvc(args: Sequence[str], root: str | Path = ".", *, capture: bool = False) -> subprocess.CompletedProcess:
+    """``dvc <args>`` in ``root`` under :func:`dvc_lock`."""
+    root = Path(root).resolve()
+    with dvc_lock(root):
+        return _run([_executable("dvc"), *args], root, f"dvc {args[0] if args else ''}", capture)
+
+
+def run_snakemake(args: Sequence[str], root: str | Path = ".", *, capture: bool = False) -> subprocess.CompletedProcess:
+    return _run([_executable("snakemake"), *args], Path(root).resolve(), "snakemake", capture)
+
+
+def snakemake_summary(targets: Sequence[str] = (), snakemake_args: Sequence[str] = (),
+                      root: str | Path = ".") -> list[dict[str, str]]:
+    """Rows of ``snakemake --summary`` (output_file, date, rule, log-file(s), status, plan)."""
+    out = run_snakemake(["--summary", *snakemake_args, "--", *targets], root, capture=True).stdout
+    lines = out.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("output_file\t")), None)
+    if start is None:
+        raise DVCError(f"snakemake --summary printed no table:\n{out[-2000:]}")
+    return list(csv.DictReader(io.StringIO("\n".join(lines[start:])), delimiter="\t"))
+
+
+def rule_outputs(rules: Sequence[str] = PRETRAIN_RULES, snakemake_args: Sequence[str] = (),
+                 root: str | Path = ".") -> list[str]:
+    """Every output file (existing or not) of the jobs of ``rules`` in the workflow's default DAG."""
+    return [row["output_file"] for row in snakemake_summary((), snakemake_args, root) if row["rule"] in rules]
+
+
+def tracked_outputs(root: str | Path = ".", under: str = "results") -> list[str]:
+    """Paths (relative to ``root``) of the outputs declared by the ``*.dvc`` files under ``under``."""
+    root = Path(root).resolve()
+    outs = []
+    for dvc_file in sorted((root / under).rglob("*.dvc")):
+        data = yaml.safe_load(dvc_file.read_text()) or {}
+        for out in data.get("outs") or []:
+            outs.append(str((dvc_file.parent / out["path"]).relative_to(root)))
+    return outs
+
+
+def track(files: Sequence[str], root: str | Path = ".", *, push_to: str | None = None,
+          push_now: bool = False) -> list[str]:
+    """``dvc add`` ``files`` (relative to ``root``); returns the ``.dvc`` files to commit with git."""
+    root = Path(root).resolve()
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise DVCError(f"cannot track missing files: {missing}")
+    if not files:
+        return []
+    run_dvc(["add", *files], root)
+    dvc_files = [f"{f}.dvc" for f in files]
+    if push_now:
+        push(dvc_files, root, remote=push_to)
+    return dvc_files
+
+
+def push(targets: Sequence[str] = (), root: str | Path = ".", *, remote: str | None = None) -> None:
+    run_dvc(["push", *(["-r", remote] if remote else []), *targets], root)
+
+
+def mark_up_to_date(outputs: Sequence[str], snakemake_args: Sequence[str] = (), root: str | Path = ".", *,
+                    cores: int = 1) -> dict[str, list[str]]:
+    """Make Snakemake accept pulled ``outputs`` as done: build their missing upstream, then ``--touch``.
+
+    Returns ``{"upstream": [...], "touched": [...]}``; raises if Snakemake would still rerun them.
+    """
+    if not outputs:
+        return {"upstream": [], "touched": []}
+    rows = snakemake_summary(outputs, snakemake_args, root)
+    target_rules = {row["rule"] for row in rows if row["output_file"] in set(outputs)}
+    upstream = [row["output_file"] for row in rows if row["rule"] not in target_rules]
+    incomplete = sorted({row["output_file"] for row in rows if row["rule"] in target_rules
+                         and row["status"] == "missing"})
+    if incomplete:
+        raise DVCError("pulled jobs are incomplete, their outputs are missing: "
+                       f"{incomplete}; track every output of the rule (python -m ibot.results dvc-track)")
+    pending = [row for row in rows if row["rule"] not in target_rules
+               and (row["status"] == "missing" or row["plan"] != "no update")]
+    if pending:  # e.g. the embedded datasets: regenerate them *before* touching
+        run_snakemake(["--cores", str(cores), *snakemake_args, "--", *upstream], root)
+    run_snakemake(["--touch", "--cores", "1", *snakemake_args, "--", *outputs], root, capture=True)
+    stale = [row["output_file"] for row in snakemake_summary(outputs, snakemake_args, root)
+             if row["rule"] in target_rules and row["plan"] != "no update"]
+    if stale:
+        raise DVCError(f"snakemake still plans to update {stale} after --touch")
+    return {"upstream": upstream, "touched": list(outputs)}
+
+
+def pull(root: str | Path = ".", *, remote: str | None = None, targets: Sequence[str] = (),
+         snakemake_args: Sequence[str] = (), cores: int = 1, touch: bool = True) -> dict[str, list[str]]:
+    """``dvc pull`` then :func:`mark_up_to_date` on the pulled results that the workflow produces."""
+    root = Path(root).resolve()
+    run_dvc(["pull", *(["-r", remote] if remote else []), *targets], root)
+    outputs = [o for o in tracked_outputs(root) if (root / o).exists()]
+    if targets:
+        wanted = {str(Path(t).with_suffix("")) if t.endswith(".dvc") else t for t in targets}
+        outputs = [o for o in outputs if o in wanted]
+    if not touch:
+        return {"pulled": outputs, "upstream": [], "touched": []}
+    known = {row["output_file"] for row in snakemake_summary((), snakemake_args, root)}
+    result = mark_up_to_date([o for o in outputs if o in known], snakemake_args, root, cores=cores)
+    return {"pulled": outputs, **result}

@@ -1,0 +1,152 @@
+"""Fine-tuning: BEiT layer-decay groups via timm, schedule, CLI end to end, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from downstream import finetune
+from ibot.metrics import read_metrics
+from ibot.models.vision_transformer import build_backbone
+from test_knn import TINY, make_image_folder, official_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {"resize": 36, "crop": 32, "batch_size": 4, "num_workers": 0, "epochs": 2, "warmup_epochs": 1,
+          "precision": "fp32"}
+
+
+def _official_beit_layer_id(name: str, num_max_layer: int) -> int:
+    """evaluation/classification_layer_decay/optim_factory.py get_num_layer_for_vit (names without prefix)."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("rel_pos_bias"):
+        return num_max_layer - 1
+    if name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    return num_max_layer - 1
+
+
+@pytest.mark.parametrize("decay", [0.65, 0.75])
+def test_layer_decay_groups_match_official(decay: float) -> None:
+    depth = 3
+    backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=depth, masked_im_modeling=False)
+    model = finetune.ViTClassifier(backbone, num_classes=5)
+    config = {**finetune.DEFAULTS, "layer_decay": decay}
+    optimizer = finetune.build_optimizer(model, config)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    num_layers = depth + 1  # official: model.get_num_layers() + 1 ... values for layer ids 0..num_layers
+    assert model.num_layers == num_layers
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    seen = set()
+    for name, param in model.named_parameters():
+        short = name.removeprefix("backbone.")
+        layer_id = _official_beit_layer_id(short, num_layers + 1)
+        assert finetune.beit_layer_id(name, depth) == layer_id
+        group = group_of[id(param)]
+        assert group["lr_scale"] == pytest.approx(decay ** (num_layers - layer_id)), name
+        no_decay = param.ndim == 1 or short.endswith(".bias") or short in ("pos_embed", "cls_token")
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        seen.add(layer_id)
+    assert seen == set(range(num_layers + 1))
+    # the head and the final norm train at the full lr, the patch embedding at decay^(depth+1)
+    assert group_of[id(model.head.weight)]["lr_scale"] == group_of[id(backbone.norm.weight)]["lr_scale"] == 1.0
+    assert group_of[id(backbone.patch_embed.proj.weight)]["lr_scale"] == pytest.approx(decay ** (depth + 1))
+
+
+def test_scheduler_warmup_cosine_per_iteration() -> None:
+    backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=2, masked_im_modeling=False)
+    model = finetune.ViTClassifier(backbone, num_classes=3)
+    config = {**finetune.DEFAULTS, "epochs": 10, "warmup_epochs": 2, "lr": 1e-3, "min_lr": 1e-6}
+    optimizer = finetune.build_optimizer(model, config)
+    scheduler = finetune.build_scheduler(optimizer, config, steps_per_epoch=5)
+    top = next(g for g in optimizer.param_groups if g["lr_scale"] == 1.0)
+    low = min(optimizer.param_groups, key=lambda g: g["lr_scale"])
+    lrs = []
+    for step in range(50):
+        scheduler.step_update(num_updates=step)
+        lrs.append(top["lr"])
+        assert low["lr"] == pytest.approx(top["lr"] * low["lr_scale"])
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(5e-4) and lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(1e-6, abs=2e-6)
+
+
+def test_model_head_and_mixup() -> None:
+    backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=2, masked_im_modeling=False)
+    model = finetune.ViTClassifier(backbone, num_classes=4, head_init_scale=0.001)
+    assert float(model.head.weight.detach().std()) == pytest.approx(0.02 * 0.001, rel=0.2)
+    assert float(model.head.bias.detach().abs().sum()) == 0
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    mixup = finetune.build_mixup(finetune.DEFAULTS, num_classes=4)
+    images, soft = mixup(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert soft.shape == (4, 4) and torch.allclose(soft.sum(1), torch.ones(4))
+    assert finetune.build_mixup({**finetune.DEFAULTS, "mixup": 0.0, "cutmix": 0.0}, 4) is None
+
+
+def test_schema_defaults_equal_module_defaults() -> None:
+    import jsonschema
+    schema = yaml.safe_load((ROOT / "workflow/schemas/finetune.schema.yaml").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["additionalProperties"] is False
+    assert {k: v["default"] for k, v in schema["properties"].items()} == finetune.DEFAULTS
+    jsonschema.validate(finetune.DEFAULTS, schema)
+    for recipe in finetune.PAPER_RECIPES.values():
+        jsonschema.validate({**finetune.DEFAULTS, **recipe}, schema)
+
+
+def test_cli_end_to_end_and_resume_after_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_image_folder(tmp_path / "imagenet", train=4, val=2)
+    ckpt = official_checkpoint(tmp_path / "checkpoint.pth")
+
+    def argv(name: str) -> list[str]:
+        return ["--data", str(data), "--out", str(tmp_path / name / "finetune" / "metrics.json"), "--checkpoint",
+                str(ckpt), "--config", json.dumps(CONFIG), "--resources", '{"cluster": "debug"}', *TINY]
+
+    finetune.main(argv("full"))
+    record = read_metrics(tmp_path / "full" / "finetune" / "metrics.json")
+    assert record["stage"] == "finetune" and record["task"] == "finetune" and set(record["metrics"]) == {"top1"}
+    extra = record["extra"]
+    assert [h["epoch"] for h in extra["history"]] == [1, 2] and extra["last_epoch"] == 2
+    assert extra["num_layers"] == 3 and extra["global_batch"] == 4 and extra["steps_per_epoch"] == 3
+    assert (tmp_path / "full" / "finetune" / "work" / "checkpoint.pth").is_file()
+
+    # kill the job during epoch 2 (after epoch 1 was checkpointed), then rerun: it resumes at epoch 2
+    real_evaluate = finetune.evaluate
+    calls = []
+
+    def dying_evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_evaluate(*args, **kwargs)
+
+    import pdb
+    monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)  # submitit's debug executor opens pdb
+    monkeypatch.setattr(finetune, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(argv("killed"))
+    state = torch.load(tmp_path / "killed" / "finetune" / "work" / "checkpoint.pth", weights_only=True)
+    assert state["epoch"] == 1
+    monkeypatch.setattr(finetune, "evaluate", real_evaluate)
+    finetune.main(argv("killed"))
+    resumed = read_metrics(tmp_path / "killed" / "finetune" / "metrics.json")
+    assert [h["epoch"] for h in resumed["extra"]["history"]] == [1, 2]
+    # same seeds per epoch and restored optimizer state: identical to the uninterrupted run
+    for got, want in zip(resumed["extra"]["history"], extra["history"]):
+        assert got == pytest.approx(want)
+
+
+def test_randaugment_posterize_zero_bits() -> None:
+    """RandAugment inc1 asks posterize for 0 bits at high magnitude; Pillow >= 12 refuses, we return black."""
+    import numpy as np
+    from PIL import Image
+    transform = finetune.train_transform({**finetune.DEFAULTS, "crop": 56})
+    ops = [op for step in transform.transforms for op in getattr(step, "ops", [])]
+    assert any(op.aug_fn is finetune._posterize_keep_bits for op in ops)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert np.asarray(finetune._posterize_keep_bits(image, 0)).max() == 0
+    assert finetune._posterize_keep_bits(image, 8) is image
+    assert transform(image).shape == (3, 56, 56)

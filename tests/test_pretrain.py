@@ -1,0 +1,133 @@
+"""iBOT pretraining: official-step equivalence, exact resume, DDP = single process, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ibot.checkpoint import load_file
+from ibot.data.embedded import EmbeddedSizes, generate
+from ibot.run.launcher import launch
+from ibot.train.pretrain import DEFAULTS, Trainer, train
+from ibot.train.schedules import clip_gradients_per_param, cosine_schedule
+
+SPEC = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
+TINY = {**DEFAULTS, "epochs": 2, "batch_size_per_gpu": 8, "global_crops_size": 32, "local_crops_size": 16,
+        "local_crops_number": 2, "num_workers": 0, "out_dim": 128, "patch_out_dim": 128, "warmup_epochs": 1,
+        "warmup_teacher_temp_epochs": 1, "pred_ratio": [0.0, 0.3], "pred_ratio_var": [0.0, 0.2],
+        "shared_head": False, "saveckp_freq": 1, "log_every": 100, "precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("data")
+    sizes = EmbeddedSizes(classes=3, train_per_class=8, val_per_class=2, c_per_class=2, a_classes=2, image_size=32)
+    return str(generate(root, seed=0, sets=["imagenet"], sizes=sizes)["imagenet"] / "train")
+
+
+def _teacher_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+
+
+def test_efficient_step_equals_official_layout(images, tmp_path):
+    """Head on selected tokens only == the official head-on-every-token computation."""
+    trainer = Trainer({**TINY, "drop_path": 0.0}, SPEC, images, tmp_path)
+    crops, _, masks = next(iter(trainer._loader(0)))
+    g = TINY["global_crops_number"]
+    globals_, locals_ = torch.cat(crops[:g]), torch.cat(crops[g:])
+    flat = torch.cat(masks[:g])
+    ours = trainer.student(globals_, locals_, flat)
+    teacher = trainer.teacher(globals_, None, flat, teacher=True)
+    loss = trainer.loss((ours["cls"], ours["patch"]), (teacher["cls"], teacher["patch"]), ours["local_cls"], flat, 0,
+                        teacher_patch_mean=teacher["patch_mean"])
+    # official: full token logits for both networks, local crops through the whole head
+    reference_loss = type(trainer.loss)(128, 128, 2, 2, 0.04, 0.04, 0.04, 0.07, 1, 2)
+    s_cls, s_patch = trainer.student.head(trainer.student.backbone(globals_, mask=flat))
+    t_cls, t_patch = trainer.teacher.head(trainer.teacher.backbone(globals_))
+    s_local = trainer.student.head(trainer.student.backbone(locals_))[0]
+    reference = reference_loss((s_cls, s_patch), (t_cls, t_patch), s_local, masks, 0)
+    for key in ("cls", "patch", "loss"):
+        assert torch.allclose(loss[key], reference[key], rtol=1e-5), key
+    assert torch.allclose(trainer.loss.center2, reference_loss.center2, atol=1e-6)
+
+
+def test_schedules_and_per_parameter_clipping():
+    schedule = cosine_schedule(1.0, 0.0, epochs=2, iters_per_epoch=5, warmup_epochs=1)
+    assert schedule[0] == 0 and schedule[4] == 1.0 and schedule[5] == 1.0 and schedule[-1] < 0.1
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    for param, scale in zip(model.parameters(), (10.0, 0.01, 5.0, 0.001)):
+        param.grad = torch.full_like(param, scale)
+    before = [p.grad.norm().item() for p in model.parameters()]
+    clip_gradients_per_param(model, 1.0)
+    after = [p.grad.norm().item() for p in model.parameters()]
+    for b, a in zip(before, after):
+        assert a == pytest.approx(min(b, 1.0), rel=1e-4)  # each parameter on its own
+
+
+def test_kill_and_resume_is_bitwise_identical(images, tmp_path):
+    full = train(TINY, SPEC, images, tmp_path / "full")
+
+    class Killed(Exception):
+        pass
+
+    interrupted = Trainer(TINY, SPEC, images, tmp_path / "killed")
+    original_save = interrupted.save
+
+    def save_then_die(epoch):
+        original_save(epoch)
+        raise Killed
+
+    interrupted.save = save_then_die
+    with pytest.raises(Killed):
+        interrupted.fit()
+    resumed = train(TINY, SPEC, images, tmp_path / "killed")
+    assert resumed.start_epoch == 1
+    for key, value in _teacher_state(full).items():
+        assert torch.equal(value, resumed.teacher.state_dict()[key]), key
+    assert torch.equal(full.loss.center, resumed.loss.center)
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(len(rows)))  # no duplicated or lost rows
+
+
+def test_checkpoint_uses_official_keys(images, tmp_path):
+    train({**TINY, "epochs": 1}, SPEC, images, tmp_path)
+    state = load_file(tmp_path / "checkpoint.pth")
+    assert {"student", "teacher", "optimizer", "epoch", "args", "ibot_loss"} <= set(state)
+    assert "backbone.blocks.0.attn.qkv.weight" in state["teacher"] and "head.last_layer.weight_g" in state["teacher"]
+    assert set(state["ibot_loss"]) == {"center", "center2"} and state["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(images, tmp_path):
+    """Same global batch → same arithmetic (drop path off: its RNG stream is per process)."""
+    config = {**TINY, "drop_path": 0.0, "saveckp_freq": 0}
+    spec = dict(SPEC)
+    results = {}
+    for tasks in (1, 2):
+        out = tmp_path / f"tasks{tasks}"
+        kwargs = dict(config={**config, "batch_size_per_gpu": 8 // tasks}, model_spec=spec, data=images,
+                      out_dir=str(out), run="t", model="m", seed=0)
+        launch("ibot.train.pretrain:run", kwargs, job_dir=out / "job", name="ddp",
+               resources={"cluster": "local", "tasks_per_node": tasks, "cpus_per_task": 1, "timeout_min": 10})
+        results[tasks] = load_file(out / "work" / "checkpoint.pth")
+    one, two = results[1], results[2]
+    for key, value in one["teacher"].items():
+        assert torch.allclose(value, two["teacher"][key], atol=2e-6, rtol=1e-5), key
+    for key in ("center", "center2"):
+        assert torch.allclose(one["ibot_loss"][key], two["ibot_loss"][key], atol=1e-6)
+    losses = [[json.loads(l)["loss"] for l in (tmp_path / f"tasks{t}" / "work" / "train_log.jsonl").read_text().splitlines()]
+              for t in (1, 2)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_export_and_summary(images, tmp_path):
+    from ibot.train.pretrain import run
+
+    summary = run({**TINY, "epochs": 1}, SPEC, images, str(tmp_path), "t", "m", 0)
+    assert summary["epochs"] == 1
+    assert (tmp_path / "teacher_backbone.pth").is_file() and (tmp_path / "train_log.csv").is_file()
+    exported = load_file(tmp_path / "teacher_backbone.pth")
+    assert exported["meta"]["arch"] == "vit_tiny" and "masked_embed" not in exported["state_dict"]

@@ -1,0 +1,558 @@
+"""Results: summary/tables from fixture metrics, paper deltas, output formats, plots, comparison,
+the DVC round trip (push -> fresh clone -> pull -> no pretraining planned) and the HTML report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ibot.results.__main__ import main as results_main
+from ibot.results.aggregate import (REFERENCE_CSV, SUMMARY_COLUMNS, aggregate, build_summary, find_metrics_files,
+                                    flat_metrics, load_metric_map, load_reference, paper_values, read_summaries)
+from ibot.results.compare import compare_paper, compare_runs
+from ibot.results.tables import GROUPS, group_table, to_latex, to_markdown, write_tables
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "metrics"
+INFO = {"vit_small": {"paper_model": "ViT-S/16", "arch": "vit_small"},
+        "vit_tiny": {"paper_model": None, "arch": "vit_tiny"}}
+BIN = Path(sys.executable).parent
+
+
+def _summary(run: str) -> pd.DataFrame:
+    return build_summary(find_metrics_files(FIXTURES / run), INFO)
+
+
+def _pooled() -> pd.DataFrame:
+    return aggregate(pd.concat([_summary("seed0"), _summary("seed1")], ignore_index=True))
+
+
+def _row(frame: pd.DataFrame, method: str) -> pd.Series:
+    rows = frame[frame["Method"] == method]
+    assert len(rows) == 1, (method, frame["Method"].tolist())
+    return rows.iloc[0]
+
+
+# -- reference and mapping ------------------------------------------------------------------------
+def test_reference_copy_is_the_shared_file():
+    shared = REPO.parent / "shared" / "reference" / "ibot_paper_results.csv"
+    if not shared.is_file():
+        pytest.skip("shared/reference not present")
+    assert REFERENCE_CSV.read_bytes() == shared.read_bytes()
+
+
+def test_metric_map_lines_resolve_to_one_reference_row():
+    reference, mapping = load_reference(), load_metric_map()
+    models = sorted(set(reference["model"]))
+    paper = paper_values(reference, mapping, models)  # raises if a line matches several rows
+    with_table = mapping[mapping["paper_table"] != ""]
+    resolved = set(zip(paper["group"], paper["column"]))
+    unresolved = [(g, c) for g, c in zip(with_table["group"], with_table["column"]) if (g, c) not in resolved]
+    assert not unresolved, f"mapping lines matching no reference row: {unresolved}"
+    vit_s = paper[paper["paper_model"] == "ViT-S/16"].set_index("column")["paper_value"]
+    assert vit_s["k-NN"] == 75.2 and vit_s["Linear"] == 77.9 and vit_s["Fine-tune"] == 82.3
+    assert vit_s["IN-C err (19)"] == 48.1 and vit_s["S.5"] == 65.9 and vit_s["Only-BG-T"] == 17.4
+    assert "mIoU (linear)" not in vit_s.index  # the paper has no ViT-S/16 linear-seg number
+    assert paper[paper["paper_model"] == "ViT-L/16"].set_index("column").at["Linear", "paper_value"] == 81.0
+
+
+# -- summary ----------------------------------------------------------------------------------------
+def test_summary_rows_deltas_and_empty_paper_cells():
+    summary = _summary("seed0")
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert len(summary) == 21  # one row per metric of every fixture file
+    knn = summary[(summary["model"] == "vit_small") & (summary["metric"] == "top1_k20")].iloc[0]
+    assert knn["paper_value"] == 75.2 and math.isclose(knn["delta"], 74.8 - 75.2)
+    assert knn["seed"] == 0 and knn["checkpoint_sha256"] == "0" * 64 and knn["column"] == "k-NN"
+    err = summary[summary["metric"] == "mean_error_19"].iloc[0]
+    assert err["paper_value"] == 48.1 and not err["higher_is_better"]
+    for metric in ("mCE_alexnet_15", "bg_gap", "random_0.5", "top1_k10"):
+        assert summary[summary["metric"] == metric]["paper_value"].isna().all(), metric
+    tiny = summary[summary["model"] == "vit_tiny"]
+    assert tiny["paper_value"].isna().all() and tiny["delta"].isna().all()
+
+
+def test_summary_cli_writes_csv_and_flat_metrics(tmp_path):
+    out, flat = tmp_path / "summary.csv", tmp_path / "metrics_flat.json"
+    files = [str(p) for p in find_metrics_files(FIXTURES / "seed1")]
+    results_main(["summary", "--models-json", json.dumps(INFO), "--seed", "7", "--out", str(out),
+                  "--flat", str(flat), *files])
+    back = read_summaries([out])
+    assert len(back) == 19 and set(back["run"]) == {"seed1"}  # no detection in seed1
+    nested = json.loads(flat.read_text())
+    assert nested["vit_small"]["knn"]["top1_k20"] == pytest.approx(75.2)
+    assert nested == flat_metrics(back)
+    results_main(["summary", "--out", str(tmp_path / "empty.csv")])  # no stage enabled: header only
+    assert list(pd.read_csv(tmp_path / "empty.csv").columns) == SUMMARY_COLUMNS
+
+
+def test_duplicate_records_are_refused(tmp_path):
+    a = FIXTURES / "seed0" / "vit_tiny" / "knn" / "metrics.json"
+    shutil.copy(a, tmp_path / "metrics.json")
+    with pytest.raises(ValueError, match="several metrics files"):
+        build_summary([a, tmp_path / "metrics.json"], INFO)
+
+
+# -- tables -----------------------------------------------------------------------------------------
+def test_tables_pool_seeds_with_mean_std_n_and_paper_rows():
+    agg = _pooled()
+    knn = agg[(agg["model"] == "vit_small") & (agg["metric"] == "top1_k20")].iloc[0]
+    assert knn["n"] == 2 and math.isclose(knn["mean"], 75.0) and math.isclose(knn["std"], math.sqrt(0.08))
+    table = group_table(agg, "classification")
+    md = to_markdown(table)
+    ours = _row(table, "ours: vit_small")
+    assert ours["k-NN"]["n"] == 2 and ours["Fine-tune"]["mean"] is None  # finetune did not run
+    assert "75.0 ± 0.3 (n=2)" in md and "77.7 ± 0.3 (n=2)" in md
+    assert _row(table, "iBOT")["k-NN"]["mean"] == 75.2 and _row(table, "DINO")["Linear"]["mean"] == 77.0
+    assert math.isclose(_row(table, "Δ vit_small − paper")["k-NN"]["mean"], -0.2)
+    tiny = _row(table, "ours: vit_tiny")
+    assert tiny["Arch"] == "vit_tiny" and tiny["Linear"]["mean"] is None
+
+    dense = group_table(agg, "dense")
+    ours = _row(dense, "ours: vit_small")
+    assert ours["APb"]["n"] == 1 and ours["mIoU (UperNet)"]["mean"] is None  # detection ran in one seed only
+    assert "48.9 (n=1)" in to_markdown(dense)
+    assert "DINO" not in set(dense["Method"])  # no DINO ViT-S/16 dense numbers in the paper
+
+    robust = group_table(agg, "robustness")
+    assert math.isclose(_row(robust, "Δ vit_small − paper")["IN-C err (19)"]["mean"], 48.8 - 48.1)
+    assert _row(robust, "iBOT")["IN-C mCE (15)"]["mean"] is None  # not reported: empty, not derived
+    assert _row(robust, "iBOT")["BG-Gap"]["mean"] is None
+
+
+def test_missing_stages_never_invent_numbers():
+    agg = aggregate(build_summary([FIXTURES / "seed0" / "vit_tiny" / "knn" / "metrics.json"], INFO))
+    for group in GROUPS:
+        table = group_table(agg, group)
+        assert list(table["Method"]) == ["ours: vit_tiny"]  # no paper model: no paper rows
+        values = [c["mean"] for col in table.attrs["columns"] for c in table[col]]
+        assert values == ([31.0] + [None] * (len(values) - 1) if group == "classification" else [None] * len(values))
+        row = [line for line in to_markdown(table).splitlines() if line.startswith("| ours")][0]
+        cells = [c.strip() for c in row.split("|")[4:-1]]  # after Method | Arch | Source
+        assert cells == (["31.0"] + [""] * (len(cells) - 1) if group == "classification" else [""] * len(cells))
+
+
+def _check_markdown(text: str) -> None:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3
+    counts = {line.count("|") for line in lines}
+    assert len(counts) == 1, f"ragged markdown table: {counts}"
+    assert re.fullmatch(r"\|(:?-+:?\|)+", lines[1].replace(" ", ""))
+
+
+def _check_latex(text: str) -> None:
+    assert text.count(r"\begin{tabular}") == 1 and text.count(r"\end{tabular}") == 1
+    spec = re.search(r"\\begin\{tabular\}\{([lrc|]+)\}", text).group(1).replace("|", "")
+    body = text.split(r"\begin{tabular}", 1)[1].split(r"\end{tabular}", 1)[0]
+    rows = [r.strip() for r in body.split("\n") if r.strip().endswith(r"\\")]
+    assert rows, "no tabular rows"
+    for row in rows:
+        cells = re.split(r"(?<!\\)&", row[: -2])
+        assert len(cells) == len(spec), f"{len(cells)} cells for spec {spec!r}: {row}"
+    for env in ("table", "tabular"):
+        assert text.count(rf"\begin{{{env}}}") == text.count(rf"\end{{{env}}}")
+    assert text.count("$") % 2 == 0 and "±" not in text and "_" not in text.replace(r"\_", "")
+
+
+def test_markdown_latex_csv_html_outputs_parse(tmp_path):
+    agg = _pooled()
+    written = write_tables(agg, tmp_path)
+    assert {p.name for p in written} >= {f"{g}.{e}" for g in GROUPS for e in ("md", "csv", "tex", "html")}
+    for group in GROUPS:
+        _check_markdown((tmp_path / f"{group}.md").read_text())
+        _check_latex((tmp_path / f"{group}.tex").read_text())
+        html = (tmp_path / f"{group}.html").read_text()
+        assert html.count("<tr") == len(group_table(agg, group)) + 1
+        csv = pd.read_csv(tmp_path / f"{group}.csv")
+        assert len(csv) == len(group_table(agg, group))
+    csv = pd.read_csv(tmp_path / "classification.csv").set_index("Method")
+    assert csv.at["ours: vit_small", "k-NN"] == pytest.approx(75.0) and csv.at["ours: vit_small", "k-NN n"] == 2
+    assert pd.isna(csv.at["ours: vit_small", "Fine-tune"])
+    _check_markdown((tmp_path / "all_metrics.md").read_text())
+    _check_latex(to_latex(group_table(agg, "robustness")))
+
+
+def test_tables_cli_pools_several_summaries(tmp_path):
+    paths = []
+    for run in ("seed0", "seed1"):
+        paths.append(tmp_path / f"{run}.csv")
+        _summary(run).to_csv(paths[-1], index=False)
+    results_main(["tables", *map(str, paths), "--out-dir", str(tmp_path / "tables"), "--formats", "md"])
+    assert "(n=2)" in (tmp_path / "tables" / "classification.md").read_text()
+
+
+# -- comparison -------------------------------------------------------------------------------------
+def test_compare_runs_and_paper(tmp_path, capsys):
+    diff = compare_runs(_summary("seed0"), _summary("seed1"))
+    row = diff[(diff["model"] == "vit_small") & (diff["metric"] == "top1_k20")].iloc[0]
+    assert math.isclose(row["delta"], 0.4)
+    det = diff[diff["stage"] == "detection"]
+    assert det["mean_B"].isna().all() and det["delta"].isna().all()  # missing in B: empty, no delta
+    paper = compare_paper(pd.concat([_summary("seed0"), _summary("seed1")]))
+    assert set(paper["model"]) == {"vit_small"} and paper["paper_value"].notna().all()
+    assert math.isclose(paper.set_index("metric").at["top1_k20", "delta"], -0.2)
+
+    for run in ("seed0", "seed1"):
+        (tmp_path / run).mkdir()
+        _summary(run).to_csv(tmp_path / run / "summary.csv", index=False)
+    results_main(["compare", "seed0", "seed1", "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    _check_markdown(out)
+    assert "+0.40" in out
+    results_main(["compare", "seed0,seed1", "--paper", "--results-dir", str(tmp_path), "--out",
+                  str(tmp_path / "vs_paper.csv")])
+    vs = pd.read_csv(tmp_path / "vs_paper.csv")
+    assert (vs["n"] >= 1).all() and vs.set_index("metric").at["top1_k20", "n"] == 2
+
+
+# -- plots ------------------------------------------------------------------------------------------
+def test_plots_from_fixture_side_files_and_without_any(tmp_path):
+    from ibot.results.plots import CURVE_SETS, PLOT_FILES, make_plots
+
+    paths = make_plots([FIXTURES / "seed0", FIXTURES / "seed1"], _pooled(), tmp_path / "plots",
+                       curves_dir=tmp_path / "curves")
+    assert sorted(p.name for p in paths) == sorted(PLOT_FILES)
+    assert all(p.stat().st_size > 5000 for p in paths)
+    for name, columns in CURVE_SETS.items():
+        curves = pd.read_csv(tmp_path / "curves" / name / "pretrain_seed0_vit_small.csv")
+        assert list(curves.columns) == ["epoch", "iteration", *columns] and len(curves) == 40
+    empty = make_plots([tmp_path / "no_such_run"], aggregate(pd.DataFrame()), tmp_path / "empty")
+    assert all(p.is_file() for p in empty)  # every figure exists, panels say "no data"
+
+
+def test_attention_figure_from_exported_checkpoint(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ibot.checkpoint import export_backbone
+    from ibot.models.vision_transformer import build_backbone
+    from ibot.results.attention import attention_maps, find_images
+
+    for i, cls in enumerate(("n01", "n02", "n03")):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        Image.fromarray((np.random.RandomState(i).rand(40, 52, 3) * 255).astype("uint8")).save(
+            tmp_path / "val" / cls / "a.png")
+    export_backbone(build_backbone("vit_tiny", depth=1, masked_im_modeling=False), tmp_path / "teacher.pth",
+                    {"arch": "vit_tiny"})
+    images = find_images(tmp_path, 2)
+    assert [p.parent.name for p in images] == ["n01", "n02"]
+    spec = {"arch": "vit_tiny", "patch_size": 16, "depth": 1}
+    pixels, maps = attention_maps(spec, tmp_path / "teacher.pth", images, img_size=64)
+    assert pixels.shape == (2, 64, 64, 3) and maps.shape == (2, 3, 4, 4)
+    sums = maps.sum(axis=(2, 3))  # softmax over [CLS] + patches: the patch share is below 1
+    assert ((sums > 0.5) & (sums < 1.0)).all()
+    results_main(["attention", "--checkpoint", str(tmp_path / "teacher.pth"), "--arch", "vit_tiny", "--depth", "1",
+                  "--images", str(tmp_path), "--num-images", "2", "--img-size", "64", "--out", str(tmp_path / "a.png")])
+    assert (tmp_path / "a.png").stat().st_size > 1000
+
+
+# -- DVC --------------------------------------------------------------------------------------------
+def test_dvc_lock_serialises_callers(tmp_path):
+    from ibot.results.dvc_tools import dvc_lock
+
+    (tmp_path / ".dvc").mkdir()
+    held = threading.Event()
+
+    def holder():
+        with dvc_lock(tmp_path):
+            held.set()
+            time.sleep(0.6)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(5)
+    start = time.monotonic()
+    with dvc_lock(tmp_path):
+        waited = time.monotonic() - start
+    thread.join()
+    assert waited > 0.3
+
+
+_TINY_SNAKEFILE = '''
+rule all:
+    input: "results/embedded/vit_tiny/knn/metrics.json"
+
+rule embedded_data:
+    output: "results/data/embedded/imagenet.complete"
+    shell: "echo data > {output}"
+
+rule pretrain:
+    input: "results/data/embedded/imagenet.complete"
+    output:
+        backbone="results/embedded/vit_tiny/pretrain/teacher_backbone.pth",
+        summary="results/embedded/vit_tiny/pretrain/summary.json",
+        curves="results/embedded/vit_tiny/pretrain/train_log.csv",
+    shell: "head -c 200000 /dev/urandom > {output.backbone}; echo '{{}}' > {output.summary}; printf 'iteration,loss\\\\n0,1\\\\n' > {output.curves}"
+
+rule knn:
+    input: "results/embedded/vit_tiny/pretrain/teacher_backbone.pth", "results/data/embedded/imagenet.complete"
+    output: "results/embedded/vit_tiny/knn/metrics.json"
+    shell: "echo '{{}}' > {output}"
+'''
+# What the project's .gitignore must say: results are ignored except the *.dvc pointers, the
+# reference and the small text results (the summary, DVC metrics, tables, dvc-plots curves).
+_GITIGNORE = """/.snakemake/
+/results/**
+!/results/**/
+!/results/**/*.dvc
+!/results/reference/**
+!/results/*/summary.csv
+!/results/*/metrics_flat.json
+!/results/*/tables/**
+!/results/*/curves/**
+"""
+
+
+def _sh(cmd, cwd, stdout_only=False, **kwargs):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, **kwargs)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout if stdout_only else result.stdout + result.stderr
+
+
+def _planned(cwd) -> set[str]:
+    out = _sh([str(BIN / "snakemake"), "-n", "--quiet", "rules"], cwd)
+    return set(re.findall(r"^(\w+)\s+\d+$", out, flags=re.M)) - {"total", "job"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_dvc_round_trip_restores_checkpoint_without_pretraining_rerun(tmp_path):
+    if not (BIN / "dvc").is_file() or not (BIN / "snakemake").is_file() or shutil.which("git") is None:
+        pytest.skip("dvc, snakemake or git missing")
+    repo, remote = tmp_path / "repo", tmp_path / "remote"
+    repo.mkdir()
+    (repo / "Snakefile").write_text(_TINY_SNAKEFILE)
+    (repo / ".gitignore").write_text(_GITIGNORE)
+    _sh(["git", "init", "-q"], repo)
+    _sh([str(BIN / "dvc"), "init", "-q"], repo)
+    _sh([str(BIN / "snakemake"), "-c1", "-q"], repo)
+    checkpoint = "results/embedded/vit_tiny/pretrain/teacher_backbone.pth"
+    original = (repo / checkpoint).read_bytes()
+
+    py = [sys.executable, "-m", "ibot.results"]
+    out = _sh(py + ["dvc-track"], repo)  # every output of the pretrain jobs, found via snakemake --summary
+    assert sorted(p.name for p in (repo / checkpoint).parent.glob("*.dvc")) == [
+        "summary.json.dvc", "teacher_backbone.pth.dvc", "train_log.csv.dvc"], out
+    _sh([str(BIN / "dvc"), "remote", "add", "-d", "local", str(remote)], repo)
+    _sh(py + ["dvc-push"], repo)
+    # the project's dvc.yaml: run metrics and pretraining curves as DVC sees them
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "results/embedded/metrics_flat.json").write_text('{"vit_tiny": {"knn": {"top1_k20": 31.5}}}')
+    (repo / "results/embedded/curves/loss").mkdir(parents=True)
+    (repo / "results/embedded/curves/loss/pretrain_vit_tiny.csv").write_text(
+        "epoch,iteration,loss,cls,patch\n0,0,9.0,5.0,4.0\n0,1,8.5,4.8,3.7\n")
+    metrics = json.loads(_sh([str(BIN / "dvc"), "metrics", "show", "--json"], repo, stdout_only=True))
+    assert metrics[""]["data"]["results/embedded/metrics_flat.json"]["data"] == {"vit_tiny": {"knn": {"top1_k20": 31.5}}}
+    plots = json.loads(_sh([str(BIN / "dvc"), "plots", "show", "--json"], repo, stdout_only=True))
+    loss = plots["data"]["results/embedded/curves/loss/pretrain_vit_tiny.csv"][0]["content"]
+    assert len(loss["data"]["values"]) == 6  # 2 iterations x (loss, cls, patch)
+
+    _sh(["git", "add", "-A"], repo)
+    _sh(["git", "commit", "-qm", "results"], repo)
+    tracked = _sh(["git", "ls-files"], repo, stdout_only=True).split()
+    assert checkpoint + ".dvc" in tracked and checkpoint not in tracked
+    assert {"dvc.yaml", "results/embedded/metrics_flat.json", "results/embedded/curves/loss/pretrain_vit_tiny.csv"} <= set(tracked)
+    assert "results/embedded/vit_tiny/knn/metrics.json" not in tracked
+
+    clone = tmp_path / "clone"  # fresh clone: no cache, no data, no checkpoint, no .snakemake
+    _sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / checkpoint).exists() and not (clone / ".dvc" / "cache").exists()
+    _sh([str(BIN / "dvc"), "pull", "-q"], clone)  # plain pull: regenerated data would retrain
+    assert (clone / checkpoint).read_bytes() == original
+    assert "pretrain" in _planned(clone)
+
+    out = _sh(py + ["dvc-pull"], clone, stdout_only=True)  # the helper: pull, build missing upstream, --touch
+    result = json.loads(out[out.index("{"):])
+    assert checkpoint in result["touched"] and result["upstream"] == ["results/data/embedded/imagenet.complete"]
+    assert (clone / checkpoint).read_bytes() == original
+    assert _planned(clone) == {"knn", "all"}  # nothing upstream of the stage is planned
+
+
+# -- Snakemake rules and report ---------------------------------------------------------------------
+_STUB = '''"""Stand-ins for the real rules (test only): embedded images, pretraining, stages."""
+import json, shutil, sys
+from pathlib import Path
+
+def data(out_complete):
+    import numpy as np
+    from PIL import Image
+    root = Path(out_complete).with_suffix("")
+    for i, cls in enumerate(("n01", "n02")):
+        (root / "val" / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.random.RandomState(i).rand(40, 56, 3) * 255).astype("uint8")).save(root / "val" / cls / "a.png")
+    Path(out_complete).write_text("ok\\n")
+
+def pretrain(arch, depth, backbone, summary, curves, log):
+    from ibot.checkpoint import export_backbone
+    from ibot.models.vision_transformer import build_backbone
+    export_backbone(build_backbone(arch, depth=int(depth), masked_im_modeling=False), backbone, {"arch": arch})
+    Path(summary).write_text("{}\\n")
+    shutil.copy(log, curves)
+
+def stage(fixture, out, run, model):
+    src, dst = Path(fixture), Path(out).parent
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "metrics.json":
+            shutil.copy(f, dst / f.name)
+    record = json.loads((src / "metrics.json").read_text())
+    record.update(run=run, model=model)
+    Path(out).write_text(json.dumps(record))
+
+if __name__ == "__main__":
+    globals()[sys.argv[1]](*sys.argv[2:])
+'''
+
+# Same helper API as workflow/rules/common.smk (what results.smk uses), stub rules, the real results.smk.
+_SNAKEFILE = '''
+import json
+import sys
+
+from ibot.config import model_spec
+
+PYTHON = sys.executable
+RUN = config["run"]
+RESULTS = config["results_dir"]
+MODELS = list(config["models"])
+STAGES = list(config["stages"])
+FIXTURES = config["fixtures"]
+
+wildcard_constraints:
+    model="|".join(MODELS),
+
+
+def run_dir(model):
+    return f"{RESULTS}/{RUN}/{model}"
+
+
+def weights_source(model):
+    return config["models"][model]["weights"]
+
+
+def backbone_checkpoint(wildcards):
+    if weights_source(wildcards.model) == "pretrain":
+        return f"{run_dir(wildcards.model)}/pretrain/teacher_backbone.pth"
+    return []
+
+
+def checkpoint_args(wildcards):
+    path = backbone_checkpoint(wildcards)
+    return ["--checkpoint", path] if path else []
+
+
+def dataset(kind):
+    return config["data"][kind]
+
+
+def dataset_ready(kind):
+    return [f"{config['data']['embedded']['root']}/{kind}.complete"]
+
+
+STAGE_TARGETS = {}
+
+
+def all_targets():
+    targets = []
+    for model in MODELS:
+        for stage in config["models"][model].get("stages") or STAGES:
+            targets.append(STAGE_TARGETS[stage].format(model=model))
+    return targets + RESULT_TARGETS
+
+
+rule embedded_data:
+    output: f"{config['data']['embedded']['root']}/imagenet.complete"
+    shell: "{PYTHON:q} stub.py data {output:q}"
+
+
+rule pretrain:
+    input: dataset_ready("imagenet")
+    output:
+        backbone=f"{RESULTS}/{RUN}/{{model}}/pretrain/teacher_backbone.pth",
+        summary=f"{RESULTS}/{RUN}/{{model}}/pretrain/summary.json",
+        curves=f"{RESULTS}/{RUN}/{{model}}/pretrain/train_log.csv",
+    params: arch=lambda w: config["models"][w.model]["arch"], depth=lambda w: config["models"][w.model]["depth"]
+    shell: "{PYTHON:q} stub.py pretrain {params.arch} {params.depth} {output.backbone:q} {output.summary:q} "
+           "{output.curves:q} {FIXTURES}/seed0/vit_small/pretrain/train_log.csv"
+
+
+rule stage:
+    input: checkpoint=backbone_checkpoint, data=dataset_ready("imagenet")
+    output: f"{RESULTS}/{RUN}/{{model}}/{{stage}}/metrics.json"
+    wildcard_constraints: stage="|".join(STAGES)
+    params: fixture=lambda w: f"{FIXTURES}/seed0/{config['models'][w.model]['fixture']}/{w.stage}"
+    shell: "{PYTHON:q} stub.py stage {params.fixture:q} {output:q} {RUN} {wildcards.model}"
+
+
+for _stage in STAGES:
+    STAGE_TARGETS[_stage] = f"{RESULTS}/{RUN}/{{model}}/{_stage}/metrics.json"
+
+include: "RESULTS_SMK"
+
+
+rule all:
+    default_target: True
+    input: all_targets()
+'''
+
+_CONFIG = {
+    "run": "embedded", "results_dir": "results", "seed": 0,
+    "stages": ["knn", "linear", "detection", "imagenet_c", "bg_challenge", "occlusion"],
+    "data": {"embedded": {"root": "data"}, "imagenet": "data/imagenet"},
+    "models": {
+        "vit_small": {"arch": "vit_tiny", "patch_size": 16, "depth": 1, "weights": "pretrain",
+                      "paper_model": "ViT-S/16", "fixture": "vit_small"},
+        "vit_tiny": {"arch": "vit_tiny", "patch_size": 16, "depth": 1, "weights": "random", "paper_model": None,
+                     "fixture": "vit_tiny", "stages": ["knn"]},
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_results_rules_rebuild_on_metrics_change_and_report_builds(tmp_path):
+    if not (BIN / "snakemake").is_file():
+        pytest.skip("snakemake missing")
+    (tmp_path / "Snakefile").write_text(_SNAKEFILE.replace("RESULTS_SMK", str(REPO / "workflow/rules/results.smk")))
+    (tmp_path / "stub.py").write_text(_STUB)
+    (tmp_path / "config.yaml").write_text(json.dumps({**_CONFIG, "fixtures": str(FIXTURES)}))
+    smk = [str(BIN / "snakemake"), "--configfile", "config.yaml"]
+    _sh(smk + ["-c2", "-q"], tmp_path)
+    run = tmp_path / "results" / "embedded"
+    for rel in ("summary.csv", "metrics_flat.json", "tables/classification.md", "tables/robustness.tex",
+                "plots/ours_vs_paper.png", "curves/loss/pretrain_vit_small.csv", "figures/attention_vit_small.png",
+                "figures/attention_vit_tiny.png"):
+        assert (run / rel).is_file(), rel
+    summary = pd.read_csv(run / "summary.csv")
+    assert set(summary["run"]) == {"embedded"} and summary["paper_value"].notna().sum() == 15
+    assert _planned_with(smk, tmp_path) == set()
+
+    metrics = run / "vit_small" / "knn" / "metrics.json"
+    record = json.loads(metrics.read_text())
+    record["metrics"]["top1_k20"] = 76.5
+    metrics.write_text(json.dumps(record))
+    assert _planned_with(smk, tmp_path) == {"summary", "tables", "plots", "all"}
+    _sh(smk + ["-c2", "-q"], tmp_path)
+    assert "| 76.5 " in (run / "tables" / "classification.md").read_text()
+
+    _sh(smk + ["--report", "report.html"], tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    for text in ("ours_vs_paper.png", "attention_vit_small.png", "classification.html", "Robustness of the linear head"):
+        assert text in html, text
+
+
+def _planned_with(smk, cwd) -> set[str]:
+    out = _sh(smk + ["-n", "--quiet", "rules"], cwd)
+    return set(re.findall(r"^(\w+)\s+\d+$", out, flags=re.M)) - {"total", "job"}

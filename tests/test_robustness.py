@@ -1,0 +1,405 @@
+"""Robustness stages (downstream/robustness): ImageNet-C error/mCE arithmetic, ImageNet-A/R class
+subsets, ImageNet-9 prediction mapping, occlusion patch sets and token dropping, each stage end to
+end through its CLI on tiny fixtures (vit_tiny, depth 2, patch 8, 32 px), config schema, rules."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from downstream.robustness import bg_challenge, imagenet_a, imagenet_c, imagenet_r, occlusion
+from downstream.linear import feature_dim, linear_features
+from downstream.robustness.common import (HeadSpec, LinearProbeModel, RobustnessError, load_model,
+                                          logits_from_kept_tokens, read_head)
+from ibot.checkpoint import export_backbone, save_atomic
+from ibot.config import ConfigError, load_yaml, validate_config
+from ibot.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
+from ibot.metrics import read_metrics
+from ibot.models.vision_transformer import build_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+WNIDS = ["n01440764", "n02085620", "n02123045"]  # head classes, sorted (= ImageFolder order)
+ARCH = ["--arch", "vit_tiny", "--patch-size", "8", "--depth", "2"]
+DEBUG = ["--resources", json.dumps({"cluster": "debug"})]
+torch.set_num_threads(1)
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _no_post_mortem(monkeypatch) -> None:
+    """submitit's debug cluster opens pdb on a job exception; let the exception propagate instead."""
+    monkeypatch.setattr("pdb.post_mortem", lambda *args, **kwargs: None)
+
+
+def _image(path: Path, size: tuple[int, int], seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def _head(path: Path, *, n_last_blocks: int = 1, avgpool: bool | int = False, seed: int = 0,
+          dim: int | None = None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    dim = dim or feature_dim(192, n_last_blocks, avgpool)
+    state = {"weight": torch.randn(len(WNIDS), dim, generator=generator) * 0.5,
+             "bias": torch.randn(len(WNIDS), generator=generator) * 0.1}
+    meta = {"n_last_blocks": n_last_blocks, "avgpool_patchtokens": avgpool, "num_classes": len(WNIDS), "lr": 0.01,
+            "epoch": 1, "classes": list(WNIDS), "resize": 36, "crop": 32}
+    save_atomic({"state_dict": state, "meta": meta}, path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Backbone checkpoint, linear head and tiny datasets in the real layouts."""
+    root = tmp_path_factory.mktemp("robustness")
+    torch.manual_seed(0)
+    export_backbone(build_backbone("vit_tiny", patch_size=8, depth=2, img_size=32, masked_im_modeling=False),
+                    root / "backbone.pth",
+                    meta={"arch": "vit_tiny"})
+    _head(root / "head.pth")
+    seed = iter(range(10_000))
+    for wnid in WNIDS:  # ImageNet val: 3 classes x 3 images (40 px, resized 36 + crop 32)
+        for i in range(3):
+            _image(root / "imagenet" / "val" / wnid / f"{wnid}_{i}.JPEG", (40, 40), next(seed))
+    for corruption in BENCHMARK_CORRUPTIONS + EXTRA_CORRUPTIONS:  # ImageNet-C: 19 x 5 x 3 classes x 1 image
+        for severity in range(1, 6):
+            for wnid in WNIDS:
+                _image(root / "imagenet_c" / corruption / str(severity) / wnid / "a.png", (32, 32), next(seed))
+    for wnid in WNIDS[1:]:  # ImageNet-A: 2 of the 3 head classes
+        for i in range(3):
+            _image(root / "imagenet_a" / wnid / f"{i}.jpg", (48, 40), next(seed))
+    for variant in bg_challenge.VARIANTS:  # ImageNet-9: super-classes 0 and 1
+        for folder in ("00_dog", "01_bird"):
+            for i in range(2):
+                _image(root / "imagenet_9" / variant / "val" / folder / f"{i}.JPEG", (32, 32), next(seed))
+    (root / "imagenet_9" / "in_to_in9.json").write_text(json.dumps({"0": 8, "1": 0, "2": -1}))
+    return {"root": root, "checkpoint": root / "backbone.pth", "head": root / "head.pth"}
+
+
+def _cli(module, tiny, data: Path | str, out: Path, config: dict | None = None):
+    argv = ["--checkpoint", str(tiny["checkpoint"]), *ARCH, "--data", str(data), "--out", str(out),
+            "--head", str(tiny["head"]), "--config", json.dumps(config or {}), *DEBUG, "--run", "test"]
+    return module.main(argv)
+
+
+def _model(tiny, head: Path | None = None) -> LinearProbeModel:
+    spec = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
+    return load_model(spec, str(tiny["checkpoint"]), None, head or tiny["head"], device=torch.device("cpu"))
+
+
+# -- ImageNet-C arithmetic -----------------------------------------------------------------------
+def test_alexnet_baseline_covers_the_15_benchmark_corruptions() -> None:
+    assert list(imagenet_c.ALEXNET_ERRORS) == list(BENCHMARK_CORRUPTIONS)
+    assert imagenet_c.ALL_CORRUPTIONS[15:] == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+
+def test_mce_hand_computed() -> None:
+    # Benchmark corruptions at exactly AlexNet's error (CE_c = 1), the 4 extra ones at 50 % error.
+    errors = {c: {s: imagenet_c.ALEXNET_ERRORS[c] for s in range(1, 6)} for c in BENCHMARK_CORRUPTIONS}
+    errors.update({c: {s: 0.5 for s in range(1, 6)} for c in EXTRA_CORRUPTIONS})
+    metrics, per_corruption = imagenet_c.summarise(errors)
+    # sum of the 15 AlexNet errors = 11.834896 (by hand)
+    assert metrics["mCE_alexnet_15"] == pytest.approx(100.0)
+    assert metrics["mean_error_15"] == pytest.approx(100 * 11.834896 / 15)            # 78.8993
+    assert metrics["mean_error_19"] == pytest.approx(100 * (11.834896 + 4 * 0.5) / 19)  # 72.8152
+    assert set(metrics) == {"mCE_alexnet_15", "mean_error_15", "mean_error_19"}
+    assert per_corruption["spatter"] == pytest.approx(50.0)
+
+    # Errors varying with severity: 0.1..0.5 (mean 0.3) everywhere; contrast at half AlexNet's error.
+    errors = {c: {s: s / 10 for s in range(1, 6)} for c in imagenet_c.ALL_CORRUPTIONS}
+    errors["contrast"] = {s: imagenet_c.ALEXNET_ERRORS["contrast"] / 2 for s in range(1, 6)}
+    metrics, _ = imagenet_c.summarise(errors)
+    contrast = imagenet_c.ALEXNET_ERRORS["contrast"] / 2
+    assert metrics["mean_error_19"] == pytest.approx(100 * (18 * 0.3 + contrast) / 19)
+    ces = [0.3 / imagenet_c.ALEXNET_ERRORS[c] for c in BENCHMARK_CORRUPTIONS if c != "contrast"] + [0.5]
+    assert metrics["mCE_alexnet_15"] == pytest.approx(100 * sum(ces) / 15)
+
+    # Only one corruption evaluated: no 19/15 summaries, the "evaluated" ones instead.
+    metrics, _ = imagenet_c.summarise({"gaussian_noise": {s: s / 10 for s in range(1, 6)}})
+    assert metrics == pytest.approx({"mean_error_evaluated": 30.0, "mCE_alexnet_evaluated": 100 * 0.3 / 0.886428})
+
+
+# -- ImageNet-A/R class subsets and ImageNet-9 mapping --------------------------------------------
+def test_class_subset_mapping() -> None:
+    head_classes = ["n03", "n01", "n04", "n02"]  # any order: the subset goes through the wnid list
+    indices = imagenet_a.subset_indices(["n01", "n02"], head_classes, what="test")
+    assert indices == [1, 3]
+    logits = torch.tensor([[0.0, 1.0, 9.0, 2.0], [0.0, 3.0, 9.0, 2.0]])
+    assert logits[:, indices].argmax(-1).tolist() == [1, 0]  # n04 (global argmax) is not a candidate
+    with pytest.raises(RobustnessError, match="n09"):
+        imagenet_a.subset_indices(["n01", "n09"], head_classes, what="ImageNet-A")
+    assert imagenet_r.DEFAULTS == imagenet_a.DEFAULTS
+
+
+def test_in9_mapping_follows_official_argmax_then_map(tmp_path) -> None:
+    path = tmp_path / "in_to_in9.json"
+    path.write_text(json.dumps({"0": 0, "1": 0, "2": 1, "3": -1}))
+    lut = bg_challenge.load_in9_map(path, 4)
+    assert lut.tolist() == [0, 0, 1, -1]
+    logits = torch.tensor([[4.0, 4.0, 5.0, 0.0],    # argmax class 2 -> IN-9 1 (summing per super-class would say 0)
+                           [3.0, 0.0, 0.0, 1.0],    # class 0 -> 0
+                           [0.0, 0.0, 1.0, 7.0]])   # class 3 -> -1: wrong whatever the label
+    predictions = bg_challenge.map_to_in9(logits, lut)
+    assert predictions.tolist() == [1, 0, -1]
+    assert predictions.eq(torch.tensor([1, 0, 0])).tolist() == [True, True, False]
+    with pytest.raises(RobustnessError, match="no entry for head classes"):
+        bg_challenge.load_in9_map(path, 5)
+    assert [bg_challenge.in9_label(f) for f in ("00_dog", "08_fish", "3_reptile")] == [0, 8, 3]
+    with pytest.raises(RobustnessError):
+        bg_challenge.in9_label("dog")
+
+
+# -- occlusion -------------------------------------------------------------------------------------
+def test_salient_and_nonsalient_sets_by_hand() -> None:
+    sal = torch.tensor([[0.1, 0.4, 0.2, 0.3]], dtype=torch.float64)  # ranking: 1 > 3 > 2 > 0
+    # salient at r: drop p iff the mass ranked above p is < r (above: p1 0, p3 .4, p2 .7, p0 .9)
+    assert occlusion.salient_drop(sal, 0.5).tolist() == [[False, True, False, True]]
+    assert occlusion.salient_drop(sal, 0.4).tolist() == [[False, True, False, False]]
+    assert occlusion.salient_drop(sal, 0.75).tolist() == [[False, True, True, True]]
+    # non-salient at r keeps exactly the salient set at 1 - r
+    assert occlusion.nonsalient_drop(sal, 0.5).tolist() == [[True, False, True, False]]
+    assert occlusion.nonsalient_drop(sal, 0.2).tolist() == [[True, False, False, False]]  # keeps salient(0.8)
+    for fn in (occlusion.salient_drop, occlusion.nonsalient_drop):
+        assert not fn(sal, 0.0).any() and fn(sal, 1.0).all()
+
+
+def test_random_drop_and_shuffle_are_per_image() -> None:
+    indices = torch.tensor([5, 9])
+    drop = occlusion.random_drop(16, 0.5, indices, seed=0)
+    assert drop.sum(1).tolist() == [8, 8]
+    assert torch.equal(occlusion.random_drop(16, 0.5, indices[1:], seed=0)[0], drop[1])  # batch-independent
+    assert (occlusion.random_drop(16, 0.75, indices, seed=0) >= drop).all()  # nested in the ratio
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    shuffled = occlusion.shuffle_patches(images, 4, indices, seed=0)
+    assert not torch.equal(shuffled, images)
+    tiles = lambda x: sorted(map(tuple, x.reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, -1)[0].tolist()))
+    assert tiles(shuffled) == tiles(images)  # a permutation of whole tiles
+    assert occlusion.grid_sizes("auto", 224) == [2, 4, 7, 8, 14, 16]
+    assert occlusion.grid_sizes("auto", 32) == [2, 4, 8, 16]
+    with pytest.raises(RobustnessError):
+        occlusion.grid_sizes([3], 32)
+
+
+@pytest.mark.parametrize("n_last_blocks,avgpool", [(1, False), (2, False), (1, True), (2, 1)])
+def test_token_drop_matches_unpadded_forward(tiny, tmp_path, n_last_blocks, avgpool) -> None:
+    _head(tmp_path / "head.pth", n_last_blocks=n_last_blocks, avgpool=avgpool, seed=1)
+    net = _model(tiny, tmp_path / "head.pth")
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        clean = net(images)
+        all_kept = logits_from_kept_tokens(net, images, torch.ones(4, 16, dtype=torch.bool))
+        assert torch.allclose(all_kept, clean, atol=1e-5)
+        keep = torch.rand(4, 16, generator=torch.Generator().manual_seed(1)) < torch.tensor([[0.2], [0.5], [0.9], [0.0]])
+        batched = logits_from_kept_tokens(net, images, keep)  # padded + masked batch
+        for row in range(4):  # reference: one image, a sequence of exactly its kept tokens
+            single = logits_from_kept_tokens(net, images[row:row + 1], keep[row:row + 1])
+            assert torch.allclose(batched[row], single[0], atol=1e-4), row
+        dropped_all = logits_from_kept_tokens(net, images, torch.zeros(4, 16, dtype=torch.bool))
+    # every patch dropped: the prediction comes from [CLS] alone, identical for all images
+    assert torch.allclose(dropped_all, dropped_all[:1].expand_as(dropped_all), atol=1e-5)
+    features = linear_features(net.backbone, images, n_last_blocks, avgpool)  # the linear stage's own features
+    assert torch.allclose(net.linear(features), clean, atol=1e-5)
+
+
+def test_head_validation(tiny, tmp_path) -> None:
+    save_atomic({"state_dict": {"weight": torch.zeros(3, 192)}, "meta": {}}, tmp_path / "bad.pth")
+    with pytest.raises(RobustnessError, match="missing"):
+        read_head(tmp_path / "bad.pth")
+    _head(tmp_path / "wide.pth", n_last_blocks=1, dim=384)  # e.g. a head of another architecture
+    with pytest.raises(RobustnessError, match="does not fit"):
+        _model(tiny, tmp_path / "wide.pth")
+    _head(tmp_path / "deep.pth", n_last_blocks=4)  # the backbone has 2 blocks
+    with pytest.raises(RobustnessError, match="n_last_blocks"):
+        _model(tiny, tmp_path / "deep.pth")
+    head = read_head(tiny["head"])
+    assert isinstance(head, HeadSpec) and head.classes == WNIDS and head.num_classes == 3
+
+
+def test_random_init_backbone_matches_linear_stage(tiny) -> None:
+    """weights: random baselines: the backbone rebuilt here equals the one the linear stage trained on
+    (downstream.linear.run: seed_everything(seed), then build_eval_backbone)."""
+    from downstream.features import build_eval_backbone, seed_everything
+    spec = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
+    seed_everything(3)
+    reference = build_eval_backbone(spec, None, None, 32).state_dict()
+    torch.manual_seed(123)  # unrelated RNG state before loading
+    rebuilt = load_model(spec, None, None, tiny["head"], device=torch.device("cpu"), seed=3).backbone.state_dict()
+    assert reference.keys() == rebuilt.keys() and all(torch.equal(reference[k], rebuilt[k]) for k in reference)
+
+
+# -- stages end to end -----------------------------------------------------------------------------
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_imagenet_c_stage(tiny, tmp_path) -> None:
+    out = tmp_path / "imagenet_c" / "metrics.json"
+    metrics = _cli(imagenet_c, tiny, tiny["root"] / "imagenet_c", out, {"batch_size": 64, "num_workers": 0})
+    record = read_metrics(out)
+    assert record["stage"] == "imagenet_c" and record["task"] == "robustness" and record["protocol"] == "linear-head"
+    assert set(record["metrics"]) == {"mean_error_19", "mean_error_15", "mCE_alexnet_15"} == set(metrics)
+    rows = _rows(out.with_name("per_corruption.csv"))
+    assert len(rows) == 95 and all(int(r["n_images"]) == 3 for r in rows)
+    assert record["metrics"]["mean_error_19"] == pytest.approx(np.mean([float(r["error"]) for r in rows]), abs=1e-3)
+    assert record["extra"]["missing"] == [] and record["checkpoint"]["sha256"]
+
+
+def test_imagenet_c_missing_corruptions(tiny, tmp_path) -> None:
+    root = tmp_path / "partial_c"
+    shutil.copytree(tiny["root"] / "imagenet_c" / "fog", root / "fog")
+    out = tmp_path / "c" / "metrics.json"
+    with pytest.raises(RobustnessError, match="allow_missing"):
+        _cli(imagenet_c, tiny, root, out)
+    metrics = _cli(imagenet_c, tiny, root, out, {"allow_missing": True, "num_workers": 0})
+    record = read_metrics(out)
+    assert set(metrics) == {"mean_error_evaluated", "mCE_alexnet_evaluated"}
+    assert len(record["extra"]["missing"]) == 18 * 5 and "gaussian_noise/1" in record["extra"]["missing"]
+
+
+def test_imagenet_a_stage(tiny, tmp_path) -> None:
+    out = tmp_path / "imagenet_a" / "metrics.json"
+    _cli(imagenet_a, tiny, tiny["root"] / "imagenet_a", out, {"num_workers": 0})
+    record = read_metrics(out)
+    assert set(record["metrics"]) == {"top1"} and record["dataset"] == "imagenet-a"
+    # by hand: the same model, logits restricted to the 2 folder classes (head indices 1, 2)
+    net = _model(tiny)
+    from downstream.robustness.common import robustness_transform
+    transform, _ = robustness_transform(imagenet_a.DEFAULTS, net.head.meta)
+    correct = 0
+    for label, wnid in enumerate(WNIDS[1:]):
+        for path in sorted((tiny["root"] / "imagenet_a" / wnid).iterdir()):
+            with torch.inference_mode():
+                logits = net(transform(Image.open(path).convert("RGB"))[None])
+            correct += int(logits[0, [1, 2]].argmax()) == label
+    assert record["metrics"]["top1"] == pytest.approx(100 * correct / 6)
+
+
+def test_imagenet_a_unknown_wnid(tiny, tmp_path) -> None:
+    root = tmp_path / "a"
+    _image(root / "n09999999" / "0.jpg", (32, 32), 0)
+    with pytest.raises(RobustnessError, match="n09999999"):
+        _cli(imagenet_a, tiny, root, tmp_path / "out" / "metrics.json")
+
+
+def test_bg_challenge_stage(tiny, tmp_path) -> None:
+    out = tmp_path / "bg" / "metrics.json"
+    metrics = _cli(bg_challenge, tiny, tiny["root"] / "imagenet_9", out, {"num_workers": 0})
+    record = read_metrics(out)
+    assert set(record["metrics"]) == set(bg_challenge.VARIANTS) | {"bg_gap"} == set(metrics)
+    assert metrics["bg_gap"] == pytest.approx(metrics["mixed_same"] - metrics["mixed_rand"])
+    assert record["extra"]["num_images"]["original"] == 4 and record["extra"]["head_classes_mapped"] == 2
+
+
+def test_occlusion_stage(tiny, tmp_path) -> None:
+    out = tmp_path / "occlusion" / "metrics.json"
+    metrics = _cli(occlusion, tiny, tiny["root"] / "imagenet", out, {"num_workers": 0, "batch_size": 4})
+    record = read_metrics(out)
+    assert set(record["metrics"]) == {"clean_top1", "salient_0.5", "nonsalient_0.5", "random_0.5"} == set(metrics)
+    rows = _rows(out.with_name("curves.csv"))
+    assert len(rows) == 3 * 11
+    clean = record["metrics"]["clean_top1"]
+    at = {(r["mode"], float(r["ratio"])): r for r in rows}
+    for mode in occlusion.MODES:
+        assert float(at[mode, 0.0]["top1"]) == pytest.approx(clean, abs=1e-3)  # nothing dropped = clean
+        assert float(at[mode, 0.0]["dropped_patch_fraction"]) == 0.0
+        assert float(at[mode, 1.0]["dropped_patch_fraction"]) == 1.0
+    # ratio 1: [CLS] only -> one constant prediction for every image -> accuracy = its class's share (3/9)
+    for mode in occlusion.MODES:
+        assert float(at[mode, 1.0]["top1"]) == pytest.approx(100 / 3, abs=1e-3)
+    assert [int(r["grid"]) for r in _rows(out.with_name("shuffle.csv"))] == [2, 4, 8, 16]
+    assert out.with_name("occlusion.png").stat().st_size > 1000
+    assert record["extra"]["num_patches"] == 16 and record["extra"]["drop"] == "tokens"
+
+
+def test_occlusion_zero_pixels_mode(tiny, tmp_path) -> None:
+    out = tmp_path / "occ0" / "metrics.json"
+    config = {"num_workers": 0, "drop": "zero_pixels", "ratios": [0.0, 0.5], "modes": ["salient", "random"],
+              "shuffle_grid_sizes": [], "attention_heads": 1}
+    metrics = _cli(occlusion, tiny, tiny["root"] / "imagenet", out, config)
+    assert set(metrics) == {"clean_top1", "salient_0.5", "random_0.5"}
+    rows = _rows(out.with_name("curves.csv"))
+    assert float(next(r for r in rows if r["mode"] == "salient" and float(r["ratio"]) == 0)["top1"]) == \
+        pytest.approx(metrics["clean_top1"], abs=1e-3)
+    assert _rows(out.with_name("shuffle.csv")) == []
+
+
+# -- config schema and rules -----------------------------------------------------------------------
+STAGE_MODULES = {"imagenet_c": imagenet_c, "imagenet_a": imagenet_a, "imagenet_r": imagenet_r,
+                 "bg_challenge": bg_challenge, "occlusion": occlusion}
+
+
+def test_schema_defaults_equal_stage_defaults() -> None:
+    schema = load_yaml(REPO / "workflow" / "schemas" / "robustness.schema.yaml")
+    assert set(schema["properties"]) == set(STAGE_MODULES)
+    for stage, module in STAGE_MODULES.items():
+        properties = schema["properties"][stage]["properties"]
+        assert {k: v.get("default") for k, v in properties.items()} == module.DEFAULTS, stage
+
+
+def _config(**robustness) -> dict:
+    return {"run": "t", "models": {"m": {"arch": "vit_tiny", "patch_size": 8, "depth": 2}},
+            "data": {"embedded": {}}, "stages": ["imagenet_c"], "robustness": robustness}
+
+
+def test_config_validation() -> None:
+    config = validate_config(_config(occlusion={"ratios": [0.0, 0.5, 1.0]}), base_dir=REPO)
+    assert config["robustness"]["imagenet_c"] == imagenet_c.DEFAULTS  # defaults filled
+    assert config["robustness"]["occlusion"]["ratios"] == [0.0, 0.5, 1.0]
+    for bad in ({"imagenet_c": {"severity": [1]}}, {"occlusion": {"drop": "blur"}},
+                {"imagenet_c": {"corruptions": ["rain"]}}, {"bg_challenge": {"resize": "auto"}}):
+        with pytest.raises(ConfigError):
+            validate_config(_config(**bad), base_dir=REPO)
+
+
+@pytest.mark.skipif(shutil.which("snakemake", path=str(Path(sys.executable).parent)) is None,
+                    reason="snakemake not installed")
+def test_rules_dry_run(tiny, tmp_path) -> None:
+    import yaml
+    config = _config(imagenet_a={"batch_size": 7})
+    config["models"]["m"].update({"weights": "checkpoint", "checkpoint": str(tiny["checkpoint"]),
+                                  "overrides": {"robustness": {"occlusion": {"ratios": [0.5]}}}})
+    config["data"].update({k: str(tiny["root"] / v) for k, v in (("imagenet", "imagenet"), ("imagenet_c", "imagenet_c"),
+                                                                 ("imagenet_a", "imagenet_a"), ("imagenet_9", "imagenet_9"))})
+    config = validate_config(config, base_dir=REPO)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    head = tmp_path / "results" / "t" / "m" / "linear" / "head.pth"
+    head.parent.mkdir(parents=True)
+    shutil.copy(tiny["head"], head)
+    stages = ["imagenet_c", "imagenet_a", "bg_challenge", "occlusion"]
+    (tmp_path / "Snakefile").write_text(
+        f'include: "{REPO}/workflow/rules/common.smk"\nSTAGE_DATASETS = {{}}\n'
+        f'include: "{REPO}/workflow/rules/robustness.smk"\n'
+        f'rule all:\n    input: [STAGE_TARGETS[s].format(model="m") for s in {stages!r}]\n')
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "-p", "--cores", "1",
+                             "--configfile", "config.yaml", "-s", "Snakefile"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout
+    for stage in stages:
+        assert f"python -m downstream.robustness.{stage} --head " in text and f"rule {stage}:" in text
+    assert '"batch_size": 7' in text and '"ratios": [0.5]' in text
+
+
+def test_metric_names_match_the_results_metric_map() -> None:
+    """Every robustness metric the results tables read (results/reference/metric_map.csv) is written
+    by its stage (names as asserted by the end-to-end tests above)."""
+    path = REPO / "results" / "reference" / "metric_map.csv"
+    if not path.is_file():
+        pytest.skip("results/reference/metric_map.csv not present")
+    produced = {"imagenet_c": {"mean_error_19", "mean_error_15", "mCE_alexnet_15"}, "imagenet_a": {"top1"},
+                "imagenet_r": {"top1"}, "bg_challenge": set(bg_challenge.VARIANTS) | {"bg_gap"},
+                "occlusion": {"clean_top1", "salient_0.5", "nonsalient_0.5", "random_0.5"}}
+    wanted = [(r["stage"], r["metric"]) for r in _rows(path) if r["stage"] in produced]
+    assert wanted and all(metric in produced[stage] for stage, metric in wanted), wanted

@@ -1,0 +1,283 @@
+"""Pretraining for real on a single-node SLURM cluster (fixture ``slurm_cluster``, tests/slurm_cluster.py).
+
+- a 2-task DDP job (gloo, CPU) ends with the teacher of a 1-process run with the same global batch;
+- a job that is requeued by ``scontrol requeue`` (preemption) and by its own time limit (submitit's
+  USR2 handler requeues the Checkpointable) resumes from its last epoch checkpoint and ends
+  bit-identical to an uninterrupted run;
+- killing the caller (``python -m ibot.train``) while its job runs and rerunning it re-attaches to
+  that job: exactly one job is ever submitted;
+- the Snakemake SLURM profile (workflow/profiles/slurm) submits a rule to the cluster.
+
+Every run is tiny (vit_tiny depth 2, patch 8, 32/16 px crops, out_dim 256, 24 images) and one
+intra-op thread per process (OMP_NUM_THREADS=1: the machine has 2 shared cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ibot.checkpoint import load_file
+from ibot.config import deep_merge
+from ibot.data.embedded import EmbeddedSizes, generate
+from ibot.train.pretrain import DEFAULTS
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+TINY = ["--arch", "vit_tiny", "--depth", "2", "--patch-size", "8"]
+SPEC = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
+#: 24 images / global batch 8 = 3 iterations per epoch. No drop path: its per-sample draws depend on
+#: how a global batch is split over processes (the only randomness not tied to the image index).
+BASE = {"out_dim": 256, "patch_out_dim": 256, "global_crops_size": 32, "local_crops_size": 16,
+        "local_crops_number": 2, "batch_size_per_gpu": 8, "epochs": 2, "num_workers": 0, "warmup_epochs": 1,
+        "warmup_teacher_temp_epochs": 1, "saveckp_freq": 0, "log_every": 1, "drop_path": 0.0}
+DDP_ATOL = 1e-5
+SUBMITTED = re.compile(r"\[launcher\] submitted \S+ as slurm job (\d+)")
+
+
+@pytest.fixture(scope="module")
+def train_dir(tmp_path_factory) -> Path:
+    sizes = EmbeddedSizes(classes=3, train_per_class=8, val_per_class=2, c_per_class=1, a_classes=3, image_size=32)
+    return generate(tmp_path_factory.mktemp("slurmdata"), sets=["imagenet"], sizes=sizes)["imagenet"] / "train"
+
+
+def _env(cluster) -> dict[str, str]:
+    """Client environment; sbatch exports it to the job (so the job sees SLURM_CONF, PYTHONPATH, threads)."""
+    env = cluster.env
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(TESTS), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _cli(data: Path, out: Path, resources: dict, config: dict, model: str) -> list[str]:
+    return [sys.executable, "-m", "ibot.train", "--data", str(data), "--out-dir", str(out), *TINY,
+            "--resources", json.dumps(resources), "--config", json.dumps(config), "--model", model]
+
+
+class _Output:
+    """Collects a child's merged stdout/stderr in a thread (so the pipe never blocks it)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.lines = proc, []
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            match = re.search(pattern, self.text)
+            if match:
+                return match
+            if self.proc.poll() is not None and not self._thread.is_alive():
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"{pattern!r} not in the output after {timeout}s:\n{self.text[-4000:]}")
+
+    def finish(self, timeout: float) -> str:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"still running after {timeout}s:\n{self.text[-4000:]}")
+        self._thread.join(timeout=10)
+        assert self.proc.returncode == 0, f"exit code {self.proc.returncode}:\n{self.text[-4000:]}"
+        return self.text
+
+
+def _start(args: list[str], env: dict[str, str]) -> _Output:
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return _Output(proc)
+
+
+def _wait_file(path: Path, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"no {what} ({path}) after {timeout}s"
+        time.sleep(0.2)
+
+
+def _teacher(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "work" / "checkpoint.pth")["teacher"]
+
+
+def _jobs_named(cluster, name: str) -> list[dict[str, str]]:
+    return [job for job in cluster.jobs() if job.get("JobName") == name]
+
+
+def test_ddp_two_tasks_match_one_process(slurm_cluster, train_dir, tmp_path):
+    env = _env(slurm_cluster)
+    started = time.time()
+    ddp = _start(_cli(train_dir, tmp_path / "ddp", {"cluster": "slurm", "tasks_per_node": 2, "cpus_per_task": 1,
+                                                     "timeout_min": 10}, {**BASE, "batch_size_per_gpu": 4}, "ddp"), env)
+    single = _start(_cli(train_dir, tmp_path / "single", {"cluster": "debug"}, BASE, "single"), env)
+    single.finish(timeout=300)
+    text = ddp.finish(timeout=300)
+    elapsed = time.time() - started
+
+    job_ids = SUBMITTED.findall(text)
+    assert len(job_ids) == 1, text[-3000:]
+    job = _jobs_named(slurm_cluster, "pretrain-ddp")
+    assert [j["JobId"] for j in job] == job_ids and job[0]["NumTasks"] == "2"
+    slurm_cluster.wait_state(job_ids[0], {"COMPLETED"}, timeout=60)  # results are in before the job exits
+    folder = tmp_path / "ddp" / "job" / "submitit"
+    assert (folder / f"{job_ids[0]}_0_result.pkl").is_file() and (folder / f"{job_ids[0]}_1_result.pkl").is_file()
+    for out in ("ddp", "single"):
+        summary = json.loads((tmp_path / out / "summary.json").read_text())
+        assert summary["global_batch"] == 8 and summary["iterations_per_epoch"] == 3
+
+    ddp_teacher, single_teacher = _teacher(tmp_path / "ddp"), _teacher(tmp_path / "single")
+    assert ddp_teacher.keys() == single_teacher.keys()
+    diff = max((ddp_teacher[k].float() - single_teacher[k].float()).abs().max().item() for k in ddp_teacher)
+    equal = sum(torch.equal(ddp_teacher[k], single_teacher[k]) for k in ddp_teacher)
+    print(f"\nDDP 2 tasks vs 1 process: teacher max |diff| {diff:.3g} ({equal}/{len(ddp_teacher)} tensors "
+          f"bit-equal); SLURM job {job_ids[0]}, end to end {elapsed:.1f}s")
+    # same global batches and averaged gradients; only the float summation order differs (all-reduce)
+    for key in ddp_teacher:
+        torch.testing.assert_close(ddp_teacher[key], single_teacher[key], atol=DDP_ATOL, rtol=0)
+
+
+_LAUNCH = """
+import json, sys
+from ibot.run.launcher import launch
+a = json.loads(sys.argv[1])
+print(json.dumps(launch(a["entry"], a["kwargs"], job_dir=a["job_dir"], resources=a["resources"], name=a["name"])))
+"""
+
+
+def test_preempted_and_timed_out_job_resumes_bit_identical(slurm_cluster, train_dir, tmp_path):
+    """One job: ``scontrol requeue`` after its first checkpoint, then its 1-minute limit (USR2 30 s before)."""
+    env = _env(slurm_cluster)
+    config = {**BASE, "epochs": 7}
+    reference = _start(_cli(train_dir, tmp_path / "reference", {"cluster": "debug"}, config, "reference"), env)
+
+    out, attempts = tmp_path / "requeued", tmp_path / "attempts.txt"
+    kwargs = dict(pace_s=10.0, attempts_file=str(attempts), config=deep_merge(DEFAULTS, config, path="pretrain"),
+                  model_spec=SPEC, data=str(train_dir), out_dir=str(out), run="slurm-test", model="requeued", seed=0)
+    resources = {"cluster": "slurm", "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 1,
+                 "slurm_signal_delay_s": 30, "max_num_timeout": 6,
+                 "slurm_additional_parameters": {"open-mode": "append"}}  # keep every attempt's log
+    started = time.time()
+    launcher = _start([sys.executable, "-c", _LAUNCH, json.dumps(dict(
+        entry="slurm_cluster:paced_pretrain", kwargs=kwargs, job_dir=str(out / "job"), resources=resources,
+        name="pretrain-requeued"))], env)
+    job_id = launcher.wait_for(SUBMITTED.pattern, timeout=120).group(1)
+
+    # preemption: requeue the running job right after its first epoch checkpoint
+    _wait_file(out / "work" / "checkpoint.pth", 180, "first checkpoint")
+    assert slurm_cluster.job_state(job_id) == "RUNNING"
+    slurm_cluster.command("scontrol", "requeue", job_id)
+    preempted_at = time.time() - started
+
+    text = launcher.finish(timeout=480)
+    elapsed = time.time() - started
+    reference.finish(timeout=60)
+
+    rows = [line.split() for line in attempts.read_text().splitlines()]
+    restarts, start_epochs = [int(r[0]) for r in rows], [int(r[1]) for r in rows]
+    job = _jobs_named(slurm_cluster, "pretrain-requeued")
+    log = "".join(p.read_text(errors="replace") for p in sorted((out / "job" / "submitit").glob(f"{job_id}_0_log.*")))
+    print(f"\nrequeue test: SLURM job {job_id}, scontrol requeue at {preempted_at:.0f}s, attempts "
+          f"(restart count, start epoch) {list(zip(restarts, start_epochs))}, Restarts={job[0]['Restarts']}, "
+          f"end to end {elapsed:.0f}s")
+    assert SUBMITTED.findall(text) == [job_id], "the launcher submitted more than one job"
+    assert [j["JobId"] for j in job] == [job_id]
+    slurm_cluster.wait_state(job_id, {"COMPLETED"}, timeout=60)
+    assert len(rows) >= 3 and int(job[0]["Restarts"]) >= 2, rows
+    assert restarts == sorted(set(restarts)), f"one start per requeue expected: {rows}"
+    assert start_epochs[0] == 0 and all(e >= 1 for e in start_epochs[1:]), f"a requeue restarted from 0: {rows}"
+    assert start_epochs == sorted(start_epochs) and start_epochs[-1] < config["epochs"], rows
+    assert "this job is timed-out" in log and "Requeued job" in log, log[-4000:]  # submitit's USR2 path
+
+    requeued, uninterrupted = _teacher(out), _teacher(tmp_path / "reference")
+    different = [k for k in uninterrupted if not torch.equal(requeued[k], uninterrupted[k])]
+    assert not different, f"{len(different)} teacher tensors differ from the uninterrupted run: {different[:5]}"
+    exported = load_file(out / "teacher_backbone.pth")["state_dict"]
+    expected = load_file(tmp_path / "reference" / "teacher_backbone.pth")["state_dict"]
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
+def test_killed_caller_reattaches_to_its_job(slurm_cluster, train_dir, tmp_path):
+    env = _env(slurm_cluster)
+    out = tmp_path / "restart"
+    command = _cli(train_dir, out, {"cluster": "slurm", "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 10},
+                   BASE, "restart")
+    first = _start(command, env)
+    state_file = out / "job" / "job.json"
+    _wait_file(state_file, 120, "launcher state file")
+    job_id = json.loads(state_file.read_text())["job_id"]
+    slurm_cluster.wait_state(job_id, {"RUNNING"}, timeout=60)
+    os.kill(first.proc.pid, signal.SIGKILL)  # the caller (Snakemake's shell rule) dies; its job must not
+    first.proc.wait(timeout=30)
+    assert slurm_cluster.job_state(job_id) == "RUNNING"
+    # hold the job so the rerun meets it alive however slow this machine is (SUSPENDED counts as alive)
+    slurm_cluster.command("scontrol", "suspend", job_id)
+    try:
+        second = _start(command, env)
+        second.wait_for(rf"re-attaching to running slurm job {job_id}\b", timeout=120)
+    finally:
+        slurm_cluster.command("scontrol", "resume", job_id, check=False)
+    text = second.finish(timeout=300)
+
+    assert "[launcher] submitted" not in text, text[-3000:]
+    jobs = _jobs_named(slurm_cluster, "pretrain-restart")
+    assert [j["JobId"] for j in jobs] == [job_id], jobs
+    slurm_cluster.wait_state(job_id, {"COMPLETED"}, timeout=60)
+    assert [p.name for p in (out / "job" / "submitit").glob("*_submitted.pkl")] == [f"{job_id}_submitted.pkl"]
+    assert not state_file.exists(), "job.json must be removed once the job's result is collected"
+    assert (out / "teacher_backbone.pth").is_file() and json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+def test_snakemake_slurm_profile_submits_a_rule(slurm_cluster, tmp_path):
+    workdir = tmp_path / "smk"
+    workdir.mkdir()
+    (workdir / "Snakefile").write_text(
+        'rule all:\n    input: "out/hello.txt"\n\n'
+        'rule hello:\n    output: "out/hello.txt"\n'
+        '    shell: "echo job=$SLURM_JOB_ID host=$(hostname) > {output}"\n')
+    # snakemake-executor-plugin-slurm-jobstep strips every SLURM_* variable (SLURM_CONF included)
+    # before its nested `srun`; a real cluster's slurm.conf sits where srun finds it anyway, the
+    # fixture's temp one does not: this shim re-exports it.
+    shim = workdir / "bin"
+    shim.mkdir()
+    (shim / "srun").write_text(f'#!/bin/sh\nexport SLURM_CONF="{slurm_cluster.conf}"\n'
+                               f'exec "{_real("srun")}" "$@"\n')
+    (shim / "srun").chmod(0o755)
+    env = _env(slurm_cluster)
+    env["PATH"] = f"{shim}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--workflow-profile", str(ROOT / "workflow" / "profiles" / "slurm"),
+         "--snakefile", str(workdir / "Snakefile"), "--directory", str(workdir),
+         "--slurm-init-seconds-before-status-checks", "2"],
+        env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = (workdir / "out" / "hello.txt").read_text()
+    match = re.match(r"job=(\d+) host=", written)
+    assert match, written
+    slurm_cluster.wait_state(match.group(1), {"COMPLETED"}, timeout=60)
+
+
+def _real(name: str) -> str:
+    import shutil
+    path = shutil.which(name)
+    assert path, f"{name} not on PATH"
+    return path
