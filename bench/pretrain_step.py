@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -277,7 +277,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """Best-of-``reps`` GFLOP/s of an n x n matmul (the machine's attainable dense throughput)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
@@ -293,16 +293,14 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps:
 
 def _sdpa_cpu_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int],
                     *args: Any, **kwargs: Any) -> int:
-    """CPU fused attention forward: QK^T and AV (the op is missing from torch's FLOP registry)."""
-    b, h, s_q, d = query_shape
-    return 2 * 2 * b * h * s_q * key_shape[2] * d
+    """CPU fused attention forward, counted with torch's SDPA formula (the CPU op is not registered)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _sdpa_cpu_backward_flops(grad_shape: Sequence[int], query_shape: Sequence[int], key_shape: Sequence[int],
-                             *args: Any, **kwargs: Any) -> int:
-    """CPU fused attention backward: dV, dP, dQ, dK (recomputed scores counted as in torch's formula)."""
-    b, h, s_q, d = query_shape
-    return 4 * 2 * b * h * s_q * key_shape[2] * d
+                             value_shape: Sequence[int], *args: Any, **kwargs: Any) -> int:
+    """CPU fused attention backward, counted with torch's SDPA backward formula."""
+    return sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
 
 
 FLOP_MAPPING = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
@@ -344,6 +342,9 @@ def bench_precision(precision: str, args: argparse.Namespace, device: torch.devi
     student, teacher = (m.to(device) for m in build_models(cfg, {"arch": args.arch, "patch_size": PATCH}))
     reference = OfficialStep(student, teacher, cfg, device)  # deep copy before ours trains
     ours = OursStep(student, teacher, cfg, device)
+    if args.ours_attention == "explicit":  # what-if: ours with the reference's attention kernel
+        for model in (ours.student, ours.teacher):
+            disable_fused_attention(model)
     batch = synthetic_batch(cfg, device, args.seed)
     it = EPOCH * ITERS_PER_EPOCH
 
@@ -398,7 +399,8 @@ def _fmt(values: Sequence[float]) -> str:
 def print_table(results: Sequence[PrecisionResult], args: argparse.Namespace) -> None:
     """Compact summary, one row per precision."""
     print(f"\n{args.arch}/{PATCH}, out_dim {args.out_dim}, batch {args.batch}, 2x{GLOBAL_SIZE} + "
-          f"{args.local_crops}x{LOCAL_SIZE} crops, {args.device}, {torch.get_num_threads()} threads")
+          f"{args.local_crops}x{LOCAL_SIZE} crops, {args.device}, {torch.get_num_threads()} threads, "
+          f"ours attention {args.ours_attention}")
     header = (f"{'precision':<9} {'ours img/s':>10} {'ref img/s':>10} {'speedup':>8} {'loss ours':>11} "
               f"{'loss ref':>11} {'rel diff':>9} {'GFLOP ours':>10} {'GFLOP ref':>10} {'TFLOP/s':>8} "
               f"{'mm GFLOP/s':>10} {'of mm':>6}")
@@ -421,6 +423,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", default="vit_small")
     parser.add_argument("--out-dim", type=int, default=8192)
     parser.add_argument("--local-crops", type=int, default=10)
+    parser.add_argument("--ours-attention", choices=["fused", "explicit"], default="fused",
+                        help="what-if: 'explicit' runs ours with timm fused_attn=False (ibot/ uses fused SDPA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)

@@ -34,7 +34,8 @@ from ibot.distributed import all_gather_cat, is_main, local_rank, rank, world_si
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "eval_transform", "linear_train_transform",
            "IndexedImageFolder", "image_folder", "make_loader", "extract_features", "gather_correct",
            "cls_features", "topk_correct", "progress", "log", "pick_device", "autocast", "PRECISIONS",
-           "dataset_label", "native_img_size", "build_eval_backbone", "config_fingerprint", "file_id", "seed_everything"]
+           "dataset_label", "native_img_size", "build_eval_backbone", "config_fingerprint", "file_id",
+           "seed_everything"]
 
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # (0.229, 0.224, 0.225)

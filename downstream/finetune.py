@@ -191,28 +191,7 @@ def train_transform(config: Mapping[str, Any]):
         mean=IMAGENET_MEAN, std=IMAGENET_STD)
     if int(config["crop"]) <= 32:  # official build_transform: small inputs use RandomCrop(padding=4)
         transform.transforms[0] = transforms.RandomCrop(int(config["crop"]), padding=4)
-    _patch_posterize(transform)
     return transform
-
-
-def _posterize_keep_bits(img, bits_to_keep, **__):
-    """timm's ``posterize`` for every Pillow: Pillow >= 12 refuses 0 bits, which RandAugment
-    ``inc1`` asks for at high magnitudes; older Pillow (and TF's RandAugment) then return a black
-    image (mask 0), which is what this does."""
-    from PIL import ImageOps
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep >= 1:
-        return ImageOps.posterize(img, bits_to_keep)
-    return img.point([0] * (256 * len(img.getbands())))
-
-
-def _patch_posterize(transform) -> None:
-    from timm.data import auto_augment
-    for step in getattr(transform, "transforms", []):
-        for op in getattr(step, "ops", []):
-            if getattr(op, "aug_fn", None) is auto_augment.posterize:
-                op.aug_fn = _posterize_keep_bits
 
 
 # -- evaluation -------------------------------------------------------------------------------------
@@ -266,6 +245,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
         if mixup_fn is not None and per_process > 1:
             per_process -= per_process % 2
         log(f"[finetune] batch_size {config['batch_size']} exceeds the data: using {per_process} per process")
+    accum = max(1, min(accum, shard // per_process))  # an epoch must hold at least one full update
     global_batch = per_process * world_size() * accum
     steps_per_epoch = max(1, len(train_set) // (per_process * world_size()) // accum)
     epochs = int(config["epochs"])
@@ -277,8 +257,12 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     module: nn.Module = net
     if world_size() > 1:
         module = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    criterion = SoftTargetCrossEntropy() if mixup_fn is not None else (
-        LabelSmoothingCrossEntropy(float(config["smoothing"])) if float(config["smoothing"]) > 0 else nn.CrossEntropyLoss())
+    if mixup_fn is not None:
+        criterion: nn.Module = SoftTargetCrossEntropy()
+    elif float(config["smoothing"]) > 0:
+        criterion = LabelSmoothingCrossEntropy(float(config["smoothing"]))
+    else:
+        criterion = nn.CrossEntropyLoss()
     train_loader = make_loader(train_set, per_process, shuffle=True, seed=seed, drop_last=True,
                                num_workers=int(config["num_workers"]))
     val_loader = make_loader(val_set, per_process, shuffle=False, num_workers=int(config["num_workers"]))
@@ -308,7 +292,8 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
         module.train()
         loss_sum, count = torch.zeros((), device=device), 0
         optimizer.zero_grad(set_to_none=True)
-        for step, (images, targets, _) in enumerate(progress(train_loader, desc=f"finetune epoch {epoch + 1}/{epochs}")):
+        batches = progress(train_loader, desc=f"finetune epoch {epoch + 1}/{epochs}")
+        for step, (images, targets, _) in enumerate(batches):
             update = step // accum
             if update >= steps_per_epoch:
                 break

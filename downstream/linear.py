@@ -21,7 +21,7 @@ checkpointed after every epoch in ``work/`` and a rerun resumes from it.
 
 ``head.pth`` = ``{'state_dict': {'weight': [C, F], 'bias': [C]}, 'meta': {'n_last_blocks',
 'avgpool_patchtokens', 'num_classes', 'lr', 'scaled_lr', 'epoch', 'top1', 'top5', 'classes',
-'resize', 'crop', 'interpolation', 'mean', 'std', 'feature_dim', 'model_spec'}}``.
+'resize', 'crop', 'interpolation', 'mean', 'std', 'feature_dim', 'model_spec', 'seed'}}``.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ def load_linear_classifier(model_spec: Mapping[str, Any], checkpoint: str | Path
     """Backbone weights + a ``head.pth`` written by the linear stage → classifier in eval mode.
 
     ``model_spec`` is ``{"arch", "patch_size", "depth"}`` (as for ``build_pretrained_backbone``);
-    ``checkpoint``/``checkpoint_key`` are the backbone weights the head was trained on. The returned
+    ``checkpoint``/``checkpoint_key`` are the backbone weights the head was trained on (``None``: the
+    random-init backbone of the stage, rebuilt from ``meta['seed']``). The returned
     module maps normalised images to logits with the same feature function as training
     (``linear_features``); ``.meta`` holds the head's meta (``classes``, ``resize``, ``crop``, ...).
     Raises ``CheckpointError`` if the head does not fit the backbone.
@@ -213,7 +214,10 @@ def load_linear_classifier(model_spec: Mapping[str, Any], checkpoint: str | Path
         raise CheckpointError(f"linear head {head_path}: expected {{'state_dict', 'meta'}} "
                               f"(written by downstream.linear), got {type(saved).__name__}")
     meta, state = dict(saved["meta"]), saved["state_dict"]
-    backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, int(meta.get("crop", 224)))
+    with torch.random.fork_rng(devices=[]):
+        # without a checkpoint the backbone is the random init the head was trained on (seeded like the stage)
+        torch.manual_seed(int(meta.get("seed", 0)))
+        backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, int(meta.get("crop", 224)))
     dim = feature_dim(backbone.embed_dim, int(meta["n_last_blocks"]), meta["avgpool_patchtokens"])
     weight, bias = state.get("weight"), state.get("bias")
     if weight is None or bias is None or tuple(weight.shape) != (int(meta["num_classes"]), dim):
@@ -261,6 +265,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     lrs = list(config["lrs"] or OFFICIAL_LR_GRID)
     n_last, avgpool = int(config["n_last_blocks"]), config["avgpool_patchtokens"]
 
+    torch.manual_seed(seed)  # a random-init backbone (no checkpoint) is rebuilt from meta['seed'] when loading
     backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, int(config["crop"])).to(device)
     if not 1 <= n_last <= len(backbone.blocks):
         raise ValueError(f"linear.n_last_blocks: {n_last} but the backbone has {len(backbone.blocks)} blocks")
@@ -335,7 +340,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                 "top5": best["top5"] if num_classes >= 5 else None, "classes": list(train_set.classes),
                 "resize": int(config["resize"]), "crop": int(config["crop"]), "interpolation": "bicubic",
                 "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "feature_dim": dim,
-                "model_spec": dict(model_spec)}
+                "model_spec": dict(model_spec), "seed": seed}
         save_atomic({"state_dict": best["state_dict"], "meta": meta}, out_path.parent / "head.pth")
         per_head = {}
         for row in history:

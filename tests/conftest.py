@@ -32,4 +32,4 @@ def slurm_cluster():
     finally:
         os.environ.pop("SLURM_CONF", None)
         os.environ.update(saved)
-        cluster.stop()
+        cluster.stop(keep_files=bool(os.environ.get("IBOT_SLURM_KEEP")))  # keep logs for debugging

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from downstream import linear
-from downstream.features import eval_transform, image_folder
+from downstream.features import build_eval_backbone, eval_transform, image_folder
 from ibot.checkpoint import CheckpointError
 from ibot.metrics import read_metrics
 from ibot.models.vision_transformer import build_backbone
@@ -128,3 +128,28 @@ def test_cli_end_to_end_head_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(linear.LinearSweep, "train_step", lambda *a, **k: pytest.fail("retrained"))
     linear.main(argv)
     assert read_metrics(out)["metrics"] == record["metrics"] and (out.parent / "head.pth").is_file()
+
+
+def test_random_init_head_reloads(tmp_path: Path) -> None:
+    """Random-init baseline: load_linear_classifier(checkpoint=None) rebuilds the same backbone."""
+    data = make_image_folder(tmp_path / "imagenet", train=3, val=3)
+    out = tmp_path / "results" / "linear" / "metrics.json"
+    config = {**CONFIG, "epochs": 1, "lrs": [1.0]}
+    torch.manual_seed(123)  # global RNG state must not matter
+    linear.main(["--data", str(data), "--out", str(out), "--config", json.dumps(config), "--seed", "5",
+                 "--resources", '{"cluster": "debug"}', *TINY])
+    record = read_metrics(out)
+    torch.manual_seed(456)
+    classifier = linear.load_linear_classifier({"arch": "vit_tiny", "patch_size": 8, "depth": 2}, None, None,
+                                               out.parent / "head.pth")
+    val = image_folder(data, "val", eval_transform(36, 32))
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        logits = classifier(images)
+    assert 100.0 * float((logits.argmax(1) == labels).double().mean()) == pytest.approx(record["metrics"]["top1"])
+    assert torch.load(out.parent / "head.pth", weights_only=True)["meta"]["seed"] == 5
+    torch.manual_seed(5)  # what the stage built (torch.manual_seed(seed) right before the backbone)
+    reference = build_eval_backbone({"arch": "vit_tiny", "patch_size": 8, "depth": 2}, None, None, 32)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(classifier.backbone.state_dict()[name], value), name

@@ -4,7 +4,6 @@ taken from the project config, and the train → test run inside our launcher jo
 from __future__ import annotations
 
 import logging
-import math
 import os
 import uuid
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["CONFIG_DIR", "arch_value", "env_world_size", "norm_cfg", "per_gpu_batch", "configure_runtime",
+__all__ = ["CONFIG_DIR", "arch_value", "resolved_out_indices", "env_world_size", "norm_cfg", "per_gpu_batch", "configure_runtime",
            "set_dataloader_workers", "train_and_test"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -30,6 +29,16 @@ def arch_value(value: Any, table: Mapping[str, Any], arch: str, key: str) -> Any
     if key not in table[recipe]:
         raise KeyError(f"no official value of {key!r} for {arch}")
     return table[recipe][key]
+
+
+def resolved_out_indices(backbone_cfg: Mapping[str, Any]) -> list[int]:
+    """The blocks an ``IBOTViTDense`` config will output (its default when ``out_indices`` is None)."""
+    from downstream.dense.backbone import default_out_indices
+    from ibot.models.vision_transformer import ARCHITECTURES
+
+    if backbone_cfg.get("out_indices") is not None:
+        return list(backbone_cfg["out_indices"])
+    return default_out_indices(int(backbone_cfg.get("depth") or ARCHITECTURES[backbone_cfg["arch"]].depth))
 
 
 def env_world_size() -> int:
@@ -133,8 +142,3 @@ def _is_scalar(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return getattr(value, "ndim", 0) == 0
-
-
-def finite_or(value: Any, default: float = 0.0) -> float:
-    value = float(value)
-    return value if math.isfinite(value) else default

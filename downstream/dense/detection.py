@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from downstream.cli import stage_main
 from downstream.dense.common import (CONFIG_DIR, arch_value, configure_runtime, env_world_size, norm_cfg,
-                                     per_gpu_batch, set_dataloader_workers, train_and_test)
+                                     per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
 
 __all__ = ["DEFAULTS", "PAPER", "build_config", "run", "main"]
 
@@ -221,7 +221,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                              "layer_decay": cfg.optim_wrapper.paramwise_cfg.layer_decay_rate,
                              "drop_path": cfg.model.backbone.drop_path_rate,
                              "batch_size": cfg.auto_scale_lr.base_batch_size,
-                             "out_indices": cfg.model.backbone.out_indices})
+                             "out_indices": resolved_out_indices(cfg.model.backbone)})
     return metrics
 
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from downstream.cli import stage_main
 from downstream.dense.common import (CONFIG_DIR, arch_value, configure_runtime, env_world_size, norm_cfg,
-                                     per_gpu_batch, set_dataloader_workers, train_and_test)
+                                     per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
 
 __all__ = ["DEFAULTS", "PAPER", "HEADS", "build_config", "run", "main"]
 
@@ -129,9 +129,7 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
         aux.update(in_channels=embed_dim, num_classes=num_classes, norm_cfg=norm)
         aux.loss_decode.loss_weight = float(sub["aux_loss_weight"])
     else:
-        from downstream.dense.backbone import default_out_indices
-        depth = int(model_spec.get("depth") or ARCHITECTURES[arch].depth)
-        levels = len(sub["out_indices"] or default_out_indices(depth))
+        levels = len(resolved_out_indices(backbone))
         decode.update(in_channels=[embed_dim] * levels, in_index=list(range(levels)),
                       channels=embed_dim * levels, with_bn=bool(sub["with_bn"]))
     crop = (int(config["crop_size"]), int(config["crop_size"]))
@@ -143,7 +141,7 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     scale = tuple(int(s) for s in config["scale"])
     cfg.train_pipeline = [
         dict(type="LoadImageFromFile"),
-        dict(type="LoadAnnotations", reduce_zero_label=True),
+        dict(type="LoadAnnotations"),  # reduce_zero_label comes from the dataset
         dict(type="RandomResize", scale=scale, ratio_range=tuple(config["ratio_range"]), keep_ratio=True),
         dict(type="RandomCrop", crop_size=crop, cat_max_ratio=float(config["cat_max_ratio"])),
         dict(type="RandomFlip", prob=0.5),
@@ -153,7 +151,7 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     cfg.test_pipeline = [
         dict(type="LoadImageFromFile"),
         dict(type="Resize", scale=scale, keep_ratio=True),
-        dict(type="LoadAnnotations", reduce_zero_label=True),
+        dict(type="LoadAnnotations"),  # reduce_zero_label comes from the dataset
         dict(type="PackSegInputs"),
     ]
     if classes is not None:  # a custom class list: label values as stored (BaseSegDataset never remaps)
@@ -222,7 +220,8 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                              "num_classes": cfg.model.decode_head.num_classes,
                              "lr": cfg.optim_wrapper.optimizer.lr,
                              "layer_decay": (cfg.optim_wrapper.get("paramwise_cfg") or {}).get("layer_decay_rate"),
-                             "iters": cfg.train_cfg.max_iters})
+                             "iters": cfg.train_cfg.max_iters,
+                             "out_indices": resolved_out_indices(cfg.model.backbone)})
     return metrics
 
 
