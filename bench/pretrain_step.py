@@ -100,7 +100,7 @@ def make_schedules(cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndar
     return lr, wd, momentum
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     """bf16/fp16 autocast, or a disabled autocast for fp32."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
 
@@ -109,7 +109,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 class OursStep(Trainer):
     """A Trainer without dataset, sampler or checkpoints; ``train_step`` is the real one."""
 
-    def __init__(self, student: IBOTModel, teacher: IBOTModel, cfg: dict[str, Any],  # noqa: D107
+    def __init__(self, student: IBOTModel, teacher: IBOTModel, cfg: dict[str, Any],
                  device: torch.device) -> None:  # pylint: disable=super-init-not-called
         self.cfg, self.spec, self.device = cfg, {}, device
         self.work_dir = Path("bench-no-checkpoints")
@@ -314,29 +314,36 @@ def counted(fn: Callable[[], Any]) -> tuple[Any, int]:
     return result, counter.get_total_flops()
 
 
+#: Largest first-step relative loss difference accepted in fp32 (bf16 is reported, not checked: the
+#: official loss divides bf16 logits by the temperature in bf16, ours works in fp32).
+FP32_LOSS_RTOL = 1e-5
+
+
 @dataclass
 class PrecisionResult:
-    """Figures of one precision (times in seconds, medians of the timed steps)."""
+    """Figures of one precision (step times in seconds; img/s and speedup from their medians)."""
 
     precision: str
     loss_ours: float
     loss_reference: float
-    loss_ibotloss_official_layout: float
-    loss_rel_diff: float
+    loss_ibotloss_official_layout: float  # our IBOTLoss on the reference's [G*B, N, P] outputs
+    loss_rel_diff: float  # ours vs reference
+    loss_ok: bool | None  # fp32: within FP32_LOSS_RTOL; bf16: None (not checked)
+    flops_ours: int
+    flops_reference: int
+    matmul_gflop_s: float
     ours_step_s: list[float] = field(default_factory=list)
     reference_step_s: list[float] = field(default_factory=list)
     ours_img_s: float = 0.0
     reference_img_s: float = 0.0
     speedup: float = 0.0
-    flops_ours: int = 0
-    flops_reference: int = 0
     ours_tflop_s: float = 0.0
-    matmul_gflop_s: float = 0.0
     ours_fraction_of_matmul: float = 0.0
 
 
-def bench_precision(precision: str, args: argparse.Namespace, device: torch.device, matmul: float) -> PrecisionResult:
-    """Build both harnesses from the same weights, check the first-step loss, then time interleaved."""
+def build_harnesses(precision: str, args: argparse.Namespace, device: torch.device
+                    ) -> tuple[OursStep, OfficialStep, Batch, dict[str, Any]]:
+    """Ours and the reference from the same initial weights, plus the synthetic batch and config."""
     cfg = bench_config(args.out_dim, args.local_crops, args.batch, precision)
     torch.manual_seed(args.seed)
     student, teacher = (m.to(device) for m in build_models(cfg, {"arch": args.arch, "patch_size": PATCH}))
@@ -345,21 +352,30 @@ def bench_precision(precision: str, args: argparse.Namespace, device: torch.devi
     if args.ours_attention == "explicit":  # what-if: ours with the reference's attention kernel
         for model in (ours.student, ours.teacher):
             disable_fused_attention(model)
-    batch = synthetic_batch(cfg, device, args.seed)
-    it = EPOCH * ITERS_PER_EPOCH
+    return ours, reference, synthetic_batch(cfg, device, args.seed), cfg
 
-    # first step (warmup 1): same seed -> same drop-path draws; FLOPs counted on it
-    torch.manual_seed(args.seed + 1)
+
+def first_step(ours: OursStep, reference: OfficialStep, batch: Batch, cfg: dict[str, Any], it: int, seed: int,
+               precision: str, matmul: float) -> PrecisionResult:
+    """First (warmup) step of both under FLOP counting, with the same seed (same drop-path draws)."""
+    torch.manual_seed(seed)
     loss_ours, flops_ours = counted(lambda: ours.step(batch, it))
-    torch.manual_seed(args.seed + 1)
-    ref_first, flops_ref = counted(lambda: reference.step(batch, it, check=make_loss(cfg).to(device)))
-    result = PrecisionResult(precision, loss_ours, ref_first["loss"], ref_first["check"],
-                             abs(loss_ours - ref_first["loss"]) / abs(ref_first["loss"]),
-                             flops_ours=flops_ours, flops_reference=flops_ref, matmul_gflop_s=matmul)
-    print(f"[{precision}] first-step loss: ours {loss_ours:.7f}  reference {ref_first['loss']:.7f}  "
-          f"IBOTLoss(official layout) {ref_first['check']:.7f}  rel diff {result.loss_rel_diff:.2e}  "
-          f"(unfused attention in {reference.unfused} reference blocks)", flush=True)
+    torch.manual_seed(seed)
+    ref, flops_ref = counted(lambda: reference.step(batch, it, check=make_loss(cfg).to(ours.device)))
+    rel = abs(loss_ours - ref["loss"]) / abs(ref["loss"])
+    ok = rel <= FP32_LOSS_RTOL if precision == "fp32" else None
+    verdict = {True: "IDENTICAL (OK)", False: f"MISMATCH (> {FP32_LOSS_RTOL:g})", None: "(bf16: not checked)"}[ok]
+    print(f"[{precision}] first-step loss: ours {loss_ours:.7f}  reference {ref['loss']:.7f}  "
+          f"IBOTLoss on reference outputs {ref['check']:.7f}  rel diff {rel:.2e} {verdict}  "
+          f"[explicit attention in {reference.unfused} reference blocks]", flush=True)
+    return PrecisionResult(precision, loss_ours, ref["loss"], ref["check"], rel, ok, flops_ours, flops_ref, matmul)
 
+
+def bench_precision(precision: str, args: argparse.Namespace, device: torch.device, matmul: float) -> PrecisionResult:
+    """Check the first-step loss, run the remaining warmup, then time both interleaved."""
+    ours, reference, batch, cfg = build_harnesses(precision, args, device)
+    it = EPOCH * ITERS_PER_EPOCH
+    result = first_step(ours, reference, batch, cfg, it, args.seed + 1, precision, matmul)
     runners = {"ours": lambda i: ours.step(batch, i), "reference": lambda i: reference.step(batch, i)}
     for i in range(1, args.warmup):
         for run in runners.values():
@@ -369,8 +385,8 @@ def bench_precision(precision: str, args: argparse.Namespace, device: torch.devi
     ours_s, ref_s = statistics.median(times["ours"]), statistics.median(times["reference"])
     result.ours_img_s, result.reference_img_s = args.batch / ours_s, args.batch / ref_s
     result.speedup = ref_s / ours_s
-    result.ours_tflop_s = flops_ours / ours_s / 1e12
-    result.ours_fraction_of_matmul = flops_ours / ours_s / (matmul * 1e9)
+    result.ours_tflop_s = result.flops_ours / ours_s / 1e12
+    result.ours_fraction_of_matmul = result.flops_ours / ours_s / (matmul * 1e9)
     print(f"[{precision}] ours {result.ours_img_s:.2f} img/s  reference {result.reference_img_s:.2f} img/s  "
           f"speedup {result.speedup:.2f}x  (steps ours {_fmt(times['ours'])}, reference {_fmt(times['reference'])})",
           flush=True)
@@ -403,7 +419,7 @@ def print_table(results: Sequence[PrecisionResult], args: argparse.Namespace) ->
           f"ours attention {args.ours_attention}")
     header = (f"{'precision':<9} {'ours img/s':>10} {'ref img/s':>10} {'speedup':>8} {'loss ours':>11} "
               f"{'loss ref':>11} {'rel diff':>9} {'GFLOP ours':>10} {'GFLOP ref':>10} {'TFLOP/s':>8} "
-              f"{'mm GFLOP/s':>10} {'of mm':>6}")
+              f"{'mm GFLOP/s':>10} {'of mm':>6}")  # GFLOP: one step, forward + backward
     print(header)
     for r in results:
         print(f"{r.precision:<9} {r.ours_img_s:>10.2f} {r.reference_img_s:>10.2f} {r.speedup:>7.2f}x "
@@ -447,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> list[PrecisionResult]:
           + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in matmul.items()), flush=True)
     results = [bench_precision(p, args, device, matmul[p]) for p in precisions]
     print_table(results, args)
+    if any(r.loss_ok is False for r in results):
+        print(f"ERROR: fp32 first-step losses differ by more than {FP32_LOSS_RTOL:g} (relative)", file=sys.stderr)
     if args.json:
         payload = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -457,4 +475,4 @@ def main(argv: Sequence[str] | None = None) -> list[PrecisionResult]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any(r.loss_ok is False for r in main()) else 0)

@@ -164,7 +164,8 @@ SlurmctldHost={node}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
-AuthInfo=socket={munge_socket},cred_expire=10
+# cred_expire also delays the restart of a requeued job (default 120 s): short here for the requeue tests
+AuthInfo=socket={munge_socket},cred_expire=5
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -186,6 +187,7 @@ JobCompType=jobcomp/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 # short grace between SIGTERM and SIGKILL (preemption/requeue tests), finished jobs stay visible 300 s
 KillWait=5
 MinJobAge=300

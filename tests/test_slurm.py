@@ -93,6 +93,12 @@ class _Output:
             time.sleep(0.2)
         raise AssertionError(f"{pattern!r} not in the output after {timeout}s:\n{self.text[-4000:]}")
 
+    def finish_text(self) -> str:
+        """All output of a child that has exited (whatever its exit code)."""
+        self.proc.wait(timeout=30)
+        self._thread.join(timeout=10)
+        return self.text
+
     def finish(self, timeout: float) -> str:
         try:
             self.proc.wait(timeout=timeout)
@@ -104,9 +110,28 @@ class _Output:
         return self.text
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
 def _start(args: list[str], env: dict[str, str]) -> _Output:
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _STARTED.append(proc)
     return _Output(proc)
+
+
+@pytest.fixture
+def children(slurm_cluster):
+    """Kill what a test started (by PID) and cancel its jobs if it fails or is interrupted midway."""
+    _STARTED.clear()
+    before = {job["JobId"] for job in slurm_cluster.jobs()}
+    yield
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    for job in slurm_cluster.jobs():
+        if job["JobId"] not in before and job.get("JobState") in {"PENDING", "RUNNING", "SUSPENDED", "REQUEUED"}:
+            slurm_cluster.command("scancel", job["JobId"], check=False)
 
 
 def _wait_file(path: Path, timeout: float, what: str) -> None:
@@ -124,7 +149,7 @@ def _jobs_named(cluster, name: str) -> list[dict[str, str]]:
     return [job for job in cluster.jobs() if job.get("JobName") == name]
 
 
-def test_ddp_two_tasks_match_one_process(slurm_cluster, train_dir, tmp_path):
+def test_ddp_two_tasks_match_one_process(slurm_cluster, train_dir, tmp_path, children):
     env = _env(slurm_cluster)
     started = time.time()
     ddp = _start(_cli(train_dir, tmp_path / "ddp", {"cluster": "slurm", "tasks_per_node": 2, "cpus_per_task": 1,
@@ -157,24 +182,35 @@ def test_ddp_two_tasks_match_one_process(slurm_cluster, train_dir, tmp_path):
 
 
 _LAUNCH = """
-import json, sys
+import inspect, json, sys
 from ibot.run.launcher import launch
 a = json.loads(sys.argv[1])
-print(json.dumps(launch(a["entry"], a["kwargs"], job_dir=a["job_dir"], resources=a["resources"], name=a["name"])))
+extra = {k: v for k, v in a.get("launch", {}).items() if k in inspect.signature(launch).parameters}
+print(json.dumps(launch(a["entry"], a["kwargs"], job_dir=a["job_dir"], resources=a["resources"], name=a["name"],
+                        **extra)))
 """
 
 
-def test_preempted_and_timed_out_job_resumes_bit_identical(slurm_cluster, train_dir, tmp_path):
-    """One job: ``scontrol requeue`` after its first checkpoint, then its 1-minute limit (USR2 30 s before)."""
+def test_timed_out_and_preempted_job_resumes_bit_identical(slurm_cluster, train_dir, tmp_path, children):
+    """One job hits its 1-minute limit mid-run, then is requeued by ``scontrol requeue`` mid-run.
+
+    slurmctld checks limits every 30 s (PERIODIC_TIMEOUT) and sends the ``--signal`` warning at the
+    first check where remaining <= delay + 30 s: with a 60 s limit and a 5 s delay, USR2 comes 25-55 s
+    into an attempt (after startup and at least one epoch) and submitit's requeue precedes the kill.
+    A delay >= 30 s would signal a fresh attempt before submitit installs its handler (the task dies
+    of SIGUSR2 and the job FAILS). Epochs are paced (sleep after each checkpoint, see
+    ``slurm_cluster.paced_pretrain``) so the first attempt needs > 60 s: the limit always lands mid-run.
+    """
     env = _env(slurm_cluster)
     config = {**BASE, "epochs": 7}
     reference = _start(_cli(train_dir, tmp_path / "reference", {"cluster": "debug"}, config, "reference"), env)
 
     out, attempts = tmp_path / "requeued", tmp_path / "attempts.txt"
-    kwargs = dict(pace_s=10.0, attempts_file=str(attempts), config=deep_merge(DEFAULTS, config, path="pretrain"),
+    checkpoint = out / "work" / "checkpoint.pth"
+    kwargs = dict(pace_s=8.0, attempts_file=str(attempts), config=deep_merge(DEFAULTS, config, path="pretrain"),
                   model_spec=SPEC, data=str(train_dir), out_dir=str(out), run="slurm-test", model="requeued", seed=0)
     resources = {"cluster": "slurm", "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 1,
-                 "slurm_signal_delay_s": 30, "max_num_timeout": 6,
+                 "slurm_signal_delay_s": 5, "max_num_timeout": 6,
                  "slurm_additional_parameters": {"open-mode": "append"}}  # keep every attempt's log
     started = time.time()
     launcher = _start([sys.executable, "-c", _LAUNCH, json.dumps(dict(
@@ -182,9 +218,19 @@ def test_preempted_and_timed_out_job_resumes_bit_identical(slurm_cluster, train_
         name="pretrain-requeued"))], env)
     job_id = launcher.wait_for(SUBMITTED.pattern, timeout=120).group(1)
 
-    # preemption: requeue the running job right after its first epoch checkpoint
-    _wait_file(out / "work" / "checkpoint.pth", 180, "first checkpoint")
-    assert slurm_cluster.job_state(job_id) == "RUNNING"
+    # 1) the time limit requeues the first attempt; wait for the second one to start
+    deadline = time.time() + 180
+    while not (attempts.is_file() and len(attempts.read_text().splitlines()) >= 2):
+        assert time.time() < deadline and launcher.proc.poll() is None, launcher.text[-4000:]
+        time.sleep(0.5)
+    timed_out_at = time.time() - started
+    # 2) preemption: requeue the second attempt right after it writes its next checkpoint
+    seen = checkpoint.stat().st_mtime if checkpoint.is_file() else 0.0
+    while not (checkpoint.is_file() and checkpoint.stat().st_mtime > seen):
+        assert time.time() < deadline + 120 and launcher.proc.poll() is None, launcher.text[-4000:]
+        time.sleep(0.2)
+    preempted_epoch = load_file(checkpoint)["epoch"]
+    assert slurm_cluster.job_state(job_id) == "RUNNING" and preempted_epoch < config["epochs"]
     slurm_cluster.command("scontrol", "requeue", job_id)
     preempted_at = time.time() - started
 
@@ -192,21 +238,22 @@ def test_preempted_and_timed_out_job_resumes_bit_identical(slurm_cluster, train_
     elapsed = time.time() - started
     reference.finish(timeout=60)
 
-    rows = [line.split() for line in attempts.read_text().splitlines()]
-    restarts, start_epochs = [int(r[0]) for r in rows], [int(r[1]) for r in rows]
+    rows = [tuple(int(x) for x in line.split()) for line in attempts.read_text().splitlines()]
+    start_epochs = [epoch for _, epoch in rows]
     job = _jobs_named(slurm_cluster, "pretrain-requeued")
     log = "".join(p.read_text(errors="replace") for p in sorted((out / "job" / "submitit").glob(f"{job_id}_0_log.*")))
-    print(f"\nrequeue test: SLURM job {job_id}, scontrol requeue at {preempted_at:.0f}s, attempts "
-          f"(restart count, start epoch) {list(zip(restarts, start_epochs))}, Restarts={job[0]['Restarts']}, "
-          f"end to end {elapsed:.0f}s")
+    print(f"\nrequeue test: SLURM job {job_id}; second attempt seen at {timed_out_at:.0f}s, scontrol requeue at "
+          f"{preempted_at:.0f}s (checkpoint epoch {preempted_epoch}); attempts (restart count, start epoch) {rows}; "
+          f"Restarts={job[0]['Restarts']}; end to end {elapsed:.0f}s")
     assert SUBMITTED.findall(text) == [job_id], "the launcher submitted more than one job"
     assert [j["JobId"] for j in job] == [job_id]
     slurm_cluster.wait_state(job_id, {"COMPLETED"}, timeout=60)
     assert len(rows) >= 3 and int(job[0]["Restarts"]) >= 2, rows
-    assert restarts == sorted(set(restarts)), f"one start per requeue expected: {rows}"
-    assert start_epochs[0] == 0 and all(e >= 1 for e in start_epochs[1:]), f"a requeue restarted from 0: {rows}"
-    assert start_epochs == sorted(start_epochs) and start_epochs[-1] < config["epochs"], rows
+    assert [r for r, _ in rows] == list(range(len(rows))), f"one start per requeue expected: {rows}"
     assert "this job is timed-out" in log and "Requeued job" in log, log[-4000:]  # submitit's USR2 path
+    assert start_epochs[0] == 0 and 1 <= start_epochs[1] < config["epochs"], f"timeout not resumed mid-run: {rows}"
+    assert start_epochs[2] >= preempted_epoch, f"preemption did not resume from its checkpoint: {rows}"
+    assert start_epochs == sorted(start_epochs), rows
 
     requeued, uninterrupted = _teacher(out), _teacher(tmp_path / "reference")
     different = [k for k in uninterrupted if not torch.equal(requeued[k], uninterrupted[k])]
@@ -216,7 +263,7 @@ def test_preempted_and_timed_out_job_resumes_bit_identical(slurm_cluster, train_
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
 
 
-def test_killed_caller_reattaches_to_its_job(slurm_cluster, train_dir, tmp_path):
+def test_killed_caller_reattaches_to_its_job(slurm_cluster, train_dir, tmp_path, children):
     env = _env(slurm_cluster)
     out = tmp_path / "restart"
     command = _cli(train_dir, out, {"cluster": "slurm", "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 10},
@@ -245,6 +292,29 @@ def test_killed_caller_reattaches_to_its_job(slurm_cluster, train_dir, tmp_path)
     assert [p.name for p in (out / "job" / "submitit").glob("*_submitted.pkl")] == [f"{job_id}_submitted.pkl"]
     assert not state_file.exists(), "job.json must be removed once the job's result is collected"
     assert (out / "teacher_backbone.pth").is_file() and json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.xfail(strict=True, reason="without accounting (sacct) submitit only watches result files, so the "
+                   "launcher waits forever for a job that ended without one; see the proposed launcher diff "
+                   "(squeue check every status_s) in the reliability report")
+def test_job_that_ends_without_a_result_fails_the_launcher(slurm_cluster, tmp_path, children):
+    out = tmp_path / "cancelled"
+    launcher = _start([sys.executable, "-c", _LAUNCH, json.dumps(dict(
+        # a task that blocks in Python (submitit's handler ignores SIGTERM): scancel ends it with SIGKILL
+        entry="multiprocessing.connection:wait", kwargs={"object_list": [], "timeout": 300}, job_dir=str(out / "job"),
+        resources={"cluster": "slurm", "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 10},
+        name="cancelled", launch={"status_s": 2}))], _env(slurm_cluster))
+    job_id = launcher.wait_for(SUBMITTED.pattern, timeout=120).group(1)
+    slurm_cluster.wait_state(job_id, {"RUNNING"}, timeout=60)
+    slurm_cluster.command("scancel", job_id)  # like an OOM kill, a node failure or a signal before submitit's handler
+    slurm_cluster.wait_state(job_id, {"CANCELLED"}, timeout=60)
+    try:
+        launcher.proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the launcher still waits 40 s after its SLURM job {job_id} was cancelled")
+    assert launcher.proc.returncode != 0
+    assert re.search(rf"SLURM job {job_id} ended \(CANCELLED\) without a result", launcher.finish_text())
+    assert not (out / "job" / "job.json").exists()
 
 
 def test_snakemake_slurm_profile_submits_a_rule(slurm_cluster, tmp_path):

@@ -121,6 +121,12 @@ class IBOTVisionTransformer(VisionTransformer):
         q, k = attn.q_norm(q), attn.k_norm(k)
         return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
+    def set_fused_attention(self, enabled: bool) -> None:
+        """Use SDPA (default) or the explicit softmax(qk^T)v. Same math; on CPU under bf16 autocast
+        PyTorch's fused kernel is 3-7x slower than the explicit one (bench/pretrain_step.py)."""
+        for block in self.blocks:
+            block.attn.fused_attn = enabled
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "masked_embed"}
 

@@ -15,11 +15,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import pandas as pd
 
 __all__ = ["PLOT_FILES", "CURVE_SETS", "curve_outputs", "plot_outputs", "make_plots", "plot_pretrain", "plot_linear_lr", "plot_robustness",
            "plot_ours_vs_paper", "write_curves_csv", "read_train_log"]
@@ -27,6 +23,16 @@ __all__ = ["PLOT_FILES", "CURVE_SETS", "curve_outputs", "plot_outputs", "make_pl
 PLOT_FILES = ("pretrain_loss.png", "pretrain_schedules.png", "linear_lr.png", "robustness.png",
               "ours_vs_paper.png")
 _DPI = 110
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, imported on first use (Snakefiles import this module)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_outputs(out_dir: str | Path) -> list[str]:
@@ -45,6 +51,7 @@ def _no_data(ax, text: str) -> None:
 
 
 def _save(fig, path: str | Path) -> Path:
+    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -100,6 +107,7 @@ def _smooth(values: pd.Series) -> pd.Series:
 
 def plot_pretrain(logs: Mapping[str, str | Path], out_loss: str | Path, out_schedules: str | Path) -> list[Path]:
     """Loss curves (total, [CLS], patch) and schedules (lr, wd, momentum, temperatures) per model."""
+    plt = _pyplot()
     frames = {label: read_train_log(p) for label, p in logs.items() if Path(p).is_file()}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (column, title) in zip(axes, (("loss", "total loss"), ("cls", "[CLS] loss (L_[CLS])"),
@@ -140,6 +148,7 @@ def plot_pretrain(logs: Mapping[str, str | Path], out_loss: str | Path, out_sche
 # -- linear probe -----------------------------------------------------------------------------------
 def plot_linear_lr(per_head: Mapping[str, str | Path], out: str | Path) -> Path:
     """Best top-1 (over epochs) of every head of the linear sweep against its learning rate."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     drawn = False
     for label, path in per_head.items():
@@ -203,6 +212,7 @@ def _imagenet_c_long(paths: Sequence[Path]) -> pd.DataFrame | None:
 def plot_robustness(occlusion: Mapping[str, str | Path], imagenet_c: Mapping[str, Sequence[str | Path]],
                     out: str | Path) -> Path:
     """Occlusion accuracy vs information loss (salient / non-salient / random) and ImageNet-C error per corruption."""
+    plt = _pyplot()
     fig, (ax_occ, ax_c) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.6]})
     drawn = False
     for label, path in occlusion.items():
@@ -247,6 +257,7 @@ def plot_robustness(occlusion: Mapping[str, str | Path], imagenet_c: Mapping[str
 # -- ours vs paper --------------------------------------------------------------------------------
 def plot_ours_vs_paper(agg: pd.DataFrame, out: str | Path) -> Path:
     """Horizontal bars: ours (mean, ± std error bar) beside the paper's number, every reported metric."""
+    plt = _pyplot()
     rows = agg[pd.to_numeric(agg.get("paper_value"), errors="coerce").notna()] if len(agg) else agg
     height = max(3.0, 0.45 * len(rows) + 1.2)
     fig, ax = plt.subplots(figsize=(7.5, height))

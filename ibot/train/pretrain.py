@@ -168,6 +168,9 @@ class Trainer:
         self.autocast_dtype, use_scaler = _precision(self.cfg, self.device)
         torch.manual_seed(self.cfg["seed"])
         self.student, self.teacher = (m.to(self.device) for m in build_models(self.cfg, self.spec))
+        if self.device.type == "cpu" and self.autocast_dtype is not None:
+            for network in (self.student, self.teacher):
+                network.backbone.set_fused_attention(False)
         self.student_ddp: nn.Module = self.student
         if dist_utils.world_size() > 1:
             self.student_ddp = nn.parallel.DistributedDataParallel(
