@@ -18,9 +18,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from ibot.data.corruptions import CORRUPTIONS
+
 __all__ = ["KINDS", "EXPECTED", "DatasetLayoutError", "check_layout"]
 
-KINDS: tuple[str, ...] = ("imagenet", "coco", "ade20k", "imagenet_c", "imagenet_a", "imagenet_9")
+KINDS: tuple[str, ...] = ("imagenet", "coco", "ade20k", "imagenet_c", "imagenet_a", "imagenet_r", "imagenet_9")
 
 EXPECTED: dict[str, str] = {
     "imagenet": "an ImageNet ImageFolder layout train/<wnid>/*.JPEG and val/<wnid>/*.JPEG",
@@ -30,35 +32,14 @@ EXPECTED: dict[str, str] = {
     ),
     "imagenet_c": "an ImageNet-C layout <corruption>/<severity 1-5>/<wnid>/*.JPEG (e.g. gaussian_noise/1/n01440764/)",
     "imagenet_a": "an ImageNet-A layout <wnid>/*.jpg with class folders named like n01498041",
+    "imagenet_r": "an ImageNet-R layout <wnid>/*.jpg with class folders named like n01443537",
     "imagenet_9": "a backgrounds-challenge (ImageNet-9) layout <variant>/val/<class>/*.JPEG (variant: original, ...)",
 }
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 _JPEG = frozenset({".jpeg", ".jpg"})
 _WNID = re.compile(r"n\d{8}")
-_IMAGENET_C_CORRUPTIONS = frozenset(
-    {
-        "gaussian_noise",
-        "shot_noise",
-        "impulse_noise",
-        "defocus_blur",
-        "glass_blur",
-        "motion_blur",
-        "zoom_blur",
-        "snow",
-        "frost",
-        "fog",
-        "brightness",
-        "contrast",
-        "elastic_transform",
-        "pixelate",
-        "jpeg_compression",
-        "speckle_noise",
-        "gaussian_blur",
-        "spatter",
-        "saturate",
-    }
-)
+_IMAGENET_C_CORRUPTIONS = frozenset(CORRUPTIONS)
 _IN9_VARIANTS = frozenset(
     {"original", "only_fg", "mixed_same", "mixed_rand", "mixed_next", "no_fg", "only_bg_b", "only_bg_t"}
 )
@@ -192,6 +173,7 @@ _CHECKS: dict[str, Callable[[Path], None]] = {
     "ade20k": _check_ade20k,
     "imagenet_c": _check_imagenet_c,
     "imagenet_a": _check_imagenet_a,
+    "imagenet_r": _check_imagenet_a,  # same layout: a subset of wnid folders
     "imagenet_9": _check_imagenet_9,
 }
 

@@ -141,7 +141,6 @@ rule occlusion:
 for _stage in ("imagenet_c", "imagenet_a", "imagenet_r", "bg_challenge", "occlusion"):
     STAGE_TARGETS[_stage] = getattr(rules, _stage).output.metrics
 
-# Datasets checked by data.smk before any job when they are external (imagenet_r has no layout
-# check in ibot.data.layouts yet, so the stage checks it itself).
-STAGE_DATASETS.update({"imagenet_c": ("imagenet_c",), "imagenet_a": ("imagenet_a",),
+# Datasets checked by data.smk before any job when they are external.
+STAGE_DATASETS.update({"imagenet_c": ("imagenet_c",), "imagenet_a": ("imagenet_a",), "imagenet_r": ("imagenet_r",),
                        "bg_challenge": ("imagenet_9",), "occlusion": ("imagenet",)})
