@@ -292,7 +292,7 @@ def _stdout_tail(cluster: SlurmCluster, name: str) -> str:
 
 # -- job-side helper ---------------------------------------------------------------------------
 def paced_pretrain(pace_s: float, attempts_file: str, **kwargs):
-    """``ibot.train.pretrain:run`` that sleeps ``pace_s`` after every epoch checkpoint.
+    """``ibot.train.pretrain:run`` that sleeps ``pace_s`` after every epoch checkpoint but the last.
 
     The sleep only stretches wall time (so a 1-minute SLURM limit and an external requeue land
     mid-run) without extra CPU on a shared 2-core machine; the arithmetic is untouched, so the
@@ -306,7 +306,8 @@ def paced_pretrain(pace_s: float, attempts_file: str, **kwargs):
 
     def save(self, epoch: int) -> None:
         original_save(self, epoch)
-        time.sleep(pace_s)
+        if epoch < self.cfg["epochs"]:
+            time.sleep(pace_s)
 
     def resume(self) -> None:
         original_resume(self)

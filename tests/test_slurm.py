@@ -202,7 +202,7 @@ def test_timed_out_and_preempted_job_resumes_bit_identical(slurm_cluster, train_
     ``slurm_cluster.paced_pretrain``) so the first attempt needs > 60 s: the limit always lands mid-run.
     """
     env = _env(slurm_cluster)
-    config = {**BASE, "epochs": 7}
+    config = {**BASE, "epochs": 9}  # the first attempt reaches epoch <= 6 before its USR2, so the second still has work
     reference = _start(_cli(train_dir, tmp_path / "reference", {"cluster": "debug"}, config, "reference"), env)
 
     out, attempts = tmp_path / "requeued", tmp_path / "attempts.txt"

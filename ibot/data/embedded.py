@@ -459,7 +459,8 @@ def imagenet_layers(seed: int, split: str, spec: ClassSpec, index: int, size: in
     ImageNet-C and ImageNet-9 re-render val images through this, so they use the
     exact pixels and masks of ``imagenet/val``.
     """
-    return _object_layers(_rng(seed, "imagenet", split, spec.wnid, index), spec, size, (0.3, 0.7), (0, 4))
+    # Object-centric like ImageNet: the object dominates (diameter 50-85%), little clutter.
+    return _object_layers(_rng(seed, "imagenet", split, spec.wnid, index), spec, size, (0.5, 0.85), (0, 2))
 
 
 def _val_name(classes: list[ClassSpec], spec: ClassSpec, index: int, per_class: int) -> str:

@@ -19,6 +19,7 @@ rule knn:
         f"{RESULTS}/{RUN}/logs/{{model}}/knn.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/knn.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.knn --data {params.data:q} --out {output.metrics:q} --config {params.config:q} "
         "--resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
@@ -40,6 +41,7 @@ rule linear:
         f"{RESULTS}/{RUN}/logs/{{model}}/linear.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/linear.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.linear --data {params.data:q} --out {output.metrics:q} --config {params.config:q} "
         "--resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
@@ -60,6 +62,7 @@ rule finetune:
         f"{RESULTS}/{RUN}/logs/{{model}}/finetune.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/finetune.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.finetune --data {params.data:q} --out {output.metrics:q} --config {params.config:q} "
         "--resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"

@@ -26,6 +26,7 @@ if EMBEDDED["generate"]:
         benchmark:
             f"{RESULTS}/{RUN}/benchmarks/embedded_data.tsv"
         threads: EMBEDDED["workers"]
+        localrule: True
         shell:
             "{PYTHON:q} -m ibot.data.embedded --out {params.root:q} --seed {params.seed} "
             "--workers {params.workers} {params.sizes:q} > {log:q} 2>&1 && touch {output:q}"

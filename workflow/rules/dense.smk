@@ -29,6 +29,7 @@ rule detection:
         f"{RESULTS}/{RUN}/logs/{{model}}/detection.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/detection.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.dense.detection --data {params.data:q} --out {output.metrics:q} "
         "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
@@ -49,6 +50,7 @@ rule seg_upernet:
         f"{RESULTS}/{RUN}/logs/{{model}}/seg_upernet.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/seg_upernet.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.dense.segmentation --data {params.data:q} --out {output.metrics:q} "
         "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"
@@ -69,6 +71,7 @@ rule seg_linear:
         f"{RESULTS}/{RUN}/logs/{{model}}/seg_linear.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/seg_linear.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.dense.segmentation --data {params.data:q} --out {output.metrics:q} "
         "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"

@@ -24,6 +24,7 @@ rule pretrain:
         f"{RESULTS}/{RUN}/logs/{{model}}/pretrain.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/pretrain.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m ibot.train --data {params.train:q} --out-dir {params.out_dir:q} "
         "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"

@@ -42,6 +42,7 @@ rule imagenet_c:
         f"{RESULTS}/{RUN}/logs/{{model}}/imagenet_c.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/imagenet_c.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.robustness.imagenet_c --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
@@ -64,6 +65,7 @@ rule imagenet_a:
         f"{RESULTS}/{RUN}/logs/{{model}}/imagenet_a.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/imagenet_a.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.robustness.imagenet_a --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
@@ -85,6 +87,7 @@ rule imagenet_r:
         f"{RESULTS}/{RUN}/logs/{{model}}/imagenet_r.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/imagenet_r.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.robustness.imagenet_r --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
@@ -107,6 +110,7 @@ rule bg_challenge:
         f"{RESULTS}/{RUN}/logs/{{model}}/bg_challenge.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/bg_challenge.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.robustness.bg_challenge --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
@@ -132,6 +136,7 @@ rule occlusion:
         f"{RESULTS}/{RUN}/logs/{{model}}/occlusion.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/occlusion.tsv"
+    localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m downstream.robustness.occlusion --head {input.head:q} --data {params.data:q} "
         "--out {output.metrics:q} --config {params.config:q} --resources {params.resources:q} "
