@@ -18,14 +18,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "save_atomic", "load_file", "extract_backbone_state",
+__all__ = ["CheckpointError", "save_atomic", "load_file", "extract_backbone_state", "check_state_dict",
            "load_backbone_weights", "export_backbone", "sha256_file", "OPTIONAL_BACKBONE_KEYS"]
 
-# The official training checkpoints pickle their argparse args; a Namespace carries no code.
-torch.serialization.add_safe_globals([argparse.Namespace])
+# The official training checkpoints pickle their argparse args and numpy float64 learning rates
+# (optimizer param groups); a Namespace and numpy scalars carry no code.
+torch.serialization.add_safe_globals([argparse.Namespace, np._core.multiarray.scalar, np.dtype,
+                                      np.dtypes.Float64DType])
 
 #: Keys that may be absent on either side: the mask token exists only in iBOT student weights
 #: (teachers, DINO and supervised weights have none) and is unused outside masked pretraining.
@@ -99,23 +102,30 @@ def extract_backbone_state(checkpoint: Any, key: str | None = None, *, source: s
     return _strip_prefixes(state)
 
 
+def check_state_dict(model: nn.Module, state: Mapping[str, Any], source: str, *, optional=frozenset(),
+                     resizable=frozenset()) -> None:
+    """Raise CheckpointError listing missing/unexpected/mismatched keys unless ``state`` fits ``model``."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state) - set(optional))
+    unexpected = sorted(set(state) - set(expected) - set(optional))
+    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                        for k in set(state) & set(expected)
+                        if state[k].shape != expected[k].shape and k not in resizable)
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            f"{source} does not match the model ({type(model).__name__}, "
+            f"{sum(p.numel() for p in model.parameters())} params):\n"
+            f"  missing keys ({len(missing)}): {missing[:12]}\n"
+            f"  unexpected keys ({len(unexpected)}): {unexpected[:12]}\n"
+            f"  shape mismatches ({len(mismatched)}): {mismatched[:12]}")
+
+
 def load_backbone_weights(model: nn.Module, path: str | Path, key: str | None = None) -> dict[str, list[str]]:
     """Load backbone weights strictly; return what was tolerated. Raises CheckpointError otherwise."""
     state = extract_backbone_state(load_file(path), key, source=f"checkpoint {path}")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state) - OPTIONAL_BACKBONE_KEYS)
-    unexpected = sorted(set(state) - set(expected) - OPTIONAL_BACKBONE_KEYS)
-    mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                        for k in set(state) & set(expected)
-                        if state[k].shape != expected[k].shape and k != "pos_embed")
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"checkpoint {path} does not match the model ({type(model).__name__}, "
-            f"{sum(p.numel() for p in model.parameters())} params):\n"
-            f"  missing keys ({len(missing)}): {missing[:12]}\n"
-            f"  unexpected keys ({len(unexpected)}): {unexpected[:12]}\n"
-            f"  shape mismatches ({len(mismatched)}): {mismatched[:12]}")
+    check_state_dict(model, state, f"checkpoint {path}", optional=OPTIONAL_BACKBONE_KEYS, resizable={"pos_embed"})
     if "pos_embed" in state and state["pos_embed"].shape != expected["pos_embed"].shape:
         state["pos_embed"] = _resize_pos_embed(state["pos_embed"], expected["pos_embed"])
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)

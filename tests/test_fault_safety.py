@@ -294,8 +294,6 @@ def test_checkpoint_of_another_architecture_lists_keys(other, tmp_path):
         assert "blocks.0.attn.qkv.weight: checkpoint (1152, 384) vs model (576, 192)" in message
 
 
-@pytest.mark.xfail(strict=True, reason="Trainer.resume passes torch's RuntimeError through (no file name, not a "
-                   "CheckpointError); see the proposed diff in the reliability report")
 def test_resume_from_another_architecture_is_a_checkpoint_error(train_dir, tmp_path, one_thread):
     other = Trainer(_cfg(), {"arch": "vit_tiny", "patch_size": 8, "depth": 3}, train_dir, tmp_path / "w")
     save_atomic(other.state_dict(epoch=1), tmp_path / "w" / "checkpoint.pth")
@@ -305,9 +303,6 @@ def test_resume_from_another_architecture_is_a_checkpoint_error(train_dir, tmp_p
     assert str(tmp_path / "w" / "checkpoint.pth") in str(error.value)
 
 
-@pytest.mark.xfail(strict=True, reason="official iBOT training checkpoints hold numpy float64 learning rates in "
-                   "their optimizer state, which torch.load(weights_only=True) refuses; see the proposed "
-                   "safe-globals line for ibot/checkpoint.py in the reliability report")
 def test_official_training_checkpoint_with_numpy_learning_rates_loads(tmp_path):
     import argparse
 
@@ -394,8 +389,6 @@ def test_nan_loss_from_the_loss_itself(train_dir, tmp_path, one_thread, monkeypa
     _assert_bit_identical(state["teacher"], trainer.teacher.state_dict(), "teacher after the NaN step")
 
 
-@pytest.mark.xfail(strict=True, reason="a SIGKILL during save_atomic leaves its temp file (up to a checkpoint's "
-                   "size) for good; see the proposed cleanup in Trainer.fit in the reliability report")
 def test_rerun_removes_temp_files_of_killed_saves(train_dir, tmp_path, one_thread):
     work = tmp_path / "work"
     work.mkdir()

@@ -294,9 +294,6 @@ def test_killed_caller_reattaches_to_its_job(slurm_cluster, train_dir, tmp_path,
     assert (out / "teacher_backbone.pth").is_file() and json.loads((out / "summary.json").read_text())["epochs"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="without accounting (sacct) submitit only watches result files, so the "
-                   "launcher waits forever for a job that ended without one; see the proposed launcher diff "
-                   "(squeue check every status_s) in the reliability report")
 def test_job_that_ends_without_a_result_fails_the_launcher(slurm_cluster, tmp_path, children):
     out = tmp_path / "cancelled"
     launcher = _start([sys.executable, "-c", _LAUNCH, json.dumps(dict(

@@ -123,13 +123,24 @@ def _pid_alive(pid: int) -> bool:
     return b"submitit" in cmdline
 
 
-def _slurm_alive(job_id: str) -> bool:
+def _slurm_state(job_id: str) -> str | None:
+    """The job's state per squeue ('' once slurmctld forgot it), None when squeue cannot answer."""
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                             timeout=60, check=False).stdout
+        result = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True,
+                                text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return any(state.strip() in _SLURM_ALIVE for state in out.splitlines())
+        return None
+    if result.returncode != 0:
+        return "" if "Invalid job id" in result.stderr else None
+    states = result.stdout.split()
+    return states[0] if states else ""
+
+
+def _slurm_alive(job_id: str) -> bool:
+    state = _slurm_state(job_id)
+    if state is None:  # never guess "gone": that would submit the same stage twice
+        raise RuntimeError(f"squeue cannot tell whether SLURM job {job_id} still runs; rerun when it answers")
+    return state in _SLURM_ALIVE
 
 
 def _reattach(state_file: Path, resources: Resources) -> submitit.Job | None:
@@ -180,7 +191,7 @@ class _LogTail:
 
 
 def launch(entry: str, kwargs: Mapping[str, Any], *, job_dir: str | Path, resources: Mapping[str, Any] | Resources,
-           name: str, poll_s: float = 1.0) -> Any:
+           name: str, poll_s: float = 1.0, status_s: float = 30.0) -> Any:
     """Submit ``entry(**kwargs)`` (or re-attach to its running job), wait, and return task 0's result."""
     resources = resources if isinstance(resources, Resources) else Resources.from_config(resources)
     job_dir = Path(job_dir)
@@ -203,8 +214,21 @@ def launch(entry: str, kwargs: Mapping[str, Any], *, job_dir: str | Path, resour
         print(f"[launcher] submitted {name} as {resources.cluster} job {job.job_id} "
               f"({resources.num_tasks} task(s)); logs in {job_dir / 'submitit'}", flush=True)
     tail = _LogTail(job)
+    last_status, gone = time.time(), 0
     while not job.done():
         tail.pump()
+        if resources.cluster == "slurm" and time.time() - last_status >= status_s:
+            # without accounting (sacct) submitit only sees result files: a job cancelled, killed or
+            # failed before writing one would be waited for forever; squeue says it left the queue
+            last_status = time.time()
+            state = _slurm_state(str(job.job_id))
+            gone = gone + 1 if state is not None and state not in _SLURM_ALIVE else 0
+            if gone >= 2 and not job.done():
+                tail.pump()
+                state_file.unlink(missing_ok=True)
+                raise submitit.core.utils.UncompletedJobError(
+                    f"SLURM job {job.job_id} ended ({state or 'no longer listed'}) without a result; its logs: "
+                    f"{job_dir / 'submitit'}. Rerun the same command to resume from the last checkpoint.")
         time.sleep(poll_s)
     tail.pump()
     try:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from ibot import distributed as dist_utils
-from ibot.checkpoint import export_backbone, load_file, save_atomic
+from ibot.checkpoint import CheckpointError, check_state_dict, export_backbone, load_file, save_atomic
 from ibot.data.multicrop import MultiCropMaskedDataset, collate_multicrop
 from ibot.loss import IBOTLoss
 from ibot.metrics import write_json_atomic
@@ -239,6 +239,10 @@ class Trainer:
             return
         state = load_file(path, map_location=self.device)
         strip = lambda sd: {k.removeprefix("module."): v for k, v in sd.items()}  # noqa: E731
+        for name, module in (("student", self.student), ("teacher", self.teacher)):
+            if not isinstance(state.get(name), Mapping):
+                raise CheckpointError(f"checkpoint {path}: no {name!r} state dict; keys: {sorted(state)[:20]}")
+            check_state_dict(module, strip(state[name]), f"checkpoint {path} ({name})")
         self.student.load_state_dict(strip(state["student"]))
         self.teacher.load_state_dict(strip(state["teacher"]))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -323,6 +327,9 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if dist_utils.is_main():  # temp files of saves killed midway (SIGKILL skips save_atomic's cleanup)
+            for stale in self.work_dir.glob(".checkpoint*.pth.*.tmp"):
+                stale.unlink(missing_ok=True)
         self.resume()
         log = TrainLog(self.work_dir / "train_log.jsonl", keep_before_epoch=self.start_epoch)
         epochs, started = self.cfg["epochs"], time.time()
