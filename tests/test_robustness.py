@@ -229,9 +229,11 @@ def test_random_init_backbone_matches_linear_stage(tiny) -> None:
     """weights: random baselines: the backbone rebuilt here equals the one the linear stage trained on
     (downstream.linear.run: seed_everything(seed), then build_eval_backbone)."""
     from downstream.features import build_eval_backbone, seed_everything
+    from ibot.checkpoint import load_file
     spec = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
-    seed_everything(3)
-    reference = build_eval_backbone(spec, None, None, 32).state_dict()
+    meta = load_file(tiny["head"])["meta"]  # the linear stage records its seed and crop in the head
+    seed_everything(int(meta.get("seed", 0)))
+    reference = build_eval_backbone(spec, None, None, int(meta.get("crop", 224))).state_dict()
     torch.manual_seed(123)  # unrelated RNG state before loading
     rebuilt = load_model(spec, None, None, tiny["head"], device=torch.device("cpu"), seed=3).backbone.state_dict()
     assert reference.keys() == rebuilt.keys() and all(torch.equal(reference[k], rebuilt[k]) for k in reference)
