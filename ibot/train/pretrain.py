@@ -189,6 +189,9 @@ class Trainer:
         self.sampler = GlobalBatchSampler(len(self.dataset), self.global_batch, dist_utils.rank(),
                                           dist_utils.world_size(), self.cfg["seed"])
         iters, epochs = self.sampler.steps, self.cfg["epochs"]
+        for key in ("warmup_epochs", "warmup_teacher_temp_epochs", "pred_start_epoch"):
+            if self.cfg[key] > epochs:
+                raise ValueError(f"pretrain.{key} = {self.cfg[key]} exceeds pretrain.epochs = {epochs}")
         self.iters_per_epoch = iters
 
         self.loss = IBOTLoss(self.cfg["out_dim"], loss_patch_out_dim(self.cfg), g, l,
