@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ibot.data.masking import MaskGenerator  # noqa: E402
 from ibot.loss import IBOTLoss  # noqa: E402
 from ibot.models.head import loss_patch_out_dim  # noqa: E402
-from ibot.train.pretrain import DEFAULTS, IBOTModel, Trainer, _precision, _shared_parameters, build_models  # noqa: E402
+from ibot.train.pretrain import (DEFAULTS, IBOTModel, Trainer, _precision, _shared_parameters,  # noqa: E402
+                                 build_models, select_attention_kernel)
 from ibot.train.schedules import cancel_last_layer_gradients, cosine_schedule, param_groups  # noqa: E402
 
 #: Steps run at this epoch: past ``freeze_last_layer`` (1), so the output layers train as in most of a run.
@@ -115,6 +116,7 @@ class OursStep(Trainer):
         self.work_dir = Path("bench-no-checkpoints")
         self.autocast_dtype, use_scaler = _precision(cfg, device)
         self.student, self.teacher, self.student_ddp = student, teacher, student
+        select_attention_kernel((student, teacher), device, self.autocast_dtype)  # the trainer's choice
         self.ema_pairs = _shared_parameters(student, teacher)
         self.loss = make_loss(cfg).to(device)
         self.optimizer = torch.optim.AdamW(param_groups(student))
@@ -349,9 +351,9 @@ def build_harnesses(precision: str, args: argparse.Namespace, device: torch.devi
     student, teacher = (m.to(device) for m in build_models(cfg, {"arch": args.arch, "patch_size": PATCH}))
     reference = OfficialStep(student, teacher, cfg, device)  # deep copy before ours trains
     ours = OursStep(student, teacher, cfg, device)
-    if args.ours_attention == "explicit":  # what-if: ours with the reference's attention kernel
+    if args.ours_attention != "trainer":  # what-if: force one attention kernel for ours
         for model in (ours.student, ours.teacher):
-            disable_fused_attention(model)
+            model.backbone.set_fused_attention(args.ours_attention == "fused")
     return ours, reference, synthetic_batch(cfg, device, args.seed), cfg
 
 
@@ -439,8 +441,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", default="vit_small")
     parser.add_argument("--out-dim", type=int, default=8192)
     parser.add_argument("--local-crops", type=int, default=10)
-    parser.add_argument("--ours-attention", choices=["fused", "explicit"], default="fused",
-                        help="what-if: 'explicit' runs ours with timm fused_attn=False (ibot/ uses fused SDPA)")
+    parser.add_argument("--ours-attention", choices=["trainer", "fused", "explicit"], default="trainer",
+                        help="ours' attention kernel: the trainer's choice (fused SDPA, explicit on CPU under "
+                             "autocast), or forced fused/explicit (what-if)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
