@@ -430,3 +430,23 @@ def test_disk_full_keeps_the_previous_checkpoint(train_dir, tmp_path, one_thread
     with pytest.raises(OSError):
         save_atomic({"state_dict": {}}, target)
     assert target.read_bytes() == b"previous" and not _temps(tmp_path, "teacher_backbone.pth")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_image_fails_naming_the_file(tmp_path, damage):
+    """A corrupt image inside the dataset stops pretraining with the file's path in the message."""
+    from ibot.data.embedded import EmbeddedSizes, generate
+    from ibot.train.pretrain import DEFAULTS, Trainer
+
+    sizes = EmbeddedSizes(classes=3, train_per_class=8, val_per_class=2, c_per_class=2, a_classes=2, image_size=32)
+    train = generate(tmp_path / "data", seed=0, sets=["imagenet"], sizes=sizes)["imagenet"] / "train"
+    victim = sorted(train.rglob("*.JPEG"))[5]
+    data = victim.read_bytes()
+    victim.write_bytes(b"not an image" if damage == "garbage" else data[: len(data) // 3])
+    config = {**DEFAULTS, "epochs": 1, "batch_size_per_gpu": 24, "global_crops_size": 32, "local_crops_size": 16,
+              "local_crops_number": 0, "num_workers": 0, "out_dim": 64, "patch_out_dim": 64, "warmup_epochs": 0,
+              "warmup_teacher_temp_epochs": 1, "precision": "fp32"}
+    trainer = Trainer(config, {"arch": "vit_tiny", "patch_size": 8, "depth": 1}, train, tmp_path / "work")
+    with pytest.raises(OSError, match=str(victim.name)):
+        trainer.fit()
+    assert not (tmp_path / "work" / "checkpoint.pth").exists()

@@ -151,7 +151,12 @@ class MultiCropMaskedDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[list[Tensor], int, list[Tensor]]:
         augment_seq, mask_seq = np.random.SeedSequence([self.seed, self.epoch, index]).spawn(2)
         python_seed, torch_seed = (int(s) for s in augment_seq.generate_state(2))
-        image, label = self.dataset[index]
+        try:
+            image, label = self.dataset[index]
+        except OSError as error:  # PIL: truncated or unidentifiable file; name it, not just the cause
+            samples = getattr(self.dataset, "samples", None)
+            where = samples[index][0] if samples else f"sample {index}"
+            raise OSError(f"unreadable image {where}: {error}") from error
         with _SeededGlobalRNGs(python_seed, torch_seed):
             crops = self.transform(image)
         mask_rng = np.random.default_rng(mask_seq)
