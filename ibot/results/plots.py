@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -109,40 +109,38 @@ def plot_pretrain(logs: Mapping[str, str | Path], out_loss: str | Path, out_sche
     """Loss curves (total, [CLS], patch) and schedules (lr, wd, momentum, temperatures) per model."""
     plt = _pyplot()
     frames = {label: read_train_log(p) for label, p in logs.items() if Path(p).is_file()}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (column, title) in zip(axes, (("loss", "total loss"), ("cls", "[CLS] loss (L_[CLS])"),
-                                          ("patch", "patch loss (L_MIM)"))):
-        drawn = False
-        for label, frame in frames.items():
-            if column in frame.columns:
-                line, = ax.plot(frame["iteration"], frame[column], alpha=0.25, lw=0.8)
-                ax.plot(frame["iteration"], _smooth(frame[column]), color=line.get_color(), lw=1.5, label=label)
-                drawn = True
-        if drawn:
-            ax.set_title(title)
-            ax.set_xlabel("iteration")
-            ax.legend(fontsize=7)
-        else:
-            _no_data(ax, f"{title}: no pretraining log")
+    losses = (("loss", "total loss"), ("cls", "[CLS] loss (L_[CLS])"), ("patch", "patch loss (L_MIM)"))
+    fig, axes = plt.subplots(1, len(losses), figsize=(13, 3.6))
+    _plot_columns(axes, frames, losses, smooth=True)
     paths = [_save(fig, out_loss)]
 
     schedules = (("lr", "learning rate"), ("wd", "weight decay"), ("momentum", "teacher momentum"),
                  ("teacher_temp", "teacher temp ([CLS])"), ("teacher_patch_temp", "teacher temp (patch)"))
     fig, axes = plt.subplots(1, len(schedules), figsize=(17, 3.4))
-    for ax, (column, title) in zip(axes, schedules):
+    _plot_columns(axes, frames, schedules, smooth=False)
+    paths.append(_save(fig, out_schedules))
+    return paths
+
+
+def _plot_columns(axes, frames: Mapping[str, Any], columns, *, smooth: bool) -> None:
+    """One panel per (column, title): every model's curve (raw, plus a smoothed line when ``smooth``)."""
+    for ax, (column, title) in zip(axes, columns):
         drawn = False
         for label, frame in frames.items():
-            if column in frame.columns:
+            if column not in frame.columns:
+                continue
+            if smooth:
+                line, = ax.plot(frame["iteration"], frame[column], alpha=0.25, lw=0.8)
+                ax.plot(frame["iteration"], _smooth(frame[column]), color=line.get_color(), lw=1.5, label=label)
+            else:
                 ax.plot(frame["iteration"], frame[column], lw=1.2, label=label)
-                drawn = True
+            drawn = True
         if drawn:
             ax.set_title(title)
             ax.set_xlabel("iteration")
             ax.legend(fontsize=7)
         else:
             _no_data(ax, f"{title}: no data")
-    paths.append(_save(fig, out_schedules))
-    return paths
 
 
 # -- linear probe -----------------------------------------------------------------------------------
