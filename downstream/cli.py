@@ -12,17 +12,10 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ibot.config import ConfigError, deep_merge, json_or_file
+from ibot.config import deep_merge, mapping_arg
 from ibot.run.launcher import launch
 
 __all__ = ["stage_main", "StageContext"]
-
-
-def _mapping_arg(text: str) -> dict[str, Any]:
-    try:
-        return json_or_file(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
@@ -35,8 +28,8 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--depth", type=int, default=None, help="override the block count (embedded models)")
     parser.add_argument("--data", required=True, help="dataset root in its real on-disk layout")
     parser.add_argument("--out", required=True, help="metrics.json to write (other outputs go beside it)")
-    parser.add_argument("--config", type=_mapping_arg, default={}, help="stage config: JSON object or .json/.yaml file")
-    parser.add_argument("--resources", type=_mapping_arg, default={"cluster": "local"},
+    parser.add_argument("--config", type=mapping_arg, default={}, help="stage config: JSON object or .json/.yaml file")
+    parser.add_argument("--resources", type=mapping_arg, default={"cluster": "local"},
                         help="launcher resources (cluster, gpus_per_node, timeout_min, partition, ...)")
     parser.add_argument("--run", default="standalone", help="run name recorded in the metrics file")
     parser.add_argument("--model", default=None, help="model name recorded in the metrics file (default: arch)")

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 __all__ = ["ConfigError", "deep_merge", "load_yaml", "validate_config", "stage_config", "model_spec",
-           "check_datasets", "json_or_file", "SCHEMA_DIR", "REPO_ROOT"]
+           "check_datasets", "json_or_file", "mapping_arg", "SCHEMA_DIR", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
@@ -56,6 +56,16 @@ def json_or_file(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"expected a JSON object, got {type(value).__name__}: {text!r}")
     return value
+
+
+def mapping_arg(text: str) -> dict[str, Any]:
+    """argparse ``type=`` for JSON-or-file mappings: errors become argparse usage errors."""
+    import argparse
+
+    try:
+        return json_or_file(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -15,28 +15,21 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from ibot.config import ConfigError, deep_merge, json_or_file
+from ibot.config import deep_merge, mapping_arg
 from ibot.run.launcher import launch
 from ibot.train.pretrain import DEFAULTS
-
-
-def _mapping(text: str) -> dict:
-    try:
-        return json_or_file(text)
-    except ConfigError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m ibot.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=_mapping, default={}, help="pretrain flags (JSON or .yaml/.json file)")
+    parser.add_argument("--config", type=mapping_arg, default={}, help="pretrain flags (JSON or .yaml/.json file)")
     parser.add_argument("--arch", default="vit_small")
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--depth", type=int, default=None)
     parser.add_argument("--data", required=True, help="ImageFolder root of the training images (e.g. imagenet/train)")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--resources", type=_mapping, default={"cluster": "local"})
+    parser.add_argument("--resources", type=mapping_arg, default={"cluster": "local"})
     parser.add_argument("--run", default="standalone")
     parser.add_argument("--model", default=None)
     parser.add_argument("--seed", type=int, default=0)
