@@ -20,14 +20,14 @@ def run_dir(model):
     return f"{RESULTS}/{RUN}/{model}"
 
 
-def metrics_file(model, stage):
-    """The one metrics path schema: results/<run>/<model>/<stage>/metrics.json."""
-    return f"{run_dir(model)}/{stage}/metrics.json"
-
-
 def weights_source(model):
     """'pretrain' (train it here), 'checkpoint' (external file) or 'random' (baseline)."""
     return config["models"][model]["weights"]
+
+
+def pretrained_models():
+    """Models pretrained by this workflow (they have training curves and an exported teacher)."""
+    return [m for m in MODELS if weights_source(m) == "pretrain"]
 
 
 def backbone_checkpoint(wildcards):

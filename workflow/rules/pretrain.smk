@@ -3,10 +3,6 @@
 # directory (Snakemake deletes a rule's outputs before rerunning it; work/ must survive).
 
 
-def pretrain_models():
-    return [m for m in MODELS if weights_source(m) == "pretrain"]
-
-
 rule pretrain:
     input:
         data=dataset_ready("imagenet"),

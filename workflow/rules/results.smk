@@ -21,11 +21,6 @@ TABLE_FILES = table_outputs(f"{RESULT_DIR}/tables")
 TABLE_HTML = {group: f"{RESULT_DIR}/tables/{group}.html" for group in (*TABLE_GROUPS, "all_metrics")}
 
 
-def pretrained_models():
-    """Models pretrained by this workflow (they have training curves)."""
-    return [m for m in MODELS if weights_source(m) == "pretrain"]
-
-
 # Every target of `rule all` that is not a stage's metrics: the results of the run.
 RESULT_TARGETS = [
     f"{RESULT_DIR}/summary.csv",
