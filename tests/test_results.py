@@ -414,60 +414,11 @@ if __name__ == "__main__":
     globals()[sys.argv[1]](*sys.argv[2:])
 '''
 
-# Same helper API as workflow/rules/common.smk (what results.smk uses), stub rules, the real results.smk.
+# The real workflow/rules/common.smk (the helper API results.smk uses), stub stage rules, the real results.smk.
 _SNAKEFILE = '''
-import json
-import sys
+include: "COMMON_SMK"
 
-from ibot.config import model_spec
-
-PYTHON = sys.executable
-RUN = config["run"]
-RESULTS = config["results_dir"]
-MODELS = list(config["models"])
-STAGES = list(config["stages"])
 FIXTURES = config["fixtures"]
-
-wildcard_constraints:
-    model="|".join(MODELS),
-
-
-def run_dir(model):
-    return f"{RESULTS}/{RUN}/{model}"
-
-
-def weights_source(model):
-    return config["models"][model]["weights"]
-
-
-def backbone_checkpoint(wildcards):
-    if weights_source(wildcards.model) == "pretrain":
-        return f"{run_dir(wildcards.model)}/pretrain/teacher_backbone.pth"
-    return []
-
-
-def checkpoint_args(wildcards):
-    path = backbone_checkpoint(wildcards)
-    return ["--checkpoint", path] if path else []
-
-
-def dataset(kind):
-    return config["data"][kind]
-
-
-def dataset_ready(kind):
-    return [f"{config['data']['embedded']['root']}/{kind}.complete"]
-
-
-STAGE_TARGETS = {}
-
-
-def all_targets():
-    targets = []
-    for model in MODELS:
-        for stage in config["models"][model].get("stages") or STAGES:
-            targets.append(STAGE_TARGETS[stage].format(model=model))
-    return targets + RESULT_TARGETS
 
 
 rule embedded_data:
@@ -507,7 +458,7 @@ rule all:
 _CONFIG = {
     "run": "embedded", "results_dir": "results", "seed": 0,
     "stages": ["knn", "linear", "detection", "imagenet_c", "bg_challenge", "occlusion"],
-    "data": {"embedded": {"root": "data"}, "imagenet": "data/imagenet"},
+    "data": {"embedded": {"root": "data", "generate": True}, "imagenet": "data/imagenet"},
     "models": {
         "vit_small": {"arch": "vit_tiny", "patch_size": 16, "depth": 1, "weights": "pretrain",
                       "paper_model": "ViT-S/16", "fixture": "vit_small"},
@@ -522,7 +473,8 @@ _CONFIG = {
 def test_results_rules_rebuild_on_metrics_change_and_report_builds(tmp_path):
     if not (BIN / "snakemake").is_file():
         pytest.skip("snakemake missing")
-    (tmp_path / "Snakefile").write_text(_SNAKEFILE.replace("RESULTS_SMK", str(REPO / "workflow/rules/results.smk")))
+    (tmp_path / "Snakefile").write_text(_SNAKEFILE.replace("RESULTS_SMK", str(REPO / "workflow/rules/results.smk"))
+                                        .replace("COMMON_SMK", str(REPO / "workflow/rules/common.smk")))
     (tmp_path / "stub.py").write_text(_STUB)
     (tmp_path / "config.yaml").write_text(json.dumps({**_CONFIG, "fixtures": str(FIXTURES)}))
     from ibot.checkpoint import export_backbone
