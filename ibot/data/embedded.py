@@ -5,9 +5,14 @@ COCO detection, ADE20K segmentation, ImageNet-C/-A, ImageNet-9 backgrounds)
 must run end to end on a CPU without the real data, through the very loaders
 that read the real data.  The images carry learnable structure: each class is
 a distinct shape family filled with a class-specific texture (stripe / checker
-/ dot / ring / wave pattern at a class-specific frequency), drawn with random
-colours (colour never identifies the class), scale, position and rotation over
-varied backgrounds (smooth noise, gradients, clutter of small distractors).
+/ dot / ring / wave pattern at a class-specific frequency) in the class's
+colours (a bright and a dark shade near a class hue, like real object classes
+have colour statistics; COCO/ADE20K objects use random colours), at random
+scale, position and rotation over varied backgrounds (smooth noise, gradients,
+clutter of small distractors).  Why class hues: self-supervised training first
+learns the invariants two crops of an image share; with per-image random
+colours those identify the image, not its class, and a few hundred iterations
+of iBOT made features worse than random ones (see README "Embedded default").
 The exact object masks drive the COCO / ADE20K annotations and the ImageNet-9
 background variants.
 
@@ -43,6 +48,7 @@ CLI: ``python -m ibot.data.embedded --out DIR --seed 0 [--sets a,b] [--workers 2
 from __future__ import annotations
 
 import argparse
+import colorsys
 import contextlib
 import dataclasses
 import hashlib
@@ -155,6 +161,7 @@ class ClassSpec:
     shape: str
     texture: str
     freq: float
+    hue: float  # characteristic object hue in [0, 1): classes differ in colour statistics, as real ones do
 
     @property
     def name(self) -> str:
@@ -186,8 +193,8 @@ IN9_VARIANTS: tuple[str, ...] = (
 # Priority order: ``EmbeddedSizes.classes = n`` takes the first n (the 4th has no
 # ImageNet-9 super-class so that small test configs exercise the -1 mapping).
 CLASS_POOL: tuple[ClassSpec, ...] = (
-    ClassSpec("n02085620", "Chihuahua", "dog", "disk", "stripes", 3.0),
-    ClassSpec("n01530575", "brambling, Fringilla montifringilla", "bird", "triangle", "checker", 2.5),
+    ClassSpec("n02085620", "Chihuahua", "dog", "disk", "stripes", 3.0, 0.0),
+    ClassSpec("n01530575", "brambling, Fringilla montifringilla", "bird", "triangle", "checker", 2.5, 0.1),
     ClassSpec(
         "n02814533",
         "beach wagon, station wagon, wagon, estate car, beach waggon, station waggon, waggon",
@@ -195,16 +202,18 @@ CLASS_POOL: tuple[ClassSpec, ...] = (
         "square",
         "dots",
         3.0,
+        0.2,
     ),
-    ClassSpec("n04254680", "soccer ball", None, "star", "rings", 3.0),
-    ClassSpec("n01675722", "banded gecko", "reptile", "cross", "waves", 3.0),
-    ClassSpec("n02123045", "tabby, tabby cat", "carnivore", "ellipse", "checker", 4.0),
+    ClassSpec("n04254680", "soccer ball", None, "star", "rings", 3.0, 0.3),
+    ClassSpec("n01675722", "banded gecko", "reptile", "cross", "waves", 3.0, 0.4),
+    ClassSpec("n02123045", "tabby, tabby cat", "carnivore", "ellipse", "checker", 4.0, 0.5),
     ClassSpec(
-        "n02165456", "ladybug, ladybeetle, lady beetle, ladybird, ladybird beetle", "insect", "hexagon", "stripes", 5.0
+        "n02165456", "ladybug, ladybeetle, lady beetle, ladybird, ladybird beetle", "insect", "hexagon", "stripes",
+        5.0, 0.6,
     ),
-    ClassSpec("n02787622", "banjo", "musical instrument", "arrow", "rings", 5.0),
-    ClassSpec("n02480495", "orangutan, orang, orangutang, Pongo pygmaeus", "primate", "ring", "dots", 4.5),
-    ClassSpec("n01440764", "tench, Tinca tinca", "fish", "crescent", "waves", 5.0),
+    ClassSpec("n02787622", "banjo", "musical instrument", "arrow", "rings", 5.0, 0.7),
+    ClassSpec("n02480495", "orangutan, orang, orangutang, Pongo pygmaeus", "primate", "ring", "dots", 4.5, 0.8),
+    ClassSpec("n01440764", "tench, Tinca tinca", "fish", "crescent", "waves", 5.0, 0.9),
 )
 
 # (COCO id, name, supercategory, shape, texture, freq): real COCO ids and names.
@@ -343,9 +352,19 @@ def _contrasting_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return c1, c2
 
 
-def _textured_fill(rng: np.random.Generator, kind: str, freq: float, p: _Placement, size: int) -> np.ndarray:
-    """HxWx3 float colour field of a textured object (valid wherever its mask is set)."""
-    c1, c2 = _contrasting_colours(rng)
+def _class_colours(rng: np.random.Generator, hue: float) -> tuple[np.ndarray, np.ndarray]:
+    """A bright saturated colour near ``hue`` (+-0.04) and a dark, greyer one of the same hue."""
+    h = (hue + rng.uniform(-0.04, 0.04)) % 1.0
+    bright = colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+    dark = colorsys.hsv_to_rgb(h, rng.uniform(0.1, 0.4), rng.uniform(0.1, 0.35))
+    return 255 * np.array(bright), 255 * np.array(dark)
+
+
+def _textured_fill(rng: np.random.Generator, kind: str, freq: float, p: _Placement, size: int,
+                   hue: float | None = None) -> np.ndarray:
+    """HxWx3 float colour field of a textured object (valid wherever its mask is set): random
+    contrasting colours, or the class colours of ``hue``."""
+    c1, c2 = _contrasting_colours(rng) if hue is None else _class_colours(rng, hue)
     pattern = _texture(kind, freq, p, size)[..., None]
     return c1 * (1 - pattern) + c2 * pattern
 
@@ -444,12 +463,17 @@ class Layers:
 
 
 def _object_layers(
-    rng: np.random.Generator, spec: ClassSpec, size: int, diameter: tuple[float, float], clutter: tuple[int, int]
+    rng: np.random.Generator, spec: ClassSpec, size: int, diameter: tuple[float, float], clutter: tuple[int, int],
+    background_contrast: float = 1.0,
 ) -> Layers:
+    """Background, textured class object and its mask; ``background_contrast`` < 1 flattens the
+    background towards its mean colour."""
     background = _background(rng, size, clutter)
+    mean = background.mean(axis=(0, 1), keepdims=True)
+    background = mean + background_contrast * (background - mean)
     placement = _random_placement(rng, size, diameter)
     mask, _ = _shape(spec.shape, placement, size)
-    foreground = _textured_fill(rng, spec.texture, spec.freq, placement, size)
+    foreground = _textured_fill(rng, spec.texture, spec.freq, placement, size, spec.hue)
     return Layers(_to_uint8(background), _to_uint8(foreground), mask)
 
 
@@ -459,8 +483,10 @@ def imagenet_layers(seed: int, split: str, spec: ClassSpec, index: int, size: in
     ImageNet-C and ImageNet-9 re-render val images through this, so they use the
     exact pixels and masks of ``imagenet/val``.
     """
-    # Object-centric like ImageNet: the object dominates (diameter 50-85%), little clutter.
-    return _object_layers(_rng(seed, "imagenet", split, spec.wnid, index), spec, size, (0.5, 0.85), (0, 2))
+    # Object-centric like ImageNet: the object dominates (diameter 65-95%) over a half-contrast
+    # background with little clutter.
+    return _object_layers(_rng(seed, "imagenet", split, spec.wnid, index), spec, size, (0.65, 0.95), (0, 2),
+                          background_contrast=0.5)
 
 
 def _val_name(classes: list[ClassSpec], spec: ClassSpec, index: int, per_class: int) -> str:
