@@ -7,6 +7,7 @@ against the exact masks re-rendered by the generator.
 
 from __future__ import annotations
 
+import colorsys
 import json
 import shutil
 from pathlib import Path
@@ -356,3 +357,16 @@ def test_validator_messages_name_key_path_and_expectation(roots: dict[str, Path]
         check_layout("imagenet_9", roots["imagenet"])  # no key: message starts with the path
     with pytest.raises(ValueError, match="unknown dataset kind"):
         check_layout("cifar", tmp_path)
+
+
+def test_imagenet_objects_carry_their_class_hue():
+    """Class colour statistics are what makes the embedded set learnable by a few hundred iBOT steps
+    (README "Embedded default"): every object's bright shade lies within 0.05 of its class hue."""
+    for spec in imagenet_classes(EmbeddedSizes()):
+        for index in range(5):
+            layers = imagenet_layers(0, "train", spec, index, 64)
+            pixels = layers.foreground[layers.mask].astype(float) / 255
+            brightest = pixels[pixels.max(1).argmax()]  # bright shade: value >= 0.6, dark one <= 0.35
+            hue = colorsys.rgb_to_hsv(*brightest)[0]
+            assert min(abs(hue - spec.hue), 1 - abs(hue - spec.hue)) < 0.05, (spec.wnid, index, hue)
+    assert len({spec.hue for spec in imagenet_classes(EmbeddedSizes())}) == EmbeddedSizes().classes
