@@ -80,6 +80,10 @@ def _real_memory_mb() -> int:
     return max(1, int(total_kb / 1024 * 0.95))
 
 
+_FINAL_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
+                 "BOOT_FAIL", "DEADLINE"}
+
+
 @dataclass
 class SlurmCluster:
     root: Path
@@ -139,8 +143,23 @@ class SlurmCluster:
                 parts.append(f"--- {path} (last {len(tail)} lines)\n" + "\n".join(tail))
         return "\n".join(parts)
 
+    def cancel_all_jobs(self, timeout: float = 30) -> None:
+        """Cancel every unfinished job and wait for them to end: slurmd must reap their job steps
+        (``slurmstepd`` daemons), which would otherwise outlive the cluster."""
+        ids = [job["JobId"] for job in self.jobs() if job.get("JobState") not in _FINAL_STATES]
+        if not ids:
+            return
+        self.command("scancel", *ids, check=False)
+        deadline = time.time() + timeout
+        while time.time() < deadline and any(job.get("JobState") not in _FINAL_STATES for job in self.jobs()):
+            time.sleep(0.5)
+
     def stop(self, keep_files: bool = False) -> None:
-        """Stop the daemons we started (by PID: SIGTERM, then SIGKILL) and remove the temp folder."""
+        """Cancel leftover jobs, stop the daemons we started (by PID: SIGTERM, then SIGKILL) and
+        remove the temp folder."""
+        ctld = self.processes.get("slurmctld")
+        if ctld is not None and ctld.poll() is None:
+            self.cancel_all_jobs()
         for name in reversed(list(self.processes)):
             proc = self.processes[name]
             if proc.poll() is None:

@@ -435,3 +435,23 @@ def test_embedded_workflow_on_slurm_matches_local(slurm_cluster, tmp_path, child
     assert metrics["slurm"]["knn"]["top1_k20"] == metrics["local"]["knn"]["top1_k20"]
     assert metrics["slurm"]["linear"]["top1"] == metrics["local"]["linear"]["top1"]
     assert metrics["slurm"] == metrics["local"]  # every k of the k-NN too
+
+
+def test_cancel_all_jobs_reaps_job_steps(slurm_cluster, tmp_path):
+    """What the fixture does before stopping the daemons: no job step (slurmstepd) outlives the cluster."""
+    out = slurm_cluster.command("sbatch", "--parsable", "-p", slurm_cluster.partition, "-o", str(tmp_path / "%j.out"),
+                                "--wrap", "sleep 300")
+    job_id = out.strip().split(";")[0]
+    slurm_cluster.wait_state(job_id, {"RUNNING"}, timeout=60)
+    steps = lambda: subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job_id}\."],  # noqa: E731
+                                   capture_output=True, text=True).stdout.split()
+    deadline = time.time() + 10
+    while not steps() and time.time() < deadline:
+        time.sleep(0.2)
+    assert steps(), f"no slurmstepd found for running job {job_id}"
+    slurm_cluster.cancel_all_jobs()
+    assert slurm_cluster.job_state(job_id) in {"CANCELLED", None}
+    deadline = time.time() + 20
+    while steps() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not steps(), f"slurmstepd of job {job_id} survived the cancel"
