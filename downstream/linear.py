@@ -26,8 +26,6 @@ checkpointed after every epoch in ``work/`` and a rerun resumes from it.
 
 from __future__ import annotations
 
-import csv
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,6 +41,7 @@ from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, autocast, build_ev
                                  topk_correct)
 from ibot.checkpoint import CheckpointError, load_file, save_atomic
 from ibot.distributed import barrier, init_distributed, is_main, rank, world_size
+from ibot.io import write_csv_atomic
 from ibot.metrics import write_metrics
 
 __all__ = ["DEFAULTS", "OFFICIAL_LR_GRID", "linear_features", "feature_dim", "LinearHeads", "LinearSweep",
@@ -236,12 +235,7 @@ def load_linear_classifier(model_spec: Mapping[str, Any], checkpoint: str | Path
 
 # -- the stage --------------------------------------------------------------------------------------
 def _write_per_head(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["head", "lr", "scaled_lr", "epoch", "top1", "top5"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    write_csv_atomic(path, rows, ["head", "lr", "scaled_lr", "epoch", "top1", "top5"])
 
 
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,

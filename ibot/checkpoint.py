@@ -14,13 +14,14 @@ import argparse
 import hashlib
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+from ibot.io import atomic_write
 
 __all__ = ["CheckpointError", "save_atomic", "load_file", "extract_backbone_state", "check_state_dict",
            "load_backbone_weights", "export_backbone", "sha256_file", "OPTIONAL_BACKBONE_KEYS"]
@@ -43,18 +44,8 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import socket
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["SCHEMA", "REQUIRED_FIELDS", "write_metrics", "read_metrics", "write_json_atomic",
+from ibot.io import write_json_atomic
+
+__all__ = ["SCHEMA", "REQUIRED_FIELDS", "write_metrics", "read_metrics",
            "software_versions"]
 
 SCHEMA = "ibot-metrics/1"
@@ -41,21 +41,6 @@ def software_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def write_json_atomic(data: Any, path: str | Path) -> None:
-    """JSON to a temp file in the same folder, then rename (readers never see a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: str, dataset: str,

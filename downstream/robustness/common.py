@@ -19,7 +19,6 @@ normalisation), folder datasets with a wnid → head-class remap, an exact count
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -35,6 +34,7 @@ from torchvision import transforms
 from downstream.features import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, eval_transform, log, pick_device, progress
 from ibot.checkpoint import CheckpointError, load_file, sha256_file
 from ibot.distributed import all_reduce_sum, rank, world_size
+from ibot.io import write_csv_atomic
 from ibot.metrics import write_metrics
 
 __all__ = ["RobustnessError", "HEAD_META_KEYS", "IMAGE_SUFFIXES", "HeadSpec", "read_head",
@@ -342,15 +342,7 @@ def percent(correct: float | Tensor, total: float | Tensor) -> float:
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
     """Atomic CSV write (header ``columns``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k) for k in columns})
-    os.replace(tmp, path)
+    write_csv_atomic(path, rows, columns)
 
 
 def common_extra(model: LinearProbeModel, sizes: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

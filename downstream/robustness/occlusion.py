@@ -38,6 +38,7 @@ from downstream.robustness.common import (LabelledImages, LinearProbeModel, Robu
                                           percent, prepare, shard_loader, stage_cli, write_csv,
                                           write_robustness_metrics)
 from ibot.distributed import barrier, init_distributed, is_main
+from ibot.io import atomic_write
 
 __all__ = ["DEFAULTS", "MODES", "REPORTED_RATIO", "saliency", "salient_drop", "nonsalient_drop", "random_drop",
            "shuffle_patches", "zero_patches", "grid_sizes", "run", "main"]
@@ -173,10 +174,9 @@ def _plot(path: Path, ratios: list[float], curves: dict[str, list[float]], clean
     axes[1].set_title("patch shuffle")
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,

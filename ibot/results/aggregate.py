@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from ibot.metrics import read_metrics, write_json_atomic
+from ibot.io import atomic_write, write_json_atomic
+from ibot.metrics import read_metrics
 
 __all__ = ["REFERENCE_DIR", "REFERENCE_CSV", "METRIC_MAP_CSV", "SUMMARY_COLUMNS", "AGG_KEYS",
            "load_reference", "load_metric_map", "paper_values", "find_metrics_files", "build_summary",
@@ -160,11 +161,8 @@ def flat_metrics(summary: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]
 
 
 def write_summary(summary: pd.DataFrame, out_csv: str | Path, flat_json: str | Path | None = None) -> None:
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp")
-    summary.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(out_csv)
+    with atomic_write(out_csv, newline="") as handle:
+        summary.to_csv(handle, index=False, float_format="%.6g")
     if flat_json is not None:
         write_json_atomic(flat_metrics(summary), flat_json)
 

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ibot.io import atomic_write  # noqa: E402
+
 __all__ = ["IMAGE_SUFFIXES", "find_images", "attention_maps", "attention_figure"]
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
@@ -96,10 +98,8 @@ def attention_figure(model_spec: Mapping[str, Any], checkpoint: str | Path | Non
     axes[0, 0].set_title("image", fontsize=7)
     fig.suptitle(title or "[CLS] attention of the last block", fontsize=9)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=110)
+    with atomic_write(out, "wb") as handle:
+        fig.savefig(handle, dpi=110, format=out.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(out)
     return out

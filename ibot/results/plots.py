@@ -17,6 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from ibot.io import atomic_write
+
 __all__ = ["PLOT_FILES", "CURVE_SETS", "curve_outputs", "plot_outputs", "make_plots", "plot_pretrain", "plot_linear_lr", "plot_robustness",
            "plot_ours_vs_paper", "write_curves_csv", "read_train_log"]
 
@@ -55,10 +57,9 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=_DPI)
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, dpi=_DPI, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -92,12 +93,9 @@ def write_curves_csv(log_path: str | Path, out_csv: str | Path, max_points: int 
         step = math.ceil(len(frame) / max_points)
         keep = frame.index[::step].union(frame.index[-1:])
         frame = frame.loc[keep]
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(out_csv)
-    return out_csv
+    with atomic_write(out_csv, newline="") as handle:
+        frame.to_csv(handle, index=False)
+    return Path(out_csv)
 
 
 def _smooth(values: pd.Series) -> pd.Series:

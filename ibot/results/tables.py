@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from ibot.io import write_text_atomic
 from ibot.results.aggregate import fmt_value, load_metric_map, load_reference, paper_values
 
 __all__ = ["GROUPS", "GROUP_TITLES", "group_table", "metrics_table", "to_markdown", "to_latex", "to_html",
@@ -213,12 +214,6 @@ def table_outputs(out_dir: str | Path, formats: Sequence[str] = FORMATS) -> list
     return [str(out_dir / name) for name in names]
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_tables(agg: pd.DataFrame, out_dir: str | Path, *, reference: pd.DataFrame | None = None,
                  metric_map: pd.DataFrame | None = None, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Write every group table in every format plus ``all_metrics``; returns the paths."""
@@ -232,13 +227,13 @@ def write_tables(agg: pd.DataFrame, out_dir: str | Path, *, reference: pd.DataFr
         for ext in formats:
             path = out_dir / f"{group}.{ext}"
             if ext == "md":
-                _write(path, to_markdown(frame))
+                write_text_atomic(path, to_markdown(frame))
             elif ext == "csv":
                 _numeric(frame).to_csv(path, index=False, float_format="%.4f")
             elif ext == "tex":
-                _write(path, to_latex(frame))
+                write_text_atomic(path, to_latex(frame))
             elif ext == "html":
-                _write(path, to_html(frame))
+                write_text_atomic(path, to_html(frame))
             else:
                 raise ValueError(f"unknown table format {ext!r}; expected {FORMATS}")
             written.append(path)
@@ -247,13 +242,13 @@ def write_tables(agg: pd.DataFrame, out_dir: str | Path, *, reference: pd.DataFr
     for column in ("mean", "std", "paper", "delta"):
         full_display[column] = [fmt_value(v, digits=2) for v in full[column]]
     full_display["n"] = full["n"].map(lambda v: "" if _missing(v) else str(int(v)))
-    _write(out_dir / "all_metrics.md",
+    write_text_atomic(out_dir / "all_metrics.md",
            "**All metrics (mean, sample std, n over runs/seeds; paper value and delta where reported)**\n\n"
            + (full_display.to_markdown(index=False, disable_numparse=True) if len(full_display)
               else _empty_markdown(full_display)) + "\n")
     full.to_csv(out_dir / "all_metrics.csv", index=False, float_format="%.4f")
     frame = pd.DataFrame()
     frame.attrs["title"] = "All metrics"
-    _write(out_dir / "all_metrics.html", to_html(frame, display=full_display))
+    write_text_atomic(out_dir / "all_metrics.html", to_html(frame, display=full_display))
     written += [out_dir / "all_metrics.md", out_dir / "all_metrics.csv", out_dir / "all_metrics.html"]
     return written

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import submitit
 
-from ibot.metrics import write_json_atomic
+from ibot.io import write_json_atomic
 
 __all__ = ["Resources", "launch", "StageJob", "resolve_entry"]
 

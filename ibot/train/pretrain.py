@@ -15,7 +15,6 @@ with bit-identical weights on CPU.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -30,7 +29,7 @@ from ibot import distributed as dist_utils
 from ibot.checkpoint import CheckpointError, check_state_dict, export_backbone, load_file, save_atomic
 from ibot.data.multicrop import MultiCropMaskedDataset, collate_multicrop
 from ibot.loss import IBOTLoss
-from ibot.metrics import write_json_atomic
+from ibot.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from ibot.models.head import build_head, loss_patch_out_dim
 from ibot.models.vision_transformer import build_backbone
 from ibot.train.schedules import (cancel_last_layer_gradients, clip_gradients_per_param, cosine_schedule,
@@ -393,12 +392,6 @@ def _row_epoch(line: str) -> int | None:
         return None  # a torn last line from a kill
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def train(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: str | Path, work_dir: str | Path) -> Trainer:
     """Train to the end (resuming if possible) and return the trainer (for tests and export)."""
     trainer = Trainer(cfg, spec, data, work_dir)
@@ -426,9 +419,4 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], data: str, out
 
 def export_log_csv(jsonl: Path, csv_path: Path) -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["epoch"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(csv_path)
+    write_csv_atomic(csv_path, rows, list(rows[0]) if rows else ["epoch"])
