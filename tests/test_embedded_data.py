@@ -1,4 +1,5 @@
-"""Embedded dataset generator (ibot.data.embedded) and layout validators (ibot.data.layouts).
+"""Embedded dataset generator (ibot.data.embedded), layout validators (ibot.data.layouts) and the
+dataset kinds table they are both keyed by (ibot.data.kinds).
 
 One small generation is shared by the session; the checks read it with the real
 loaders (torchvision ImageFolder, pycocotools) and compare ImageNet-9 variants
@@ -28,6 +29,7 @@ from ibot.data.embedded import (
     imagenet_classes,
     imagenet_layers,
 )
+from ibot.data.kinds import DATASET_KINDS, check_coverage
 from ibot.data.layouts import KINDS, DatasetLayoutError, check_layout
 
 # pycocotools 2.0.x under numpy 2 warns on every decode
@@ -238,6 +240,7 @@ def test_imagenet_9_variants_and_class_mapping(roots: dict[str, Path]) -> None:
     root = roots["imagenet_9"]
     # SMALL holds dog, bird, wheeled vehicle and soccer ball (no super-class)
     expected = ["00_dog", "01_bird", "02_wheeled vehicle"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(IN9_VARIANTS)
     for variant in IN9_VARIANTS:
         dataset = ImageFolder(str(root / variant / "val"))
         assert dataset.classes == expected and len(dataset) == 3 * SMALL.val_per_class
@@ -298,8 +301,25 @@ def test_corruptions_are_seeded_and_shape_preserving() -> None:
 # ---------------------------------------------------------------- layout validators
 
 
+def test_kinds_table_layout_checks_and_builders_agree() -> None:
+    from ibot.data import layouts
+    from ibot.data.embedded.sets import BUILDERS
+
+    assert KINDS == tuple(DATASET_KINDS) and set(layouts._CHECKS) == set(DATASET_KINDS)
+    embedded_kinds = tuple(name for name, kind in DATASET_KINDS.items() if kind.embedded)
+    assert embedded.SETS == embedded_kinds and set(BUILDERS) == set(embedded_kinds)
+    assert ROOT_NAMES == {name: DATASET_KINDS[name].embedded_root for name in embedded_kinds}
+    assert ROOT_NAMES["ade20k"] == "ADEChallengeData2016" and not DATASET_KINDS["imagenet_r"].embedded
+    for name, kind in DATASET_KINDS.items():
+        assert kind.name == name and kind.config_key == f"data.{name}"
+        assert kind.description and "\n" not in kind.description
+    with pytest.raises(RuntimeError, match=r"layouts does not match .*DATASET_KINDS: missing \['imagenet_r'\]"):
+        check_coverage("layouts", set(DATASET_KINDS) - {"imagenet_r"}, DATASET_KINDS)
+    with pytest.raises(RuntimeError, match=r"unknown \['cifar'\]"):
+        check_coverage("builders", [*embedded_kinds, "cifar"], embedded_kinds)
+
+
 def test_validators_accept_generated_sets(roots: dict[str, Path]) -> None:
-    assert set(KINDS) - {"imagenet_r"} == set(ROOT_NAMES)  # no embedded ImageNet-R
     for kind in ROOT_NAMES:
         check_layout(kind, roots[kind], config_key=f"data.{kind}")
 
@@ -322,18 +342,24 @@ def test_validators_accept_real_layouts(tmp_path: Path) -> None:
     for split, prefix in (("training", "train"), ("validation", "val")):
         _touch(ade, f"images/{split}/ADE_{prefix}_00000001.jpg", f"annotations/{split}/ADE_{prefix}_00000001.png")
     check_layout("ade20k", ade)
+    # class-folder sets take every torchvision image suffix (IMG_EXTENSIONS, any case); hidden files are no images
+    _touch(tmp_path / "imagenet-r", "n01443537/.art_0.jpg", "n01443537/art_0.WebP")
+    check_layout("imagenet_r", tmp_path / "imagenet-r")
+    _touch(tmp_path / "hidden", "n01443537/.art_0.jpg")
+    with pytest.raises(DatasetLayoutError, match="has no images in 'n01443537/'"):
+        check_layout("imagenet_r", tmp_path / "hidden")
 
 
 def test_validator_messages_name_key_path_and_expectation(roots: dict[str, Path], tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(DatasetLayoutError, match=r"^data\.imagenet: .*nowhere does not exist; expected an ImageNet"):
+    with pytest.raises(DatasetLayoutError, match=r"^data\.imagenet: .*nowhere does not exist; expected the ImageNet"):
         check_layout("imagenet", missing, config_key="data.imagenet")
 
     with pytest.raises(DatasetLayoutError) as info:
         check_layout("imagenet", roots["coco"], config_key="data.imagenet")
     assert str(info.value) == (
         f"data.imagenet: {roots['coco']} has no 'train/' folder; "
-        "expected an ImageNet ImageFolder layout train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+        f"expected the ImageNet layout: {DATASET_KINDS['imagenet'].description}"
     )
 
     flat = tmp_path / "flat"

@@ -1,0 +1,70 @@
+"""What the dataset modules share with the build driver: sizes, the task mapper, a set's builder.
+
+Every dataset module (``imagenet``, ``coco``, ...) exposes ``BUILDER``: the :class:`EmbeddedSizes`
+fields its output depends on (recorded in its manifest) and the function writing it into a root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ibot.data.embedded.classes import CLASS_POOL
+
+__all__ = ["EmbeddedSizes", "Mapper", "SetBuilder"]
+
+
+@dataclass(frozen=True)
+class EmbeddedSizes:
+    """Counts and resolutions of the embedded sets (overridable from the workflow config)."""
+
+    classes: int = 10
+    train_per_class: int = 100
+    val_per_class: int = 20
+    image_size: int = 64
+    c_per_class: int = 5
+    a_classes: int = 5
+    a_per_class: int = 10
+    coco_train: int = 60
+    coco_val: int = 20
+    coco_size: int = 128
+    ade_train: int = 60
+    ade_val: int = 20
+    ade_size: int = 128
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EmbeddedSizes.{field.name} must be a positive int, got {value!r}")
+        if self.classes > len(CLASS_POOL):
+            raise ValueError(f"EmbeddedSizes.classes must be <= {len(CLASS_POOL)}, got {self.classes}")
+        if self.c_per_class > self.val_per_class:
+            raise ValueError("EmbeddedSizes.c_per_class must be <= val_per_class")
+        if self.a_classes > self.classes:
+            raise ValueError("EmbeddedSizes.a_classes must be <= classes")
+        for name in ("image_size", "coco_size", "ade_size"):
+            if getattr(self, name) < 32:
+                raise ValueError(f"EmbeddedSizes.{name} must be >= 32 (ImageNet-C needs it)")
+
+
+#: Ordered map of a task function over argument tuples (in-process or on a pool): ``run(fn, tasks)``.
+#: Task functions are module-level (picklable) and seed every image from its own keys, so the bytes
+#: do not depend on the mapper.
+Mapper = Callable[[Callable[..., Any], Sequence[tuple[Any, ...]]], Iterable[Any]]
+
+
+@dataclass(frozen=True)
+class SetBuilder:
+    """How one embedded set is built: its size fields and ``build(root, seed, sizes, run)``."""
+
+    fields: tuple[str, ...]
+    build: Callable[[Path, int, EmbeddedSizes, Mapper], None]
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.fields) - {f.name for f in dataclasses.fields(EmbeddedSizes)})
+        if unknown:
+            raise ValueError(f"SetBuilder.fields: {unknown} are not EmbeddedSizes fields")

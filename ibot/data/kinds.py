@@ -1,0 +1,75 @@
+"""The dataset kinds of the reproduction, in one table.
+
+Why: the config keys (``data.<kind>``), the layout checks (:mod:`ibot.data.layouts`), the embedded
+generator (:mod:`ibot.data.embedded`) and the workflow all speak of the same datasets; they read the
+names from :data:`DATASET_KINDS` instead of keeping their own lists. Modules that need one entry per
+kind call :func:`check_coverage` at import time, so adding a kind here without its layout check or
+its embedded builder fails on import with a message naming the module and the kinds.
+
+This module imports nothing heavy (the Snakefile reads it at parse time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+__all__ = ["DatasetKind", "DATASET_KINDS", "EMBEDDED_KINDS", "check_coverage"]
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """One dataset kind: its name (= the ``data.<name>`` config key), title and on-disk layout."""
+
+    name: str
+    title: str  # human name, e.g. "ImageNet-C"
+    description: str  # one line: the on-disk layout the loaders expect
+    embedded: bool  # whether ibot.data.embedded generates it
+    embedded_root: str | None = None  # folder under the embedded root (None when not generated)
+
+    def __post_init__(self) -> None:
+        if self.embedded != (self.embedded_root is not None):
+            raise ValueError(f"dataset kind {self.name!r}: embedded_root must be set iff embedded is true")
+
+    @property
+    def config_key(self) -> str:
+        """The config key holding this dataset's root path."""
+        return f"data.{self.name}"
+
+
+_KINDS: tuple[DatasetKind, ...] = (
+    DatasetKind("imagenet", "ImageNet", "ImageFolder root with train/<wnid>/ and val/<wnid>/", True, "imagenet"),
+    DatasetKind("coco", "COCO 2017", "COCO 2017 root: train2017/*.jpg, val2017/*.jpg and "
+                "annotations/instances_{train,val}2017.json", True, "coco"),
+    DatasetKind("ade20k", "ADE20K", "ADEChallengeData2016 root: images/{training,validation}/*.jpg and "
+                "annotations/{training,validation}/*.png", True, "ADEChallengeData2016"),
+    DatasetKind("imagenet_c", "ImageNet-C", "ImageNet-C root: <corruption>/<severity 1-5>/<wnid>/ "
+                "(e.g. gaussian_noise/1/n01440764/)", True, "imagenet_c"),
+    DatasetKind("imagenet_a", "ImageNet-A", "ImageNet-A root: <wnid>/ class folders (e.g. n01498041/)",
+                True, "imagenet_a"),
+    DatasetKind("imagenet_r", "ImageNet-R", "ImageNet-R root: <wnid>/ class folders (e.g. n01443537/)", False),
+    DatasetKind("imagenet_9", "ImageNet-9 (backgrounds challenge)", "backgrounds-challenge root: "
+                "<variant>/val/<k>_<class>/ (variant: original, only_fg, ...) + in_to_in9.json", True, "imagenet_9"),
+)
+
+#: Every dataset kind by name, in a fixed order (read-only).
+DATASET_KINDS: Mapping[str, DatasetKind] = MappingProxyType({kind.name: kind for kind in _KINDS})
+#: The kinds the embedded generator builds, in ``DATASET_KINDS`` order.
+EMBEDDED_KINDS: tuple[str, ...] = tuple(kind.name for kind in _KINDS if kind.embedded)
+
+
+def check_coverage(owner: str, provided: Iterable[str], needed: Iterable[str]) -> None:
+    """Raise RuntimeError unless ``provided`` (the kinds ``owner`` handles) equals ``needed``.
+
+    Called at import time by the modules keyed by dataset kind, so a table and its users cannot drift.
+    """
+    provided, needed = set(provided), set(needed)
+    if provided == needed:
+        return
+    problems = []
+    if needed - provided:
+        problems.append(f"missing {sorted(needed - provided)}")
+    if provided - needed:
+        problems.append(f"unknown {sorted(provided - needed)}")
+    raise RuntimeError(f"{owner} does not match ibot.data.kinds.DATASET_KINDS: {', '.join(problems)}")
