@@ -1,16 +1,18 @@
-"""Throughput of one full iBOT pretraining step: ours vs an official-equivalent reference.
+"""Throughput of one full iBOT pretraining step: ours vs the official step (the test oracle).
 
 A step is what one iteration of ``main_ibot.py`` does once the batch is in memory: teacher and
 student forward (2 global + L local crops), loss, backward, per-parameter gradient clipping,
 AdamW step and the teacher EMA. Data loading is excluded: every step reuses one synthetic batch
 (random images, official block masks from ``MaskGenerator``).
 
+Both sides come from ``tests/official_ibot_step.py`` (the oracle ``tests/test_pretrain.py`` checks
+our trainer against):
+
 * **ours**: ``Trainer.train_step`` itself, on a Trainer built without data or checkpoints.
-* **reference**: the bytedance/ibot iteration transcribed: ``MultiCropWrapper`` semantics (the
-  head projects *every* token of every crop: global crops -> [CLS] + all patch logits, local crops
-  -> [CLS] of the head output on all their tokens), the official ``iBOTLoss`` on the full
-  [G*B, N, P] patch logits, explicit softmax(q k^T) v attention (timm ``fused_attn = False``),
-  the official per-parameter clipping loop (one ``.item()`` per parameter) and EMA loop.
+* **reference**: the bytedance/ibot iteration transcribed (file:line citations there): the head
+  projects *every* token of every crop, the official ``iBOTLoss`` on the full [G*B, N, P] patch
+  logits, explicit softmax(q k^T) v attention (timm ``fused_attn = False``), the official
+  per-parameter clipping loop (one ``.item()`` per parameter) and EMA loop.
 
 Both start from the same weights (the reference is a deep copy of ours), see the same inputs and
 masks and the same drop-path draws, so their first-step losses must agree (checked and printed).
@@ -22,7 +24,6 @@ Usage: ``python bench/pretrain_step.py --precision fp32,bf16 --batch 8 --json ou
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
@@ -32,244 +33,32 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and the oracle module under tests/
 
-from ibot.data.masking import MaskGenerator  # noqa: E402
 from ibot.loss import IBOTLoss  # noqa: E402
 from ibot.models.head import loss_patch_out_dim  # noqa: E402
-from ibot.train.pretrain import (DEFAULTS, IBOTModel, Trainer, _precision, _shared_parameters,  # noqa: E402
-                                 build_models, select_attention_kernel)
-from ibot.train.schedules import cancel_last_layer_gradients, cosine_schedule, param_groups  # noqa: E402
-
-#: Steps run at this epoch: past ``freeze_last_layer`` (1), so the output layers train as in most of a run.
-EPOCH = 1
-ITERS_PER_EPOCH = 1000
-GLOBAL_CROPS, GLOBAL_SIZE, LOCAL_SIZE, PATCH = 2, 224, 96, 16
+from official_ibot_step import (EPOCH, GLOBAL_SIZE, ITERS_PER_EPOCH, LOCAL_SIZE, PATCH, Batch,  # noqa: E402
+                                OfficialStep, OursStep, build_harnesses)
 
 
-# -- configuration and inputs --------------------------------------------------------------------
-def bench_config(out_dim: int, local_crops: int, batch: int, precision: str) -> dict[str, Any]:
-    """Official ViT-S/16 recipe flags (README command: shared head, no last-layer norm, block masks)."""
-    return {**DEFAULTS, "out_dim": out_dim, "patch_out_dim": out_dim, "shared_head": True,
-            "norm_last_layer": False, "teacher_temp": 0.07, "local_crops_number": local_crops,
-            "global_crops_number": GLOBAL_CROPS, "pred_ratio": [0.0, 0.3], "pred_ratio_var": [0.0, 0.2],
-            "batch_size_per_gpu": batch, "precision": precision}
-
-
-@dataclass
-class Batch:
-    """Crops as the loader delivers them: G global then L local [B,3,H,W]; one [B,h,w] mask per global crop."""
-
-    images: list[Tensor]
-    masks: list[Tensor]
-
-
-def synthetic_batch(cfg: dict[str, Any], device: torch.device, seed: int = 0) -> Batch:
-    """Random crops and official block masks (pred_ratio / pred_ratio_var from ``cfg``)."""
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    batch, grid = cfg["batch_size_per_gpu"], GLOBAL_SIZE // PATCH
-    masker = MaskGenerator(PATCH, cfg["pred_ratio"], cfg["pred_ratio_var"], pred_shape="block")
-    sizes = [GLOBAL_SIZE] * cfg["global_crops_number"] + [LOCAL_SIZE] * cfg["local_crops_number"]
-    images = [torch.randn(batch, 3, s, s, generator=gen).to(device) for s in sizes]
-    masks = [torch.from_numpy(np.stack([masker(grid, grid, rng) for _ in range(batch)])).to(device)
-             for _ in range(cfg["global_crops_number"])]
-    return Batch(images, masks)
-
-
-def make_loss(cfg: dict[str, Any], cls: type[IBOTLoss] = IBOTLoss) -> IBOTLoss:
-    """The loss module as ``Trainer.__init__`` builds it (``cls`` swaps in the official transcription)."""
-    return cls(cfg["out_dim"], loss_patch_out_dim(cfg), cfg["global_crops_number"], cfg["local_crops_number"],
-               cfg["warmup_teacher_temp"], cfg["teacher_temp"], cfg["warmup_teacher_patch_temp"],
-               cfg["teacher_patch_temp"], cfg["warmup_teacher_temp_epochs"], cfg["epochs"],
-               lambda1=cfg["lambda1"], lambda2=cfg["lambda2"], mim_start_epoch=cfg["pred_start_epoch"])
-
-
-def make_schedules(cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """lr, weight decay and teacher momentum per iteration, as ``Trainer.__init__``."""
-    epochs = cfg["epochs"]
-    lr = cosine_schedule(cfg["lr"] * cfg["batch_size_per_gpu"] / 256.0, cfg["min_lr"], epochs, ITERS_PER_EPOCH,
-                         warmup_epochs=cfg["warmup_epochs"])
-    wd = cosine_schedule(cfg["weight_decay"], cfg["weight_decay_end"], epochs, ITERS_PER_EPOCH)
-    momentum = cosine_schedule(cfg["momentum_teacher"], 1.0, epochs, ITERS_PER_EPOCH)
-    return lr, wd, momentum
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """bf16/fp16 autocast, or a disabled autocast for fp32."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
-
-
-# -- ours: Trainer.train_step, unchanged ------------------------------------------------------------
-class OursStep(Trainer):
-    """A Trainer without dataset, sampler or checkpoints; ``train_step`` is the real one."""
-
-    def __init__(self, student: IBOTModel, teacher: IBOTModel, cfg: dict[str, Any],
-                 device: torch.device) -> None:  # pylint: disable=super-init-not-called
-        self.cfg, self.spec, self.device = cfg, {}, device
-        self.work_dir = Path("bench-no-checkpoints")
-        self.autocast_dtype, use_scaler = _precision(cfg, device)
-        self.student, self.teacher, self.student_ddp = student, teacher, student
-        select_attention_kernel((student, teacher), device, self.autocast_dtype)  # the trainer's choice
-        self.ema_pairs = _shared_parameters(student, teacher)
-        self.loss = make_loss(cfg).to(device)
-        self.optimizer = torch.optim.AdamW(param_groups(student))
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.lr_schedule, self.wd_schedule, self.momentum_schedule = make_schedules(cfg)
-        self.iters_per_epoch = ITERS_PER_EPOCH
-
-    def step(self, batch: Batch, it: int) -> float:
-        """One training step; returns the loss."""
-        return self.train_step(batch.images, batch.masks, EPOCH, it)["loss"]
-
-
-# -- reference: the official bytedance/ibot iteration ----------------------------------------------
-class OfficialIBOTLoss(IBOTLoss):
-    """``main_ibot.py`` ``iBOTLoss.forward``/``update_center`` transcribed (full [G*B, N, P] patch logits).
-
-    Inherits only the constructor (centre buffers, temperature schedules) from ours."""
-
-    def forward(self, student_output: tuple[Tensor, Tensor], teacher_output: tuple[Tensor, Tensor],  # type: ignore[override]
-                student_local_cls: Tensor | None, student_mask: Sequence[Tensor], epoch: int) -> dict[str, Tensor]:
-        student_cls, student_patch = student_output
-        teacher_cls, teacher_patch = teacher_output
-        if student_local_cls is not None:
-            student_cls = torch.cat([student_cls, student_local_cls])
-        student_cls_c = (student_cls / self.student_temp).chunk(self.ncrops)
-        student_patch_c = (student_patch / self.student_temp).chunk(self.ngcrops)
-        temp, temp2 = self.teacher_temp_schedule[epoch], self.teacher_temp2_schedule[epoch]
-        teacher_cls_c = F.softmax((teacher_cls - self.center) / temp, dim=-1).detach().chunk(self.ngcrops)
-        teacher_patch_c = F.softmax((teacher_patch - self.center2) / temp2, dim=-1).detach().chunk(self.ngcrops)
-        total_loss1, n_loss_terms1, total_loss2, n_loss_terms2 = 0, 0, 0, 0
-        for q in range(len(teacher_cls_c)):
-            for v in range(len(student_cls_c)):
-                if v == q:
-                    loss2 = torch.sum(-teacher_patch_c[q] * F.log_softmax(student_patch_c[v], dim=-1), dim=-1)
-                    mask = student_mask[v].flatten(-2, -1)
-                    loss2 = torch.sum(loss2 * mask.float(), dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
-                    total_loss2 += loss2.mean()
-                    n_loss_terms2 += 1
-                else:
-                    loss1 = torch.sum(-teacher_cls_c[q] * F.log_softmax(student_cls_c[v], dim=-1), dim=-1)
-                    total_loss1 += loss1.mean()
-                    n_loss_terms1 += 1
-        total_loss1 = total_loss1 / n_loss_terms1 * self.lambda1
-        total_loss2 = total_loss2 / n_loss_terms2 * self.lambda2
-        self.official_update_center(teacher_cls, teacher_patch)
-        return dict(cls=total_loss1, patch=total_loss2, loss=total_loss1 + total_loss2)
-
-    @torch.no_grad()
-    def official_update_center(self, teacher_cls: Tensor, teacher_patch: Tensor) -> None:
-        """Official centre EMA (single process: the all_reduce is the identity)."""
-        cls_center = torch.sum(teacher_cls, dim=0, keepdim=True) / len(teacher_cls)
-        self.center = self.center * self.center_momentum + cls_center * (1 - self.center_momentum)
-        patch_center = torch.sum(teacher_patch.mean(1), dim=0, keepdim=True) / len(teacher_patch)
-        self.center2 = self.center2 * self.center_momentum2 + patch_center * (1 - self.center_momentum2)
-
-
-def disable_fused_attention(model: nn.Module) -> int:
-    """Make every timm attention compute softmax(q k^T) v explicitly (official ViT); returns the count."""
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-            count += 1
-    return count
-
-
-def multicrop_forward(model: IBOTModel, crops: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Official ``MultiCropWrapper`` on one resolution group: backbone, then the head on ALL tokens."""
-    return model.head(model.backbone(crops, mask=mask))
-
-
-def official_clip_gradients(model: nn.Module, clip: float) -> list[float]:
-    """``utils.clip_gradients``: per-parameter norm, one host sync per parameter."""
-    norms = []
-    for _, p in model.named_parameters():
-        if p.grad is not None:
-            param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
-            clip_coef = clip / (param_norm + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
-    return norms
-
-
-class OfficialStep:
-    """One ``train_one_epoch`` iteration of bytedance/ibot (single process, no DDP wrapper)."""
-
-    def __init__(self, student: IBOTModel, teacher: IBOTModel, cfg: dict[str, Any], device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
-        self.autocast_dtype, _ = _precision(cfg, device)
-        self.student, self.teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-        self.unfused = disable_fused_attention(self.student) + disable_fused_attention(self.teacher)
-        self.loss = make_loss(cfg, OfficialIBOTLoss).to(device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.student))  # utils.get_params_groups: same groups
-        self.lr_schedule, self.wd_schedule, self.momentum_schedule = make_schedules(cfg)
-
-    def forward_loss(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Teacher, student (globals, then locals through backbone + head) and the official loss."""
-        g = self.cfg["global_crops_number"]
-        globals_, masks = torch.cat(batch.images[:g]), torch.cat(batch.masks[:g])
-        with autocast(self.device, self.autocast_dtype):
-            teacher_output = multicrop_forward(self.teacher, globals_)
-            student_output = multicrop_forward(self.student, globals_, mask=masks)
-            student_local_cls = (multicrop_forward(self.student, torch.cat(batch.images[g:]))[0]
-                                 if len(batch.images) > g else None)
-            losses = self.loss(student_output, teacher_output, student_local_cls, batch.masks[:g], EPOCH)
-        outputs = {"student": student_output, "teacher": teacher_output, "local_cls": student_local_cls}
-        return losses, outputs
-
-    def step(self, batch: Batch, it: int, check: IBOTLoss | None = None) -> dict[str, float]:
-        """One training step; returns the loss (and, given ``check``, that module's value on the same
-        official-layout outputs, evaluated before the step's centre update)."""
-        cfg = self.cfg
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = self.lr_schedule[it]
-            if i == 0:
-                group["weight_decay"] = self.wd_schedule[it]
-        losses, outputs = self.forward_loss(batch)
-        loss = losses["loss"]
-        result = {"loss": loss.item()}
-        if check is not None:
-            result["check"] = official_layout_value(check, outputs, batch, cfg["global_crops_number"])
-        if not math.isfinite(result["loss"]):
-            raise FloatingPointError(f"reference loss is {result['loss']}")
-        self.optimizer.zero_grad()
-        loss.backward()
-        if cfg["clip_grad"]:
-            official_clip_gradients(self.student, cfg["clip_grad"])
-        cancel_last_layer_gradients(self.student, EPOCH, cfg["freeze_last_layer"])
-        self.optimizer.step()
-        self._ema(self.momentum_schedule[it])
-        return result
-
-    @torch.no_grad()
-    def _ema(self, m: float) -> None:
-        """Official teacher EMA: common parameter names recomputed every step, one update per tensor."""
-        names_q, params_q = zip(*self.student.named_parameters())
-        names_k, params_k = zip(*self.teacher.named_parameters())
-        names_common = list(set(names_q) & set(names_k))
-        params_q = [p for n, p in zip(names_q, params_q) if n in names_common]
-        params_k = [p for n, p in zip(names_k, params_k) if n in names_common]
-        for param_q, param_k in zip(params_q, params_k):
-            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+def our_loss(cfg: dict[str, Any]) -> IBOTLoss:
+    """A fresh ``IBOTLoss`` as ``Trainer.__init__`` builds it (for the official-layout cross-check)."""
+    return IBOTLoss(cfg["out_dim"], loss_patch_out_dim(cfg), cfg["global_crops_number"], cfg["local_crops_number"],
+                    cfg["warmup_teacher_temp"], cfg["teacher_temp"], cfg["warmup_teacher_patch_temp"],
+                    cfg["teacher_patch_temp"], cfg["warmup_teacher_temp_epochs"], cfg["epochs"],
+                    lambda1=cfg["lambda1"], lambda2=cfg["lambda2"], mim_start_epoch=cfg["pred_start_epoch"])
 
 
 @torch.no_grad()
 def official_layout_value(loss: IBOTLoss, outputs: dict[str, Any], batch: Batch, g: int) -> float:
     """Our ``IBOTLoss`` evaluated on the official [G*B, N, P] layout (a cross-check of both losses)."""
-    state = copy.deepcopy(loss.state_dict())
     value = loss(tuple(t.detach() for t in outputs["student"]), outputs["teacher"],
                  outputs["local_cls"].detach() if outputs["local_cls"] is not None else None,
                  batch.masks[:g], EPOCH)["loss"].item()
-    loss.load_state_dict(state)
     return value
 
 
@@ -343,18 +132,12 @@ class PrecisionResult:
     ours_fraction_of_matmul: float = 0.0
 
 
-def build_harnesses(precision: str, args: argparse.Namespace, device: torch.device
-                    ) -> tuple[OursStep, OfficialStep, Batch, dict[str, Any]]:
-    """Ours and the reference from the same initial weights, plus the synthetic batch and config."""
-    cfg = bench_config(args.out_dim, args.local_crops, args.batch, precision)
-    torch.manual_seed(args.seed)
-    student, teacher = (m.to(device) for m in build_models(cfg, {"arch": args.arch, "patch_size": PATCH}))
-    reference = OfficialStep(student, teacher, cfg, device)  # deep copy before ours trains
-    ours = OursStep(student, teacher, cfg, device)
-    if args.ours_attention != "trainer":  # what-if: force one attention kernel for ours
-        for model in (ours.student, ours.teacher):
-            model.backbone.set_fused_attention(args.ours_attention == "fused")
-    return ours, reference, synthetic_batch(cfg, device, args.seed), cfg
+def harnesses(precision: str, args: argparse.Namespace, device: torch.device
+              ) -> tuple[OursStep, OfficialStep, Batch, dict[str, Any]]:
+    """Ours and the reference from the same initial weights (the oracle's ``build_harnesses``)."""
+    return build_harnesses(precision, arch=args.arch, batch=args.batch, out_dim=args.out_dim,
+                           local_crops=args.local_crops, seed=args.seed, device=device,
+                           ours_attention=args.ours_attention)
 
 
 def first_step(ours: OursStep, reference: OfficialStep, batch: Batch, cfg: dict[str, Any], it: int, seed: int,
@@ -363,7 +146,10 @@ def first_step(ours: OursStep, reference: OfficialStep, batch: Batch, cfg: dict[
     torch.manual_seed(seed)
     loss_ours, flops_ours = counted(lambda: ours.step(batch, it))
     torch.manual_seed(seed)
-    ref, flops_ref = counted(lambda: reference.step(batch, it, check=make_loss(cfg).to(ours.device)))
+    check = our_loss(cfg).to(ours.device)
+    g = cfg["global_crops_number"]
+    ref, flops_ref = counted(lambda: reference.step(
+        batch, it, before_update=lambda outputs: official_layout_value(check, outputs, batch, g)))
     rel = abs(loss_ours - ref["loss"]) / abs(ref["loss"])
     ok = rel <= FP32_LOSS_RTOL if precision == "fp32" else None
     verdict = {True: "IDENTICAL (OK)", False: f"MISMATCH (> {FP32_LOSS_RTOL:g})", None: "(bf16: not checked)"}[ok]
@@ -375,7 +161,7 @@ def first_step(ours: OursStep, reference: OfficialStep, batch: Batch, cfg: dict[
 
 def bench_precision(precision: str, args: argparse.Namespace, device: torch.device, matmul: float) -> PrecisionResult:
     """Check the first-step loss, run the remaining warmup, then time both interleaved."""
-    ours, reference, batch, cfg = build_harnesses(precision, args, device)
+    ours, reference, batch, cfg = harnesses(precision, args, device)
     it = EPOCH * ITERS_PER_EPOCH
     result = first_step(ours, reference, batch, cfg, it, args.seed + 1, precision, matmul)
     runners = {"ours": lambda i: ours.step(batch, i), "reference": lambda i: reference.step(batch, i)}

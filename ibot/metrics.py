@@ -7,7 +7,9 @@
      "wall_time_s", "software": {package: version}, "created", "host", "extra": {...}}
 
 ``metrics`` holds only scalars (the table values); anything larger (curves, per-head results)
-goes to ``extra`` or a sibling file.
+goes to ``extra`` or a sibling file. A metric the evaluator did not produce is never a made-up number:
+it is ``null`` and ``extra["null_reasons"][name]`` says why (e.g. mmdet's CocoMetric computes nothing
+for a task without a single detection). NaN and infinities are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import math
 import platform
 import socket
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -23,12 +26,14 @@ from typing import Any, Mapping
 
 from ibot.io import write_json_atomic
 
-__all__ = ["SCHEMA", "REQUIRED_FIELDS", "write_metrics", "read_metrics",
+__all__ = ["SCHEMA", "REQUIRED_FIELDS", "NULL_REASONS", "write_metrics", "read_metrics", "check_metric_values",
            "software_versions"]
 
 SCHEMA = "ibot-metrics/1"
 REQUIRED_FIELDS = ("schema", "run", "model", "stage", "task", "dataset", "protocol", "metrics",
                    "checkpoint", "config", "wall_time_s", "software")
+#: ``extra`` key of the reasons of the ``null`` metrics.
+NULL_REASONS = "null_reasons"
 _PACKAGES = ("torch", "torchvision", "timm", "mmengine", "mmcv", "mmdet", "mmsegmentation", "numpy",
              "submitit", "snakemake", "ibot-repro")
 
@@ -43,26 +48,65 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: str, dataset: str,
-                  protocol: str, metrics: Mapping[str, float], config: Mapping[str, Any],
-                  wall_time_s: float, checkpoint: str | Path | None = None,
-                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Validate and atomically write one stage's metrics file; returns the record."""
-    from ibot.checkpoint import sha256_file
-
-    values = {}
+def check_metric_values(metrics: Mapping[str, Any], null_reasons: Mapping[str, Any], where: str
+                        ) -> dict[str, float | None]:
+    """The metrics as floats, ``None`` kept; raises on NaN/inf, on a ``None`` without a reason and on a
+    reason given for a metric that has a value (or for no metric at all)."""
+    values: dict[str, float | None] = {}
     for name, value in metrics.items():
+        if value is None:
+            reason = null_reasons.get(name)
+            if not isinstance(reason, str) or not reason.strip():
+                raise ValueError(f"{where}: metric {name!r} is null without a reason "
+                                 f"(pass null_reasons={{{name!r}: '<why the evaluator produced no value>'}})")
+            values[name] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+            raise ValueError(f"{where}: metric {name!r} is not a number: {value!r}")
         value = float(value)
         if not math.isfinite(value):
-            raise ValueError(f"metric {name!r} of stage {stage!r} is not finite: {value}")
+            raise ValueError(f"{where}: metric {name!r} is not finite: {value}")
         values[name] = value
+    stray = sorted(set(null_reasons) - {n for n, v in values.items() if v is None})
+    if stray:
+        raise ValueError(f"{where}: null reasons given for metrics that are not null: {stray}")
+    return values
+
+
+def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: str, dataset: str,
+                  protocol: str, metrics: Mapping[str, float | None], config: Mapping[str, Any],
+                  wall_time_s: float, checkpoint: str | Path | None = None,
+                  extra: Mapping[str, Any] | None = None,
+                  null_reasons: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Validate and atomically write one stage's metrics file; returns the record.
+
+    A metric may be ``None`` (written as JSON ``null``) only with its reason in ``null_reasons``
+    (stored as ``extra["null_reasons"]``); NaN and infinities are refused.
+
+    The record names the checkpoint by its sha256, so it must be the file the stage computed from:
+    a checkpoint modified after the stage started (``wall_time_s`` ago) is an error, not a record.
+    Resumed work is tied to its checkpoint by the work directory's fingerprint (ibot.workdir).
+    """
+    from ibot.checkpoint import sha256_file
+
+    if checkpoint is not None and Path(checkpoint).stat().st_mtime > time.time() - float(wall_time_s):
+        raise RuntimeError(f"stage {stage}: checkpoint {checkpoint} was modified while the stage ran; its "
+                           f"result would be paired with weights it was not computed from. Rerun the stage.")
+
+    extra = dict(extra or {})
+    if NULL_REASONS in extra:
+        raise ValueError(f"stage {stage!r}: pass null reasons as null_reasons=, not in extra")
+    null_reasons = dict(null_reasons or {})
+    values = check_metric_values(metrics, null_reasons, f"stage {stage!r}")
+    if null_reasons:
+        extra[NULL_REASONS] = null_reasons
     record = {
         "schema": SCHEMA, "run": run, "model": model, "stage": stage, "task": task, "dataset": dataset,
         "protocol": protocol, "metrics": values,
         "checkpoint": None if checkpoint is None else {"path": str(checkpoint), "sha256": sha256_file(checkpoint)},
         "config": dict(config), "wall_time_s": round(float(wall_time_s), 3), "software": software_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
-        "extra": dict(extra or {}),
+        "extra": extra,
     }
     write_json_atomic(record, path)
     return record
@@ -79,4 +123,5 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     if missing or record.get("schema") != SCHEMA:
         raise ValueError(f"metrics file {path}: not a {SCHEMA} record (missing fields {missing}, "
                          f"schema {record.get('schema')!r})")
+    check_metric_values(record["metrics"], (record.get("extra") or {}).get(NULL_REASONS) or {}, f"metrics file {path}")
     return record

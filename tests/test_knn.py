@@ -88,12 +88,33 @@ def test_top5_only_with_five_classes() -> None:
     assert top5 is None and 0.0 <= top1 <= 100.0
 
 
-def test_schema_defaults_equal_module_defaults() -> None:
+#: bytedance/ibot (commit da316d8) evaluation/eval_knn.py, run as ``run.sh imagenet_knn`` (run.sh:65-89),
+#: transcribed with the line each value comes from.
+OFFICIAL_EVAL_KNN = {
+    "resize": (256, "eval_knn.py:67 Resize(256, interpolation=3)"),
+    "crop": (224, "eval_knn.py:68 CenterCrop(224)"),
+    "nb_knn": ([10, 20, 100, 200], "eval_knn.py:279 --nb_knn"),
+    "temperature": (0.07, "eval_knn.py:281 --temperature"),
+    "batch_size_per_gpu": (128, "eval_knn.py:278 --batch_size_per_gpu"),
+    "num_workers": (10, "eval_knn.py:298 --num_workers"),
+    "features_on_gpu": (True, "eval_knn.py:286 --use_cuda"),
+    "chunk_size": (50000 // 100, "eval_knn.py:230-231: the 50,000 val images in 100 chunks"),
+    "precision": ("fp32", "eval_knn.py:132-156: features computed without autocast"),
+}
+
+
+def test_defaults_equal_the_official_eval_knn_values() -> None:
+    assert set(knn.DEFAULTS) == set(OFFICIAL_EVAL_KNN)
+    for key, (official, source) in OFFICIAL_EVAL_KNN.items():
+        assert knn.DEFAULTS[key] == official, f"knn.{key}: ours {knn.DEFAULTS[key]!r}, official {official!r} ({source})"
+    assert knn.REPORTED_K == 20  # paper Tab.1 k-NN column; eval_knn.py:280 "20 is usually working the best"
+
+
+def test_schema_is_closed_and_requires_the_reported_k() -> None:
     import jsonschema
     schema = yaml.safe_load((ROOT / "workflow/schemas/knn.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    assert {k: v["default"] for k, v in schema["properties"].items()} == knn.DEFAULTS
     jsonschema.validate(knn.DEFAULTS, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**knn.DEFAULTS, "nb_knn": [10]}, schema)  # the reported k=20 is required
@@ -106,7 +127,7 @@ def test_cli_end_to_end_random_init(tmp_path: Path) -> None:
               "--resources", '{"cluster": "debug"}', "--model", "tiny", *TINY])
     record = read_metrics(out)
     assert record["stage"] == "knn" and record["task"] == "knn" and record["model"] == "tiny"
-    assert record["protocol"] == "k=20,T=0.07,cls" and record["dataset"] == "imagenet"
+    assert record["protocol"] == "k=20,T=0.07,cls,36/32" and record["dataset"] == "imagenet"
     assert set(record["metrics"]) == {"top1_k10", "top1_k20", "top1_k100", "top1_k200"}  # 3 classes: no top-5
     assert record["extra"]["effective_k"] == {"10": 10, "20": 18, "100": 18, "200": 18}
     assert record["checkpoint"] is None

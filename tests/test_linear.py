@@ -54,8 +54,10 @@ def test_heads_init_and_official_grid() -> None:
     w = heads.heads[0].weight
     assert torch.equal(w, heads.heads[2].weight) and heads.heads[1].bias.abs().sum() == 0
     assert 0.007 < float(w.detach().std()) < 0.013
-    grid = linear.OFFICIAL_LR_GRID
-    assert len(grid) == 45 and grid[0] == 1e-4 and grid[-1] == 9.0 and 0.3 in grid and 0.002 in grid
+    # bytedance/ibot evaluation/eval_linear_multi.py:100, transcribed
+    official = [base * n for base in [10 ** k for k in range(-4, 1)] for n in range(1, 10)]
+    assert linear.OFFICIAL_LR_GRID == pytest.approx(official, rel=1e-12)
+    assert len(linear.OFFICIAL_LR_GRID) == 45 and linear.DEFAULTS["lrs"] is None  # None: this grid
 
 
 @pytest.mark.parametrize("n_last, avgpool, blocks", [(4, False, 4), (1, True, 2), (2, 2, 3), (1, 1, 1)])
@@ -76,14 +78,45 @@ def test_linear_features(n_last: int, avgpool, blocks: int) -> None:
         assert torch.allclose(feats[:, -192:], last[:, 1:].mean(1), atol=1e-5)
 
 
-def test_schema_defaults_equal_module_defaults() -> None:
+#: bytedance/ibot (commit da316d8) evaluation/eval_linear_multi.py as ``run.sh imagenet_linear ... vit_small
+#: teacher 8`` runs it (run.sh:137-149, evaluation/README.md:12), transcribed with the line of each value.
+OFFICIAL_EVAL_LINEAR_VIT_S = {
+    "n_last_blocks": (4, "run.sh:51-54 LINEAR_N_LAST_BLOCKS=4 for vit_small; eval_linear_multi.py:356"),
+    "avgpool_patchtokens": (0, "run.sh:53 LINEAR_AVGPOOL=0 for vit_small; eval_linear_multi.py:358"),
+    "epochs": (100, "eval_linear_multi.py:370 --epochs"),
+    "batch_size": (128 * 8, "eval_linear_multi.py:375 --batch_size_per_gpu 128 x 8 GPUs (evaluation/README.md:12)"),
+    "momentum": (0.9, "eval_linear_multi.py:133 SGD momentum"),
+    "weight_decay": (0.0, "eval_linear_multi.py:105 wds=[0] (sweep_lr_only, :387)"),
+    "val_freq": (1, "eval_linear_multi.py:383 --val_freq"),
+    "resize": (256, "eval_linear_multi.py:56 Resize(256, interpolation=3)"),
+    "crop": (224, "eval_linear_multi.py:50 RandomResizedCrop(224), :57 CenterCrop(224)"),
+    "train_interpolation": ("bilinear", "eval_linear_multi.py:50 RandomResizedCrop(224): torchvision's default"),
+    "num_workers": (10, "eval_linear_multi.py:382 --num_workers"),
+    "precision": ("fp32", "eval_linear_multi.py: no autocast anywhere"),
+}
+#: Ours without an official counterpart: the lr grid (None = eval_linear_multi.py:100, tested above) and
+#: caching the deterministic val features.
+LINEAR_OWN_SETTINGS = {"lrs", "cache_val_features"}
+
+
+def test_defaults_equal_the_official_eval_linear_values() -> None:
+    assert set(linear.DEFAULTS) == set(OFFICIAL_EVAL_LINEAR_VIT_S) | LINEAR_OWN_SETTINGS
+    for key, (official, source) in OFFICIAL_EVAL_LINEAR_VIT_S.items():
+        ours = linear.DEFAULTS[key]
+        if key == "avgpool_patchtokens":
+            ours = linear._avgpool_mode(ours)  # ours accepts booleans for the official 0/2 codes
+        assert ours == official, f"linear.{key}: ours {ours!r}, official {official!r} ({source})"
+
+
+def test_schema_is_closed() -> None:
     import jsonschema
     schema = yaml.safe_load((ROOT / "workflow/schemas/linear.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    assert {k: v["default"] for k, v in schema["properties"].items()} == linear.DEFAULTS
     jsonschema.validate(linear.DEFAULTS, schema)
     jsonschema.validate({**linear.DEFAULTS, "avgpool_patchtokens": 2, "lrs": [0.1]}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**linear.DEFAULTS, "unknown_key": 1}, schema)
 
 
 def test_cli_end_to_end_head_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from ibot.data.embedded import EmbeddedSizes, generate
 from ibot.run.launcher import launch
 from ibot.train.pretrain import DEFAULTS, Trainer, train
 from ibot.train.schedules import clip_gradients_per_param, cosine_schedule
+from official_ibot_step import build_harnesses, official_loss
 
 SPEC = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
 TINY = {**DEFAULTS, "epochs": 2, "batch_size_per_gpu": 8, "global_crops_size": 32, "local_crops_size": 16,
@@ -43,14 +43,15 @@ def test_efficient_step_equals_official_layout(images, tmp_path):
     teacher = trainer.teacher(globals_, None, flat, teacher=True)
     loss = trainer.loss((ours["cls"], ours["patch"]), (teacher["cls"], teacher["patch"]), ours["local_cls"], flat, 0,
                         teacher_patch_mean=teacher["patch_mean"])
-    # official: full token logits for both networks, local crops through the whole head
-    reference_loss = type(trainer.loss)(128, 128, 2, 2, 0.04, 0.04, 0.04, 0.07, 1, 2)
+    # official: full token logits for both networks, local crops through the whole head, official loss
+    reference_loss = official_loss(trainer.cfg)
     s_cls, s_patch = trainer.student.head(trainer.student.backbone(globals_, mask=flat))
     t_cls, t_patch = trainer.teacher.head(trainer.teacher.backbone(globals_))
     s_local = trainer.student.head(trainer.student.backbone(locals_))[0]
     reference = reference_loss((s_cls, s_patch), (t_cls, t_patch), s_local, masks, 0)
     for key in ("cls", "patch", "loss"):
         assert torch.allclose(loss[key], reference[key], rtol=1e-5), key
+    assert torch.allclose(trainer.loss.center, reference_loss.center, atol=1e-6)
     assert torch.allclose(trainer.loss.center2, reference_loss.center2, atol=1e-6)
 
 
@@ -95,6 +96,7 @@ def test_kill_and_resume_is_bitwise_identical(images, tmp_path):
 def test_checkpoint_uses_official_keys(images, tmp_path):
     train({**TINY, "epochs": 1}, SPEC, images, tmp_path)
     state = load_file(tmp_path / "checkpoint.pth")
+    # bytedance/ibot main_ibot.py:348-355 save_dict (+ 'fp16_scaler' with a scaler, :356-357)
     assert {"student", "teacher", "optimizer", "epoch", "args", "ibot_loss"} <= set(state)
     assert "backbone.blocks.0.attn.qkv.weight" in state["teacher"] and "head.last_layer.weight_g" in state["teacher"]
     assert set(state["ibot_loss"]) == {"center", "center2"} and state["epoch"] == 1
@@ -135,16 +137,10 @@ def test_export_and_summary(images, tmp_path):
 
 def test_training_matches_the_official_iteration_over_several_steps():
     """Our step (masked-token heads, fused ops, foreach EMA) = the official step transcribed in
-    bench/pretrain_step.py (heads on every token, explicit loops), weights and centres after 4 steps."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import pretrain_step as bench
-
+    tests/official_ibot_step.py (heads on every token, explicit loops), weights and centres after 4 steps."""
     torch.manual_seed(0)
-    args = bench.parse_args(["--arch", "vit_tiny", "--batch", "4", "--out-dim", "256", "--local-crops", "2",
-                             "--precision", "fp32"])
-    ours, official, batch, _ = bench.build_harnesses("fp32", args, torch.device("cpu"))
+    ours, official, batch, _ = build_harnesses("fp32", arch="vit_tiny", batch=4, out_dim=256, local_crops=2, seed=0,
+                                               device=torch.device("cpu"))
     for it in range(4):
         torch.manual_seed(it)
         ours_loss = ours.step(batch, it)
@@ -156,3 +152,4 @@ def test_training_matches_the_official_iteration_over_several_steps():
         for key, value in ours_net.state_dict().items():
             assert torch.allclose(value, reference[key], atol=1e-6), key
     assert torch.allclose(ours.loss.center, official.loss.center, atol=1e-7)
+    assert torch.allclose(ours.loss.center2, official.loss.center2, atol=1e-7)

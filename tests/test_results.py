@@ -18,8 +18,10 @@ import pandas as pd
 import pytest
 
 from ibot.results.__main__ import main as results_main
-from ibot.results.aggregate import (REFERENCE_CSV, SUMMARY_COLUMNS, aggregate, build_summary, find_metrics_files,
-                                    flat_metrics, load_metric_map, load_reference, paper_values, read_summaries)
+from ibot.metrics import write_metrics
+from ibot.results.aggregate import (PAPER_PROTOCOLS_CSV, REFERENCE_CSV, SUMMARY_COLUMNS, aggregate, build_summary,
+                                    find_metrics_files, flat_metrics, load_metric_map, load_paper_protocols,
+                                    load_reference, paper_values, read_summaries)
 from ibot.results.compare import compare_paper, compare_runs
 from ibot.results.tables import GROUPS, group_table, to_latex, to_markdown, write_tables
 
@@ -45,11 +47,20 @@ def _row(frame: pd.DataFrame, method: str) -> pd.Series:
 
 
 # -- reference and mapping ------------------------------------------------------------------------
+#: sha256 of the shared reference file (../shared/reference/ibot_paper_results.csv) the tracked copy was made from.
+REFERENCE_SHA256 = "076e6b3e82f313d449fc63d300d3e1ea23994de82d5b19ca6103daa511e4a264"
+
+
 def test_reference_copy_is_the_shared_file():
-    shared = REPO.parent / "shared" / "reference" / "ibot_paper_results.csv"
-    if not shared.is_file():
-        pytest.skip("shared/reference not present")
-    assert REFERENCE_CSV.read_bytes() == shared.read_bytes()
+    """The tracked copy is byte for byte the shared reference (its digest; and the file itself when a
+    checkout has ../shared/reference beside it, which a /tmp clone does not)."""
+    import hashlib
+    assert hashlib.sha256(REFERENCE_CSV.read_bytes()).hexdigest() == REFERENCE_SHA256
+    shared = REPO.parent / "shared" / "reference"
+    if shared.is_dir():
+        assert REFERENCE_CSV.read_bytes() == (shared / "ibot_paper_results.csv").read_bytes()
+        tracked_readme = (REFERENCE_CSV.parent / "README.md").read_text()
+        assert tracked_readme.startswith((shared / "README.md").read_text())  # + our "In this project" part
 
 
 def test_metric_map_lines_resolve_to_one_reference_row():
@@ -65,6 +76,73 @@ def test_metric_map_lines_resolve_to_one_reference_row():
     assert vit_s["IN-C err (19)"] == 48.1 and vit_s["S.5"] == 65.9 and vit_s["Only-BG-T"] == 17.4
     assert "mIoU (linear)" not in vit_s.index  # the paper has no ViT-S/16 linear-seg number
     assert paper[paper["paper_model"] == "ViT-L/16"].set_index("column").at["Linear", "paper_value"] == 81.0
+
+
+def test_paper_protocols_name_every_paper_experiment_we_can_run():
+    """Every (paper model, stage) with a paper number for a ViT we can evaluate has the dataset and
+    protocol labels of the paper's experiment, and every such row has a paper number."""
+    reference, mapping, experiments = load_reference(), load_metric_map(), load_paper_protocols()
+    models = sorted(m for m in set(reference["model"]) if m.removeprefix("DINO ").startswith("ViT-")
+                    and "(" not in m)  # README-only variants ("ViT-B/16 (random mask)") are not paper rows
+    joinable = set(map(tuple, paper_values(reference, mapping, models)[["paper_model", "stage"]].values))
+    listed = set(zip(experiments["paper_model"], experiments["stage"]))
+    # DINO fine-tuning: the paper does not give the recipe it fine-tuned DINO with: no join
+    assert joinable - listed == {("DINO ViT-S/16", "finetune"), ("DINO ViT-B/16", "finetune")}
+    assert listed <= joinable
+    assert PAPER_PROTOCOLS_CSV.parent == REFERENCE_CSV.parent
+
+
+def _paper_stage_config(stage: str, model: str) -> tuple[dict, dict]:
+    from ibot.config import load_yaml, model_spec, stage_config, validate_config
+    config = validate_config(load_yaml(REPO / "config" / "paper.yaml"), base_dir=REPO)
+    return stage_config(config, stage, model), model_spec(config, model)
+
+
+#: Stages whose module builds its protocol label with ``protocol_label(config)`` (checked against
+#: paper_protocols.csv for the paper config of every model).
+LABELLED_STAGES = {"knn": "downstream.knn", "linear": "downstream.linear", "finetune": "downstream.finetune",
+                   "detection": "downstream.dense.detection", "seg_upernet": "downstream.dense.segmentation",
+                   "seg_linear": "downstream.dense.segmentation"}
+
+
+@pytest.mark.parametrize("stage", sorted(LABELLED_STAGES))
+def test_the_paper_config_writes_the_paper_protocol_labels(stage):
+    import importlib
+    module = importlib.import_module(LABELLED_STAGES[stage])
+    experiments = load_paper_protocols()
+    rows = experiments[(experiments["stage"] == stage) & ~experiments["paper_model"].str.startswith("DINO ")]
+    assert len(rows), stage
+    paper_models = {"ViT-S/16": "vit_small", "ViT-B/16": "vit_base", "ViT-L/16": "vit_large"}
+    for row in rows.itertuples(index=False):
+        config, _ = _paper_stage_config(stage, paper_models[row.paper_model])
+        assert module.protocol_label(config) == row.protocol, (stage, row.paper_model)
+
+
+@pytest.mark.parametrize("stage", ["imagenet_c", "imagenet_a", "bg_challenge"])
+def test_robustness_labels_name_the_paper_linear_head(stage):
+    """A robustness number joins the paper's only when its head came from the paper's linear protocol."""
+    from downstream import linear
+    from downstream.robustness.common import robustness_protocol
+    experiments = load_paper_protocols()
+    rows = experiments[(experiments["stage"] == stage) & ~experiments["paper_model"].str.startswith("DINO ")]
+    assert len(rows), stage
+    for row in rows.itertuples(index=False):
+        config, _ = _paper_stage_config("linear", {"ViT-S/16": "vit_small"}[row.paper_model])
+        assert robustness_protocol({"protocol": linear.protocol_label(config)}) == row.protocol, stage
+
+
+def test_our_occlusion_is_not_labelled_as_the_paper_protocol():
+    """Tokens dropped by the model's own attention are not the paper's occlusion (DINO saliency, zeroed
+    pixels): its label never matches the paper's row, so it gets no paper value or delta."""
+    from downstream import linear
+    from downstream.robustness import occlusion
+    experiments = load_paper_protocols()
+    paper = experiments[(experiments["stage"] == "occlusion") & (experiments["paper_model"] == "ViT-S/16")]
+    linear_config, _ = _paper_stage_config("linear", "vit_small")
+    config, _ = _paper_stage_config("occlusion", "vit_small")
+    ours = occlusion.protocol_label(config, {"protocol": linear.protocol_label(linear_config)})
+    assert ours.startswith("linear-head[cls(last 4),sgd,100ep,lr-sweep(45),256/224],occlusion(")
+    assert ours != paper["protocol"].item()
 
 
 # -- summary ----------------------------------------------------------------------------------------
@@ -102,6 +180,82 @@ def test_duplicate_records_are_refused(tmp_path):
     shutil.copy(a, tmp_path / "metrics.json")
     with pytest.raises(ValueError, match="several metrics files"):
         build_summary([a, tmp_path / "metrics.json"], INFO)
+
+
+def _copy_record(tmp_path: Path, source: Path, run: str, **changes) -> Path:
+    record = json.loads(source.read_text())
+    record.update(run=run, **changes)
+    out = tmp_path / run / record["model"] / record["stage"] / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record))
+    return out
+
+
+def test_paper_numbers_join_only_the_paper_protocol(tmp_path):
+    """A shortened schedule (or another dataset) is not the paper's experiment: no paper value, no
+    delta, a † in the tables; the same model's paper-protocol rows keep theirs."""
+    det = FIXTURES / "seed0" / "vit_small" / "detection" / "metrics.json"
+    knn = FIXTURES / "seed0" / "vit_small" / "knn" / "metrics.json"
+    short = _copy_record(tmp_path, det, "short", protocol="cascade-mask-rcnn,2ep,steps=2,scales=96-128/128")
+    subset = _copy_record(tmp_path, knn, "short", dataset="imagenet")  # a 10-class folder, not ImageNet-1K
+    summary = build_summary([short, subset, FIXTURES / "seed0" / "vit_small" / "linear" / "metrics.json"], INFO)
+    rows = summary.set_index("metric")
+    for metric in ("bbox_AP", "segm_AP", "top1_k20"):
+        assert not rows.at[metric, "is_paper_protocol"], metric
+        assert pd.isna(rows.at[metric, "paper_value"]) and pd.isna(rows.at[metric, "delta"]), metric
+    assert rows.at["bbox_AP", "paper_protocol"] == "cascade-mask-rcnn,1x" and rows.at["top1_k20", "paper_dataset"] == \
+        "imagenet-1k"
+    assert rows.at["top1", "is_paper_protocol"] and rows.at["top1", "paper_value"] == 77.9
+    table = group_table(aggregate(summary), "dense")
+    assert _row(table, "ours: vit_small")["APb"]["off_protocol"]
+    assert _row(table, "Δ vit_small − paper")["APb"]["mean"] is None  # no Δ against the paper's 1x
+    md = to_markdown(table)
+    assert "48.9†" in md and "not the paper's protocol" in md
+    classification = group_table(aggregate(summary), "classification")
+    assert _row(classification, "Δ vit_small − paper")["k-NN"]["mean"] is None
+    assert math.isclose(_row(classification, "Δ vit_small − paper")["Linear"]["mean"], 77.5 - 77.9)
+    assert compare_paper(summary).set_index("metric").index.tolist() == ["top1"]
+    # runs of two protocols are never pooled into one cell
+    both = pd.concat([summary, _summary("seed0")], ignore_index=True)
+    with pytest.raises(ValueError, match="several datasets or protocols"):
+        group_table(aggregate(both), "dense")
+
+
+def test_null_metrics_need_a_reason_and_show_as_n_a(tmp_path):
+    base = dict(run="r", model="vit_small", stage="detection", task="detection", dataset="coco",
+                protocol="cascade-mask-rcnn,1x", config={}, wall_time_s=1.0)
+    with pytest.raises(ValueError, match="without a reason"):
+        write_metrics(tmp_path / "a.json", metrics={"bbox_AP": None}, **base)
+    with pytest.raises(ValueError, match="not finite"):
+        write_metrics(tmp_path / "a.json", metrics={"bbox_AP": float("nan")}, **base)
+    with pytest.raises(ValueError, match="not null"):
+        write_metrics(tmp_path / "a.json", metrics={"bbox_AP": 1.0}, null_reasons={"bbox_AP": "x"}, **base)
+    path = tmp_path / "r" / "vit_small" / "detection" / "metrics.json"
+    reason = "mmdet CocoMetric produced no coco/segm_mAP: no detection"
+    write_metrics(path, metrics={"bbox_AP": 12.5, "segm_AP": None}, null_reasons={"segm_AP": reason}, **base)
+    record = json.loads(path.read_text())
+    assert record["metrics"]["segm_AP"] is None and record["extra"]["null_reasons"] == {"segm_AP": reason}
+    broken = dict(record, extra={})
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="without a reason"):
+        build_summary([tmp_path / "broken.json"], INFO)
+
+    summary = build_summary([path], INFO)
+    row = summary.set_index("metric").loc["segm_AP"]
+    assert pd.isna(row["value"]) and row["null_reason"] == reason and pd.isna(row["delta"])
+    assert flat_metrics(summary) == {"vit_small": {"detection": {"bbox_AP": 12.5}}}  # DVC metrics: numbers only
+    summary.to_csv(tmp_path / "summary.csv", index=False)
+    agg = aggregate(read_summaries([tmp_path / "summary.csv"]))
+    assert agg.set_index("metric").at["segm_AP", "n"] == 0
+    table = group_table(agg, "dense")
+    ours = _row(table, "ours: vit_small")
+    md = to_markdown(table)
+    assert "n/a" in md and "12.5" in md and "evaluator produced no value" in md
+    assert ours["APm"]["mean"] is None or pd.isna(ours["APm"]["mean"])
+    assert _row(table, "Δ vit_small − paper")["APm"]["mean"] is None
+    write_tables(agg, tmp_path / "tables")
+    assert pd.isna(pd.read_csv(tmp_path / "tables" / "dense.csv").set_index("Method").at["ours: vit_small", "APm"])
+    assert "n/a" in (tmp_path / "tables" / "all_metrics.md").read_text()
 
 
 # -- tables -----------------------------------------------------------------------------------------
@@ -330,8 +484,9 @@ def _planned(cwd) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_dvc_round_trip_restores_checkpoint_without_pretraining_rerun(tmp_path):
-    if not (BIN / "dvc").is_file() or not (BIN / "snakemake").is_file() or shutil.which("git") is None:
-        pytest.skip("dvc, snakemake or git missing")
+    # dvc and snakemake are pinned dependencies (pyproject.toml), git holds the project: missing is a failure
+    assert (BIN / "dvc").is_file() and (BIN / "snakemake").is_file(), f"dvc/snakemake not installed in {BIN}"
+    assert shutil.which("git") is not None, "git not found"
     repo, remote = tmp_path / "repo", tmp_path / "remote"
     repo.mkdir()
     (repo / "Snakefile").write_text(_TINY_SNAKEFILE)
@@ -444,9 +599,6 @@ rule stage:
     shell: "{PYTHON:q} stub.py stage {params.fixture:q} {output:q} {RUN} {wildcards.model}"
 
 
-for _stage in STAGES:
-    STAGE_TARGETS[_stage] = f"{RESULTS}/{RUN}/{{model}}/{_stage}/metrics.json"
-
 include: "RESULTS_SMK"
 
 
@@ -471,8 +623,7 @@ _CONFIG = {
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_results_rules_rebuild_on_metrics_change_and_report_builds(tmp_path):
-    if not (BIN / "snakemake").is_file():
-        pytest.skip("snakemake missing")
+    assert (BIN / "snakemake").is_file(), f"snakemake (pinned in pyproject.toml) not installed in {BIN}"
     (tmp_path / "Snakefile").write_text(_SNAKEFILE.replace("RESULTS_SMK", str(REPO / "workflow/rules/results.smk"))
                                         .replace("COMMON_SMK", str(REPO / "workflow/rules/common.smk")))
     (tmp_path / "stub.py").write_text(_STUB)

@@ -1,9 +1,10 @@
 """Layer-wise learning-rate decay for the dense stages (official iBOT/BEiT rule, mmengine 0.10 API).
 
-Layer ids over the *whole* detector/segmentor: ``cls_token``/``pos_embed``/``patch_embed`` (and the
-unused mask token) → 0, ``blocks.i`` → i + 1, everything else (the ViT's final norm, the adaptor,
-necks, heads) → ``num_layers + 1``. The lr of a parameter is ``base_lr * decay^(num_layers + 1 -
-layer_id)``. No weight decay for 1-D parameters, biases, ``pos_embed`` and ``cls_token``.
+Layer ids over the *whole* detector/segmentor come from :func:`ibot.models.layer_decay.vit_layer_id`
+(the rule fine-tuning uses too) on the ViT's parameters under ``backbone.vit.``: embeddings → 0,
+``blocks.i`` → i + 1, everything else (the ViT's final norm, the adaptor, necks, heads) → ``depth + 1``;
+lr ``base_lr * decay^(depth + 1 - layer_id)``. No weight decay for 1-D parameters, biases and the
+token embeddings (``pos_embed``, ``cls_token``, mask/register tokens).
 
 (The official constructor meant to exempt pos_embed/cls_token too, but compared the unprefixed
 names against ``backbone.``-prefixed ones, so they were decayed there; we exempt them, like the
@@ -21,42 +22,32 @@ from mmengine.optim import DefaultOptimWrapperConstructor
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 from torch import nn
 
-__all__ = ["IBOTLayerDecayOptimWrapperConstructor", "layer_id", "layer_decay_param_groups"]
+from ibot.models.layer_decay import EMBEDDING_NAMES, layer_scale, vit_layer_id
 
-_EMBED_NAMES = ("cls_token", "pos_embed", "masked_embed", "reg_token")
-_NO_DECAY_NAMES = ("cls_token", "pos_embed", "masked_embed", "reg_token")
-
-
-def layer_id(name: str, num_layers: int, prefix: str = "backbone.vit.") -> int:
-    """Layer id of a parameter of the full model (see module docstring)."""
-    if not name.startswith(prefix):
-        return num_layers + 1
-    local = name[len(prefix):]
-    if local in _EMBED_NAMES or local.startswith("patch_embed."):
-        return 0
-    if local.startswith("blocks."):
-        return int(local.split(".")[1]) + 1
-    return num_layers + 1
+__all__ = ["IBOTLayerDecayOptimWrapperConstructor", "layer_decay_param_groups"]
 
 
 def _no_weight_decay(name: str, param: nn.Parameter, prefix: str) -> bool:
     local = name[len(prefix):] if name.startswith(prefix) else name
-    return param.ndim == 1 or name.endswith(".bias") or local in _NO_DECAY_NAMES
+    return param.ndim == 1 or name.endswith(".bias") or local in EMBEDDING_NAMES
 
 
 def layer_decay_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], *, base_lr: float,
                              weight_decay: float, decay_rate: float, num_layers: int,
                              prefix: str = "backbone.vit.") -> list[dict[str, Any]]:
-    """Optimizer param groups (one per layer id × decay/no-decay), each with its lr and ``lr_scale``."""
+    """Optimizer param groups (one per layer id × decay/no-decay), each with its lr and ``lr_scale``.
+
+    ``num_layers`` is the ViT depth; the ViT's parameters are named ``prefix + <ViT parameter name>``.
+    """
     groups: dict[str, dict[str, Any]] = {}
     for name, param in named_parameters:
         if not param.requires_grad:
             continue
         no_decay = _no_weight_decay(name, param, prefix)
-        lid = layer_id(name, num_layers, prefix)
+        lid = vit_layer_id(name, num_layers, prefix)
         key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
         if key not in groups:
-            scale = decay_rate ** (num_layers + 1 - lid)
+            scale = layer_scale(lid, num_layers, decay_rate)
             groups[key] = {"params": [], "param_names": [], "lr": base_lr * scale, "lr_scale": scale,
                            "weight_decay": 0.0 if no_decay else weight_decay, "group_name": key,
                            "layer_id": lid}

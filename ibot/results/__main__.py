@@ -31,15 +31,18 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _summary(args) -> None:
     from ibot.results.aggregate import (build_summary, find_metrics_files, load_metric_map, load_models_info,
-                                        load_reference, write_summary)
+                                        load_paper_protocols, load_reference, write_summary)
 
     files = [Path(f) for f in args.metrics] if args.metrics else find_metrics_files(args.run_dir) if args.run_dir else []
     info = load_models_info(args.config, args.models_json)
     summary = build_summary(files, info, reference=load_reference(args.reference),
-                            metric_map=load_metric_map(args.mapping), default_seed=args.seed)
+                            metric_map=load_metric_map(args.mapping),
+                            paper_protocols=load_paper_protocols(args.paper_protocols), default_seed=args.seed)
     write_summary(summary, args.out, args.flat)
     with_paper = int(summary["paper_value"].notna().sum())
-    print(f"[results] {len(files)} metrics files -> {len(summary)} rows ({with_paper} with a paper value): {args.out}")
+    off = int((summary["paper_protocol"].notna() & ~summary["is_paper_protocol"]).sum())
+    print(f"[results] {len(files)} metrics files -> {len(summary)} rows ({with_paper} with a paper value; {off} "
+          f"with a paper experiment but another protocol/dataset, no paper value): {args.out}")
 
 
 def _tables(args) -> None:
@@ -137,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-json", default=None, help="model info JSON text or file (instead of --config)")
     p.add_argument("--seed", type=int, default=None, help="seed of records that do not state one")
     reference_args(p)
+    from ibot.results.aggregate import PAPER_PROTOCOLS_CSV
+    p.add_argument("--paper-protocols", default=str(PAPER_PROTOCOLS_CSV),
+                   help="(paper model, stage) -> the dataset and protocol labels of the paper's experiment (CSV)")
     p.set_defaults(func=_summary)
 
     p = sub.add_parser("tables", help="summaries -> paper-style tables")

@@ -4,6 +4,13 @@
 :data:`SUMMARY_COLUMNS`). The paper value of a row comes from ``results/reference/`` through
 ``metric_map.csv`` (our (stage, metric) -> one reference row) and the model's
 ``models.<name>.paper_model``; no paper row -> empty cells, never a derived number.
+
+A paper number is joined only to the paper's experiment: ``paper_protocols.csv`` gives, per paper
+model and stage, the dataset and protocol labels our stage writes when it runs the paper's recipe
+(e.g. ``coco`` / ``cascade-mask-rcnn,1x``). A run with another protocol (a shortened embedded
+schedule, other scales) or dataset keeps ``paper_dataset``/``paper_protocol`` for reference, has
+``is_paper_protocol`` false and no ``paper_value``/``delta``. A metric the evaluator did not
+produce (``null`` in metrics.json) has no ``value`` and says why in ``null_reason``.
 """
 
 from __future__ import annotations
@@ -16,10 +23,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from ibot.io import atomic_write, write_json_atomic
-from ibot.metrics import read_metrics
+from ibot.metrics import NULL_REASONS, read_metrics
 
-__all__ = ["REFERENCE_DIR", "REFERENCE_CSV", "METRIC_MAP_CSV", "SUMMARY_COLUMNS", "AGG_KEYS",
-           "load_reference", "load_metric_map", "paper_values", "find_metrics_files", "build_summary",
+__all__ = ["REFERENCE_DIR", "REFERENCE_CSV", "METRIC_MAP_CSV", "PAPER_PROTOCOLS_CSV", "SUMMARY_COLUMNS", "AGG_KEYS",
+           "load_reference", "load_metric_map", "load_paper_protocols", "paper_values", "find_metrics_files",
+           "build_summary",
            "flat_metrics", "write_summary", "read_summaries", "aggregate", "models_info_from_config",
            "load_models_info", "fmt_value"]
 
@@ -27,14 +35,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = REPO_ROOT / "results" / "reference"
 REFERENCE_CSV = REFERENCE_DIR / "ibot_paper_results.csv"
 METRIC_MAP_CSV = REFERENCE_DIR / "metric_map.csv"
+PAPER_PROTOCOLS_CSV = REFERENCE_DIR / "paper_protocols.csv"
 
 SUMMARY_COLUMNS = [
     "run", "model", "paper_model", "arch", "stage", "task", "dataset", "protocol", "metric", "value",
-    "seed", "paper_value", "delta", "higher_is_better", "group", "column", "paper_table", "paper_source",
-    "paper_note", "checkpoint_sha256", "wall_time_s", "created", "metrics_file",
+    "null_reason", "seed", "paper_dataset", "paper_protocol", "is_paper_protocol", "paper_value", "delta",
+    "higher_is_better", "group", "column", "paper_table", "paper_source", "paper_note", "checkpoint_sha256",
+    "wall_time_s", "created", "metrics_file",
 ]
-#: A "setting" whose runs/seeds are pooled into mean ± std (n).
-AGG_KEYS = ("model", "stage", "metric")
+#: A "setting" whose runs/seeds are pooled into mean ± std (n): never across datasets or protocols.
+AGG_KEYS = ("model", "stage", "dataset", "protocol", "metric")
+#: Paper columns blanked on rows that are not the paper's experiment.
+_PAPER_COLUMNS = ("paper_value", "paper_table", "paper_source", "paper_note")
 _REF_JOIN = {"paper_table": "table", "paper_model": "model", "paper_pretrain_data": "pretrain_data",
              "paper_task": "task", "paper_dataset": "dataset", "paper_protocol": "protocol",
              "paper_metric": "metric"}
@@ -65,6 +77,21 @@ def load_metric_map(path: str | Path = METRIC_MAP_CSV) -> pd.DataFrame:
     mapping["higher_is_better"] = mapping["higher_is_better"].map({"1": True, "0": False, "": True})
     mapping["order"] = range(len(mapping))
     return mapping
+
+
+def load_paper_protocols(path: str | Path = PAPER_PROTOCOLS_CSV) -> pd.DataFrame:
+    """Per (paper model, stage): the dataset and protocol labels of the paper's experiment (all text)."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    expected = ["paper_model", "stage", "dataset", "protocol", "source"]
+    if list(table.columns) != expected:
+        raise ValueError(f"paper protocols {path}: columns {list(table.columns)}, expected {expected}")
+    empty = table[(table[["paper_model", "stage", "dataset", "protocol"]] == "").any(axis=1)]
+    if len(empty):
+        raise ValueError(f"paper protocols {path}: empty cells in rows {empty.index.tolist()}")
+    dup = table[table.duplicated(["paper_model", "stage"], keep=False)]
+    if len(dup):
+        raise ValueError(f"paper protocols {path}: several rows for {dup[['paper_model', 'stage']].values.tolist()}")
+    return table
 
 
 def paper_values(reference: pd.DataFrame, metric_map: pd.DataFrame, paper_models: Iterable[str]) -> pd.DataFrame:
@@ -108,17 +135,20 @@ def _seed(record: Mapping[str, Any], default: int | None) -> int | None:
 def _records_frame(paths: Sequence[str | Path], default_seed: int | None) -> pd.DataFrame:
     rows = []
     for path in paths:
-        record = read_metrics(path)
+        record = read_metrics(path)  # checks values: numbers, or null with a reason
         checkpoint = record.get("checkpoint") or {}
+        reasons = (record.get("extra") or {}).get(NULL_REASONS) or {}
         for name, value in record["metrics"].items():
             rows.append({
                 "run": record["run"], "model": record["model"], "stage": record["stage"], "task": record["task"],
-                "dataset": record["dataset"], "protocol": record["protocol"], "metric": name, "value": float(value),
+                "dataset": record["dataset"], "protocol": record["protocol"], "metric": name,
+                "value": math.nan if value is None else float(value), "null_reason": reasons.get(name),
                 "seed": _seed(record, default_seed), "checkpoint_sha256": checkpoint.get("sha256"),
                 "wall_time_s": record.get("wall_time_s"), "created": record.get("created"),
                 "metrics_file": str(path)})
     frame = pd.DataFrame(rows, columns=["run", "model", "stage", "task", "dataset", "protocol", "metric", "value",
-                                        "seed", "checkpoint_sha256", "wall_time_s", "created", "metrics_file"])
+                                        "null_reason", "seed", "checkpoint_sha256", "wall_time_s", "created",
+                                        "metrics_file"])
     key = ["run", "model", "stage", "task", "dataset", "protocol", "metric"]
     dup = frame[frame.duplicated(key, keep=False)]
     if len(dup):
@@ -129,10 +159,12 @@ def _records_frame(paths: Sequence[str | Path], default_seed: int | None) -> pd.
 
 def build_summary(paths: Sequence[str | Path], models_info: Mapping[str, Mapping[str, Any]] | None = None, *,
                   reference: pd.DataFrame | None = None, metric_map: pd.DataFrame | None = None,
-                  default_seed: int | None = None) -> pd.DataFrame:
-    """Tidy long table of ``paths`` (metrics files) with the paper's numbers and deltas joined."""
+                  paper_protocols: pd.DataFrame | None = None, default_seed: int | None = None) -> pd.DataFrame:
+    """Tidy long table of ``paths`` (metrics files) with the paper's numbers and deltas joined
+    (only on rows that are the paper's experiment: see the module docstring)."""
     reference = load_reference() if reference is None else reference
     metric_map = load_metric_map() if metric_map is None else metric_map
+    paper_protocols = load_paper_protocols() if paper_protocols is None else paper_protocols
     models_info = dict(models_info or {})
     frame = _records_frame(paths, default_seed)
     info = lambda m, k: (models_info.get(m) or {}).get(k)  # noqa: E731
@@ -145,6 +177,13 @@ def build_summary(paths: Sequence[str | Path], models_info: Mapping[str, Mapping
     paper = paper_values(reference, primary, frame["paper_model"].dropna().unique())
     frame = frame.merge(paper[["paper_model", "stage", "metric", "paper_value", "paper_table", "paper_source",
                                "paper_note"]], on=["paper_model", "stage", "metric"], how="left")
+    experiments = paper_protocols.rename(columns={"dataset": "paper_dataset", "protocol": "paper_protocol"})
+    frame = frame.merge(experiments[["paper_model", "stage", "paper_dataset", "paper_protocol"]],
+                        on=["paper_model", "stage"], how="left")
+    frame["is_paper_protocol"] = ((frame["dataset"] == frame["paper_dataset"])
+                                  & (frame["protocol"] == frame["paper_protocol"])).astype(bool)
+    for column in _PAPER_COLUMNS:
+        frame[column] = frame[column].where(frame["is_paper_protocol"])
     frame["delta"] = frame["value"] - frame["paper_value"]
     model_order = {m: i for i, m in enumerate(models_info)}
     frame["_m"] = [model_order.get(m, len(model_order)) for m in frame["model"]]
@@ -156,6 +195,8 @@ def flat_metrics(summary: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]
     """``{model: {stage: {metric: value}}}`` — the one file DVC tracks as the run's metrics."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for row in summary.itertuples(index=False):
+        if pd.isna(row.value):  # a null metric (see null_reason): DVC metrics are numbers
+            continue
         out.setdefault(row.model, {}).setdefault(row.stage, {})[row.metric] = round(float(row.value), 4)
     return {m: {s: dict(sorted(v.items())) for s, v in sorted(st.items())} for m, st in sorted(out.items())}
 
@@ -172,7 +213,8 @@ def read_summaries(paths: Iterable[str | Path]) -> pd.DataFrame:
     frames = []
     for path in paths:
         frame = pd.read_csv(path, dtype={"run": str, "model": str, "paper_model": str, "stage": str, "metric": str,
-                                         "checkpoint_sha256": str, "paper_table": str})
+                                         "dataset": str, "protocol": str, "paper_dataset": str, "paper_protocol": str,
+                                         "null_reason": str, "checkpoint_sha256": str, "paper_table": str})
         missing = [c for c in SUMMARY_COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"summary {path}: missing columns {missing} (rebuild it with `ibot.results summary`)")
@@ -183,21 +225,29 @@ def read_summaries(paths: Iterable[str | Path]) -> pd.DataFrame:
     out = pd.concat(frames, ignore_index=True)
     for column in ("value", "paper_value", "delta", "wall_time_s"):
         out[column] = pd.to_numeric(out[column], errors="coerce")
+    out["is_paper_protocol"] = out["is_paper_protocol"].astype(str).str.lower().eq("true")
     return out
 
 
 def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataFrame:
-    """Pool runs/seeds of one setting: mean, std (sample, NaN for n=1), n, runs, seeds; paper columns kept."""
+    """Pool runs/seeds of one setting: mean, std (sample, NaN for n=1), n, runs, seeds; paper columns kept.
+
+    ``n`` counts the values; a setting whose stage ran but whose metric is null everywhere has
+    ``n == 0`` and no mean (tables show "n/a"). ``is_paper_protocol`` holds only if every pooled row
+    is the paper's experiment.
+    """
     keys = list(keys)
     if summary.empty:
         return pd.DataFrame(columns=keys + ["mean", "std", "n", "runs", "seeds", "paper_model", "arch",
-                                            "paper_value", "delta", "higher_is_better", "group", "column"])
-    first = [c for c in ("paper_model", "arch", "paper_value", "higher_is_better", "group", "column", "paper_table")
-             if c not in keys]
+                                            "paper_value", "delta", "higher_is_better", "group", "column",
+                                            "paper_table", "paper_protocol", "is_paper_protocol", "null_reason"])
+    first = [c for c in ("paper_model", "arch", "paper_value", "higher_is_better", "group", "column", "paper_table",
+                         "paper_protocol", "null_reason") if c not in keys]
     grouped = summary.groupby(keys, dropna=False, sort=False)
     out = grouped["value"].agg(mean="mean", std="std", n="count").reset_index()
     out["std"] = out["std"].where(out["n"] > 1)
     extra = grouped.agg(**{c: (c, "first") for c in first},
+                        is_paper_protocol=("is_paper_protocol", "all"),
                         runs=("run", lambda s: ",".join(sorted(set(map(str, s))))),
                         seeds=("seed", lambda s: ",".join(str(int(v)) for v in sorted(set(s.dropna()))))).reset_index()
     out = out.merge(extra, on=keys, how="left")

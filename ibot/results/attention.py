@@ -16,11 +16,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ibot.data.folders import IMG_EXTENSIONS, is_image_file  # noqa: E402
 from ibot.io import atomic_write  # noqa: E402
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "attention_maps", "attention_figure"]
+__all__ = ["find_images", "attention_maps", "attention_figure"]
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 _MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -34,13 +34,13 @@ def find_images(root: str | Path, count: int = 4) -> list[Path]:
     picked = []
     class_dirs = sorted(p for p in base.iterdir() if p.is_dir()) or [base]
     for folder in class_dirs:
-        image = next((p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        image = next((p for p in sorted(folder.rglob("*")) if p.is_file() and is_image_file(p.name)), None)
         if image is not None:
             picked.append(image)
         if len(picked) == count:
             break
     if not picked:
-        raise FileNotFoundError(f"attention maps: no image ({', '.join(IMAGE_SUFFIXES)}) under {base}")
+        raise FileNotFoundError(f"attention maps: no image ({', '.join(IMG_EXTENSIONS)}) under {base}")
     return picked
 
 

@@ -46,23 +46,36 @@ def _key(by: str) -> list[str]:
     return [by, "stage", "metric"]
 
 
+def _pool_keys(key: list[str]) -> list[str]:
+    """``key`` plus dataset and protocol: runs are pooled only within one dataset and protocol."""
+    return key[:2] + ["dataset", "protocol"] + key[2:]
+
+
 def compare_runs(a: pd.DataFrame, b: pd.DataFrame, *, by: str = "model", labels: Sequence[str] = ("A", "B"),
                  only_common: bool = False) -> pd.DataFrame:
-    """Per (model, stage, metric): mean/std/n of each side and ``delta = B − A`` (outer join)."""
+    """Per (model, stage, metric): mean/std/n of each side and ``delta = B − A`` (outer join).
+
+    Each side is pooled per dataset and protocol (``protocol_A``/``protocol_B`` say which ran);
+    ``same_protocol`` is false where the two sides ran different protocols or datasets.
+    """
     key = _key(by)
     sides = []
     for frame, label in zip((a, b), labels):
-        agg = aggregate(frame.dropna(subset=[key[0]]) if by == "paper_model" else frame, keys=key)
-        agg = agg[key + ["mean", "std", "n", "runs"]].rename(columns={c: f"{c}_{label}" for c in ("mean", "std", "n", "runs")})
+        agg = aggregate(frame.dropna(subset=[key[0]]) if by == "paper_model" else frame, keys=_pool_keys(key))
+        shown = ("dataset", "protocol", "mean", "std", "n", "runs")
+        agg = agg[key + list(shown)].rename(columns={c: f"{c}_{label}" for c in shown})
         sides.append(agg)
     out = sides[0].merge(sides[1], on=key, how="inner" if only_common else "outer", sort=False)
+    out["same_protocol"] = ((out[f"protocol_{labels[0]}"] == out[f"protocol_{labels[1]}"])
+                            & (out[f"dataset_{labels[0]}"] == out[f"dataset_{labels[1]}"]))
     out["delta"] = out[f"mean_{labels[1]}"] - out[f"mean_{labels[0]}"]
     return out.reset_index(drop=True)
 
 
 def compare_paper(a: pd.DataFrame, *, by: str = "model") -> pd.DataFrame:
-    """Run (pooled) against the paper: only metrics the paper reports; ``delta = ours − paper``."""
-    key = _key(by)
+    """Run (pooled) against the paper: only metrics the paper reports for the protocol and dataset
+    that ran (``paper_protocols.csv``); ``delta = ours − paper``."""
+    key = _pool_keys(_key(by))
     agg = aggregate(a, keys=key)
     agg = agg[pd.to_numeric(agg["paper_value"], errors="coerce").notna()]
     cols = key + (["paper_model"] if by == "model" else []) + ["column", "mean", "std", "n", "paper_value", "delta",

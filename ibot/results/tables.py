@@ -3,7 +3,9 @@
 Rows per paper architecture P (``models.<name>.paper_model``): the paper's DINO P and iBOT P rows
 (values from ``results/reference/``), then ours (mean ± std (n) over runs/seeds), then
 "Δ vs paper" (ours − paper iBOT). A stage that did not run, or a number the paper does not report,
-is an empty cell.
+is an empty cell; a metric the evaluator did not produce (null in metrics.json) is "n/a". Ours
+next to a paper number but run with another protocol or dataset than the paper's (e.g. a
+shortened schedule) is marked † and gets no Δ.
 """
 
 from __future__ import annotations
@@ -29,10 +31,15 @@ GROUP_TITLES = {
 }
 FORMATS = ("md", "csv", "tex", "html")
 _LEAD = ["Method", "Arch", "Source"]
+#: Marks ours where the paper reports the experiment but this run used another protocol/dataset.
+OFF_PROTOCOL = "†"
+OFF_PROTOCOL_NOTE = (f"{OFF_PROTOCOL} not the paper's protocol or dataset (e.g. a shortened schedule; see "
+                     "`protocol` and `paper_protocol` in summary.csv): no Δ vs paper.")
+NULL_NOTE = "n/a: the stage ran but its evaluator produced no value (reason: `null_reason` in summary.csv)."
 
 
-def _cell(mean: Any, std: Any = None, n: Any = None) -> dict[str, Any]:
-    return {"mean": mean, "std": std, "n": n}
+def _cell(mean: Any, std: Any = None, n: Any = None, off_protocol: bool = False) -> dict[str, Any]:
+    return {"mean": mean, "std": std, "n": n, "off_protocol": off_protocol}
 
 
 def _paper_label(paper_model: str) -> tuple[str, str]:
@@ -82,11 +89,19 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
         wanted.append(p)
     paper = paper_values(reference, lines, wanted)
 
-    values = {}
+    values, on_protocol = {}, {}
     if len(agg):
         merged = agg.merge(lines[["stage", "metric", "column"]], on=["stage", "metric"], suffixes=("_agg", ""))
+        several = merged[merged.duplicated(["model", "column"], keep=False)]
+        if len(several):
+            raise ValueError(f"table {group!r}: model/column pairs ran with several datasets or protocols "
+                             f"{several[['model', 'column', 'dataset', 'protocol']].values.tolist()}; "
+                             "pool only runs of one protocol into a table")
         for row in merged.itertuples(index=False):
-            values[(row.model, row.column)] = _cell(row.mean, row.std, row.n)
+            paper_run = bool(row.is_paper_protocol)
+            off = bool(paper_model_of.get(row.model)) and bool(_text(row.paper_protocol)) and not paper_run
+            values[(row.model, row.column)] = _cell(row.mean, row.std, row.n, off_protocol=off)
+            on_protocol[(row.model, row.column)] = paper_run
 
     rows: list[dict[str, Any]] = []
     for p in [p for p in dict.fromkeys(paper_model_of.values()) if p] + [""]:
@@ -105,14 +120,17 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
         if ibot_row is not None:
             for model in ours:
                 row = {"Method": f"Δ {model} − paper", "Arch": p, "Source": ""}
-                for c in columns:
+                for c in columns:  # only where ours is the paper's experiment
                     ours_mean, paper_mean = values.get((model, c), {}).get("mean"), ibot_row[c]["mean"]
-                    delta = None if _missing(ours_mean) or _missing(paper_mean) else float(ours_mean) - float(paper_mean)
-                    row[c] = _cell(delta)
+                    comparable = on_protocol.get((model, c), False) and not (_missing(ours_mean) or _missing(paper_mean))
+                    row[c] = _cell(float(ours_mean) - float(paper_mean) if comparable else None)
                 rows.append(row)
     frame = pd.DataFrame(rows, columns=_LEAD + columns)
     pooled = bool(len(agg)) and bool((pd.to_numeric(agg["n"], errors="coerce") > 1).any())
-    frame.attrs.update(group=group, title=GROUP_TITLES.get(group, group), columns=columns, pooled=pooled)
+    cells = [frame.at[i, c] for i in frame.index for c in columns]
+    notes = ([OFF_PROTOCOL_NOTE] if any(cell.get("off_protocol") for cell in cells) else []) + \
+        ([NULL_NOTE] if any(_is_null(cell) for cell in cells) else [])
+    frame.attrs.update(group=group, title=GROUP_TITLES.get(group, group), columns=columns, pooled=pooled, notes=notes)
     return frame
 
 
@@ -120,14 +138,21 @@ def metrics_table(agg: pd.DataFrame) -> pd.DataFrame:
     """Every metric of every model (long), with the paper value and delta: the complete record."""
     out = pd.DataFrame({
         "model": agg["model"], "paper_model": agg["paper_model"].map(_text), "stage": agg["stage"],
-        "metric": agg["metric"], "mean": agg["mean"], "std": agg["std"], "n": agg["n"],
+        "dataset": agg["dataset"], "protocol": agg["protocol"], "metric": agg["metric"], "mean": agg["mean"],
+        "std": agg["std"], "n": agg["n"], "paper_protocol": agg["paper_protocol"].map(_text),
         "paper": pd.to_numeric(agg["paper_value"], errors="coerce"), "delta": agg["delta"], "runs": agg["runs"],
-        "seeds": agg["seeds"]})
+        "seeds": agg["seeds"], "null_reason": agg["null_reason"].map(_text)})
     return out.reset_index(drop=True)
 
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or bool(pd.isna(value))
+
+
+def _is_null(cell: dict[str, Any]) -> bool:
+    """The stage ran (a row exists) but no value was produced: n == 0."""
+    n = cell.get("n")
+    return not _missing(n) and int(n) == 0
 
 
 def _text(value: Any) -> str:
@@ -145,9 +170,13 @@ def _display(frame: pd.DataFrame, pm: str = " ± ") -> pd.DataFrame:
 
 
 def _fmt_cell(cell: dict[str, Any], pm: str, delta: bool, always_n: bool = False) -> str:
+    if _is_null(cell):
+        return "n/a"
     text = fmt_value(cell.get("mean"), cell.get("std"), cell.get("n"), pm=pm, always_n=always_n)
     if delta and text and not text.startswith("-"):
         text = "+" + text
+    if text and cell.get("off_protocol"):
+        text += OFF_PROTOCOL
     return text
 
 
@@ -165,7 +194,8 @@ def to_markdown(frame: pd.DataFrame) -> str:
     display = _display(frame)
     title = frame.attrs.get("title")
     table = display.to_markdown(index=False, disable_numparse=True) if len(display) else _empty_markdown(display)
-    return (f"**{title}**\n\n" if title else "") + table + "\n"
+    notes = "".join(f"\n{note}\n" for note in frame.attrs.get("notes", []))
+    return (f"**{title}**\n\n" if title else "") + table + "\n" + notes
 
 
 def _empty_markdown(display: pd.DataFrame) -> str:
@@ -179,7 +209,8 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 def latex_escape(text: str) -> str:
     out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
-    return out.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("−", "$-$")
+    return (out.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("−", "$-$")
+            .replace(OFF_PROTOCOL, r"$^\dagger$"))
 
 
 def to_latex(frame: pd.DataFrame, *, label: str | None = None) -> str:
@@ -188,8 +219,10 @@ def to_latex(frame: pd.DataFrame, *, label: str | None = None) -> str:
     escaped.columns = [latex_escape(c) for c in display.columns]
     fmt = "l" * len(_LEAD) + "r" * (len(display.columns) - len(_LEAD))
     title = frame.attrs.get("title")
+    notes = " ".join(frame.attrs.get("notes", []))
+    caption = " ".join(t for t in (title, notes) if t)
     return escaped.to_latex(index=False, escape=False, column_format=fmt, na_rep="",
-                            caption=latex_escape(title) if title else None,
+                            caption=latex_escape(caption) if caption else None,
                             label=label or f"tab:{frame.attrs.get('group', 'results')}")
 
 
@@ -203,7 +236,9 @@ def to_html(frame: pd.DataFrame, *, display: pd.DataFrame | None = None) -> str:
             "table.results td:nth-child(-n+3){text-align:left}</style></head><body>\n"
             f"<h3>{html.escape(title)}</h3>\n{body}\n"
             "<p>Empty cell: stage not run, or number not reported by the paper. "
-            "Values: mean ± std (n) over runs/seeds when n &gt; 1.</p></body></html>\n")
+            "Values: mean ± std (n) over runs/seeds when n &gt; 1.</p>\n"
+            + "".join(f"<p>{html.escape(note)}</p>\n" for note in frame.attrs.get("notes", []))
+            + "</body></html>\n")
 
 
 def table_outputs(out_dir: str | Path, formats: Sequence[str] = FORMATS) -> list[str]:
@@ -241,6 +276,8 @@ def write_tables(agg: pd.DataFrame, out_dir: str | Path, *, reference: pd.DataFr
     full_display = full.copy()
     for column in ("mean", "std", "paper", "delta"):
         full_display[column] = [fmt_value(v, digits=2) for v in full[column]]
+    full_display["mean"] = ["n/a" if not _missing(n) and int(n) == 0 else text
+                            for text, n in zip(full_display["mean"], full["n"])]
     full_display["n"] = full["n"].map(lambda v: "" if _missing(v) else str(int(v)))
     write_text_atomic(out_dir / "all_metrics.md",
            "**All metrics (mean, sample std, n over runs/seeds; paper value and delta where reported)**\n\n"
