@@ -14,8 +14,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ibot.config import deep_merge, mapping_arg
 from ibot.run.launcher import launch
+from ibot.stages import STAGES
 
-__all__ = ["stage_main", "StageContext"]
+__all__ = ["stage_main"]
 
 
 def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
@@ -42,9 +43,13 @@ def stage_main(stage: str, entry: str, defaults: Mapping[str, Any], argv: Sequen
     """Parse the common CLI, then run ``entry(**kwargs)`` through the launcher; returns its result.
 
     The entry receives: ``config`` (defaults ⊕ --config), ``model_spec``, ``checkpoint``,
-    ``checkpoint_key``, ``data``, ``out``, ``run``, ``model``, ``seed`` and any extra arguments.
+    ``checkpoint_key``, ``data``, ``out``, ``run``, ``model``, ``seed``, one argument per file the
+    registry says the stage needs from other stages (``--head`` for the robustness stages) and any
+    extra arguments.
     """
     parser = build_parser(stage, description)
+    for flag, (other, name) in getattr(STAGES.get(stage), "needs", {}).items():  # registry: files of other stages
+        parser.add_argument(f"--{flag}", required=True, help=f"{name} written by the {other} stage")
     if extra_arguments:
         extra_arguments(parser)
     args = parser.parse_args(argv)

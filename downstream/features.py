@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import sys
 import time
@@ -34,7 +32,7 @@ from ibot.distributed import all_gather_cat, is_main, local_rank, rank, world_si
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "eval_transform", "linear_train_transform",
            "IndexedImageFolder", "image_folder", "make_loader", "extract_features", "gather_correct",
            "cls_features", "topk_correct", "progress", "log", "pick_device", "autocast", "PRECISIONS",
-           "dataset_label", "native_img_size", "build_eval_backbone", "config_fingerprint", "file_id",
+           "dataset_label", "native_img_size", "build_eval_backbone",
            "seed_everything"]
 
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # (0.485, 0.456, 0.406)
@@ -261,16 +259,3 @@ def build_eval_backbone(model_spec: Mapping[str, Any], checkpoint: str | Path | 
     for param in backbone.parameters():
         param.requires_grad_(False)
     return backbone
-
-
-def config_fingerprint(*parts: Any) -> str:
-    """Stable hash of a resume-relevant setup (config, model, weights, data, seed)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_id(path: str | Path | None) -> list[Any] | None:
-    """Cheap identity of a weights file for resume fingerprints (size, mtime)."""
-    if path is None:
-        return None
-    stat = Path(path).stat()
-    return [stat.st_size, int(stat.st_mtime)]

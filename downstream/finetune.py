@@ -15,7 +15,8 @@ What the official run does (``run.sh imagenet_cls``: ``run_class_finetuning.py -
   + ``timm.loss.SoftTargetCrossEntropy`` (a batch of odd size is not mixed: smoothed one-hot targets);
 - AdamW (eps 1e-8, betas 0.9/0.999), weight decay 0.05 except 1-D params, pos_embed and cls_token,
   layer-wise lr decay through ``timm.optim.create_optimizer_v2(..., layer_decay=...)``. The model's
-  ``group_matcher`` reproduces BEiT's ``get_num_layer_for_vit``: cls_token/pos_embed/patch_embed
+  ``group_matcher`` hands timm the layer ids of :func:`ibot.models.layer_decay.vit_layer_id` (BEiT's
+  ``get_num_layer_for_vit``, the rule of the dense stages too): cls_token/pos_embed/patch_embed
   → layer 0, ``blocks.i`` → i + 1, final norm and head → depth + 1, scale
   ``decay ** (depth + 1 - layer_id)`` (timm's own ViT matcher differs: it merges the final norm
   into the last block, scale ``decay``, and puts the head alone on top);
@@ -39,67 +40,28 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision import transforms
 
 from downstream.cli import stage_main
-from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, autocast, config_fingerprint, dataset_label,
-                                 eval_transform, file_id, gather_correct, image_folder, log, make_loader,
+from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, autocast, dataset_label, eval_transform,
+                                 gather_correct, image_folder, log, make_loader,
                                  pick_device, progress, seed_everything, topk_correct)
-from ibot.checkpoint import save_atomic
+from ibot.checkpoint import load_file, save_atomic
 from ibot.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from ibot.metrics import write_metrics
+from ibot.models.layer_decay import vit_layer_id
+from ibot.workdir import prepare_stage_work
+from ibot.stages import stage_defaults
 
-__all__ = ["DEFAULTS", "PAPER_RECIPES", "ViTClassifier", "build_model", "build_optimizer", "build_scheduler",
-           "build_mixup", "train_transform", "beit_layer_id", "run", "main"]
+__all__ = ["DEFAULTS", "protocol_label", "ViTClassifier", "build_model", "build_optimizer", "build_scheduler",
+           "build_mixup", "train_transform", "run", "main"]
 
-#: Paper defaults (ViT-S/16 recipe; the other models' overrides are PAPER_RECIPES / the schema).
-DEFAULTS: dict[str, Any] = {
-    "epochs": 200,
-    "warmup_epochs": 20,
-    "batch_size": 1024,              # global batch per optimizer step (official 128 per GPU × 8 GPUs)
-    "accum_steps": 1,                # gradient accumulation (official ViT-L: --update_freq 2, 64 per GPU)
-    "lr": 4.0e-3,                    # peak lr (official default; not rescaled with the batch size)
-    "min_lr": 1.0e-6,
-    "warmup_lr": 0.0,                # warmup starts here (official cosine_scheduler start_warmup_value 0)
-    "weight_decay": 0.05,
-    "layer_decay": 0.75,
-    "drop_path": 0.1,
-    "opt": "adamw",
-    "opt_eps": 1.0e-8,
-    "opt_betas": [0.9, 0.999],
-    "clip_grad": None,
-    "crop": 224,                     # input size
-    "resize": 256,                   # eval resize (crop / 0.875)
-    "eval_interpolation": "bilinear",
-    "train_interpolation": "bicubic",
-    "color_jitter": 0.4,
-    "auto_augment": "rand-m9-mstd0.5-inc1",
-    "re_prob": 0.25,
-    "re_mode": "pixel",
-    "re_count": 1,
-    "mixup": 0.8,
-    "cutmix": 1.0,
-    "mixup_prob": 1.0,
-    "mixup_switch_prob": 0.5,
-    "mixup_mode": "batch",
-    "smoothing": 0.1,
-    "head_init_scale": 0.001,
-    "precision": "fp16",             # fp16 AMP (official) on GPU; falls back to fp32 on CPU; or bf16 / fp32
-    "val_freq": 1,
-    "num_workers": 10,
-}
-
-#: Per-model overrides of DEFAULTS for the paper (iBOT README / paper appendix).
-PAPER_RECIPES: dict[str, dict[str, Any]] = {
-    "vit_small": {"epochs": 200, "drop_path": 0.1, "layer_decay": 0.75, "warmup_epochs": 20},
-    "vit_base": {"epochs": 100, "drop_path": 0.2, "layer_decay": 0.65, "warmup_epochs": 20},
-    "vit_large": {"epochs": 50, "drop_path": 0.4, "layer_decay": 0.75, "warmup_epochs": 5, "accum_steps": 2},
-}
-
+#: Paper defaults (ViT-S/16 fine-tuning recipe): workflow/schemas/finetune.schema.yaml, the one source.
+DEFAULTS: dict[str, Any] = stage_defaults("finetune")
 
 # -- model ----------------------------------------------------------------------------------------
 class ViTClassifier(nn.Module):
@@ -122,25 +84,17 @@ class ViTClassifier(nn.Module):
         """BEiT's ``num_layers`` for layer decay: depth + 1 (embeddings + blocks; norm/head on top)."""
         return len(self.backbone.blocks) + 1
 
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """timm layer groups equal to BEiT's ``get_num_layer_for_vit`` (see module docstring)."""
-        # (100000,) gives norm + head their own top layer; timm's ViT uses (99999,) = MATCH_PREV_GROUP,
-        # which merges the final norm into the last block and leaves the head one layer above.
-        return dict(stem=r"^backbone\.(?:cls_token|pos_embed|patch_embed|masked_embed)",
-                    blocks=[(r"^backbone\.blocks\.(\d+)", None), (r"^(?:backbone\.norm|head)", (100000,))])
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """timm's layer grouping: a parameter name -> its BEiT layer id (:func:`vit_layer_id`).
+
+        timm (``param_groups_layer_decay``) sorts these ids into layers 0..depth+1, every id being
+        used, and scales layer ``i`` by ``decay ** (depth + 1 - i)``: the official rule exactly.
+        """
+        depth = len(self.backbone.blocks)
+        return lambda name: vit_layer_id(name, depth, prefix="backbone.")
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
-
-
-def beit_layer_id(name: str, depth: int) -> int:
-    """Official (BEiT) layer id of a parameter of :class:`ViTClassifier` (for checks and docs)."""
-    name = name.removeprefix("backbone.")
-    if name in ("cls_token", "mask_token", "masked_embed", "pos_embed") or name.startswith("patch_embed"):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
 
 
 def build_model(model_spec: Mapping[str, Any], checkpoint: str | None, checkpoint_key: str | None,
@@ -212,6 +166,14 @@ def evaluate(model: nn.Module, loader, num_samples: int, device: torch.device, p
     return {"top1": 100.0 * float(per_sample[0]), "top5": 100.0 * float(per_sample[1]), "loss": float(per_sample[2])}
 
 
+def protocol_label(config: Mapping[str, Any]) -> str:
+    """What this run is, from its config (the results join the paper's numbers only to the paper's
+    protocol, e.g. ``200ep,layer_decay=0.75,drop_path=0.1,mixup=0.8,cutmix=1,cls,224px`` for ViT-S/16)."""
+    return (f"{int(config['epochs'])}ep,layer_decay={float(config['layer_decay']):g},"
+            f"drop_path={float(config['drop_path']):g},mixup={float(config['mixup']):g},"
+            f"cutmix={float(config['cutmix']):g},cls,{int(config['crop'])}px")
+
+
 # -- the stage --------------------------------------------------------------------------------------
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
         checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
@@ -270,21 +232,18 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
         f"{global_batch} ({steps_per_epoch} steps/epoch); {epochs} epochs; layer decay {config['layer_decay']} "
         f"over {net.num_layers} layers; device {device}, {precision}")
 
-    # -- resume ------------------------------------------------------------------------------------
-    fingerprint = config_fingerprint(dict(config), dict(model_spec), checkpoint, file_id(checkpoint),
-                                     str(Path(data).resolve()), seed, world_size())
-    state_file = work / "checkpoint.pth"
+    # -- resume (only work made for this exact setup: ibot.workdir) ------------------------------------
+    work = prepare_stage_work("finetune", work, config=config, model_spec=model_spec, checkpoint=checkpoint,
+                              data={"imagenet": data}, seed=seed)
+    state_file = work.path / "checkpoint.pth"
     start_epoch, history = 0, []
     if state_file.is_file():
-        state = torch.load(state_file, map_location=device, weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            start_epoch, history = int(state["epoch"]), list(state["history"])
-            log(f"[finetune] resuming from {state_file} after epoch {start_epoch}")
-        else:
-            log(f"[finetune] ignoring {state_file}: it was written for another config/model/data")
+        state = load_file(state_file, map_location=device)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        log(f"[finetune] resuming from {state_file} after epoch {start_epoch}")
 
     for epoch in range(start_epoch, epochs):
         train_loader.sampler.set_epoch(epoch)
@@ -328,7 +287,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                 f"top-5 {record['top5']:.2f}")
         history.append(record)
         if is_main():
-            save_atomic({"fingerprint": fingerprint, "epoch": epoch + 1, "model": net.state_dict(),
+            save_atomic({"fingerprint": work.digest, "epoch": epoch + 1, "model": net.state_dict(),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history},
                         state_file)
         barrier()
@@ -343,10 +302,9 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             metrics["top5"] = best["top5"]
         write_metrics(
             out, run=run, model=model, stage="finetune", task="finetune", dataset=dataset_label(data, num_classes),
-            protocol=(f"{epochs}ep,layer_decay={config['layer_decay']},drop_path={config['drop_path']},"
-                      f"mixup/cutmix,cls"),
+            protocol=protocol_label(config),
             metrics=metrics, config=config, wall_time_s=time.time() - started, checkpoint=checkpoint,
-            extra={"best_epoch": best["epoch"], "best_top1": best["top1"], "best_top5": best["top5"],
+            extra={"fingerprint": work.digest, "best_epoch": best["epoch"], "best_top1": best["top1"], "best_top5": best["top5"],
                    "last_epoch": last["epoch"], "last_top1": last["top1"], "last_top5": last["top5"],
                    "history": history, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
                    "num_layers": net.num_layers, "precision": precision, "num_classes": num_classes,

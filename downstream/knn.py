@@ -23,22 +23,19 @@ from downstream.features import (build_eval_backbone, cls_features, dataset_labe
                                  extract_features, image_folder, log, make_loader, pick_device)
 from ibot.distributed import barrier, init_distributed, is_main
 from ibot.metrics import write_metrics
+from ibot.stages import stage_defaults
 
-__all__ = ["DEFAULTS", "REPORTED_K", "knn_classifier", "run", "main"]
+__all__ = ["DEFAULTS", "REPORTED_K", "protocol_label", "knn_classifier", "run", "main"]
 
-#: Paper defaults (eval_knn.py). The embedded config overrides image sizes and batch size for CPU.
-DEFAULTS: dict[str, Any] = {
-    "resize": 256,               # Resize(256, bicubic)
-    "crop": 224,                 # CenterCrop(224)
-    "nb_knn": [10, 20, 100, 200],
-    "temperature": 0.07,
-    "batch_size_per_gpu": 128,   # feature extraction batch per process
-    "num_workers": 10,
-    "chunk_size": 500,           # val rows per similarity chunk (official: 50k val / 100 chunks)
-    "features_on_gpu": True,     # keep the feature banks on the GPU for the similarity (official use_cuda)
-    "precision": "fp32",         # backbone forward: fp32 | bf16 | fp16 (autocast; features stored in fp32)
-}
+#: Paper defaults (eval_knn.py): workflow/schemas/knn.schema.yaml, the one source of default values.
+DEFAULTS: dict[str, Any] = stage_defaults("knn")
 REPORTED_K = 20
+
+
+def protocol_label(config: Mapping[str, Any]) -> str:
+    """What this run is, from its config (the results join the paper's numbers only to the paper's
+    protocol, ``k=20,T=0.07,cls,256/224``): reported k, temperature, feature, resize/crop."""
+    return f"k={REPORTED_K},T={float(config['temperature']):g},cls,{int(config['resize'])}/{int(config['crop'])}"
 
 
 @torch.no_grad()
@@ -120,7 +117,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             raise ValueError(f"knn.nb_knn must include the reported k={REPORTED_K} (got {config['nb_knn']})")
         write_metrics(
             out, run=run, model=model, stage="knn", task="knn", dataset=dataset_label(data, num_classes),
-            protocol=f"k={REPORTED_K},T={config['temperature']},cls", metrics=metrics, config=config,
+            protocol=protocol_label(config), metrics=metrics, config=config,
             wall_time_s=time.time() - started, checkpoint=checkpoint,
             extra={"reported": f"top1_k{REPORTED_K}", "num_train": len(train_set), "num_val": len(val_set),
                    "num_classes": num_classes, "effective_k": {str(k): min(k, len(train_set)) for k in results},

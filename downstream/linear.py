@@ -35,38 +35,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from downstream.cli import stage_main
-from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, autocast, build_eval_backbone, config_fingerprint,
-                                 dataset_label, eval_transform, file_id, gather_correct, image_folder,
+from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, autocast, build_eval_backbone, dataset_label,
+                                 eval_transform, gather_correct, image_folder,
                                  linear_train_transform, log, make_loader, pick_device, progress, seed_everything,
                                  topk_correct)
 from ibot.checkpoint import CheckpointError, load_file, save_atomic
 from ibot.distributed import barrier, init_distributed, is_main, rank, world_size
 from ibot.io import write_csv_atomic
 from ibot.metrics import write_metrics
+from ibot.workdir import prepare_stage_work
+from ibot.stages import stage_defaults
 
-__all__ = ["DEFAULTS", "OFFICIAL_LR_GRID", "linear_features", "feature_dim", "LinearHeads", "LinearSweep",
+__all__ = ["DEFAULTS", "OFFICIAL_LR_GRID", "protocol_label", "linear_features", "feature_dim", "LinearHeads", "LinearSweep",
            "LinearClassifier", "load_linear_classifier", "run", "main"]
 
 #: eval_linear_multi.py: ``[base * n for base in 10**k, k in -4..0, n in 1..9]`` (before batch scaling).
 OFFICIAL_LR_GRID: list[float] = [round(n * 10.0 ** e, 10) for e in range(-4, 1) for n in range(1, 10)]
 
-#: Paper defaults for ViT-S/16 (ViT-B/L: n_last_blocks 1, avgpool_patchtokens true).
-DEFAULTS: dict[str, Any] = {
-    "n_last_blocks": 4,
-    "avgpool_patchtokens": False,
-    "epochs": 100,
-    "batch_size": 1024,            # global (official: 128 per GPU × 8 GPUs)
-    "lrs": None,                   # None: OFFICIAL_LR_GRID; else a list of base lrs (per 256 images)
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "val_freq": 1,
-    "resize": 256,
-    "crop": 224,
-    "train_interpolation": "bilinear",  # torchvision's RandomResizedCrop default, as in the official script
-    "num_workers": 10,
-    "precision": "fp32",           # backbone forward: fp32 | bf16 | fp16 (autocast); heads train in fp32
-    "cache_val_features": True,    # val transform and backbone are deterministic: extract val features once
-}
+#: Paper defaults (eval_linear.py): workflow/schemas/linear.schema.yaml, the one source of default values.
+DEFAULTS: dict[str, Any] = stage_defaults("linear")
 
 
 # -- features -----------------------------------------------------------------------------------
@@ -233,6 +220,15 @@ def load_linear_classifier(model_spec: Mapping[str, Any], checkpoint: str | Path
     return classifier.eval()
 
 
+def protocol_label(config: Mapping[str, Any]) -> str:
+    """What this run is, from its config (the results join the paper's numbers only to the paper's
+    protocol, e.g. ``cls(last 4),sgd,100ep,lr-sweep(45),256/224`` for ViT-S/16)."""
+    n_last, mode = int(config["n_last_blocks"]), _avgpool_mode(config["avgpool_patchtokens"])
+    feature = {0: f"cls(last {n_last})", 1: "avgpool", 2: f"cls(last {n_last})+avgpool"}[mode]
+    lrs = len(config["lrs"] or OFFICIAL_LR_GRID)
+    return f"{feature},sgd,{int(config['epochs'])}ep,lr-sweep({lrs}),{int(config['resize'])}/{int(config['crop'])}"
+
+
 # -- the stage --------------------------------------------------------------------------------------
 def _write_per_head(path: Path, rows: list[dict[str, Any]]) -> None:
     write_csv_atomic(path, rows, ["head", "lr", "scaled_lr", "epoch", "top1", "top5"])
@@ -277,19 +273,16 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     train_loader = make_loader(train_set, per_process, shuffle=True, seed=seed, num_workers=int(config["num_workers"]))
     val_loader = make_loader(val_set, per_process, shuffle=False, num_workers=int(config["num_workers"]))
 
-    # -- resume ------------------------------------------------------------------------------------
-    fingerprint = config_fingerprint(dict(config), dict(model_spec), checkpoint,
-                                     file_id(checkpoint), str(Path(data).resolve()), seed, world_size())
-    state_file = work / "linear_state.pth"
+    # -- resume (only work made for this exact setup: ibot.workdir) ------------------------------------
+    work = prepare_stage_work("linear", work, config=config, model_spec=model_spec, checkpoint=checkpoint,
+                              data={"imagenet": data}, seed=seed)
+    state_file = work.path / "linear_state.pth"
     start_epoch, history, best = 0, [], {"top1": -1.0}
     if state_file.is_file():
-        state = torch.load(state_file, map_location=device, weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            sweep.load_state_dict(state["sweep"])
-            start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
-            log(f"[linear] resuming from {state_file} after epoch {start_epoch}")
-        else:
-            log(f"[linear] ignoring {state_file}: it was written for another config/model/data")
+        state = load_file(state_file, map_location=device)
+        sweep.load_state_dict(state["sweep"])
+        start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
+        log(f"[linear] resuming from {state_file} after epoch {start_epoch}")
 
     val_cache: list[tuple[Tensor, Tensor, Tensor]] | None = None
     for epoch in range(start_epoch, epochs):
@@ -319,7 +312,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                 f"best head this epoch top-1 {float(accuracy[:, 0].max()):.2f}; best so far {best['top1']:.2f} "
                 f"(lr {best['lr']:g}, epoch {best['epoch']})")
         if is_main():
-            save_atomic({"fingerprint": fingerprint, "epoch": epoch + 1, "sweep": sweep.state_dict(),
+            save_atomic({"fingerprint": work.digest, "epoch": epoch + 1, "sweep": sweep.state_dict(),
                          "history": history, "best": best}, state_file)
         barrier()
 
@@ -334,7 +327,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                 "top5": best["top5"] if num_classes >= 5 else None, "classes": list(train_set.classes),
                 "resize": int(config["resize"]), "crop": int(config["crop"]), "interpolation": "bicubic",
                 "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "feature_dim": dim,
-                "model_spec": dict(model_spec), "seed": seed}
+                "model_spec": dict(model_spec), "seed": seed, "protocol": protocol_label(config)}
         save_atomic({"state_dict": best["state_dict"], "meta": meta}, out_path.parent / "head.pth")
         per_head = {}
         for row in history:
@@ -342,13 +335,11 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             if row["top1"] >= entry["best_top1"]:
                 entry.update(best_top1=row["top1"], best_epoch=row["epoch"])
             entry["last_top1"] = row["top1"]
-        mode = _avgpool_mode(avgpool)
-        feature = {0: f"cls(last {n_last})", 1: "avgpool", 2: f"cls(last {n_last})+avgpool"}[mode]
         write_metrics(
             out, run=run, model=model, stage="linear", task="linear", dataset=dataset_label(data, num_classes),
-            protocol=f"{feature},sgd,{epochs}ep,lr-sweep({len(lrs)})", metrics=metrics, config=config,
+            protocol=protocol_label(config), metrics=metrics, config=config,
             wall_time_s=time.time() - started, checkpoint=checkpoint,
-            extra={"best_lr": best["lr"], "best_scaled_lr": best["scaled_lr"], "best_epoch": best["epoch"],
+            extra={"fingerprint": work.digest, "best_lr": best["lr"], "best_scaled_lr": best["scaled_lr"], "best_epoch": best["epoch"],
                    "best_head": best["head"], "global_batch": global_batch, "feature_dim": dim,
                    "num_classes": num_classes, "num_train": len(train_set), "num_val": len(val_set),
                    "per_head": list(per_head.values()), "per_head_csv": "per_head.csv", "head": "head.pth"})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import pickle
 from pathlib import Path
 from typing import Any, Mapping

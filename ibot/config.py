@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["ConfigError", "deep_merge", "load_yaml", "validate_config", "stage_config", "model_spec",
+__all__ = ["ConfigError", "deep_merge", "load_yaml", "validate_config", "section_config", "stage_config", "model_spec",
            "check_datasets", "json_or_file", "mapping_arg", "SCHEMA_DIR", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,12 +82,32 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _schema() -> dict[str, Any]:
-    """Main schema with every ``<section>.schema.yaml`` in SCHEMA_DIR attached as a property."""
+    """The whole config schema: ``config.schema.yaml`` completed from the registries.
+
+    Lists kept elsewhere are filled in, never copied: the stage enum and ``resources.<stage>`` keys
+    come from the stage registry (:mod:`ibot.stages`), the architectures from the backbone registry,
+    the clusters from the launcher, the dataset keys from :mod:`ibot.data.kinds`, and every stage
+    section from its ``<section>.schema.yaml``.
+    """
+    from ibot.data.kinds import DATASET_KINDS
+    from ibot.models.vision_transformer import ARCHITECTURES
+    from ibot.run.launcher import CLUSTERS
+    from ibot.stages import EVALUATION_STAGES, STAGES, section_schema
+
     schema = load_yaml(SCHEMA_DIR / "config.schema.yaml")
-    for fragment in sorted(SCHEMA_DIR.glob("*.schema.yaml")):
-        section = fragment.name.removesuffix(".schema.yaml")
-        if section != "config":
-            schema["properties"][section] = load_yaml(fragment)
+    properties = schema["properties"]
+    stage_enum = {"enum": list(EVALUATION_STAGES)}
+    properties["stages"]["items"] = stage_enum
+    model = properties["models"]["additionalProperties"]["properties"]
+    model["stages"]["items"] = stage_enum
+    model["arch"] = {"enum": list(ARCHITECTURES), "description": "backbone (ibot.models.vision_transformer.ARCHITECTURES)"}
+    data = properties["data"]["properties"]
+    for kind, spec in DATASET_KINDS.items():
+        data[kind] = {"type": "string", "description": spec.description}
+    schema["$defs"]["resources"]["properties"]["cluster"] = {"enum": list(CLUSTERS)}
+    properties["resources"]["properties"].update({name: {"$ref": "#/$defs/resources"} for name in STAGES})
+    for section in dict.fromkeys(stage.section for stage in STAGES.values()):
+        properties[section] = section_schema(section)
     return schema
 
 
@@ -136,10 +156,28 @@ def model_spec(config: Mapping[str, Any], model: str) -> dict[str, Any]:
     return {"arch": entry["arch"], "patch_size": entry["patch_size"], "depth": entry.get("depth")}
 
 
+def section_config(config: Mapping[str, Any], section: str, model: str) -> dict[str, Any]:
+    """The top-level ``<section>`` with ``models.<model>.overrides.<section>`` applied."""
+    overrides = (config["models"][model].get("overrides") or {}).get(section)
+    return deep_merge(config.get(section) or {}, overrides, path=f"models.{model}.overrides.{section}")
+
+
 def stage_config(config: Mapping[str, Any], stage: str, model: str) -> dict[str, Any]:
-    """The top-level ``<stage>`` section with ``models.<model>.<stage>`` overrides applied."""
-    overrides = (config["models"][model].get("overrides") or {}).get(stage)
-    return deep_merge(config.get(stage) or {}, overrides, path=f"models.{model}.overrides.{stage}")
+    """The config one stage runs with for one model (what the workflow passes to its CLI).
+
+    Its section (``config.<section>``, schema defaults filled by :func:`validate_config`) with the
+    model's overrides, narrowed to the stage's sub-section (``robustness.<stage>``) and with the
+    values the stage fixes (the segmentation head). ``stage`` may also name a section.
+    """
+    from ibot.stages import STAGES
+
+    spec = STAGES.get(stage)
+    if spec is None:
+        return section_config(config, stage, model)
+    resolved = section_config(config, spec.section, model)
+    if spec.subsection:
+        resolved = dict(resolved.get(spec.subsection) or {})
+    return {**resolved, **spec.fixed}
 
 
 def check_datasets(config: Mapping[str, Any], kinds: list[str]) -> None:

@@ -59,11 +59,31 @@ def test_unknown_stage_is_named(embedded_config):
     assert "stages.1" in _error(embedded_config)
 
 
-def test_pretrain_schema_matches_official_flag_defaults():
-    schema = load_yaml(ROOT / "workflow" / "schemas" / "pretrain.schema.yaml")
-    assert set(schema["properties"]) == set(PRETRAIN_DEFAULTS)
-    for key, value in PRETRAIN_DEFAULTS.items():
-        assert schema["properties"][key]["default"] == value, key
+#: argparse defaults of bytedance/ibot main_ibot.py (commit da316d8), transcribed with their lines.
+OFFICIAL_MAIN_IBOT_DEFAULTS = {
+    "out_dim": (8192, 48), "patch_out_dim": (8192, 50), "shared_head": (False, 52),
+    "shared_head_teacher": (True, 55), "norm_last_layer": (True, 57), "momentum_teacher": (0.996, 61),
+    "norm_in_head": (None, 64), "act_in_head": ("gelu", 66), "use_masked_im_modeling": (True, 68),
+    "pred_ratio": (0.3, 70), "pred_ratio_var": (0, 72), "pred_shape": ("block", 74), "pred_start_epoch": (0, 75),
+    "lambda1": (1.0, 77), "lambda2": (1.0, 79), "warmup_teacher_temp": (0.04, 83), "teacher_temp": (0.04, 86),
+    "warmup_teacher_patch_temp": (0.04, 89), "teacher_patch_temp": (0.07, 91), "warmup_teacher_temp_epochs": (30, 93),
+    "use_fp16": (True, 97), "weight_decay": (0.04, 101), "weight_decay_end": (0.4, 103), "clip_grad": (3.0, 106),
+    "batch_size_per_gpu": (128, 109), "epochs": (100, 111), "freeze_last_layer": (1, 112), "lr": (0.0005, 115),
+    "warmup_epochs": (10, 118), "min_lr": (1e-6, 120), "optimizer": ("adamw", 122), "load_from": (None, 124),
+    "drop_path": (0.1, 125), "global_crops_number": (2, 128), "global_crops_scale": ([0.14, 1.0], 130),
+    "local_crops_number": (0, 134), "local_crops_scale": ([0.05, 0.4], 137), "saveckp_freq": (40, 145),
+    "seed": (0, 146), "num_workers": (10, 147),
+}
+#: Settings of ours that are not official flags (documented in pretrain.schema.yaml).
+REPRODUCTION_SETTINGS = {"global_crops_size", "local_crops_size", "precision", "log_every"}
+
+
+def test_pretrain_defaults_equal_the_official_main_ibot_flags():
+    """The defaults every pretraining run starts from (schema -> DEFAULTS) are main_ibot.py's."""
+    assert set(PRETRAIN_DEFAULTS) == set(OFFICIAL_MAIN_IBOT_DEFAULTS) | REPRODUCTION_SETTINGS
+    for key, (official, line) in OFFICIAL_MAIN_IBOT_DEFAULTS.items():
+        assert PRETRAIN_DEFAULTS[key] == official, f"pretrain.{key}: ours {PRETRAIN_DEFAULTS[key]!r}, official " \
+            f"{official!r} (bytedance/ibot main_ibot.py:{line})"
 
 
 def test_missing_dataset_directory(tmp_path, embedded_config):
@@ -123,3 +143,89 @@ def test_real_run_refuses_missing_datasets(tmp_path):
     assert result.returncode != 0
     assert "data.imagenet" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
+
+
+# -- the registries: one source for every list ---------------------------------------------------------
+
+
+def test_schema_lists_come_from_the_registries():
+    from dataclasses import fields
+
+    from ibot.config import _schema
+    from ibot.data.kinds import DATASET_KINDS
+    from ibot.models.vision_transformer import ARCHITECTURES
+    from ibot.run.launcher import CLUSTERS, Resources
+    from ibot.stages import EVALUATION_STAGES, STAGES
+
+    schema = _schema()
+    properties = schema["properties"]
+    assert properties["stages"]["items"]["enum"] == list(EVALUATION_STAGES)
+    model = properties["models"]["additionalProperties"]["properties"]
+    assert model["stages"]["items"]["enum"] == list(EVALUATION_STAGES)
+    assert model["arch"]["enum"] == list(ARCHITECTURES)
+    assert set(properties["resources"]["properties"]) == {"default", *STAGES}
+    assert schema["$defs"]["resources"]["properties"]["cluster"]["enum"] == list(CLUSTERS)
+    # the launcher's Resources fields are the schema's resources keys (one checked against the other)
+    assert set(schema["$defs"]["resources"]["properties"]) == {f.name for f in fields(Resources)}
+    assert set(properties["data"]["properties"]) == {"embedded", *DATASET_KINDS}
+    assert {stage.section for stage in STAGES.values()} <= set(properties)
+
+
+def test_every_registered_stage_has_a_module_with_its_defaults():
+    """Registry -> module: importable, a run entry and a CLI, DEFAULTS = its schema's defaults."""
+    import importlib
+
+    from ibot.stages import STAGES, section_defaults, stage_defaults
+
+    for name, stage in STAGES.items():
+        module = importlib.import_module(stage.module if name != "pretrain" else "ibot.train.pretrain")
+        assert callable(getattr(module, "run")), name
+        if name == "pretrain":
+            assert module.DEFAULTS == stage_defaults(name)
+            continue
+        assert callable(getattr(module, "main")), name
+        expected = section_defaults(stage.section) if stage.fixed else stage_defaults(name)
+        assert module.DEFAULTS == expected, name
+        for dataset in stage.datasets:
+            from ibot.data.kinds import DATASET_KINDS
+            assert dataset in DATASET_KINDS, (name, dataset)
+        for other, _ in stage.needs.values():
+            assert other in STAGES, (name, other)
+
+
+def test_resolved_stage_configs_are_what_the_rules_pass(embedded_config):
+    """stage_config (the rules' --config JSON): section + model overrides, sub-section, fixed values."""
+    from ibot.config import stage_config
+
+    embedded_config["models"]["vit_tiny"]["overrides"] = {"segmentation": {"iters": 7},
+                                                          "robustness": {"occlusion": {"ratios": [0.5]}}}
+    config = validate_config(embedded_config, base_dir=ROOT)
+    upernet = stage_config(config, "seg_upernet", "vit_tiny")
+    linear_head = stage_config(config, "seg_linear", "vit_tiny")
+    assert (upernet["head"], linear_head["head"]) == ("upernet", "linear")
+    assert upernet["iters"] == linear_head["iters"] == 7
+    assert stage_config(config, "seg_upernet", "vit_tiny_random")["iters"] == config["segmentation"]["iters"]
+    occlusion = stage_config(config, "occlusion", "vit_tiny")
+    assert occlusion["ratios"] == [0.5] and occlusion["batch_size"] == config["robustness"]["occlusion"]["batch_size"]
+    assert "imagenet_c" not in occlusion  # the sub-section only
+    assert stage_config(config, "pretrain", "vit_tiny")["lr"] == config["pretrain"]["lr"]
+
+
+def test_generated_rules_are_listed_with_logs_and_commands():
+    """Every registry stage is a named Snakemake rule running its module with its own log."""
+    from ibot.stages import STAGES
+
+    listed = subprocess.run([*SNAKEMAKE, "--list-rules"], cwd=ROOT, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    rules = set(listed.stdout.split())
+    assert set(STAGES) <= rules
+    plan = subprocess.run([*SNAKEMAKE, "-n", "-p", "--forceall"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr
+    text = plan.stdout
+    for name, stage in STAGES.items():
+        if name == "imagenet_r":  # not planned by the embedded default (no embedded ImageNet-R)
+            continue
+        assert f"-m {stage.module} " in text, name
+        assert f"logs/vit_tiny/{name}.log" in text, name
+    assert "-m downstream.robustness.occlusion --data" in text and "--head results/embedded/vit_tiny/linear/head.pth" in text

@@ -5,7 +5,9 @@ on our ViT with the multi-scale adaptor, trained with mmdet and evaluated with i
 [--checkpoint W] [--arch vit_small] [--config JSON]``. mmdet's work dir (logs, checkpoints, the
 resolved config) is ``<out dir>/work``; a requeued job resumes from its last checkpoint.
 
-Reported (percent): ``bbox_AP, bbox_AP50, bbox_AP75, segm_AP, segm_AP50, segm_AP75``.
+Reported (percent): ``bbox_AP, bbox_AP50, bbox_AP75, segm_AP, segm_AP50, segm_AP75``; one CocoMetric
+did not produce is null with its reason (``extra["null_reasons"]``), never 0. The protocol label
+says the schedule actually run (``cascade-mask-rcnn,1x`` only for the official one).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any, Mapping, Sequence
 from downstream.cli import stage_main
 from downstream.dense.common import (CONFIG_DIR, arch_value, configure_runtime, env_world_size, norm_cfg,
                                      per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
+from ibot.stages import stage_defaults
 
-__all__ = ["DEFAULTS", "PAPER", "build_config", "run", "main"]
+__all__ = ["DEFAULTS", "PAPER", "COCO_METRICS", "build_config", "protocol_label", "coco_metrics", "run", "main"]
 
 STAGE = "detection"
 BASE_CONFIG = CONFIG_DIR / "cascade_mask_rcnn_vit_fpn_coco.py"
@@ -30,38 +33,8 @@ PAPER = {
     "vit_base": {"layer_decay": 0.75, "drop_path": 0.2, "batch_size": 16},  # 8 GPUs x 2
 }
 
-DEFAULTS: dict[str, Any] = {
-    "epochs": 12,                 # 1x schedule
-    "lr_steps": [8, 11],          # MultiStepLR milestones (epochs), gamma 0.1
-    "warmup_iters": 500,          # linear warmup (iterations)
-    "warmup_ratio": 0.001,
-    "lr": 1e-4,                   # AdamW
-    "weight_decay": 0.05,
-    "layer_decay": None,          # None: official per arch (ViT-S 0.8, ViT-B 0.75)
-    "drop_path": None,            # None: official per arch (ViT-S 0.1, ViT-B 0.2)
-    "batch_size": None,           # total over all GPUs; None: official per arch (ViT-S 32, ViT-B 16)
-    "train_scales": list(range(480, 801, 32)),  # short sides of multi-scale training
-    "max_size": 1333,             # long-side limit (train and test)
-    "crop_aug": True,             # the DETR-style resize-crop-resize policy of the official config
-    "crop_resize_scales": [400, 500, 600],
-    "crop_size": [384, 600],      # absolute_range crop (min, max)
-    "test_scale": 800,            # test short side
-    "out_indices": None,          # None: [3, 5, 7, 11] scaled to the depth
-    "final_norm": False,          # official det: no final norm on the outputs
-    "num_classes": None,          # None: the categories of instances_val2017.json
-    "rpn_train_proposals": 2000,
-    "rpn_test_proposals": 1000,
-    "rcnn_sampler_num": 512,      # RoIs sampled per image and cascade stage
-    "score_thr": 0.05,            # test score threshold of the final detections
-    "neck_channels": 256,         # FPN output = RPN / RoI head input channels
-    "head_conv_channels": 256,    # the 4 convs of the box heads and of the mask head
-    "head_fc_channels": 1024,     # the fc of the box heads
-    "amp": True,                  # AmpOptimWrapper on GPU (official fp16); ignored on CPU
-    "val_interval": 0,            # epochs between validations during training (0: only the final test)
-    "checkpoint_interval": 1,     # epochs
-    "num_workers": 2,             # data loader workers per process
-    "log_interval": 50,
-}
+#: Official 1x recipe: workflow/schemas/detection.schema.yaml, the one source of default values.
+DEFAULTS: dict[str, Any] = stage_defaults("detection")
 
 
 def coco_categories(data_root: Path) -> list[str]:
@@ -196,27 +169,92 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     return cfg
 
 
+#: Our metric -> mmdet CocoMetric's key (its values are fractions; ours percent).
+COCO_METRICS = {"bbox_AP": "coco/bbox_mAP", "bbox_AP50": "coco/bbox_mAP_50", "bbox_AP75": "coco/bbox_mAP_75",
+                "segm_AP": "coco/segm_mAP", "segm_AP50": "coco/segm_mAP_50", "segm_AP75": "coco/segm_mAP_75"}
+#: CocoMetric's evaluation order (``metric=["bbox", "segm"]`` in :func:`build_config`).
+COCO_TASKS = ("bbox", "segm")
+#: The official 1x schedule (bytedance/ibot evaluation/README.md:75-76 ``lr_config.step=8,11
+#: runner.max_epochs=12``; _base_/schedules/schedule_1x.py:10-11) and input scales
+#: (configs/cascade_rcnn/vit_small_giou_4conv1f_coco_3x.py:112-135; test 1333x800).
+OFFICIAL_SCHEDULE = {"epochs": 12, "lr_steps": [8, 11]}
+OFFICIAL_SCALES = {"train_scales": list(range(480, 801, 32)), "max_size": 1333, "test_scale": 800, "crop_aug": True,
+                   "crop_resize_scales": [400, 500, 600], "crop_size": [384, 600]}
+
+
+def protocol_label(config: Mapping[str, Any]) -> str:
+    """What this run is, from its resolved config: ``cascade-mask-rcnn,1x`` for the official schedule
+    and scales, else e.g. ``cascade-mask-rcnn,2ep,steps=2,scales=96-128/128`` (never "1x" for a
+    shortened schedule: the results join the paper's numbers only to the paper's protocol)."""
+    epochs, steps = int(config["epochs"]), [int(s) for s in config["lr_steps"]]
+    if {"epochs": epochs, "lr_steps": steps} == OFFICIAL_SCHEDULE:
+        label = "cascade-mask-rcnn,1x"
+    else:
+        label = f"cascade-mask-rcnn,{epochs}ep,steps={'/'.join(map(str, steps)) or 'none'}"
+    scales = {"train_scales": [int(s) for s in config["train_scales"]], "max_size": int(config["max_size"]),
+              "test_scale": int(config["test_scale"]), "crop_aug": bool(config["crop_aug"]),
+              "crop_resize_scales": [int(s) for s in config["crop_resize_scales"]],
+              "crop_size": [int(s) for s in config["crop_size"]]}
+    if scales != OFFICIAL_SCALES:
+        train = scales["train_scales"]
+        label += (f",scales={min(train)}-{max(train)}/{scales['test_scale']}"
+                  f"{'' if scales['crop_aug'] else ',no-crop-aug'}")
+    return label
+
+
+def coco_metrics(raw: Mapping[str, Any]) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Our metrics (percent) from CocoMetric's results, and why any of them is null.
+
+    mmdet 3.3's CocoMetric evaluates the tasks in order and, when the predictions of a task over the
+    whole val set are empty (``loadRes`` raises ``IndexError``), logs "The testing results of the
+    whole dataset is empty." and stops (``break``; mmdet/evaluation/metrics/coco_metric.py:462-467):
+    that task and the later ones have no entry.
+    Their metrics are null with that reason, not 0 (pycocotools has no AP without detections).
+    COCOeval's -1 (nothing to average, e.g. no ground truth) is null too. Any other gap (a task
+    partly reported, a task missing before a reported one) is an error.
+    """
+    present = [any(k.startswith(f"coco/{task}_") for k in raw) for task in COCO_TASKS]
+    if any(not p and later for i, p in enumerate(present) for later in present[i + 1:]):
+        raise RuntimeError(f"detection: CocoMetric skipped a task but evaluated a later one (got {sorted(raw)})")
+    metrics: dict[str, float | None] = {}
+    reasons: dict[str, str] = {}
+    for name, key in COCO_METRICS.items():
+        task = key.removeprefix("coco/").split("_")[0]
+        if not present[COCO_TASKS.index(task)]:
+            metrics[name] = None
+            reasons[name] = (f"mmdet CocoMetric produced no {key}: the {task} predictions on the whole val set "
+                             "were empty (no detection above the score threshold), so COCO AP is undefined")
+        elif key not in raw:
+            raise RuntimeError(f"detection: CocoMetric reported {task} metrics without {key} (got {sorted(raw)})")
+        elif float(raw[key]) < 0:
+            metrics[name] = None
+            reasons[name] = f"COCOeval returned {raw[key]} for {key}: nothing to evaluate (no ground truth)"
+        else:
+            metrics[name] = 100.0 * float(raw[key])
+    return metrics, reasons
+
+
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
+        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float | None]:
     from ibot.distributed import init_distributed, is_main
     from ibot.metrics import write_metrics
+    from ibot.workdir import prepare_stage_work
 
     init_distributed()
     start = time.time()
     out = Path(out)
-    cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, out.parent / "work", seed)
+    work = prepare_stage_work(STAGE, out.parent / "work", config=config, model_spec=model_spec,
+                              checkpoint=checkpoint, data={"coco": data}, seed=seed)
+    cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, work.path, seed)
     raw = train_and_test(cfg)
-    names = {"bbox_AP": "coco/bbox_mAP", "bbox_AP50": "coco/bbox_mAP_50", "bbox_AP75": "coco/bbox_mAP_75",
-             "segm_AP": "coco/segm_mAP", "segm_AP50": "coco/segm_mAP_50", "segm_AP75": "coco/segm_mAP_75"}
-    missing = sorted(v for v in names.values() if v not in raw)
-    # CocoMetric returns nothing for a task without a single detection: that is an AP of 0
-    metrics = {k: 100.0 * raw.get(v, 0.0) for k, v in names.items()}
+    missing = sorted(v for v in COCO_METRICS.values() if v not in raw)
+    metrics, null_reasons = coco_metrics(raw)
     if is_main():
         write_metrics(out, run=run, model=model, stage=STAGE, task="detection", dataset="coco",
-                      protocol="cascade-mask-rcnn-1x", metrics=metrics, config=config,
-                      wall_time_s=time.time() - start, checkpoint=checkpoint,
+                      protocol=protocol_label(config), metrics=metrics, config=config,
+                      wall_time_s=time.time() - start, checkpoint=checkpoint, null_reasons=null_reasons,
                       extra={"toolbox_metrics": raw, "missing_toolbox_metrics": missing,
-                             "work_dir": str(out.parent / "work"),
+                             "work_dir": str(work.path), "fingerprint": work.digest,
                              "num_classes": cfg.model.roi_head.mask_head.num_classes,
                              "layer_decay": cfg.optim_wrapper.paramwise_cfg.layer_decay_rate,
                              "drop_path": cfg.model.backbone.drop_path_rate,

@@ -21,8 +21,9 @@ from typing import Any, Mapping, Sequence
 from downstream.cli import stage_main
 from downstream.dense.common import (CONFIG_DIR, arch_value, configure_runtime, env_world_size, norm_cfg,
                                      per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
+from ibot.stages import section_defaults
 
-__all__ = ["DEFAULTS", "PAPER", "HEADS", "build_config", "run", "main"]
+__all__ = ["DEFAULTS", "PAPER", "HEADS", "build_config", "protocol_label", "run", "main"]
 
 HEADS = {"upernet": CONFIG_DIR / "upernet_vit_ade20k.py", "linear": CONFIG_DIR / "linear_vit_ade20k.py"}
 ADE20K_NUM_CLASSES = 150
@@ -33,42 +34,8 @@ PAPER = {
     "vit_base": {"lr": 8e-5, "layer_decay": 0.65},
 }
 
-DEFAULTS: dict[str, Any] = {
-    "head": "upernet",            # upernet | linear (the rules seg_upernet / seg_linear set it)
-    "iters": 160000,
-    "warmup_iters": 1500,         # linear warmup from warmup_ratio x lr
-    "warmup_ratio": 1e-6,
-    "poly_power": 1.0,            # poly decay after the warmup ...
-    "min_lr": 0.0,                # ... down to this lr
-    "weight_decay": 0.05,         # AdamW
-    "batch_size": 16,             # total over all GPUs (official: 8 x 2 ViT-B, 4 x 4 ViT-S)
-    "crop_size": 512,             # training crop and sliding-window size
-    "slide_stride": 341,          # sliding-window stride at test time
-    "scale": [2048, 512],         # resize scale (train: x ratio_range, then crop; test: as is)
-    "ratio_range": [0.5, 2.0],
-    "cat_max_ratio": 0.75,        # RandomCrop: at most this fraction of one class
-    "num_classes": None,          # None: classes.txt in the data root, else the 150 ADE20K classes
-    "amp": True,                  # AmpOptimWrapper on GPU (official fp16); ignored on CPU
-    "val_interval": 0,            # iterations between validations (0: only the final test)
-    "checkpoint_interval": 16000,  # iterations
-    "num_workers": 4,
-    "log_interval": 50,
-    "upernet": {
-        "lr": None,               # None: official per arch (ViT-S 3e-5, ViT-B 8e-5)
-        "layer_decay": None,      # None: official per arch (ViT-S 0.9, ViT-B 0.65)
-        "drop_path": 0.1,
-        "channels": None,         # UperNet channels; None: the embed dim (official 384 ViT-S, 768 ViT-B)
-        "aux_loss_weight": 0.4,
-        "final_norm": True,       # README: out_with_norm=true
-        "out_indices": None,      # None: [3, 5, 7, 11] scaled to the depth
-    },
-    "linear": {
-        "lr": 8e-4,               # README ade20k_dense_linear; no layer decay (frozen backbone)
-        "final_norm": True,
-        "out_indices": None,      # None: [3, 5, 7, 11] scaled to the depth (official)
-        "with_bn": False,         # official: no BN before the 1x1 classifier
-    },
-}
+#: Official 160k recipe, both heads: workflow/schemas/segmentation.schema.yaml, the one source.
+DEFAULTS: dict[str, Any] = section_defaults("segmentation")
 
 
 def read_classes(data_root: Path) -> list[str] | None:
@@ -197,16 +164,34 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     return cfg
 
 
+#: The official schedule length and crop (bytedance/ibot semantic_segmentation configs:
+#: _base_/schedules/schedule_160k.py:7 ``max_iters=160000``; upernet/vit_small_512_ade20k_160k.py:20
+#: ``crop_size = (512, 512)``; the linear configs share both).
+OFFICIAL_ITERS, OFFICIAL_CROP = 160000, 512
+
+
+def protocol_label(config: Mapping[str, Any]) -> str:
+    """What this run is, from its resolved config: ``upernet,160k`` / ``linear,160k`` for the official
+    schedule and crop, else e.g. ``upernet,12it,crop=64`` (never "160k" for a shortened schedule: the
+    results join the paper's numbers only to the paper's protocol)."""
+    iters, crop = int(config["iters"]), int(config["crop_size"])
+    label = f"{config['head']},{'160k' if iters == OFFICIAL_ITERS else f'{iters}it'}"
+    return label if crop == OFFICIAL_CROP else f"{label},crop={crop}"
+
+
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
         checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
     from ibot.distributed import init_distributed, is_main
     from ibot.metrics import write_metrics
+    from ibot.workdir import prepare_stage_work
 
     init_distributed()
     start = time.time()
     out = Path(out)
     head = config["head"]
-    cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, out.parent / "work", seed)
+    work = prepare_stage_work(f"seg_{head}", out.parent / "work", config=config, model_spec=model_spec,
+                              checkpoint=checkpoint, data={"ade20k": data}, seed=seed)
+    cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, work.path, seed)
     raw = train_and_test(cfg)
     missing = [k for k in ("mIoU", "mAcc") if k not in raw]
     if missing:
@@ -214,9 +199,9 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     metrics = {"mIoU": raw["mIoU"], "mAcc": raw["mAcc"]}  # IoUMetric reports percent
     if is_main():
         write_metrics(out, run=run, model=model, stage=f"seg_{head}", task="semantic_seg", dataset="ade20k",
-                      protocol=f"{head}-160k", metrics=metrics, config=config,
+                      protocol=protocol_label(config), metrics=metrics, config=config,
                       wall_time_s=time.time() - start, checkpoint=checkpoint,
-                      extra={"toolbox_metrics": raw, "work_dir": str(out.parent / "work"),
+                      extra={"toolbox_metrics": raw, "work_dir": str(work.path), "fingerprint": work.digest,
                              "num_classes": cfg.model.decode_head.num_classes,
                              "lr": cfg.optim_wrapper.optimizer.lr,
                              "layer_decay": (cfg.optim_wrapper.get("paramwise_cfg") or {}).get("layer_decay_rate"),

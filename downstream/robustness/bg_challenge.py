@@ -26,27 +26,21 @@ import torch
 from torch import Tensor
 
 from downstream.features import log
+from downstream.cli import stage_main
 from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate, class_folders, common_extra,
-                                          list_images, percent, prepare, shard_loader, stage_cli,
-                                          write_robustness_metrics)
+                                          folder_samples, percent, prepare, shard_loader, write_robustness_metrics)
+from ibot.data.imagenet9 import IN9_CLASSES, IN9_VARIANTS
 from ibot.distributed import barrier, init_distributed, is_main
+from ibot.stages import stage_defaults
 
 __all__ = ["DEFAULTS", "VARIANTS", "NUM_IN9", "load_in9_map", "map_to_in9", "in9_label", "run", "main"]
 
-VARIANTS: tuple[str, ...] = ("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next", "no_fg",
-                             "only_bg_b", "only_bg_t")
-NUM_IN9 = 9
+VARIANTS: tuple[str, ...] = IN9_VARIANTS  # the one list: ibot.data.imagenet9
+NUM_IN9 = len(IN9_CLASSES)
 _FOLDER = re.compile(r"^(\d+)_")
 
-DEFAULTS: dict[str, Any] = {
-    "variants": list(VARIANTS),
-    "mapping_file": None,        # null: <data>/in_to_in9.json
-    "resize": "none",            # official: ToTensor on the stored 224 px images
-    "crop": "head",
-    "batch_size": 256,
-    "num_workers": 10,
-    "max_images_per_class": None,
-}
+#: Official protocol: workflow/schemas/robustness.schema.yaml (bg_challenge), the one source.
+DEFAULTS: dict[str, Any] = stage_defaults("bg_challenge")
 
 
 def load_in9_map(path: str | Path, num_classes: int) -> Tensor:
@@ -90,11 +84,9 @@ def _samples(root: Path, variants: Sequence[str], max_per_class: int | None) -> 
         raise RobustnessError(f"ImageNet-9 {root}: missing variant folders {[f'{v}/val' for v in missing]}")
     samples = []
     for group, variant in enumerate(variants):
-        for folder in class_folders(root / variant / "val", what=f"ImageNet-9 {variant}"):
-            images = list_images(root / variant / "val" / folder)
-            if max_per_class is not None:
-                images = images[:int(max_per_class)]
-            samples += [(path, in9_label(folder), group) for path in images]
+        folder, what = root / variant / "val", f"ImageNet-9 {variant}"
+        labels = {name: in9_label(name) for name in class_folders(folder, what=what)}
+        samples += folder_samples(folder, labels, what=what, max_per_class=max_per_class, group=group)
     return samples
 
 
@@ -135,13 +127,14 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             "bg_gap": "mixed_same - mixed_rand (top-1 %)",
         })
         write_robustness_metrics(out, run=run, model=model, stage="bg_challenge", dataset="imagenet-9",
-                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra)
+                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra,
+                                 head_meta=net.head.meta)
     barrier()
     return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_cli("bg_challenge", "downstream.robustness.bg_challenge:run", DEFAULTS, argv,
+    return stage_main("bg_challenge", "downstream.robustness.bg_challenge:run", DEFAULTS, argv,
                      description="Backgrounds challenge (ImageNet-9) top-1 per variant of backbone + linear head.")
 
 

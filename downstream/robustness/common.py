@@ -9,18 +9,16 @@ The linear-probing stage saves its best head as ``results/<run>/<model>/linear/h
 :func:`load_model` rebuilds the classifier with the linear stage's own loader
 (``downstream.linear.load_linear_classifier``) and exposes the pieces the occlusion stage needs:
 the backbone, the ``nn.Linear`` head and the feature function (``downstream.linear.linear_features``).
-Features computed from a *reduced token sequence* (:func:`logits_from_kept_tokens`) are assembled
-by that same feature function, so they match the head's training features exactly.
 
 Also here: the evaluation transform (head meta ``resize``/``crop``, bicubic, ImageNet
-normalisation), folder datasets with a wnid → head-class remap, an exact count-based eval loop
+normalisation), folder datasets with a wnid → head-class remap (listed by torchvision's
+``make_dataset``, image files as in :mod:`ibot.data.folders`), an exact count-based eval loop
 (sharded without padding under DDP, counts summed across processes) and the metrics writer call.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,21 +28,21 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
+from torchvision.datasets.folder import make_dataset, pil_loader
 
 from downstream.features import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, eval_transform, log, pick_device, progress
 from ibot.checkpoint import CheckpointError, load_file, sha256_file
+from ibot.data import folders
 from ibot.distributed import all_reduce_sum, rank, world_size
 from ibot.io import write_csv_atomic
 from ibot.metrics import write_metrics
 
-__all__ = ["RobustnessError", "HEAD_META_KEYS", "IMAGE_SUFFIXES", "HeadSpec", "read_head",
-           "LinearProbeModel", "load_model", "logits_from_kept_tokens",
-           "robustness_transform", "LabelledImages", "list_images", "class_folders", "folder_samples",
+__all__ = ["RobustnessError", "robustness_protocol", "HEAD_META_KEYS", "HeadSpec", "read_head", "LinearProbeModel", "load_model",
+           "robustness_transform", "LabelledImages", "class_folders", "folder_samples",
            "head_class_index", "shard_loader", "accumulate", "percent", "write_csv", "write_robustness_metrics",
            "common_extra"]
 
 HEAD_META_KEYS = ("n_last_blocks", "avgpool_patchtokens", "classes", "resize", "crop")
-IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp"})
 
 
 class RobustnessError(ValueError):
@@ -149,67 +147,6 @@ def load_model(model_spec: Mapping[str, Any], checkpoint: str | None, checkpoint
     return model.to(device)
 
 
-class _PrecomputedLayers:
-    """Stands in for the backbone inside the feature function: returns precomputed block outputs."""
-
-    def __init__(self, backbone: nn.Module, outputs: dict[int, Tensor]) -> None:
-        self._backbone, self._outputs = backbone, outputs
-
-    def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, norm: bool = True) -> list[Tensor]:
-        depth = len(self._backbone.blocks)
-        wanted = list(range(depth - n, depth)) if isinstance(n, int) else sorted(set(n))
-        if not norm or any(i not in self._outputs for i in wanted):
-            raise RobustnessError(f"feature function asked for blocks {wanted} (norm={norm}); computed "
-                                  f"{sorted(self._outputs)} with the final norm")
-        return [self._outputs[i] for i in wanted]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backbone, name)
-
-
-def logits_from_kept_tokens(model: LinearProbeModel, images: Tensor, keep: Tensor) -> Tensor:
-    """Logits when only the patch tokens with ``keep`` [B, N] (bool) enter the transformer.
-
-    Dropped tokens are *removed* from the sequence after patch + position embedding ([CLS] always
-    stays), as in Naseer et al. (2021). Images with different kept counts share a batch: kept
-    tokens are packed first, padding keys are masked out of every attention, and padded positions
-    of the block outputs are set to the mean of the kept patch tokens (the [CLS] output when none
-    is kept) so that any patch-average in the feature function sees exactly the kept tokens.
-    """
-    backbone = model.backbone
-    tokens = backbone.prepare_tokens(images)
-    batch, num_patches = keep.shape
-    if tokens.shape[1] != num_patches + 1:
-        raise RobustnessError(f"keep mask has {num_patches} patches, the image gives {tokens.shape[1] - 1}")
-    keep = keep.to(tokens.device)
-    counts = keep.sum(1)
-    length = max(int(counts.max()), 1)
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :length]
-    patches = torch.gather(tokens[:, 1:], 1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    valid = torch.arange(length, device=tokens.device).unsqueeze(0) < counts.unsqueeze(1)
-    x = torch.cat((tokens[:, :1], patches), dim=1)
-    attn_mask = None
-    if not bool(valid.all()):
-        keys = torch.cat((torch.ones_like(valid[:, :1]), valid), dim=1)
-        attn_mask = torch.zeros(batch, 1, 1, length + 1, dtype=x.dtype, device=x.device)
-        attn_mask.masked_fill_(~keys[:, None, None, :], float("-inf"))
-    depth = len(backbone.blocks)
-    wanted = set(range(depth - model.n_last_blocks, depth))
-    outputs: dict[int, Tensor] = {}
-    for index, block in enumerate(backbone.blocks):
-        x = block(x, attn_mask=attn_mask) if attn_mask is not None else block(x)
-        if index in wanted:
-            out = backbone.norm(x)
-            if attn_mask is not None:
-                patch = out[:, 1:]
-                mean = (patch * valid.unsqueeze(-1)).sum(1) / counts.clamp(min=1).unsqueeze(-1).to(patch.dtype)
-                mean = torch.where((counts > 0).unsqueeze(-1), mean, out[:, 0])
-                out = torch.cat((out[:, :1], torch.where(valid.unsqueeze(-1), patch, mean.unsqueeze(1))), dim=1)
-            outputs[index] = out
-    features = model.feature_fn(_PrecomputedLayers(backbone, outputs), images, model.n_last_blocks, model.avgpool)
-    return model.linear(features.float())
-
-
 # -- data ----------------------------------------------------------------------------------------
 class _UpscaleToAtLeast:
     """Resize (bicubic) so the shorter side is at least ``size``; no-op for large-enough images."""
@@ -246,22 +183,12 @@ def robustness_transform(config: Mapping[str, Any], meta: Mapping[str, Any]) -> 
     return transform, {"resize": None, "crop": crop}
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
-
-
-def list_images(folder: str | Path) -> list[str]:
-    with os.scandir(folder) as entries:
-        return sorted(e.path for e in entries if e.is_file() and _is_image(e.name))
-
-
 def class_folders(folder: str | Path, *, what: str) -> list[str]:
     """Sorted, non-hidden sub-folder names of ``folder`` (clear error when there is none)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise RobustnessError(f"{what}: {folder} is not a directory")
-    with os.scandir(folder) as entries:
-        names = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    names = folders.class_folders(folder)
     if not names:
         raise RobustnessError(f"{what}: {folder} has no class folders")
     return names
@@ -269,7 +196,8 @@ def class_folders(folder: str | Path, *, what: str) -> list[str]:
 
 def folder_samples(folder: str | Path, labels: Mapping[str, int], *, what: str,
                    max_per_class: int | None = None, group: int = 0) -> list[tuple[str, int, int]]:
-    """``(path, label, group)`` for ``<folder>/<class>/<image>``; every class folder must be in ``labels``."""
+    """``(path, label, group)`` for the images of ``<folder>/<class>/``, classes sorted, paths sorted within a
+    class (torchvision's ``make_dataset`` order); every class folder must be in ``labels`` (class → label)."""
     names = class_folders(folder, what=what)
     unknown = [n for n in names if n not in labels]
     if unknown:
@@ -277,10 +205,10 @@ def folder_samples(folder: str | Path, labels: Mapping[str, int], *, what: str,
                               f"{folder} are unknown to the linear head ({len(labels)} classes)")
     samples = []
     for name in names:
-        images = list_images(Path(folder) / name)
+        found = make_dataset(str(folder), {name: labels[name]}, is_valid_file=folders.is_image_file, allow_empty=True)
         if max_per_class is not None:
-            images = images[:int(max_per_class)]
-        samples.extend((path, labels[name], group) for path in images)
+            found = found[:int(max_per_class)]
+        samples.extend((path, label, group) for path, label in found)
     if not samples:
         raise RobustnessError(f"{what}: no images under {folder}")
     return samples
@@ -303,11 +231,8 @@ class LabelledImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
         path, label, _ = self.samples[index]
-        with open(path, "rb") as handle:
-            image = Image.open(handle).convert("RGB")
-        return self.transform(image), label, index
+        return self.transform(pil_loader(path)), label, index
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -356,11 +281,22 @@ def common_extra(model: LinearProbeModel, sizes: Mapping[str, Any], device: torc
     }
 
 
+def robustness_protocol(head_meta: Mapping[str, Any]) -> str:
+    """``linear-head[<the linear probe's protocol>]``: a robustness number is only the paper's when the
+    head it evaluates was trained with the paper's linear protocol."""
+    if "protocol" not in head_meta:
+        raise RobustnessError("linear head: its meta has no 'protocol' (written by an older linear stage); "
+                              "rerun the linear stage")
+    return f"linear-head[{head_meta['protocol']}]"
+
+
 def write_robustness_metrics(out: str | Path, *, run: str, model: str, stage: str, dataset: str,
                              metrics: Mapping[str, float], config: Mapping[str, Any], started: float,
-                             checkpoint: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
+                             checkpoint: str | None, extra: Mapping[str, Any], head_meta: Mapping[str, Any],
+                             protocol: str | None = None) -> dict[str, Any]:
+    """Write a robustness stage's metrics file; the protocol names the linear head's (or ``protocol``)."""
     record = write_metrics(out, run=run, model=model, stage=stage, task="robustness", dataset=dataset,
-                           protocol="linear-head", metrics=metrics, config=config,
+                           protocol=protocol or robustness_protocol(head_meta), metrics=metrics, config=config,
                            wall_time_s=time.time() - started, checkpoint=checkpoint, extra=extra)
     log(f"[{stage}] " + ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()))
     log(f"[{stage}] wrote {out}")
@@ -373,14 +309,8 @@ def prepare(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint
     """Model on the device, eval transform and its resolved sizes (call after ``init_distributed``)."""
     device = pick_device()
     model = load_model(model_spec, checkpoint, checkpoint_key, head, device=device, seed=seed)
+    robustness_protocol(model.head.meta)  # a head without its protocol fails before any evaluation
     transform, sizes = robustness_transform(config, model.head.meta)
     return model, transform, sizes, device
 
 
-def stage_cli(stage: str, entry: str, defaults: Mapping[str, Any], argv: Sequence[str] | None,
-              description: str) -> Any:
-    """The common stage CLI plus ``--head`` (the linear stage's ``head.pth``)."""
-    from downstream.cli import stage_main
-    return stage_main(stage, entry, defaults, argv, description,
-                      extra_arguments=lambda parser: parser.add_argument(
-                          "--head", required=True, help="linear head (head.pth) written by the linear stage"))

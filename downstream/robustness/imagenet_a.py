@@ -21,20 +21,16 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from downstream.features import log
+from downstream.cli import stage_main
 from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate, class_folders, common_extra,
-                                          folder_samples, percent, prepare, shard_loader, stage_cli,
-                                          write_robustness_metrics)
+                                          folder_samples, percent, prepare, shard_loader, write_robustness_metrics)
 from ibot.distributed import barrier, init_distributed, is_main
+from ibot.stages import stage_defaults
 
 __all__ = ["DEFAULTS", "subset_indices", "run_class_subset", "run", "main"]
 
-DEFAULTS: dict[str, Any] = {
-    "resize": "head",            # official: Resize(256) + CenterCrop(224)
-    "crop": "head",
-    "batch_size": 256,
-    "num_workers": 10,
-    "max_images_per_class": None,
-}
+#: Official protocol: workflow/schemas/robustness.schema.yaml (imagenet_a), the one source.
+DEFAULTS: dict[str, Any] = stage_defaults("imagenet_a")
 
 
 def subset_indices(folder_wnids: Sequence[str], head_classes: Sequence[str], *, what: str) -> list[int]:
@@ -76,7 +72,8 @@ def run_class_subset(stage: str, dataset_name: str, config: Mapping[str, Any], m
         extra.update({"reported": "top1", "num_images": len(dataset), "num_classes": len(wnids),
                       "scoring": "argmax over the logits of the dataset's classes only (official eval.py)"})
         write_robustness_metrics(out, run=run, model=model, stage=stage, dataset=dataset_name.lower(),
-                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra)
+                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra,
+                                 head_meta=net.head.meta)
     barrier()
     return metrics
 
@@ -89,7 +86,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_cli("imagenet_a", "downstream.robustness.imagenet_a:run", DEFAULTS, argv,
+    return stage_main("imagenet_a", "downstream.robustness.imagenet_a:run", DEFAULTS, argv,
                      description="ImageNet-A top-1 of backbone + linear head (logits restricted to its 200 classes).")
 
 

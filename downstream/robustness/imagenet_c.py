@@ -30,11 +30,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from downstream.features import log
+from downstream.cli import stage_main
 from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate, common_extra,
                                           folder_samples, head_class_index, percent, prepare, shard_loader,
-                                          stage_cli, write_csv, write_robustness_metrics)
+                                          write_csv, write_robustness_metrics)
 from ibot.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
 from ibot.distributed import barrier, init_distributed, is_main
+from ibot.stages import stage_defaults
 
 __all__ = ["DEFAULTS", "ALL_CORRUPTIONS", "ALEXNET_ERRORS", "SEVERITIES", "summarise", "run", "main"]
 
@@ -49,16 +51,8 @@ ALEXNET_ERRORS: dict[str, float] = {
     "contrast": 0.853204, "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
 }
 
-DEFAULTS: dict[str, Any] = {
-    "corruptions": list(ALL_CORRUPTIONS),
-    "severities": list(SEVERITIES),
-    "allow_missing": False,      # true: skip corruption/severity folders absent on disk (recorded in extra)
-    "resize": "none",            # official: CenterCrop(224) only (images stored at 224 px)
-    "crop": "head",              # the linear head's eval crop (224)
-    "batch_size": 256,
-    "num_workers": 10,
-    "max_images_per_class": None,  # null: all images (a number subsamples each class folder, for quick checks)
-}
+#: Official protocol: workflow/schemas/robustness.schema.yaml (imagenet_c), the one source.
+DEFAULTS: dict[str, Any] = stage_defaults("imagenet_c")
 
 
 def summarise(errors: Mapping[str, Mapping[int, float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -171,13 +165,14 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             "per_corruption_csv": table.name, "alexnet_errors": ALEXNET_ERRORS,
         })
         write_robustness_metrics(out, run=run, model=model, stage="imagenet_c", dataset="imagenet-c",
-                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra)
+                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra,
+                                 head_meta=net.head.meta)
     barrier()
     return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_cli("imagenet_c", "downstream.robustness.imagenet_c:run", DEFAULTS, argv,
+    return stage_main("imagenet_c", "downstream.robustness.imagenet_c:run", DEFAULTS, argv,
                      description="ImageNet-C robustness of backbone + linear head (mean error, AlexNet mCE).")
 
 

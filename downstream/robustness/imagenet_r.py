@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from downstream.robustness.common import stage_cli
-from downstream.robustness.imagenet_a import DEFAULTS as _A_DEFAULTS
+from downstream.cli import stage_main
 from downstream.robustness.imagenet_a import run_class_subset
+from ibot.stages import stage_defaults
 
 __all__ = ["DEFAULTS", "run", "main"]
 
-DEFAULTS: dict[str, Any] = dict(_A_DEFAULTS)
+#: Official protocol: workflow/schemas/robustness.schema.yaml (imagenet_r), the one source.
+DEFAULTS: dict[str, Any] = stage_defaults("imagenet_r")
 
 
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
@@ -27,7 +28,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_cli("imagenet_r", "downstream.robustness.imagenet_r:run", DEFAULTS, argv,
+    return stage_main("imagenet_r", "downstream.robustness.imagenet_r:run", DEFAULTS, argv,
                      description="ImageNet-R top-1 of backbone + linear head (logits restricted to its 200 classes).")
 
 

@@ -30,36 +30,34 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from downstream.features import log
+from downstream.cli import stage_main
 from downstream.robustness.common import (LabelledImages, LinearProbeModel, RobustnessError, accumulate,
-                                          common_extra, folder_samples, head_class_index, logits_from_kept_tokens,
-                                          percent, prepare, shard_loader, stage_cli, write_csv,
-                                          write_robustness_metrics)
+                                          common_extra, folder_samples, head_class_index, percent, prepare,
+                                          shard_loader, robustness_protocol, write_csv, write_robustness_metrics)
 from ibot.distributed import barrier, init_distributed, is_main
 from ibot.io import atomic_write
+from ibot.stages import stage_defaults
 
 __all__ = ["DEFAULTS", "MODES", "REPORTED_RATIO", "saliency", "salient_drop", "nonsalient_drop", "random_drop",
-           "shuffle_patches", "zero_patches", "grid_sizes", "run", "main"]
+           "shuffle_patches", "zero_patches", "grid_sizes", "logits_from_kept_tokens", "run", "main"]
 
 MODES: tuple[str, ...] = ("salient", "nonsalient", "random")
 REPORTED_RATIO = 0.5
 _SALT = {"random": 1, "shuffle": 2}
 
-DEFAULTS: dict[str, Any] = {
-    "split": "val",
-    "ratios": [round(0.1 * i, 1) for i in range(11)],   # 0.0, 0.1, ..., 1.0 (0.5 is always added)
-    "modes": list(MODES),
-    "drop": "tokens",               # tokens: remove patch tokens | zero_pixels: zero the image patches
-    "attention_heads": "mean",      # "mean" over heads, or one head index
-    "shuffle_grid_sizes": "auto",   # auto: g in 2..16 dividing the crop; a list; [] to skip
-    "resize": "head",
-    "crop": "head",
-    "batch_size": 128,
-    "num_workers": 10,
-    "max_images_per_class": None,
-}
+#: Defaults: workflow/schemas/robustness.schema.yaml (occlusion), the one source.
+DEFAULTS: dict[str, Any] = stage_defaults("occlusion")
+
+
+def protocol_label(config: Mapping[str, Any], head_meta: Mapping[str, Any]) -> str:
+    """The head's protocol plus how patches are occluded and ranked: this implementation drops tokens
+    (or zeroes pixels) ranked by the evaluated model's own [CLS] attention, which is not the paper's
+    protocol (a separate DINO ViT-S/16's saliency, zeroed pixels), so it never joins the paper's numbers."""
+    heads = config["attention_heads"]
+    return f"{robustness_protocol(head_meta)},occlusion(drop={config['drop']},saliency=self-attention-{heads})"
 
 
 # -- patch selection -------------------------------------------------------------------------------
@@ -141,6 +139,70 @@ def grid_sizes(setting: str | Sequence[int], crop: int) -> list[int]:
     if bad:
         raise RobustnessError(f"occlusion.shuffle_grid_sizes: {bad} do not divide the crop ({crop} px)")
     return sizes
+
+
+# -- token dropping --------------------------------------------------------------------------------
+class _PrecomputedLayers:
+    """Stands in for the backbone inside the feature function: returns precomputed block outputs."""
+
+    def __init__(self, backbone: nn.Module, outputs: dict[int, Tensor]) -> None:
+        self._backbone, self._outputs = backbone, outputs
+
+    def get_intermediate_layers(self, x: Tensor, n: int | Sequence[int] = 1, norm: bool = True) -> list[Tensor]:
+        depth = len(self._backbone.blocks)
+        wanted = list(range(depth - n, depth)) if isinstance(n, int) else sorted(set(n))
+        if not norm or any(i not in self._outputs for i in wanted):
+            raise RobustnessError(f"feature function asked for blocks {wanted} (norm={norm}); computed "
+                                  f"{sorted(self._outputs)} with the final norm")
+        return [self._outputs[i] for i in wanted]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backbone, name)
+
+
+def logits_from_kept_tokens(model: LinearProbeModel, images: Tensor, keep: Tensor) -> Tensor:
+    """Logits when only the patch tokens with ``keep`` [B, N] (bool) enter the transformer.
+
+    Dropped tokens are *removed* from the sequence after patch + position embedding ([CLS] always
+    stays), as in Naseer et al. (2021). Images with different kept counts share a batch: kept
+    tokens are packed first, padding keys are masked out of every attention, and padded positions
+    of the block outputs are set to the mean of the kept patch tokens (the [CLS] output when none
+    is kept) so that any patch-average in the feature function sees exactly the kept tokens. The
+    features are assembled by the linear stage's own feature function (``model.feature_fn``), so
+    they match the head's training features exactly.
+    """
+    backbone = model.backbone
+    tokens = backbone.prepare_tokens(images)
+    batch, num_patches = keep.shape
+    if tokens.shape[1] != num_patches + 1:
+        raise RobustnessError(f"keep mask has {num_patches} patches, the image gives {tokens.shape[1] - 1}")
+    keep = keep.to(tokens.device)
+    counts = keep.sum(1)
+    length = max(int(counts.max()), 1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :length]
+    patches = torch.gather(tokens[:, 1:], 1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    valid = torch.arange(length, device=tokens.device).unsqueeze(0) < counts.unsqueeze(1)
+    x = torch.cat((tokens[:, :1], patches), dim=1)
+    attn_mask = None
+    if not bool(valid.all()):
+        keys = torch.cat((torch.ones_like(valid[:, :1]), valid), dim=1)
+        attn_mask = torch.zeros(batch, 1, 1, length + 1, dtype=x.dtype, device=x.device)
+        attn_mask.masked_fill_(~keys[:, None, None, :], float("-inf"))
+    depth = len(backbone.blocks)
+    wanted = set(range(depth - model.n_last_blocks, depth))
+    outputs: dict[int, Tensor] = {}
+    for index, block in enumerate(backbone.blocks):
+        x = block(x, attn_mask=attn_mask) if attn_mask is not None else block(x)
+        if index in wanted:
+            out = backbone.norm(x)
+            if attn_mask is not None:
+                patch = out[:, 1:]
+                mean = (patch * valid.unsqueeze(-1)).sum(1) / counts.clamp(min=1).unsqueeze(-1).to(patch.dtype)
+                mean = torch.where((counts > 0).unsqueeze(-1), mean, out[:, 0])
+                out = torch.cat((out[:, :1], torch.where(valid.unsqueeze(-1), patch, mean.unsqueeze(1))), dim=1)
+            outputs[index] = out
+    features = model.feature_fn(_PrecomputedLayers(backbone, outputs), images, model.n_last_blocks, model.avgpool)
+    return model.linear(features.float())
 
 
 # -- stage -----------------------------------------------------------------------------------------
@@ -262,13 +324,14 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             "outputs": ["curves.csv", "shuffle.csv", "occlusion.png"],
         })
         write_robustness_metrics(out, run=run, model=model, stage="occlusion", dataset="imagenet-val",
-                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra)
+                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra,
+                                 head_meta=net.head.meta, protocol=protocol_label(config, net.head.meta))
     barrier()
     return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_cli("occlusion", "downstream.robustness.occlusion:run", DEFAULTS, argv,
+    return stage_main("occlusion", "downstream.robustness.occlusion:run", DEFAULTS, argv,
                      description="Occlusion (salient / non-salient / random patch drop) and patch shuffle "
                                  "robustness of backbone + linear head.")
 

@@ -10,11 +10,13 @@ in this process (tests, debuggers).
 - Timeout/preemption: the job is a ``Checkpointable``; submitit requeues it and the stage resumes
   from the last checkpoint in its work directory (stages write checkpoints atomically).
 - Restart safety: the submitted job id is kept in ``job_dir/job.json``; if the caller (Snakemake)
-  is killed and rerun while the job still runs, ``launch`` re-attaches instead of submitting twice.
+  is killed and rerun while the job still runs, ``launch`` re-attaches instead of submitting twice,
+  but only for the same call (entry + arguments): a job still running for another config is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
@@ -29,7 +31,7 @@ import submitit
 
 from ibot.io import write_json_atomic
 
-__all__ = ["Resources", "launch", "StageJob", "resolve_entry"]
+__all__ = ["CLUSTERS", "Resources", "launch", "StageJob", "resolve_entry", "call_digest"]
 
 CLUSTERS = ("local", "slurm", "debug")
 _SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
@@ -143,8 +145,18 @@ def _slurm_alive(job_id: str) -> bool:
     return state in _SLURM_ALIVE
 
 
-def _reattach(state_file: Path, resources: Resources) -> submitit.Job | None:
-    """The still-running job recorded in ``state_file`` (same cluster), or None."""
+def call_digest(entry: str, kwargs: Mapping[str, Any]) -> str:
+    """Identity of a call (entry + arguments): a running job is re-attached only for the same call."""
+    return hashlib.sha256(json.dumps([entry, kwargs], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reattach(state_file: Path, resources: Resources, digest: str) -> submitit.Job | None:
+    """The still-running job recorded in ``state_file`` (same cluster, same call), or None.
+
+    A job still running for *another* call (the stage config, checkpoint or data changed while a
+    killed caller's job went on) is refused: re-attaching would report its result for the new call,
+    and a second job would share its work directory.
+    """
     if not state_file.is_file():
         return None
     try:
@@ -155,10 +167,17 @@ def _reattach(state_file: Path, resources: Resources) -> submitit.Job | None:
         return None
     job_id, folder, tasks = state["job_id"], Path(state["folder"]), range(state["num_tasks"])
     if resources.cluster == "slurm" and _slurm_alive(job_id):
-        return submitit.SlurmJob(folder=folder, job_id=job_id, tasks=tasks)
-    if resources.cluster == "local" and _pid_alive(int(job_id)):
-        return _OrphanLocalJob(folder=folder, job_id=job_id, tasks=tasks)
-    return None
+        job: submitit.Job = submitit.SlurmJob(folder=folder, job_id=job_id, tasks=tasks)
+    elif resources.cluster == "local" and _pid_alive(int(job_id)):
+        job = _OrphanLocalJob(folder=folder, job_id=job_id, tasks=tasks)
+    else:
+        return None
+    if state.get("call_digest") != digest:
+        stop = f"scancel {job_id}" if resources.cluster == "slurm" else f"kill {job_id}"
+        raise RuntimeError(
+            f"{resources.cluster} job {job_id} ({state_file}) still runs for another setup of this stage (its "
+            f"config, checkpoint or data differ from this call's). Wait for it or stop it ({stop}), then rerun.")
+    return job
 
 
 class _OrphanLocalJob(submitit.local.local.LocalJob):
@@ -201,7 +220,8 @@ def launch(entry: str, kwargs: Mapping[str, Any], *, job_dir: str | Path, resour
         print(f"[launcher] running {name} in-process (cluster: debug)", flush=True)
         return StageJob()(entry, dict(kwargs))
     state_file = job_dir / "job.json"
-    job = _reattach(state_file, resources)
+    digest = call_digest(entry, kwargs)
+    job = _reattach(state_file, resources, digest)
     if job is not None:
         print(f"[launcher] re-attaching to running {resources.cluster} job {job.job_id} ({state_file})", flush=True)
     else:
@@ -209,7 +229,7 @@ def launch(entry: str, kwargs: Mapping[str, Any], *, job_dir: str | Path, resour
         job = executor.submit(StageJob(), entry, dict(kwargs))
         record = {"job_id": str(job.job_id), "cluster": resources.cluster, "folder": str(job_dir / "submitit"),
                   "num_tasks": resources.num_tasks, "entry": entry, "resources": asdict(resources),
-                  "submitted": time.time()}
+                  "call_digest": digest, "submitted": time.time()}
         write_json_atomic(record, state_file)
         print(f"[launcher] submitted {name} as {resources.cluster} job {job.job_id} "
               f"({resources.num_tasks} task(s)); logs in {job_dir / 'submitit'}", flush=True)

@@ -1,8 +1,8 @@
-# Embedded datasets in the real on-disk layouts (ImageNet, COCO 2017, ADE20K, ImageNet-C/-A/-9),
-# generated deterministically when data.embedded.generate is true. External datasets are checked
-# for their layout before any job starts (onstart), so a real run refuses early.
+# Embedded datasets in the real on-disk layouts (ibot.data.kinds: ImageNet, COCO 2017, ADE20K,
+# ImageNet-C/-A/-9), generated deterministically when data.embedded.generate is true. External
+# datasets are checked for their layout before any job starts (onstart), so a real run refuses early.
 from ibot.config import check_datasets
-from ibot.data.embedded import SETS
+from ibot.data.kinds import EMBEDDED_KINDS
 
 EMBEDDED_SIZE_ARGS = [f"{key}={value}" for key, value in sorted(EMBEDDED["sizes"].items())]
 
@@ -15,7 +15,7 @@ if EMBEDDED["generate"]:
 
     rule embedded_data:
         output:
-            expand("{root}/{name}.complete", root=EMBEDDED["root"], name=SETS),
+            expand("{root}/{name}.complete", root=EMBEDDED["root"], name=EMBEDDED_KINDS),
         params:
             root=EMBEDDED["root"],
             seed=EMBEDDED["seed"],
@@ -33,18 +33,15 @@ if EMBEDDED["generate"]:
 
 
 def _external_datasets():
-    """Datasets the enabled stages read that the workflow does not generate."""
-    if EMBEDDED["generate"]:
-        return []
-    needed = {"imagenet"}
+    """Datasets the planned stages read that the workflow does not generate."""
+    needed = set()
     for model in MODELS:
-        for stage in config["models"][model].get("stages") or STAGES:
-            needed |= set(STAGE_DATASETS.get(stage, ()))
+        stages = list(model_stages(model)) + (["pretrain"] if weights_source(model) == "pretrain" else [])
+        for name in stages:
+            needed |= set(REGISTRY[name].datasets)
+    if EMBEDDED["generate"]:
+        needed = {kind for kind in needed if not DATASET_KINDS[kind].embedded}
     return sorted(needed)
-
-
-# stage -> datasets it reads (rule files add theirs)
-STAGE_DATASETS = {}
 
 
 onstart:

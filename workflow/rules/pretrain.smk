@@ -1,20 +1,20 @@
-# iBOT pretraining: one submitit job per model (local process, or SLURM multi-node DDP).
-# Outputs are the exported teacher backbone + summary + curves, never the resumable work
-# directory (Snakemake deletes a rule's outputs before rerunning it; work/ must survive).
+# iBOT pretraining (registry entry "pretrain"): one submitit job per model (local process, or SLURM
+# multi-node DDP). Outputs are the exported teacher backbone + summary + curves, never the resumable
+# work directory (Snakemake deletes a rule's outputs before rerunning it; work/ must survive, and
+# ibot.workdir moves it aside itself when the setup changed).
+PRETRAIN = REGISTRY["pretrain"]
 
 
 rule pretrain:
     input:
-        data=dataset_ready("imagenet"),
+        data=dataset_ready(*PRETRAIN.datasets),
     output:
-        backbone=f"{RESULTS}/{RUN}/{{model}}/pretrain/teacher_backbone.pth",
-        summary=f"{RESULTS}/{RUN}/{{model}}/pretrain/summary.json",
-        curves=f"{RESULTS}/{RUN}/{{model}}/pretrain/train_log.csv",
+        **{key: f"{stage_dir('pretrain')}/{name}" for key, name in PRETRAIN.outputs.items()},
     params:
         config=stage_json("pretrain"),
         resources=resources_json("pretrain"),
-        train=lambda wildcards: f"{dataset('imagenet')}/train",
-        out_dir=lambda wildcards: f"{run_dir(wildcards.model)}/pretrain",
+        train=lambda wildcards: f"{dataset(PRETRAIN.datasets[0])}/train",
+        out_dir=lambda wildcards: stage_dir("pretrain", wildcards.model),
         model_args=arch_args,
     log:
         f"{RESULTS}/{RUN}/logs/{{model}}/pretrain.log",
@@ -22,5 +22,5 @@ rule pretrain:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/pretrain.tsv"
     localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
-        "{PYTHON:q} -m ibot.train --data {params.train:q} --out-dir {params.out_dir:q} "
+        "{PYTHON:q} -m {PRETRAIN.module} --data {params.train:q} --out-dir {params.out_dir:q} "
         "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} > {log:q} 2>&1"

@@ -7,7 +7,7 @@
 import os as _os
 from pathlib import Path as _Path
 
-from ibot.results.aggregate import METRIC_MAP_CSV, REFERENCE_CSV
+from ibot.results.aggregate import METRIC_MAP_CSV, PAPER_PROTOCOLS_CSV, REFERENCE_CSV
 from ibot.results.plots import PLOT_FILES, curve_outputs
 from ibot.results.tables import GROUPS as TABLE_GROUPS, table_outputs
 
@@ -16,7 +16,8 @@ report: "../report/workflow.rst"
 RESULT_DIR = f"{RESULTS}/{RUN}"
 # results/reference/ of the repository (relative to the working directory when inside it)
 REFERENCE_FILES = {name: _os.path.relpath(path) if path.is_relative_to(_Path.cwd()) else str(path)
-                   for name, path in (("ibot_paper_results", REFERENCE_CSV), ("metric_map", METRIC_MAP_CSV))}
+                   for name, path in (("ibot_paper_results", REFERENCE_CSV), ("metric_map", METRIC_MAP_CSV),
+                                      ("paper_protocols", PAPER_PROTOCOLS_CSV))}
 TABLE_FILES = table_outputs(f"{RESULT_DIR}/tables")
 TABLE_HTML = {group: f"{RESULT_DIR}/tables/{group}.html" for group in (*TABLE_GROUPS, "all_metrics")}
 
@@ -59,6 +60,7 @@ rule summary:
         metrics=stage_metrics,
         reference=REFERENCE_FILES["ibot_paper_results"],
         mapping=REFERENCE_FILES["metric_map"],
+        protocols=REFERENCE_FILES["paper_protocols"],
     output:
         summary=report(f"{RESULT_DIR}/summary.csv", caption="../report/summary.rst", category="Tables",
                        labels={"table": "summary.csv (long, every metric)"}),
@@ -73,8 +75,8 @@ rule summary:
     localrule: True
     shell:
         "{PYTHON:q} -m ibot.results summary --models-json {params.models:q} --seed {params.seed} "
-        "--reference {input.reference:q} --mapping {input.mapping:q} --out {output.summary:q} "
-        "--flat {output.flat:q} {input.metrics:q} > {log:q} 2>&1"
+        "--reference {input.reference:q} --mapping {input.mapping:q} --paper-protocols {input.protocols:q} "
+        "--out {output.summary:q} --flat {output.flat:q} {input.metrics:q} > {log:q} 2>&1"
 
 
 rule tables:

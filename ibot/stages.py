@@ -1,0 +1,166 @@
+"""The stage registry: the one table from which the workflow, the config schema and the defaults derive.
+
+A stage is a job of the DAG that writes ``results/<run>/<model>/<stage>/``. Each entry says which
+module runs it (``python -m <module>``, the same command with or without Snakemake), which config
+section configures it (defaults come from that section's JSON schema,
+``workflow/schemas/<section>.schema.yaml``: the single source of default values), which datasets
+it reads, what it writes besides ``metrics.json``, what it needs from other stages, and which
+models it applies to. Derived from it:
+
+- the Snakemake rules (``workflow/rules/stages.smk`` generates one rule per evaluation stage),
+- the config schema's ``stages`` enum and ``resources.<stage>`` keys (:mod:`ibot.config`),
+- every stage module's ``DEFAULTS`` (:func:`stage_defaults`),
+- the datasets checked before a real run starts.
+
+Adding a stage: one module under ``downstream/`` with a ``run`` entry and ``main`` CLI, one entry
+here, its schema section, one embedded dataset builder if it reads a new dataset, tests
+(``docs/adding-a-stage.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["Stage", "STAGES", "EVALUATION_STAGES", "WEIGHT_SOURCES", "SCHEMA_DIR", "get_stage", "section_schema",
+           "schema_defaults", "section_defaults", "stage_defaults"]
+
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "workflow" / "schemas"
+
+#: Where a model's backbone weights come from (config ``models.<name>.weights``).
+WEIGHT_SOURCES = ("pretrain", "checkpoint", "random")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the DAG (see the module docstring)."""
+
+    name: str
+    module: str                                   # `python -m <module>` runs it
+    section: str                                  # config section = schema file name
+    datasets: tuple[str, ...]                     # `data.<kind>` keys it reads; the first is --data
+    description: str
+    subsection: str | None = None                 # e.g. robustness.<stage>
+    fixed: Mapping[str, Any] = field(default_factory=dict)   # values the stage sets (seg head)
+    outputs: Mapping[str, str] = field(default_factory=dict)  # name -> file in the stage folder, besides metrics.json
+    needs: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # CLI flag name -> (stage, file)
+    weights: tuple[str, ...] = WEIGHT_SOURCES     # model weight sources it applies to
+    resumable: bool = False                       # keeps a fingerprinted work/ directory (ibot.workdir)
+    operational_keys: tuple[str, ...] = ()        # config keys that cannot change the result (logging)
+
+    @property
+    def config_path(self) -> str:
+        """Dotted config path of its settings, e.g. ``robustness.imagenet_c``."""
+        return f"{self.section}.{self.subsection}" if self.subsection else self.section
+
+
+def _robustness(name: str, dataset: str, description: str, **kwargs: Any) -> Stage:
+    return Stage(name, f"downstream.robustness.{name}", "robustness", (dataset,), description, subsection=name,
+                 needs={"head": ("linear", "head.pth")}, **kwargs)
+
+
+_REGISTRY: tuple[Stage, ...] = (
+    Stage("pretrain", "ibot.train", "pretrain", ("imagenet",),
+          "iBOT pretraining (main_ibot.py); exports the teacher backbone",
+          outputs={"backbone": "teacher_backbone.pth", "summary": "summary.json", "curves": "train_log.csv"},
+          weights=("pretrain",), resumable=True, operational_keys=("num_workers", "log_every", "saveckp_freq")),
+    Stage("knn", "downstream.knn", "knn", ("imagenet",), "weighted k-NN on frozen [CLS] features (Tab. 1)"),
+    Stage("linear", "downstream.linear", "linear", ("imagenet",),
+          "linear probing with a one-pass lr sweep (Tab. 1); its best head feeds the robustness stages",
+          outputs={"head": "head.pth"}, resumable=True),
+    Stage("finetune", "downstream.finetune", "finetune", ("imagenet",),
+          "end-to-end fine-tuning with layer-wise lr decay (Tab. 2)", resumable=True),
+    Stage("detection", "downstream.dense.detection", "detection", ("coco",),
+          "COCO Cascade Mask R-CNN, mmdet (Tab. 6)", resumable=True, operational_keys=("log_interval",)),
+    Stage("seg_upernet", "downstream.dense.segmentation", "segmentation", ("ade20k",),
+          "ADE20K UperNet, mmseg (Tab. 6)", fixed={"head": "upernet"}, resumable=True,
+          operational_keys=("log_interval",)),
+    Stage("seg_linear", "downstream.dense.segmentation", "segmentation", ("ade20k",),
+          "ADE20K linear head on the frozen backbone, mmseg (Tab. 6)", fixed={"head": "linear"}, resumable=True,
+          operational_keys=("log_interval",)),
+    _robustness("imagenet_c", "imagenet_c", "ImageNet-C mean corruption error (Tab. 8)",
+                outputs={"table": "per_corruption.csv"}),
+    _robustness("imagenet_a", "imagenet_a", "ImageNet-A top-1 (Tab. 8)"),
+    _robustness("imagenet_r", "imagenet_r", "ImageNet-R top-1 (Tab. 8)"),
+    _robustness("bg_challenge", "imagenet_9", "background challenge, ImageNet-9 variants (Tab. 8)"),
+    _robustness("occlusion", "imagenet", "salient / non-salient / random occlusion, patch shuffle (Tab. 8)",
+                outputs={"curves": "curves.csv", "shuffle": "shuffle.csv", "plot": "occlusion.png"}),
+)
+
+#: Every stage by name, in DAG order.
+STAGES: dict[str, Stage] = {stage.name: stage for stage in _REGISTRY}
+#: The stages a config's ``stages:`` list may name (everything but pretraining).
+EVALUATION_STAGES: tuple[str, ...] = tuple(name for name in STAGES if name != "pretrain")
+
+
+def get_stage(name: str) -> Stage:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; known: {list(STAGES)}") from None
+
+
+#: Schema keywords naming a Python list that fills ``default`` / ``enum`` (``"module:NAME"``), so a
+#: list kept in code (corruptions, ImageNet-9 variants) is never copied into a schema file.
+_FROM_CODE = {"x-default-from": "default", "x-enum-from": "enum"}
+
+
+def _fill_from_code(node: Any, where: str) -> Any:
+    if isinstance(node, dict):
+        for marker, keyword in _FROM_CODE.items():
+            if marker in node:
+                module_name, _, name = node[marker].partition(":")
+                try:
+                    node[keyword] = list(getattr(importlib.import_module(module_name), name))
+                except (ImportError, AttributeError) as error:
+                    raise ValueError(f"{where}: {marker} {node[marker]!r} does not name a list: {error}") from error
+        for key, value in node.items():
+            _fill_from_code(value, where)
+    elif isinstance(node, list):
+        for value in node:
+            _fill_from_code(value, where)
+    return node
+
+
+@lru_cache(maxsize=None)
+def _load_section_schema(section: str) -> dict[str, Any]:
+    path = SCHEMA_DIR / f"{section}.schema.yaml"
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or data.get("type") != "object":
+        raise ValueError(f"{path}: expected an object schema")
+    return _fill_from_code(data, str(path))
+
+
+def section_schema(section: str) -> dict[str, Any]:
+    """The JSON schema of a config section (a copy: callers may edit it)."""
+    return copy.deepcopy(_load_section_schema(section))
+
+
+def schema_defaults(schema: Mapping[str, Any]) -> Any:
+    """The defaults an object schema declares, recursively (objects with properties are built)."""
+    properties = schema.get("properties")
+    if schema.get("type") == "object" and properties:
+        return {key: schema_defaults(sub) for key, sub in properties.items()}
+    if "default" not in schema:
+        raise ValueError(f"schema property without a default: {schema}")
+    return copy.deepcopy(schema["default"])
+
+
+def section_defaults(section: str) -> dict[str, Any]:
+    """Defaults of a whole config section (e.g. ``segmentation`` with its ``upernet``/``linear`` parts)."""
+    return schema_defaults(_load_section_schema(section))
+
+
+def stage_defaults(name: str) -> dict[str, Any]:
+    """The full default config of one stage: its (sub)section's schema defaults with its fixed values."""
+    stage = get_stage(name)
+    defaults = section_defaults(stage.section)
+    if stage.subsection:
+        defaults = defaults[stage.subsection]
+    return {**defaults, **copy.deepcopy(dict(stage.fixed))}

@@ -1,0 +1,184 @@
+"""The one resume rule: a work directory is reused only for the exact setup that produced it.
+
+Every resumable stage (pretraining, linear probing, fine-tuning, detection, segmentation) keeps its
+checkpoints in ``<stage>/work/``. Before using it, the stage calls :func:`prepare_work_dir` with the
+fingerprint of everything that determines its result (:func:`stage_fingerprint`): the resolved
+stage config (minus keys that only change logging), the model spec, the sha256 of the backbone
+checkpoint it starts from, the identity of every dataset it reads, the seed, the process count and
+the version of the fingerprint rule itself. The fingerprint is stored in ``work/fingerprint.json``.
+
+- Same fingerprint: resume (a requeue, a kill, an identical rerun).
+- Different fingerprint, or a work directory without one: the directory is moved aside to
+  ``work.stale-<UTC timestamp>`` (never deleted: it may hold days of compute), the stage starts
+  fresh and says so in one log line naming the keys that changed.
+
+Changing ``epochs`` also starts fresh, upward or downward: every schedule of these recipes (cosine
+lr, weight decay, teacher momentum and temperature, step milestones, poly decay) is a function of
+the total length, so a continued run is not the run its config describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from ibot import distributed as dist_utils
+from ibot.io import write_json_atomic
+
+__all__ = ["FINGERPRINT_FILE", "FINGERPRINT_VERSION", "WorkDir", "stage_fingerprint", "dataset_identity",
+           "fingerprint_digest", "prepare_work_dir", "prepare_stage_work"]
+
+FINGERPRINT_FILE = "fingerprint.json"
+#: Bump when a code change alters what a given fingerprint computes (old work dirs then go stale).
+FINGERPRINT_VERSION = 1
+#: Manifest written by the embedded generator at a set's root (``ibot.data.embedded``): its sha256
+#: names every file of the set, so it is the set's identity without listing the files.
+_MANIFEST_DONE = "DONE"
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """A prepared work directory: where it is, the fingerprint it holds, and what happened."""
+
+    path: Path
+    fingerprint: dict[str, Any]
+    digest: str
+    resumed: bool                 # it held work of this same fingerprint (known on rank 0)
+    stale: Path | None = None     # where a mismatching directory was moved (rank 0)
+
+
+def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dataset_identity(root: str | Path) -> dict[str, Any]:
+    """What identifies a dataset's content, cheaply and stably.
+
+    An embedded set (or a parent folder of its root, e.g. ``imagenet/train``) carries a ``DONE``
+    file, the sha256 of its manifest. Any other dataset is identified by the sha256 of its sorted
+    file list with sizes (one ``stat`` per file; no file is read).
+    """
+    root = Path(root).resolve()
+    for folder in (root, root.parent):
+        done = folder / _MANIFEST_DONE
+        if done.is_file() and (folder / "MANIFEST.json").is_file():
+            return {"path": str(root), "manifest_sha256": done.read_text().strip(),
+                    "relative_to_manifest": str(root.relative_to(folder))}
+    if not root.exists():
+        raise FileNotFoundError(f"dataset {root}: does not exist")
+    digest, count = hashlib.sha256(), 0
+    for path, size in sorted(_walk_files(root)):
+        digest.update(f"{path}\0{size}\n".encode())
+        count += 1
+    return {"path": str(root), "files": count, "file_list_sha256": digest.hexdigest()}
+
+
+def _walk_files(root: Path) -> Iterable[tuple[str, int]]:
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=True):
+                    yield os.path.relpath(entry.path, root), entry.stat().st_size
+
+
+def stage_fingerprint(*, stage: str, config: Mapping[str, Any], model_spec: Mapping[str, Any],
+                      checkpoint: str | Path | None, data: Mapping[str, str | Path], seed: int,
+                      world_size: int, operational_keys: Iterable[str] = ()) -> dict[str, Any]:
+    """Everything that determines a resumable stage's result (see the module docstring).
+
+    ``data`` maps a name (e.g. ``imagenet``) to the dataset root the stage reads; ``operational_keys``
+    are config keys that cannot change the result (log intervals) and are left out.
+    """
+    from ibot.checkpoint import sha256_file
+
+    skip = set(operational_keys)
+    return {
+        "version": FINGERPRINT_VERSION,
+        "stage": stage,
+        "config": {key: value for key, value in sorted(config.items()) if key not in skip},
+        "model": {key: value for key, value in sorted(model_spec.items())},
+        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+        "data": {name: dataset_identity(path) for name, path in sorted(data.items())},
+        "seed": int(seed),
+        "world_size": int(world_size),
+    }
+
+
+def _changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, with both values (for the one-line log message)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "digest" in record else None
+
+
+def _stale_name(work: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    candidate, n = work.with_name(f"{work.name}.stale-{stamp}"), 1
+    while candidate.exists():
+        candidate, n = work.with_name(f"{work.name}.stale-{stamp}-{n}"), n + 1
+    return candidate
+
+
+def prepare_work_dir(work: str | Path, fingerprint: Mapping[str, Any], *,
+                     log: Callable[[str], None] = lambda message: print(message, flush=True)) -> WorkDir:
+    """Resume ``work`` if it was made for ``fingerprint``, else move it aside and start fresh.
+
+    In a distributed job only rank 0 looks and moves; every rank returns the same answer after a
+    barrier. Call it before anything reads or writes ``work``.
+    """
+    work = Path(work)
+    fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True, default=str))  # plain JSON values
+    digest = fingerprint_digest(fingerprint)
+    label = f"[{fingerprint.get('stage', 'stage')}]"
+    resumed, stale = False, None
+    if dist_utils.is_main():
+        record = _read_record(work / FINGERPRINT_FILE)
+        occupied = work.is_dir() and any(work.iterdir())
+        if occupied and record is not None and record["digest"] == digest:
+            resumed = True
+            log(f"{label} work dir {work} matches this run (fingerprint {digest[:12]}): resuming from it")
+        elif occupied:
+            stale = _stale_name(work)
+            why = ("; ".join(_changes(record.get("fingerprint", {}), fingerprint)) if record
+                   else f"it has no {FINGERPRINT_FILE}")
+            work.rename(stale)
+            log(f"{label} work dir {work} was made for another setup ({why}): moved aside to {stale}, "
+                f"starting fresh")
+        work.mkdir(parents=True, exist_ok=True)
+        if not resumed:
+            write_json_atomic({"digest": digest, "fingerprint": fingerprint}, work / FINGERPRINT_FILE)
+    dist_utils.barrier()  # other ranks touch work/ only once rank 0 has settled it
+    return WorkDir(path=work, fingerprint=fingerprint, digest=digest, resumed=resumed, stale=stale)
+
+
+def prepare_stage_work(stage: str, work: str | Path, *, config: Mapping[str, Any], model_spec: Mapping[str, Any],
+                       checkpoint: str | Path | None, data: Mapping[str, str | Path], seed: int) -> WorkDir:
+    """:func:`prepare_work_dir` with the fingerprint of a registered stage (its operational keys left
+    out) in the current process group."""
+    from ibot.stages import get_stage
+
+    fingerprint = stage_fingerprint(stage=stage, config=config, model_spec=model_spec, checkpoint=checkpoint,
+                                    data=data, seed=seed, world_size=dist_utils.world_size(),
+                                    operational_keys=get_stage(stage).operational_keys)
+    return prepare_work_dir(work, fingerprint)

@@ -1,0 +1,168 @@
+"""The one resume rule (ibot.workdir) and the launcher's re-attach guard: fast unit tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ibot.io import write_json_atomic
+from ibot.workdir import (FINGERPRINT_FILE, dataset_identity, prepare_work_dir, stage_fingerprint)
+
+SPEC = {"arch": "vit_tiny", "patch_size": 16, "depth": 2}
+
+
+def _fingerprint(data: Path, **config) -> dict:
+    return stage_fingerprint(stage="linear", config={"epochs": 2, "lr": 0.1, "log_every": 5, **config},
+                             model_spec=SPEC, checkpoint=None, data={"imagenet": data}, seed=0, world_size=1,
+                             operational_keys=("log_every",))
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    root = tmp_path / "imagenet"
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "train" / "a" / "x.JPEG").write_bytes(b"123")
+    return root
+
+
+def test_same_fingerprint_resumes_and_keeps_the_work(tmp_path: Path, data: Path) -> None:
+    work = tmp_path / "work"
+    first = prepare_work_dir(work, _fingerprint(data))
+    assert not first.resumed and first.stale is None and (work / FINGERPRINT_FILE).is_file()
+    (work / "checkpoint.pth").write_bytes(b"state")
+    lines: list[str] = []
+    again = prepare_work_dir(work, _fingerprint(data), log=lines.append)
+    assert again.resumed and again.digest == first.digest and (work / "checkpoint.pth").read_bytes() == b"state"
+    assert len(lines) == 1 and "resuming" in lines[0]
+
+
+def test_operational_keys_do_not_change_the_fingerprint(data: Path) -> None:
+    assert _fingerprint(data, log_every=1) == _fingerprint(data, log_every=100)
+
+
+@pytest.mark.parametrize("change", [{"lr": 0.2}, {"epochs": 3}, {"epochs": 1}])
+def test_changed_config_moves_the_work_aside_and_starts_fresh(tmp_path: Path, data: Path, change: dict) -> None:
+    """Any config change, ``epochs`` up or down included, starts fresh: every schedule depends on it."""
+    work = tmp_path / "work"
+    prepare_work_dir(work, _fingerprint(data))
+    (work / "checkpoint.pth").write_bytes(b"old state")
+    lines: list[str] = []
+    fresh = prepare_work_dir(work, _fingerprint(data, **change), log=lines.append)
+    assert not fresh.resumed and fresh.stale is not None and fresh.stale.name.startswith("work.stale-")
+    assert (fresh.stale / "checkpoint.pth").read_bytes() == b"old state"  # moved, never deleted
+    assert not (work / "checkpoint.pth").exists()
+    assert json.loads((work / FINGERPRINT_FILE).read_text())["digest"] == fresh.digest
+    assert len(lines) == 1 and "moved aside" in lines[0]
+    key, value = next(iter(change.items()))
+    assert f"config.{key}:" in lines[0] and repr(value) in lines[0]  # names what changed
+
+
+def test_each_ingredient_changes_the_fingerprint(tmp_path: Path, data: Path) -> None:
+    base = _fingerprint(data)
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"weights")
+    variants = [
+        stage_fingerprint(stage="finetune", config=base["config"], model_spec=SPEC, checkpoint=None,
+                          data={"imagenet": data}, seed=0, world_size=1),
+        stage_fingerprint(stage="linear", config=base["config"], model_spec={**SPEC, "depth": 3}, checkpoint=None,
+                          data={"imagenet": data}, seed=0, world_size=1),
+        stage_fingerprint(stage="linear", config=base["config"], model_spec=SPEC, checkpoint=ckpt,
+                          data={"imagenet": data}, seed=0, world_size=1),
+        stage_fingerprint(stage="linear", config=base["config"], model_spec=SPEC, checkpoint=None,
+                          data={"imagenet": data}, seed=1, world_size=1),
+        stage_fingerprint(stage="linear", config=base["config"], model_spec=SPEC, checkpoint=None,
+                          data={"imagenet": data}, seed=0, world_size=2),
+    ]
+    for variant in variants:
+        assert variant != base
+    with_ckpt = variants[2]["checkpoint_sha256"]
+    ckpt.write_bytes(b"other weights")  # same path, other content: another fingerprint
+    assert stage_fingerprint(stage="linear", config=base["config"], model_spec=SPEC, checkpoint=ckpt,
+                             data={"imagenet": data}, seed=0, world_size=1)["checkpoint_sha256"] != with_ckpt
+
+
+def test_dataset_identity_follows_the_files(data: Path) -> None:
+    before = dataset_identity(data)
+    assert before["files"] == 1
+    (data / "train" / "a" / "y.JPEG").write_bytes(b"4")
+    added = dataset_identity(data)
+    assert added["file_list_sha256"] != before["file_list_sha256"]
+    (data / "train" / "a" / "y.JPEG").write_bytes(b"45")  # same names, another size
+    assert dataset_identity(data)["file_list_sha256"] != added["file_list_sha256"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dataset_identity(data / "missing")
+
+
+def test_embedded_sets_are_identified_by_their_manifest(tmp_path: Path) -> None:
+    from ibot.data.embedded import EmbeddedSizes, generate
+
+    sizes = EmbeddedSizes(classes=2, train_per_class=2, val_per_class=1, c_per_class=1, a_classes=1, image_size=32)
+    root = generate(tmp_path, seed=0, sets=["imagenet"], sizes=sizes)["imagenet"]
+    done = (root / "DONE").read_text().strip()
+    assert dataset_identity(root)["manifest_sha256"] == done
+    train = dataset_identity(root / "train")  # pretraining reads <set>/train
+    assert train["manifest_sha256"] == done and train["relative_to_manifest"] == "train"
+
+
+def test_work_dir_without_fingerprint_is_moved_aside(tmp_path: Path, data: Path) -> None:
+    """Work from before fingerprints (or from unknown code) is never trusted."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "checkpoint.pth").write_bytes(b"legacy")
+    lines: list[str] = []
+    fresh = prepare_work_dir(work, _fingerprint(data), log=lines.append)
+    assert fresh.stale is not None and (fresh.stale / "checkpoint.pth").read_bytes() == b"legacy"
+    assert f"no {FINGERPRINT_FILE}" in lines[0]
+
+
+def test_two_stale_moves_in_one_second_keep_both(tmp_path: Path, data: Path) -> None:
+    work = tmp_path / "work"
+    stale = []
+    for lr in (0.1, 0.2, 0.3):
+        result = prepare_work_dir(work, _fingerprint(data, lr=lr))
+        (work / "marker").write_text(str(lr))
+        stale.append(result.stale)
+    kept = sorted(tmp_path.glob("work.stale-*"))
+    assert len(kept) == 2 and {(p / "marker").read_text() for p in kept} == {"0.1", "0.2"}
+
+
+def test_launcher_refuses_to_reattach_a_job_running_another_call(tmp_path: Path) -> None:
+    """A killed caller's job that still runs is re-attached only for the same call."""
+    from ibot.run.launcher import call_digest, launch
+
+    # a live process whose command line names submitit (what the launcher checks for local jobs)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    try:
+        job_dir = tmp_path / "job"
+        record = {"job_id": str(sleeper.pid), "cluster": "local", "folder": str(job_dir / "submitit"),
+                  "num_tasks": 1, "entry": "json:dumps", "call_digest": call_digest("json:dumps", {"obj": 1}),
+                  "submitted": time.time()}
+        write_json_atomic(record, job_dir / "job.json")
+        with pytest.raises(RuntimeError, match=f"job {sleeper.pid} .* still runs for another setup"):
+            launch("json:dumps", {"obj": 2}, job_dir=job_dir, resources={"cluster": "local"}, name="t")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_metrics_refuse_a_checkpoint_modified_while_the_stage_ran(tmp_path: Path) -> None:
+    """metrics.json never pairs a result with weights it was not computed from."""
+    from ibot.metrics import read_metrics, write_metrics
+
+    ckpt = tmp_path / "teacher_backbone.pth"
+    ckpt.write_bytes(b"weights v1")
+    started = time.time()
+    time.sleep(0.05)
+    common = dict(run="r", model="m", stage="knn", task="knn", dataset="d", protocol="p", metrics={"top1": 1.0},
+                  config={}, checkpoint=ckpt)
+    write_metrics(tmp_path / "ok.json", wall_time_s=time.time() - started, **common)
+    assert read_metrics(tmp_path / "ok.json")["checkpoint"]["sha256"]
+    ckpt.write_bytes(b"weights v2")  # e.g. pretraining rerun while this stage computed
+    with pytest.raises(RuntimeError, match="modified while the stage ran"):
+        write_metrics(tmp_path / "stale.json", wall_time_s=time.time() - started, **common)
+    assert not (tmp_path / "stale.json").exists()
