@@ -75,7 +75,7 @@ OFFICIAL_MAIN_IBOT_DEFAULTS = {
     "seed": (0, 146), "num_workers": (10, 147),
 }
 #: Settings of ours that are not official flags (documented in pretrain.schema.yaml).
-REPRODUCTION_SETTINGS = {"global_crops_size", "local_crops_size", "precision", "log_every"}
+REPRODUCTION_SETTINGS = {"global_crops_size", "local_crops_size", "precision", "log_every", "head_hidden_dim"}
 
 
 def test_pretrain_defaults_equal_the_official_main_ibot_flags():

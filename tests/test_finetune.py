@@ -14,24 +14,11 @@ from ibot.metrics import read_metrics
 from ibot.models.layer_decay import vit_layer_id
 from ibot.models.vision_transformer import build_backbone
 from test_knn import TINY, make_image_folder, official_checkpoint
+from test_layer_decay import official_finetune_layer_id
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"resize": 36, "crop": 32, "batch_size": 4, "num_workers": 0, "epochs": 2, "warmup_epochs": 1,
           "precision": "fp32"}
-
-
-def _official_beit_layer_id(var_name: str, num_max_layer: int) -> int:
-    """bytedance/ibot evaluation/classification_layer_decay/optim_factory.py:32-43, transcribed."""
-    if var_name in ("cls_token", "mask_token", "pos_embed"):
-        return 0
-    elif var_name.startswith("patch_embed"):
-        return 0
-    elif var_name.startswith("rel_pos_bias"):
-        return num_max_layer - 1
-    elif var_name.startswith("blocks"):
-        return int(var_name.split(".")[1]) + 1
-    else:
-        return num_max_layer - 1
 
 
 @pytest.mark.parametrize("decay", [0.65, 0.75])
@@ -48,7 +35,7 @@ def test_layer_decay_groups_match_official(decay: float) -> None:
     seen = set()
     for name, param in model.named_parameters():
         short = name.removeprefix("backbone.")
-        layer_id = _official_beit_layer_id(short, num_layers + 1)
+        layer_id = official_finetune_layer_id(short, num_layers + 1)
         assert vit_layer_id(name, depth, prefix="backbone.") == layer_id
         group = group_of[id(param)]
         assert group["lr_scale"] == pytest.approx(decay ** (num_layers - layer_id)), name

@@ -15,7 +15,7 @@ from ibot.models.vision_transformer import build_backbone
 DEPTH = 3
 
 
-def _official_finetune_layer_id(var_name: str, num_max_layer: int) -> int:
+def official_finetune_layer_id(var_name: str, num_max_layer: int) -> int:
     """bytedance/ibot evaluation/classification_layer_decay/optim_factory.py:32-43, transcribed."""
     if var_name in ("cls_token", "mask_token", "pos_embed"):
         return 0
@@ -57,7 +57,7 @@ def test_layer_id_is_the_official_rule_for_every_vit_parameter() -> None:
     official_ids = set()
     for name in names:
         local = "mask_token" if name == "masked_embed" else name  # official name of our MIM token
-        official = _official_finetune_layer_id(local, DEPTH + 2)
+        official = official_finetune_layer_id(local, DEPTH + 2)
         assert vit_layer_id(name, DEPTH) == official, name
         assert vit_layer_id(f"backbone.{name}", DEPTH, prefix="backbone.") == \
             _official_dense_layer_id(f"backbone.{local}", DEPTH + 2), name

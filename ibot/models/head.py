@@ -190,7 +190,8 @@ def build_head(embed_dim: int, cfg: Mapping[str, Any], *, teacher: bool) -> IBOT
     Keys (defaults as official): ``out_dim`` (8192), ``patch_out_dim`` (8192), ``norm_last_layer``
     (True; student only, the official teacher head keeps the default True), ``shared_head`` (False,
     student), ``shared_head_teacher`` (True, teacher), ``act_in_head`` (or ``act``; 'gelu'),
-    ``norm_in_head`` (None; ``use_bn_in_head: true`` is accepted as ``norm_in_head: 'bn'``).
+    ``norm_in_head`` (None; ``use_bn_in_head: true`` is accepted as ``norm_in_head: 'bn'``), and
+    ``head_hidden_dim`` (2048, the official head's fixed width; a reproduction setting, not a flag).
     """
     norm = cfg.get("norm_in_head") or ("bn" if cfg.get("use_bn_in_head", False) else None)
     if teacher:
@@ -199,7 +200,8 @@ def build_head(embed_dim: int, cfg: Mapping[str, Any], *, teacher: bool) -> IBOT
         shared_head, norm_last_layer = cfg.get("shared_head", False), cfg.get("norm_last_layer", True)
     return IBOTHead(embed_dim, cfg.get("out_dim", 8192), patch_out_dim=cfg.get("patch_out_dim", 8192),
                     norm=norm, act=cfg.get("act_in_head", cfg.get("act", "gelu")),
-                    norm_last_layer=norm_last_layer, shared_head=shared_head)
+                    hidden_dim=cfg.get("head_hidden_dim", 2048), norm_last_layer=norm_last_layer,
+                    shared_head=shared_head)
 
 
 def loss_patch_out_dim(cfg: Mapping[str, Any]) -> int:

@@ -34,7 +34,7 @@ if EMBEDDED["generate"]:
 
 def _external_datasets():
     """Datasets the planned stages read that the workflow does not generate."""
-    needed = set()
+    needed = {"imagenet"}  # the results' attention maps read ImageNet val images for every model
     for model in MODELS:
         stages = list(model_stages(model)) + (["pretrain"] if weights_source(model) == "pretrain" else [])
         for name in stages:
