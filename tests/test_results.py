@@ -640,7 +640,8 @@ def test_results_rules_rebuild_on_metrics_change_and_report_builds(tmp_path):
                 "figures/attention_vit_tiny.png"):
         assert (run / rel).is_file(), rel
     summary = pd.read_csv(run / "summary.csv")
-    assert set(summary["run"]) == {"embedded"} and summary["paper_value"].notna().sum() == 15
+    # 15 paper values of the ViT-S fixtures less occlusion S.5/NS.5: our occlusion is not the paper protocol
+    assert set(summary["run"]) == {"embedded"} and summary["paper_value"].notna().sum() == 13
     assert "| 74.8 " in (run / "tables" / "classification.md").read_text()
     assert _planned_with(smk, tmp_path) == set()
 
