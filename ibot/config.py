@@ -186,6 +186,9 @@ def check_datasets(config: Mapping[str, Any], kinds: list[str]) -> None:
 
     problems = []
     for kind in kinds:
+        if not config["data"].get(kind):
+            problems.append(f"config key data.{kind}: not set; a planned stage reads this dataset")
+            continue
         try:
             check_layout(kind, config["data"][kind], config_key=f"data.{kind}")
         except ValueError as error:

@@ -93,6 +93,12 @@ def test_missing_dataset_directory(tmp_path, embedded_config):
     assert "data.imagenet" in str(info.value) and "nowhere" in str(info.value)
 
 
+def test_unset_dataset_key_is_named(embedded_config):
+    embedded_config["data"].pop("imagenet_r", None)
+    with pytest.raises(ConfigError, match="data.imagenet_r: not set"):
+        check_datasets(embedded_config, ["imagenet_r"])
+
+
 def test_wrong_dataset_layout(tmp_path, embedded_config):
     (tmp_path / "imagenet" / "images").mkdir(parents=True)
     embedded_config["data"]["imagenet"] = str(tmp_path / "imagenet")
