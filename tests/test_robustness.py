@@ -432,3 +432,18 @@ def test_a_head_without_its_protocol_is_refused_before_evaluating(tiny, tmp_path
     with pytest.raises(RobustnessError, match="no 'protocol'.*rerun the linear stage"):
         _cli(imagenet_a, {**tiny, "head": old_head}, tiny["root"] / "imagenet_a", out)
     assert not out.exists()
+
+
+def test_imagenet_a_and_r_resize_bilinear_as_the_official_script(tiny) -> None:
+    """bytedance/ibot analysis/natural_adv_examples/eval.py:41: Resize(256) (torchvision default:
+    bilinear) + CenterCrop(224); the other robustness stages keep the head's bicubic eval resize."""
+    from torchvision.transforms import InterpolationMode, Resize
+
+    from downstream.robustness.common import robustness_transform
+    net = _model(tiny)
+    for module, expected in ((imagenet_a, InterpolationMode.BILINEAR), (imagenet_r, InterpolationMode.BILINEAR),
+                             (occlusion, InterpolationMode.BICUBIC)):
+        transform, sizes = robustness_transform(module.DEFAULTS, net.head.meta)
+        resize = next(t for t in transform.transforms if isinstance(t, Resize))
+        assert resize.interpolation == expected, module.__name__
+        assert sizes["interpolation"] == expected.value

@@ -166,7 +166,8 @@ def robustness_transform(config: Mapping[str, Any], meta: Mapping[str, Any]) -> 
     ``crop``: ``"head"`` (the linear head's eval crop) or pixels. ``resize``: ``"head"`` (the head's
     eval resize), pixels, or ``"none"``/null: no resize, only the centre crop (the official
     ImageNet-C / backgrounds-challenge evaluation, whose images are stored at the crop size;
-    smaller images are upscaled to the crop first). Bicubic, ImageNet mean/std.
+    smaller images are upscaled to the crop first). ``interpolation`` (ImageNet-A/-R only: their
+    official script resizes bilinear) or bicubic, the linear head's eval; ImageNet mean/std.
     """
     crop = int(meta["crop"]) if config["crop"] == "head" else int(config["crop"])
     resize_cfg = config["resize"]
@@ -177,7 +178,9 @@ def robustness_transform(config: Mapping[str, Any], meta: Mapping[str, Any]) -> 
     else:
         resize = int(resize_cfg)
     if resize is not None:
-        return eval_transform(resize, crop, "bicubic"), {"resize": resize, "crop": crop}
+        interpolation = config.get("interpolation", "bicubic")
+        return (eval_transform(resize, crop, interpolation),
+                {"resize": resize, "crop": crop, "interpolation": interpolation})
     transform = transforms.Compose([_UpscaleToAtLeast(crop), transforms.CenterCrop(crop), transforms.ToTensor(),
                                     transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return transform, {"resize": None, "crop": crop}
