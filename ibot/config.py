@@ -3,18 +3,35 @@
 Configs are data (YAML). ``config/config.yaml`` is the embedded default; ``config/paper.yaml``
 plus ``config/paper/<model>.yaml`` recipes reproduce the paper. Snakemake and the standalone
 CLIs both go through this module, so a bad key fails the same way everywhere, before any job.
+
+The config one stage runs with for one model is resolved in layers, later ones winning
+(:func:`section_layers`):
+
+1. ``default``: the section's JSON schema (``workflow/schemas/<section>.schema.yaml``);
+2. ``model recipe``: ``overrides.<section>`` of the model's recipe file (``config/paper/*.yaml``:
+   the one place where per-model paper values live, each with its source);
+3. ``config file``: the top-level ``<section>`` of the workflow config;
+4. ``config file``: ``models.<model>.overrides.<section>`` of the workflow config;
+
+with ``command line`` for whatever Snakemake's ``--config`` set in layers 3-4, and the values a
+stage fixes (the segmentation head) on top. Top-level sections are validated but never filled
+with defaults, so a value in the config file is always one the user wrote. ``python -m
+ibot.config explain`` prints every resolved value with its origin.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "deep_merge", "load_yaml", "validate_config", "section_config", "stage_config", "model_spec",
-           "check_datasets", "json_or_file", "mapping_arg", "SCHEMA_DIR", "REPO_ROOT"]
+__all__ = ["ConfigError", "deep_merge", "load_yaml", "validate_config", "section_layers", "section_config",
+           "stage_config", "explain_stage", "stage_resources", "global_batch", "model_spec", "check_datasets",
+           "check_stage_configs",
+           "json_or_file", "mapping_arg", "parse_config_overrides", "update_config", "load_workflow_config",
+           "SCHEMA_DIR", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_DIR = REPO_ROOT / "workflow" / "schemas"
@@ -81,13 +98,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _without_defaults(node: Any) -> Any:
+    """A schema with every ``default`` removed: it validates a mapping without filling it."""
+    if isinstance(node, dict):
+        return {key: _without_defaults(value) for key, value in node.items() if key != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(value) for value in node]
+    return node
+
+
 def _schema() -> dict[str, Any]:
     """The whole config schema: ``config.schema.yaml`` completed from the registries.
 
     Lists kept elsewhere are filled in, never copied: the stage enum and ``resources.<stage>`` keys
     come from the stage registry (:mod:`ibot.stages`), the architectures from the backbone registry,
     the clusters from the launcher, the dataset keys from :mod:`ibot.data.kinds`, and every stage
-    section from its ``<section>.schema.yaml``.
+    section from its ``<section>.schema.yaml``. Stage sections (top level, a model's ``overrides``
+    and its recipe's) are validated without their defaults: :func:`section_config` fills those.
     """
     from ibot.data.kinds import DATASET_KINDS
     from ibot.models.vision_transformer import ARCHITECTURES
@@ -100,14 +127,21 @@ def _schema() -> dict[str, Any]:
     properties["stages"]["items"] = stage_enum
     model = properties["models"]["additionalProperties"]["properties"]
     model["stages"]["items"] = stage_enum
+    model["unsupported_stages"]["propertyNames"] = stage_enum
     model["arch"] = {"enum": list(ARCHITECTURES), "description": "backbone (ibot.models.vision_transformer.ARCHITECTURES)"}
     data = properties["data"]["properties"]
     for kind, spec in DATASET_KINDS.items():
         data[kind] = {"type": "string", "description": spec.description}
     schema["$defs"]["resources"]["properties"]["cluster"] = {"enum": list(CLUSTERS)}
-    properties["resources"]["properties"].update({name: {"$ref": "#/$defs/resources"} for name in STAGES})
+    per_stage = {name: {"$ref": "#/$defs/resources"} for name in STAGES}
+    properties["resources"]["properties"].update(per_stage)
+    model["resources"]["properties"] = per_stage
+    sections = {}
     for section in dict.fromkeys(stage.section for stage in STAGES.values()):
-        properties[section] = section_schema(section)
+        sections[section] = _without_defaults(section_schema(section))
+        properties[section] = sections[section]
+    for key in ("overrides", "recipe_overrides"):
+        model[key].update(additionalProperties=False, properties=sections)
     return schema
 
 
@@ -122,21 +156,85 @@ def _format_error(error) -> str:
     return f"config key {where!r}: {error.message}"
 
 
+def _apply_recipe(name: str, entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """A model entry with its recipe file merged under it (entry keys win); the recipe's
+    ``overrides`` are kept apart as ``recipe_overrides``, the lowest layer above the defaults."""
+    if entry.get("recipe_overrides") and not entry.get("recipe"):
+        raise ConfigError(f"config key models.{name}.recipe_overrides: set from the recipe file, not by hand; "
+                          f"use models.{name}.overrides")
+    if not entry.get("recipe"):
+        return entry
+    recipe = load_yaml(base_dir / entry["recipe"])
+    recipe_overrides = recipe.pop("overrides", None) or {}
+    if "recipe" in recipe:
+        raise ConfigError(f"recipe {entry['recipe']}: a recipe cannot name another recipe")
+    merged = deep_merge(recipe, entry, allow_new=True)
+    merged["recipe_overrides"] = recipe_overrides
+    return merged
+
+
+_YAML_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None), "array": list}
+
+
+def _coerce_strings(instance: Any, schema: Mapping[str, Any], defs: Mapping[str, Any]) -> Any:
+    """Strings where the schema wants no string are read as YAML (``"3"`` -> 3, ``"[1, 2]"`` -> [1, 2]).
+
+    Snakemake's ``--config`` parses nested values with YAML's BaseLoader, so
+    ``--config finetune='{epochs: 3}'`` arrives as ``{"epochs": "3"}``; this gives such values their
+    type (a value that still does not fit is left for the validator to report).
+    """
+    if "$ref" in schema:
+        schema = defs.get(schema["$ref"].rsplit("/", 1)[-1], {})
+    if isinstance(instance, dict):
+        properties = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        for key, value in instance.items():
+            sub = properties.get(key, extra if isinstance(extra, Mapping) else None)
+            if sub is not None:
+                instance[key] = _coerce_strings(value, sub, defs)
+        return instance
+    if isinstance(instance, list) and isinstance(schema.get("items"), Mapping):
+        return [_coerce_strings(value, schema["items"], defs) for value in instance]
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else list(types or [])
+    if isinstance(instance, str) and types and "string" not in types:
+        try:
+            value = yaml.safe_load(instance)
+        except yaml.YAMLError:
+            return instance
+        wanted = tuple(t for name in types for t in ((_YAML_TYPES.get(name),) if not isinstance(
+            _YAML_TYPES.get(name), tuple) else _YAML_TYPES[name]) if t is not None)
+        if wanted and isinstance(value, wanted) and not (isinstance(value, bool) and bool not in wanted):
+            return _coerce_strings(value, schema, defs)
+    return instance
+
+
 def validate_config(config: dict[str, Any], *, base_dir: str | Path = ".") -> dict[str, Any]:
-    """Validate ``config`` in place (JSON-schema defaults filled) and resolve model recipes."""
+    """Validate ``config`` in place (JSON-schema defaults filled outside the stage sections), resolve
+    model recipes, and check what must hold before any job (the pretraining global batches)."""
     import jsonschema
 
     models = config.get("models") or {}
     for name, entry in list(models.items()):
-        if isinstance(entry, dict) and entry.get("recipe"):
-            recipe = load_yaml(Path(base_dir) / entry["recipe"])
-            models[name] = deep_merge(recipe, {k: v for k, v in entry.items() if k != "recipe"}, allow_new=True)
+        if isinstance(entry, dict):
+            models[name] = _apply_recipe(name, entry, Path(base_dir))
     schema = _schema()
+    _coerce_strings(config, schema, schema.get("$defs") or {})
     validator_cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, {
         "properties": _properties_with_defaults(jsonschema.Draft202012Validator.VALIDATORS["properties"])})
     errors = sorted(validator_cls(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(_format_error(e) for e in errors[:10]))
+    problems = []
+    for name in models:
+        problems += _unsupported_stage_problems(config, name)
+        if models[name]["weights"] == "pretrain":
+            try:
+                global_batch(config, name)
+            except ConfigError as error:
+                problems.append(str(error))
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return config
 
 
@@ -151,23 +249,61 @@ def _properties_with_defaults(validate_properties):
     return set_defaults
 
 
+def _unsupported_stage_problems(config: Mapping[str, Any], model: str) -> list[str]:
+    """A model's recipe may declare stages the paper has no recipe for (``unsupported_stages``:
+    stage -> why); planning one of them is an error that gives the reason."""
+    entry = config["models"][model]
+    unsupported = entry.get("unsupported_stages") or {}
+    planned = entry.get("stages") or config.get("stages") or []
+    return [f"config key models.{model}.stages: {stage!r} has no recipe for this model ({unsupported[stage]}); "
+            f"remove it from models.{model}.stages" for stage in planned if stage in unsupported]
+
+
 def model_spec(config: Mapping[str, Any], model: str) -> dict[str, Any]:
     entry = config["models"][model]
     return {"arch": entry["arch"], "patch_size": entry["patch_size"], "depth": entry.get("depth")}
 
 
+# -- resolution ------------------------------------------------------------------------------------
+ORIGIN_DEFAULT = "default"
+ORIGIN_RECIPE = "model recipe"
+ORIGIN_FILE = "config file"
+ORIGIN_CLI = "command line"
+ORIGIN_STAGE = "stage"
+
+
+def section_layers(config: Mapping[str, Any], section: str, model: str) -> list[tuple[str, str, Mapping[str, Any]]]:
+    """The layers of one section for one model, lowest precedence first: ``(origin, where, values)``.
+
+    ``where`` is the config path (or file) a value of that layer comes from, for messages.
+    """
+    from ibot.stages import section_defaults
+
+    entry = config["models"][model]
+    recipe = entry.get("recipe") or f"models.{model}"
+    return [
+        (ORIGIN_DEFAULT, f"workflow/schemas/{section}.schema.yaml", section_defaults(section)),
+        (ORIGIN_RECIPE, f"{recipe}: overrides.{section}", (entry.get("recipe_overrides") or {}).get(section) or {}),
+        (ORIGIN_FILE, section, config.get(section) or {}),
+        (ORIGIN_FILE, f"models.{model}.overrides.{section}", (entry.get("overrides") or {}).get(section) or {}),
+    ]
+
+
 def section_config(config: Mapping[str, Any], section: str, model: str) -> dict[str, Any]:
-    """The top-level ``<section>`` with ``models.<model>.overrides.<section>`` applied."""
-    overrides = (config["models"][model].get("overrides") or {}).get(section)
-    return deep_merge(config.get(section) or {}, overrides, path=f"models.{model}.overrides.{section}")
+    """One section resolved for one model: its layers merged (:func:`section_layers`)."""
+    layers = section_layers(config, section, model)
+    resolved = layers[0][2]
+    for _, where, values in layers[1:]:
+        resolved = deep_merge(resolved, values, path=where)
+    return resolved
 
 
 def stage_config(config: Mapping[str, Any], stage: str, model: str) -> dict[str, Any]:
     """The config one stage runs with for one model (what the workflow passes to its CLI).
 
-    Its section (``config.<section>``, schema defaults filled by :func:`validate_config`) with the
-    model's overrides, narrowed to the stage's sub-section (``robustness.<stage>``) and with the
-    values the stage fixes (the segmentation head). ``stage`` may also name a section.
+    Its section resolved for the model (:func:`section_config`), narrowed to the stage's
+    sub-section (``robustness.<stage>``) and with the values the stage fixes (the segmentation
+    head). ``stage`` may also name a section.
     """
     from ibot.stages import STAGES
 
@@ -178,6 +314,194 @@ def stage_config(config: Mapping[str, Any], stage: str, model: str) -> dict[str,
     if spec.subsection:
         resolved = dict(resolved.get(spec.subsection) or {})
     return {**resolved, **spec.fixed}
+
+
+def _leaves(values: Mapping[str, Any], prefix: tuple[str, ...] = ()):
+    """(key path, value) of every non-mapping value (lists are values)."""
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            yield from _leaves(value, prefix + (str(key),))
+        else:
+            yield prefix + (str(key),), value
+
+
+def _has_path(values: Mapping[str, Any] | None, path: tuple[str, ...]) -> bool:
+    node: Any = values or {}
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def explain_stage(config: Mapping[str, Any], stage: str, model: str,
+                  sources: Sequence[tuple[str, Mapping[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """Every value :func:`stage_config` resolves, with the layer it comes from.
+
+    Rows ``{key, value, origin, where}``: ``origin`` is one of default / model recipe / config
+    file / command line / stage; ``where`` the file and config path. ``sources`` are the raw
+    mappings merged (in that order) into ``config`` before validation, as ``(label, mapping)``:
+    ``("config/paper.yaml", ...)`` for each ``--configfile`` and ``("--config", ...)`` for
+    Snakemake's command-line values; a config-file value is attributed to the last source that
+    sets it.
+    """
+    from ibot.stages import STAGES
+
+    spec = STAGES.get(stage)
+    section = spec.section if spec else stage
+    origins: dict[tuple[str, ...], tuple[str, str]] = {}
+    for origin, where, values in section_layers(config, section, model):
+        root = (section,) if where == section else ("models", model, "overrides", section)
+        for path, _ in _leaves(values):
+            label, place = origin, where
+            if origin == ORIGIN_FILE:
+                for source, raw in reversed(list(sources or [])):
+                    if _has_path(raw, root + path):
+                        label = ORIGIN_CLI if source == "--config" else ORIGIN_FILE
+                        place = f"{source}: {where}"
+                        break
+            origins[path] = (label, place)
+    prefix = (spec.subsection,) if spec and spec.subsection else ()
+    rows = []
+    for path, value in _leaves(stage_config(config, stage, model)):
+        if spec and len(path) == 1 and path[0] in spec.fixed:
+            origin, where = ORIGIN_STAGE, f"ibot/stages.py: {stage}.fixed"
+        else:
+            origin, where = origins[prefix + path]
+        rows.append({"key": ".".join(path), "value": value, "origin": origin, "where": where})
+    return rows
+
+
+def stage_resources(config: Mapping[str, Any], stage: str, model: str | None = None) -> dict[str, Any]:
+    """Launcher resources of a stage: ``resources.default`` ⊕ ``resources.<stage>`` ⊕
+    ``models.<model>.resources.<stage>`` (a model that needs more GPUs, e.g. ViT-L pretraining)."""
+    resources = config.get("resources") or {}
+    model_resources = ((config["models"][model].get("resources") or {}) if model else {}).get(stage) or {}
+    return {**(resources.get("default") or {}), **(resources.get(stage) or {}), **model_resources}
+
+
+def global_batch(config: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """The pretraining global batch of a model: ``{per_gpu, processes, global, recipe, rescaled}``.
+
+    ``pretrain.global_batch_size`` states the recipe's batch; the resources
+    (``nodes × tasks_per_node`` processes) must produce it with ``batch_size_per_gpu``, unless
+    ``pretrain.batch_rescale`` is true: then the run goes on with its own batch, the peak lr
+    follows the official linear scaling (lr × global / 256, main_ibot.py) and ``rescaled`` marks
+    it (the pretraining summary and the result tables carry the mark). Raises
+    :class:`ConfigError` naming the keys otherwise.
+    """
+    from ibot.run.launcher import Resources
+
+    cfg = section_config(config, "pretrain", model)
+    resources = Resources.from_config(stage_resources(config, "pretrain", model))
+    processes = resources.nodes * resources.tasks_per_node
+    actual = int(cfg["batch_size_per_gpu"]) * processes
+    recipe = cfg.get("global_batch_size")
+    rescaled = recipe is not None and actual != recipe
+    if rescaled and not cfg["batch_rescale"]:
+        raise ConfigError(
+            f"models.{model}: pretrain.global_batch_size is {recipe} but pretrain.batch_size_per_gpu "
+            f"{cfg['batch_size_per_gpu']} x {processes} processes (resources.pretrain / models.{model}.resources"
+            f".pretrain: nodes {resources.nodes} x tasks_per_node {resources.tasks_per_node}) = {actual}; give the "
+            f"job {recipe // max(int(cfg['batch_size_per_gpu']), 1)} processes, change batch_size_per_gpu, or set "
+            f"pretrain.batch_rescale: true to run with {actual} (lr rescaled linearly, the run is marked)")
+    return {"per_gpu": int(cfg["batch_size_per_gpu"]), "processes": processes, "global": actual,
+            "recipe": recipe, "rescaled": rescaled}
+
+
+# -- Snakemake's merging of config files and --config ------------------------------------------------
+def parse_config_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items exactly as Snakemake's ``--config`` parses them (its own parser: nested
+    YAML values stay strings, so prefer an extra ``--configfile`` for nested values)."""
+    from snakemake.cli import parse_config
+
+    try:
+        return parse_config(list(items))
+    except ValueError as error:
+        raise ConfigError(f"--config: {error}") from error
+
+
+def update_config(config: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge as Snakemake merges ``--configfile``s and ``--config`` (its own recursive update)."""
+    from snakemake.utils import update_config as snakemake_update
+
+    snakemake_update(config, dict(overrides))
+    return config
+
+
+def load_workflow_config(configfiles: Sequence[str | Path] = (), overrides: Sequence[str] = (), *,
+                         base_dir: str | Path = REPO_ROOT) -> tuple[dict[str, Any], list[tuple[str, dict]]]:
+    """The validated config Snakemake would run with ``--configfile <configfiles> --config <overrides>``
+    (the embedded default when no file is given, as the root Snakefile does), and the raw sources
+    in merge order (for :func:`explain_stage`)."""
+    files = [str(f) for f in configfiles] or [str(Path(base_dir) / "config" / "config.yaml")]
+    sources = [(f, load_yaml(f)) for f in files]
+    if overrides:
+        sources.append(("--config", parse_config_overrides(overrides)))
+    config: dict[str, Any] = {}
+    for _, raw in sources:
+        update_config(config, copy.deepcopy(raw))
+    return validate_config(config, base_dir=base_dir), sources
+
+
+def _format_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ibot.config explain``: the resolved config of a model x stage, value by value."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m ibot.config", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    explain = sub.add_parser("explain", help="print the config a stage runs with for a model, with each value's origin")
+    explain.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
+    explain.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="as snakemake's --config")
+    explain.add_argument("--model", required=True)
+    explain.add_argument("--stage", required=True, help="a stage (ibot/stages.py) or a config section")
+    explain.add_argument("--json", action="store_true", help="rows as JSON")
+    args = parser.parse_args(argv)
+    try:
+        config, sources = load_workflow_config(args.configfile, args.config)
+        if args.model not in config["models"]:
+            raise ConfigError(f"--model {args.model!r}: not in models ({sorted(config['models'])})")
+        rows = explain_stage(config, args.stage, args.model, sources)
+    except (ConfigError, KeyError) as error:
+        parser.exit(2, f"error: {error}\n")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(r["key"]) for r in rows)
+    values = [_format_value(r["value"]) for r in rows]
+    vwidth = min(max(len(v) for v in values), 40)
+    print(f"# {args.stage} for {args.model}: {len(rows)} values (origin: default < model recipe < config file "
+          f"< command line; stage = fixed by the stage)")
+    for row, value in zip(rows, values):
+        print(f"{row['key']:<{width}}  {value:<{vwidth}}  {row['origin']:<12}  {row['where']}")
+    return 0
+
+
+def check_stage_configs(config: Mapping[str, Any]) -> None:
+    """Run every planned stage's registry ``preflight`` on its resolved config (before any job: what a
+    stage would only find out when it starts, e.g. the occlusion saliency checkpoint left unset)."""
+    import importlib
+
+    from ibot.stages import STAGES
+
+    problems = []
+    for model, entry in config["models"].items():
+        for name in entry.get("stages") or config["stages"]:
+            stage = STAGES[name]
+            if not stage.preflight:
+                continue
+            module, _, function = stage.preflight.partition(":")
+            try:
+                getattr(importlib.import_module(module), function)(stage_config(config, name, model))
+            except ValueError as error:
+                problems.append(f"models.{model} x {name}: {error}")
+    if problems:
+        raise ConfigError("stage config problems:\n  " + "\n  ".join(problems))
 
 
 def check_datasets(config: Mapping[str, Any], kinds: list[str]) -> None:
@@ -195,3 +519,7 @@ def check_datasets(config: Mapping[str, Any], kinds: list[str]) -> None:
             problems.append(str(error))
     if problems:
         raise ConfigError("dataset problems:\n  " + "\n  ".join(problems))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

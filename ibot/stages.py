@@ -53,6 +53,8 @@ class Stage:
     weights: tuple[str, ...] = WEIGHT_SOURCES     # model weight sources it applies to
     resumable: bool = False                       # keeps a fingerprinted work/ directory (ibot.workdir)
     operational_keys: tuple[str, ...] = ()        # config keys that cannot change the result (logging)
+    file_keys: tuple[str, ...] = ()               # dotted config keys naming input files (DAG inputs)
+    preflight: str | None = None                  # "module:function" checking its resolved config before any job
 
     @property
     def config_path(self) -> str:
@@ -90,7 +92,8 @@ _REGISTRY: tuple[Stage, ...] = (
     _robustness("imagenet_r", "imagenet_r", "ImageNet-R top-1 (Tab. 8)"),
     _robustness("bg_challenge", "imagenet_9", "background challenge, ImageNet-9 variants (Tab. 8)"),
     _robustness("occlusion", "imagenet", "salient / non-salient / random occlusion, patch shuffle (Tab. 8)",
-                outputs={"curves": "curves.csv", "shuffle": "shuffle.csv", "plot": "occlusion.png"}),
+                outputs={"curves": "curves.csv", "shuffle": "shuffle.csv", "plot": "occlusion.png"},
+                file_keys=("saliency_model.checkpoint",), preflight="downstream.robustness.occlusion:preflight"),
 )
 
 #: Every stage by name, in DAG order.

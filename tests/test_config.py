@@ -30,10 +30,15 @@ def _error(config: dict) -> str:
 
 
 def test_default_and_paper_configs_validate(embedded_config):
+    from ibot.config import stage_config
+
+    written = copy.deepcopy(embedded_config["pretrain"])
     validated = validate_config(embedded_config, base_dir=ROOT)
-    assert validated["pretrain"]["teacher_patch_temp"] == 0.07  # schema default filled
+    assert validated["pretrain"] == written  # a stage section holds only what the file says ...
+    assert stage_config(validated, "pretrain", "vit_tiny")["teacher_patch_temp"] == 0.07  # ... defaults on resolution
     paper = validate_config(load_yaml(ROOT / "config" / "paper.yaml"), base_dir=ROOT)
-    assert paper["models"]["vit_small"]["overrides"]["pretrain"]["epochs"] == 800
+    assert paper["models"]["vit_small"]["recipe_overrides"]["pretrain"]["epochs"] == 800
+    assert paper["models"]["vit_small"]["overrides"] == {}
     assert paper["models"]["vit_base"]["arch"] == "vit_base"
 
 
@@ -75,7 +80,8 @@ OFFICIAL_MAIN_IBOT_DEFAULTS = {
     "seed": (0, 146), "num_workers": (10, 147),
 }
 #: Settings of ours that are not official flags (documented in pretrain.schema.yaml).
-REPRODUCTION_SETTINGS = {"global_crops_size", "local_crops_size", "precision", "log_every", "head_hidden_dim"}
+REPRODUCTION_SETTINGS = {"global_crops_size", "local_crops_size", "precision", "log_every", "head_hidden_dim",
+                         "global_batch_size", "batch_rescale"}
 
 
 def test_pretrain_defaults_equal_the_official_main_ibot_flags():
@@ -235,3 +241,51 @@ def test_generated_rules_are_listed_with_logs_and_commands():
         assert f"-m {stage.module} " in text, name
         assert f"logs/vit_tiny/{name}.log" in text, name
     assert "-m downstream.robustness.occlusion --data" in text and "--head results/embedded/vit_tiny/linear/head.pth" in text
+
+
+def test_layers_precedence_and_origins_as_explain_prints_them(tmp_path):
+    """default < model recipe < config file (section, then models.<m>.overrides) < command line."""
+    from ibot.config import explain_stage, load_workflow_config, stage_config
+
+    extra = tmp_path / "mine.yaml"
+    extra.write_text("finetune: {warmup_epochs: 7}\n")
+    config, sources = load_workflow_config(
+        [ROOT / "config" / "paper.yaml", extra],
+        ["finetune={epochs: 3, opt_betas: [0.9, 0.99]}", "models={vit_base: {overrides: {finetune: {layer_decay: 0.7}}}}"])
+    resolved = stage_config(config, "finetune", "vit_base")
+    assert resolved["epochs"] == 3 and resolved["opt_betas"] == [0.9, 0.99]  # nested --config values typed
+    assert resolved["layer_decay"] == 0.7 and resolved["drop_path"] == 0.2 and resolved["warmup_epochs"] == 7
+    rows = {row["key"]: row for row in explain_stage(config, "finetune", "vit_base", sources)}
+    assert set(rows) == set(resolved)
+    assert (rows["epochs"]["origin"], rows["epochs"]["where"]) == ("command line", "--config: finetune")
+    assert rows["layer_decay"]["where"] == "--config: models.vit_base.overrides.finetune"
+    assert (rows["warmup_epochs"]["origin"], rows["warmup_epochs"]["where"]) == ("config file", f"{extra}: finetune")
+    assert (rows["drop_path"]["origin"], rows["drop_path"]["where"]) == \
+        ("model recipe", "config/paper/vit_base.yaml: overrides.finetune")
+    assert rows["lr"]["origin"] == "default" and rows["lr"]["where"] == "workflow/schemas/finetune.schema.yaml"
+    seg = {row["key"]: row for row in explain_stage(config, "seg_linear", "vit_large", sources)}
+    assert seg["head"]["origin"] == "stage" and seg["linear.lr"]["value"] == 2e-5
+    assert seg["linear.lr"]["origin"] == "model recipe"
+
+
+def test_explain_command_prints_every_value_with_its_origin():
+    result = subprocess.run([sys.executable, "-m", "ibot.config", "explain", "--configfile", "config/paper.yaml",
+                             "--model", "vit_large", "--stage", "seg_upernet"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:]}
+    assert lines["upernet.layer_decay"][:2] == ["0.95", "model"] and lines["iters"][:2] == ["160000", "default"]
+    bad = subprocess.run([sys.executable, "-m", "ibot.config", "explain", "--model", "vit_huge", "--stage", "knn"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--model 'vit_huge'" in bad.stderr
+
+
+def test_recipe_values_are_validated_with_their_path(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("arch: vit_small\noverrides:\n  finetune: {epochs: many}\n")
+    config = load_yaml(ROOT / "config" / "config.yaml")
+    config["models"] = {"m": {"recipe": str(recipe)}}
+    assert "models.m.recipe_overrides.finetune.epochs" in _error(config)
+    recipe.write_text("arch: vit_small\noverrides:\n  finetune: {epoch: 3}\n")
+    assert "models.m.recipe_overrides.finetune" in _error(load_yaml(ROOT / "config" / "config.yaml") | {
+        "models": {"m": {"recipe": str(recipe)}}})

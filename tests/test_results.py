@@ -131,18 +131,29 @@ def test_robustness_labels_name_the_paper_linear_head(stage):
         assert robustness_protocol({"protocol": linear.protocol_label(config)}) == row.protocol, stage
 
 
-def test_our_occlusion_is_not_labelled_as_the_paper_protocol():
-    """Tokens dropped by the model's own attention are not the paper's occlusion (DINO saliency, zeroed
-    pixels): its label never matches the paper's row, so it gets no paper value or delta."""
+def test_occlusion_joins_the_paper_only_with_the_official_protocol_and_dino_saliency():
+    """The paper config pointed at DINO's released ViT-S/16 (the official protocol) writes exactly the
+    paper row's label; the self-attention variant and another saliency model never join it."""
     from downstream import linear
     from downstream.robustness import occlusion
     experiments = load_paper_protocols()
     paper = experiments[(experiments["stage"] == "occlusion") & (experiments["paper_model"] == "ViT-S/16")]
-    linear_config, _ = _paper_stage_config("linear", "vit_small")
+    head = {"protocol": linear.protocol_label(_paper_stage_config("linear", "vit_small")[0])}
     config, _ = _paper_stage_config("occlusion", "vit_small")
-    ours = occlusion.protocol_label(config, {"protocol": linear.protocol_label(linear_config)})
-    assert ours.startswith("linear-head[cls(last 4),sgd,100ep,lr-sweep(45),256/224],occlusion(")
-    assert ours != paper["protocol"].item()
+    dino = {**config, "saliency_model": {**config["saliency_model"],
+                                          "checkpoint": f"/weights/{occlusion.DINO_VITS16_FILE}"}}
+    assert occlusion.protocol_label(dino, head) == paper["protocol"].item()
+    assert occlusion.protocol_label({**dino, "protocol": "self_attention"}, head) != paper["protocol"].item()
+    assert occlusion.protocol_label(config, head) != paper["protocol"].item()  # saliency checkpoint unset
+
+
+def test_a_real_paper_run_refuses_an_unset_saliency_checkpoint_before_any_job():
+    from ibot.config import ConfigError, check_stage_configs, load_yaml, validate_config
+    config = validate_config(load_yaml(REPO / "config" / "paper.yaml"), base_dir=REPO)
+    with pytest.raises(ConfigError, match=r"models.vit_small x occlusion: .*saliency_model.checkpoint"):
+        check_stage_configs(config)
+    config["robustness"]["occlusion"]["saliency_model"]["checkpoint"] = "/weights/dino_deitsmall16_pretrain.pth"
+    check_stage_configs(config)
 
 
 # -- summary ----------------------------------------------------------------------------------------
@@ -219,6 +230,26 @@ def test_paper_numbers_join_only_the_paper_protocol(tmp_path):
     both = pd.concat([summary, _summary("seed0")], ignore_index=True)
     with pytest.raises(ValueError, match="several datasets or protocols"):
         group_table(aggregate(both), "dense")
+
+
+def test_a_rescaled_pretraining_is_marked_in_summary_and_tables():
+    """pretrain.batch_rescale: the model's rows carry the note, its table row a ‡ with the note below."""
+    from ibot.config import load_yaml, validate_config
+    from ibot.results.aggregate import models_info_from_config
+
+    config = load_yaml(REPO / "config" / "paper.yaml")
+    del config["models"]["vit_large"]["resources"]  # 16 GPUs x 16 = 256 instead of the recipe's 1024
+    config["models"]["vit_large"]["overrides"] = {"pretrain": {"batch_rescale": True}}
+    info = models_info_from_config(validate_config(config, base_dir=REPO))
+    assert info["vit_large"]["pretrain_note"] == "global batch 256 (recipe 1024), lr rescaled"
+    assert info["vit_small"]["pretrain_note"] == ""
+    summary = build_summary(find_metrics_files(FIXTURES / "seed0"), {**INFO, "vit_small": {
+        **INFO["vit_small"], "pretrain_note": info["vit_large"]["pretrain_note"]}})
+    assert set(summary[summary["model"] == "vit_small"]["pretrain_note"]) == {"global batch 256 (recipe 1024), lr rescaled"}
+    table = group_table(aggregate(summary), "classification")
+    _row(table, "ours: vit_small ‡")
+    assert any("vit_small: global batch 256 (recipe 1024), lr rescaled" in note for note in table.attrs["notes"])
+    assert "‡" in to_markdown(table)
 
 
 def test_null_metrics_need_a_reason_and_show_as_n_a(tmp_path):

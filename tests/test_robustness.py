@@ -22,7 +22,7 @@ from downstream.linear import feature_dim, linear_features
 from downstream.robustness.common import (HeadSpec, LinearProbeModel, RobustnessError, folder_samples, load_model,
                                           read_head)
 from downstream.robustness.occlusion import logits_from_kept_tokens
-from ibot.checkpoint import export_backbone, save_atomic
+from ibot.checkpoint import export_backbone, save_atomic, sha256_file
 from ibot.config import ConfigError, validate_config
 from ibot.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
 from ibot.metrics import read_metrics
@@ -220,6 +220,61 @@ def test_random_drop_and_shuffle_are_per_image() -> None:
         occlusion.grid_sizes([3], 32)
 
 
+def _eval_py_mask(attentions: torch.Tensor, drop_lambda: float) -> torch.Tensor:
+    """bytedance/ibot analysis/occlusion/eval.py:178-184, transcribed (th_attn as bool)."""
+    val, idx = torch.sort(attentions)
+    val /= torch.sum(val, dim=1, keepdim=True)
+    cumval = torch.cumsum(val, dim=1)
+    th_attn = cumval > (1 - drop_lambda)
+    idx2 = torch.argsort(idx)
+    for batch_idx in range(th_attn.shape[0]):
+        th_attn[batch_idx] = th_attn[batch_idx][idx2[batch_idx]]
+    return th_attn
+
+
+def test_official_salient_mask_by_hand() -> None:
+    """Ascending sort, normalise, cumulative mass > 1 - λ (eval.py:178-184); the attention is not normalised."""
+    attention = torch.tensor([[0.2, 0.8, 0.4, 0.6]])  # normalised .1 .4 .2 .3; ascending cumsum: p0 .1, p2 .3, p3 .6, p1 1
+    assert occlusion.official_salient_mask(attention, 0.5).tolist() == [[False, True, False, True]]  # > .5: p3, p1
+    assert occlusion.official_salient_mask(attention, 0.3).tolist() == [[False, True, False, False]]  # > .7: p1
+    assert occlusion.official_salient_mask(attention, 0.75).tolist() == [[False, True, True, True]]  # > .25
+    assert not occlusion.official_salient_mask(attention, 0.0).any() and occlusion.official_salient_mask(attention, 1).all()
+    # salient drops the set, nonsalient keeps only it: at 0.5 the two are complementary
+    assert occlusion._official_drop("nonsalient", attention, 0.5, 2, torch.tensor([0]), 0).tolist() == \
+        [[True, False, True, False]]
+    # equal to the official code on random attention, and to the self_attention sets (same rule, other key)
+    attention = torch.rand(6, 49, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    for lam in (0.1, 0.3, 0.5, 0.7, 0.9):
+        official = occlusion.official_salient_mask(attention, lam)
+        assert torch.equal(official, _eval_py_mask(attention.clone(), lam)), lam
+        normalised = attention.double() / attention.double().sum(-1, keepdim=True)
+        assert torch.equal(official, occlusion.salient_drop(normalised, lam)), lam
+
+
+def test_official_mask_zeroes_nearest_upsampled_patches() -> None:
+    """img * (1 - th_attn) / img * th_attn with th_attn upsampled nearest by the patch size (eval.py:191-197),
+    on the normalised image: dropped pixels become exactly 0, the others keep their value."""
+    import torch.nn.functional as F
+
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    th_attn = torch.tensor([[True, False, False, True], [False, False, True, False]])  # 2 x 2 grid of 4-px patches
+    upsampled = F.interpolate(th_attn.reshape(-1, 2, 2).float().unsqueeze(1), scale_factor=4, mode="nearest")
+    salient = occlusion.zero_patches(images, th_attn, 4)
+    nonsalient = occlusion.zero_patches(images, ~th_attn, 4)
+    assert torch.equal(salient, images * (1 - upsampled)) and torch.equal(nonsalient, images * upsampled)
+    assert (salient[0, :, :4, :4] == 0).all() and (salient[0, :, 4:, 4:] == 0).all()
+    assert torch.equal(salient[0, :, :4, 4:], images[0, :, :4, 4:]) and torch.equal(salient[1, :, :4, :], images[1, :, :4, :])
+    assert (nonsalient[1, :, :4, :] == 0).all() and torch.equal(nonsalient[1, :, 4:, :4], images[1, :, 4:, :4])
+
+
+def test_official_random_drop_counts_as_eval_py() -> None:
+    """eval.py:336: drop_count = k * 196 // 10 (floor); the self_attention variant rounds."""
+    indices = torch.arange(3)
+    assert [int(occlusion.random_drop(196, k / 10, indices, 0, floor=True)[0].sum()) for k in range(10)] == \
+        [k * 196 // 10 for k in range(10)]
+    assert int(occlusion.random_drop(196, 0.1, indices, 0)[0].sum()) == 20  # round(19.6)
+
+
 @pytest.mark.parametrize("n_last_blocks,avgpool", [(1, False), (2, False), (1, True), (2, 1)])
 def test_token_drop_matches_unpadded_forward(tiny, tmp_path, n_last_blocks, avgpool) -> None:
     _head(tmp_path / "head.pth", n_last_blocks=n_last_blocks, avgpool=avgpool, seed=1)
@@ -335,7 +390,8 @@ def test_bg_challenge_stage(tiny, tmp_path) -> None:
 
 def test_occlusion_stage(tiny, tmp_path) -> None:
     out = tmp_path / "occlusion" / "metrics.json"
-    metrics = _cli(occlusion, tiny, tiny["root"] / "imagenet", out, {"num_workers": 0, "batch_size": 4})
+    metrics = _cli(occlusion, tiny, tiny["root"] / "imagenet", out,
+                   {"protocol": "self_attention", "num_workers": 0, "batch_size": 4})
     record = read_metrics(out)
     assert set(record["metrics"]) == {"clean_top1", "salient_0.5", "nonsalient_0.5", "random_0.5"} == set(metrics)
     rows = _rows(out.with_name("curves.csv"))
@@ -352,11 +408,14 @@ def test_occlusion_stage(tiny, tmp_path) -> None:
     assert [int(r["grid"]) for r in _rows(out.with_name("shuffle.csv"))] == [2, 4, 8, 16]
     assert out.with_name("occlusion.png").stat().st_size > 1000
     assert record["extra"]["num_patches"] == 16 and record["extra"]["drop"] == "tokens"
+    assert record["protocol"] == f"linear-head[{HEAD_PROTOCOL}],occlusion(drop=tokens,saliency=self-attention-mean)"
+    assert record["extra"]["transform"]["interpolation"] == "bicubic"  # the head's eval, as before
 
 
 def test_occlusion_zero_pixels_mode(tiny, tmp_path) -> None:
     out = tmp_path / "occ0" / "metrics.json"
-    config = {"num_workers": 0, "drop": "zero_pixels", "ratios": [0.0, 0.5], "modes": ["salient", "random"],
+    config = {"protocol": "self_attention", "num_workers": 0, "drop": "zero_pixels", "ratios": [0.0, 0.5],
+              "modes": ["salient", "random"],
               "shuffle_grid_sizes": [], "attention_heads": 1}
     metrics = _cli(occlusion, tiny, tiny["root"] / "imagenet", out, config)
     assert set(metrics) == {"clean_top1", "salient_0.5", "random_0.5"}
@@ -366,6 +425,142 @@ def test_occlusion_zero_pixels_mode(tiny, tmp_path) -> None:
     assert _rows(out.with_name("shuffle.csv")) == []
 
 
+def _official(tiny, **saliency) -> dict:
+    spec = {"checkpoint": str(tiny["checkpoint"]), "arch": "vit_tiny", "patch_size": 8, "depth": 2,
+            "checkpoint_key": None, "head": 1}
+    return {"protocol": "official", "saliency_model": {**spec, **saliency}}
+
+
+def test_saliency_model_loads_dino_ibot_and_exported_layouts(tiny, tmp_path) -> None:
+    """The official saliency model goes through the one checkpoint loader: DINO's plain state dict, an iBOT
+    training checkpoint (teacher/backbone.*) and our exported {'state_dict', 'meta'} give the same weights."""
+    torch.manual_seed(1)
+    source = build_backbone("vit_tiny", patch_size=8, depth=2, img_size=32, masked_im_modeling=False)
+    reference = source.state_dict()
+    dino = tmp_path / occlusion.DINO_VITS16_FILE  # the released file's name and layout (a plain state dict)
+    torch.save(reference, dino)
+    ibot = tmp_path / "checkpoint.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in reference.items()}, "epoch": 3}, ibot)
+    exported = tmp_path / "teacher_backbone.pth"
+    export_backbone(source, exported, meta={"arch": "vit_tiny"})
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    spec = _official(tiny)["saliency_model"]
+    for path in (dino, ibot, exported):
+        model = occlusion.load_saliency_model({**spec, "checkpoint": str(path)}, 32, torch.device("cpu"))
+        state = model.state_dict()
+        assert all(torch.equal(state[k], reference[k]) for k in reference), path.name
+        attention = occlusion.head_attention(model, images, 1)
+        assert attention.shape == (2, 16) and attention.dtype == torch.float32
+        assert torch.allclose(attention, source.get_last_selfattention(images)[:, 1, 0, 1:])
+    # our export renamed as DINO's release does not pass for it; a head the model lacks is refused
+    renamed = tmp_path / "renamed" / occlusion.DINO_VITS16_FILE
+    renamed.parent.mkdir()
+    shutil.copy(exported, renamed)
+    with pytest.raises(RobustnessError, match="named like DINO's release"):
+        occlusion.load_saliency_model({**spec, "checkpoint": str(renamed)}, 32, torch.device("cpu"))
+    with pytest.raises(RobustnessError, match="saliency_model.head: 3 out of range"):
+        occlusion.load_saliency_model({**spec, "checkpoint": str(exported), "head": 3}, 32, torch.device("cpu"))
+    with pytest.raises(RobustnessError, match="saliency_model.checkpoint .*vit_small"):
+        occlusion.load_saliency_model({**spec, "checkpoint": str(exported), "arch": "vit_small"}, 32,
+                                      torch.device("cpu"))
+
+
+def test_official_without_saliency_checkpoint_fails_before_any_work(tiny, tmp_path, monkeypatch) -> None:
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config was checked")
+
+    monkeypatch.setattr(occlusion, "prepare", no_work)
+    out = tmp_path / "occ" / "metrics.json"
+    with pytest.raises(RobustnessError, match=r"robustness\.occlusion\.saliency_model\.checkpoint.*"
+                                              r"dino_deitsmall16_pretrain\.pth"):
+        _cli(occlusion, tiny, tiny["root"] / "imagenet", out, {"num_workers": 0})  # default protocol: official
+    for bad, match in (({"drop": "tokens"}, "drop"), ({"attention_heads": 0}, "attention_heads")):
+        with pytest.raises(RobustnessError, match=match):  # keys of the other protocol are not silently ignored
+            _cli(occlusion, tiny, tiny["root"] / "imagenet", out, {**_official(tiny), **bad})
+    assert not out.exists()
+
+
+def test_occlusion_official_stage_by_hand(tiny, tmp_path) -> None:
+    """End to end: S.5 / NS.5 / random equal a by-hand run of eval.py's steps on the same normalised images
+    (bilinear resize, separate saliency model's head 1, pixels zeroed); information loss recorded."""
+    from torchvision.transforms import InterpolationMode, Resize
+
+    from downstream.robustness.common import robustness_transform
+    out = tmp_path / "official" / "metrics.json"
+    config = {**_official(tiny), "num_workers": 0, "batch_size": 4, "ratios": [0.0, 0.5, 1.0], "shuffle_grid_sizes": []}
+    metrics = _cli(occlusion, tiny, tiny["root"] / "imagenet", out, config)
+    record = read_metrics(out)
+    assert set(metrics) == {"clean_top1", "salient_0.5", "nonsalient_0.5", "random_0.5"} == set(record["metrics"])
+    extra = record["extra"]
+    assert extra["protocol"] == "official" and extra["drop"] == "zero_pixels" and extra["num_patches"] == 16
+    assert extra["transform"]["interpolation"] == "bilinear"
+    assert extra["saliency_model"]["sha256"] == sha256_file(tiny["checkpoint"]) and extra["saliency_model"]["head"] == 1
+
+    net = _model(tiny)
+    saliency_model = occlusion.load_saliency_model(config["saliency_model"], 32, torch.device("cpu"))
+    transform, _ = robustness_transform(occlusion.resolve_config({**occlusion.DEFAULTS, **config}), net.head.meta)
+    assert next(t for t in transform.transforms if isinstance(t, Resize)).interpolation == InterpolationMode.BILINEAR
+    correct, loss = {"salient": 0, "nonsalient": 0}, {"salient": 0.0, "nonsalient": 0.0}
+    for label, wnid in enumerate(WNIDS):
+        for path in sorted((tiny["root"] / "imagenet" / "val" / wnid).iterdir()):
+            image = transform(Image.open(path).convert("RGB"))[None]
+            with torch.inference_mode():
+                th_attn = _eval_py_mask(saliency_model.get_last_selfattention(image.clone())[:, 1, 0, 1:], 0.5)
+                mask = th_attn.reshape(1, 1, 4, 4).float().repeat_interleave(8, 2).repeat_interleave(8, 3)
+                for mode, occluded in (("salient", image * (1 - mask)), ("nonsalient", image * mask)):
+                    correct[mode] += int(net(occluded).argmax(-1)) == label
+                loss["salient"] += th_attn.float().mean().item() / 9
+                loss["nonsalient"] += (1 - th_attn.float()).mean().item() / 9
+    for mode in ("salient", "nonsalient"):
+        assert record["metrics"][f"{mode}_0.5"] == pytest.approx(100 * correct[mode] / 9), mode
+        assert extra["information_loss_0.5"][mode] == pytest.approx(loss[mode], abs=1e-6), mode
+    assert extra["information_loss_0.5"]["random"] == pytest.approx(8 / 16)  # floor(0.5 * 16) patches
+    at = {(r["mode"], float(r["ratio"])): r for r in _rows(out.with_name("curves.csv"))}
+    clean = metrics["clean_top1"]
+    for mode, ratio in (("salient", 0.0), ("nonsalient", 1.0), ("random", 0.0)):  # nothing removed = clean
+        assert float(at[mode, ratio]["top1"]) == pytest.approx(clean, abs=1e-3) and \
+            float(at[mode, ratio]["dropped_patch_fraction"]) == 0.0
+    assert float(at["nonsalient", 0.0]["dropped_patch_fraction"]) == 1.0  # keeps mass 0: an all-zero image
+
+
+def test_occlusion_protocol_labels(tiny, tmp_path) -> None:
+    """The label says what ran; the official protocol with DINO's released ViT-S/16 (by file name, layout checked
+    at load) is the paper's label in results/reference/paper_protocols.csv, any other saliency model is not."""
+    from downstream import linear
+    from ibot.config import load_yaml, stage_config
+    from ibot.results.aggregate import load_paper_protocols
+
+    head_meta = {"protocol": HEAD_PROTOCOL}
+    self_attention = {**occlusion.DEFAULTS, "protocol": "self_attention"}
+    assert occlusion.protocol_label(self_attention, head_meta) == \
+        f"linear-head[{HEAD_PROTOCOL}],occlusion(drop=tokens,saliency=self-attention-mean)"  # the former label
+    assert occlusion.protocol_label({**self_attention, "drop": "zero_pixels", "attention_heads": 1,
+                                     "interpolation": "bilinear", "crop": 32}, head_meta) == \
+        f"linear-head[{HEAD_PROTOCOL}],occlusion(drop=zero_pixels,saliency=self-attention-1," \
+        f"interpolation=bilinear,eval=head/32)"
+    official = {**occlusion.DEFAULTS, **_official(tiny)}
+    digest = sha256_file(tiny["checkpoint"])[:8]
+    assert occlusion.protocol_label(official, head_meta) == (
+        f"linear-head[{HEAD_PROTOCOL}],occlusion(protocol=official,drop=zero_pixels,"
+        f"saliency=vit_tiny/8-d2:sha256={digest},head=1,interpolation=bilinear)")
+    unset = {**occlusion.DEFAULTS}
+    assert "saliency=vit_small/16:unset," in occlusion.protocol_label(unset, head_meta)
+
+    config = validate_config(load_yaml(REPO / "config" / "paper.yaml"), base_dir=REPO)
+    linear_head = {"protocol": linear.protocol_label(stage_config(config, "linear", "vit_small"))}
+    paper_config = stage_config(config, "occlusion", "vit_small")
+    rows = load_paper_protocols()
+    rows = rows[rows["stage"] == "occlusion"]
+    assert len(rows) == 2
+    dino = {**paper_config, "saliency_model": {**paper_config["saliency_model"],
+                                               "checkpoint": f"/weights/{occlusion.DINO_VITS16_FILE}"}}
+    assert set(rows["protocol"]) == {occlusion.protocol_label(dino, linear_head)}
+    other = {**dino, "saliency_model": {**dino["saliency_model"], "checkpoint": str(tiny["checkpoint"])}}
+    assert occlusion.protocol_label(other, linear_head) not in set(rows["protocol"])
+    head0 = {**dino, "saliency_model": {**dino["saliency_model"], "head": 0}}
+    assert occlusion.protocol_label(head0, linear_head) not in set(rows["protocol"])
+
+
 # -- config schema and rules -----------------------------------------------------------------------
 def _config(**robustness) -> dict:
     return {"run": "t", "models": {"m": {"arch": "vit_tiny", "patch_size": 8, "depth": 2}},
@@ -373,10 +568,17 @@ def _config(**robustness) -> dict:
 
 
 def test_config_validation() -> None:
-    config = validate_config(_config(occlusion={"ratios": [0.0, 0.5, 1.0]}), base_dir=REPO)
-    assert config["robustness"]["imagenet_c"] == imagenet_c.DEFAULTS  # defaults filled
-    assert config["robustness"]["occlusion"]["ratios"] == [0.0, 0.5, 1.0]
+    from ibot.config import stage_config
+    config = validate_config(_config(occlusion={"ratios": [0.0, 0.5, 1.0], "saliency_model": {"head": 2}}),
+                             base_dir=REPO)
+    assert stage_config(config, "imagenet_c", "m") == imagenet_c.DEFAULTS  # defaults filled
+    occlusion_config = stage_config(config, "occlusion", "m")
+    assert occlusion_config["ratios"] == [0.0, 0.5, 1.0] and occlusion_config["protocol"] == "official"
+    assert occlusion_config["saliency_model"] == {  # a nested key merges over the nested defaults
+        "checkpoint": None, "arch": "vit_small", "patch_size": 16, "depth": None, "checkpoint_key": None, "head": 2}
     for bad in ({"imagenet_c": {"severity": [1]}}, {"occlusion": {"drop": "blur"}},
+                {"occlusion": {"protocol": "dino"}}, {"occlusion": {"saliency_model": {"weights": "x.pth"}}},
+                {"occlusion": {"saliency_model": {"arch": "vit_huge"}}}, {"occlusion": {"interpolation": "area"}},
                 {"imagenet_c": {"corruptions": ["rain"]}}, {"bg_challenge": {"resize": "auto"}}):
         with pytest.raises(ConfigError):
             validate_config(_config(**bad), base_dir=REPO)
@@ -441,9 +643,13 @@ def test_imagenet_a_and_r_resize_bilinear_as_the_official_script(tiny) -> None:
 
     from downstream.robustness.common import robustness_transform
     net = _model(tiny)
-    for module, expected in ((imagenet_a, InterpolationMode.BILINEAR), (imagenet_r, InterpolationMode.BILINEAR),
-                             (occlusion, InterpolationMode.BICUBIC)):
-        transform, sizes = robustness_transform(module.DEFAULTS, net.head.meta)
+    self_attention = occlusion.resolve_config({**occlusion.DEFAULTS, "protocol": "self_attention"})
+    for name, config, expected in (("imagenet_a", imagenet_a.DEFAULTS, InterpolationMode.BILINEAR),
+                                   ("imagenet_r", imagenet_r.DEFAULTS, InterpolationMode.BILINEAR),
+                                   ("occlusion official (eval.py:109)", occlusion.resolve_config(occlusion.DEFAULTS),
+                                    InterpolationMode.BILINEAR),
+                                   ("occlusion self_attention", self_attention, InterpolationMode.BICUBIC)):
+        transform, sizes = robustness_transform(config, net.head.meta)
         resize = next(t for t in transform.transforms if isinstance(t, Resize))
-        assert resize.interpolation == expected, module.__name__
+        assert resize.interpolation == expected, name
         assert sizes["interpolation"] == expected.value

@@ -1,5 +1,5 @@
-"""Shared plumbing of the dense stages: per-architecture paper values, mmengine runtime settings
-taken from the project config, and the train → test run inside our launcher job."""
+"""Shared plumbing of the dense stages: mmengine runtime settings taken from the project config and
+the train → test run inside our launcher job. (Per-model values: the model recipes, config/paper/.)"""
 
 from __future__ import annotations
 
@@ -11,25 +11,10 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["CONFIG_DIR", "arch_value", "resolved_out_indices", "env_world_size", "norm_cfg", "per_gpu_batch", "configure_runtime",
+__all__ = ["CONFIG_DIR", "resolved_out_indices", "env_world_size", "norm_cfg", "per_gpu_batch", "configure_runtime",
            "set_dataloader_workers", "train_and_test"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-#: Official recipes exist for ViT-S/16 and ViT-B/16; other sizes use the nearest one.
-_NEAREST_RECIPE = {"vit_tiny": "vit_small", "vit_small": "vit_small", "vit_base": "vit_base",
-                   "vit_large": "vit_base"}
-
-
-def arch_value(value: Any, table: Mapping[str, Any], arch: str, key: str) -> Any:
-    """``value`` unless it is None; then the official value for ``arch`` (nearest recipe)."""
-    if value is not None:
-        return value
-    recipe = _NEAREST_RECIPE.get(arch, "vit_base")
-    if key not in table[recipe]:
-        raise KeyError(f"no official value of {key!r} for {arch}")
-    return table[recipe][key]
-
 
 def resolved_out_indices(backbone_cfg: Mapping[str, Any]) -> list[int]:
     """The blocks an ``IBOTViTDense`` config will output (its default when ``out_indices`` is None)."""

@@ -18,20 +18,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from downstream.cli import stage_main
-from downstream.dense.common import (CONFIG_DIR, arch_value, configure_runtime, env_world_size, norm_cfg,
+from downstream.dense.common import (CONFIG_DIR, configure_runtime, env_world_size, norm_cfg,
                                      per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
 from ibot.stages import stage_defaults
 
-__all__ = ["DEFAULTS", "PAPER", "COCO_METRICS", "build_config", "protocol_label", "coco_metrics", "run", "main"]
+__all__ = ["DEFAULTS", "COCO_METRICS", "build_config", "protocol_label", "coco_metrics", "run", "main"]
 
 STAGE = "detection"
 BASE_CONFIG = CONFIG_DIR / "cascade_mask_rcnn_vit_fpn_coco.py"
-
-#: Official values that depend on the backbone (README ``coco_det`` commands and configs).
-PAPER = {
-    "vit_small": {"layer_decay": 0.8, "drop_path": 0.1, "batch_size": 32},  # 8 GPUs x 4
-    "vit_base": {"layer_decay": 0.75, "drop_path": 0.2, "batch_size": 16},  # 8 GPUs x 2
-}
 
 #: Official 1x recipe: workflow/schemas/detection.schema.yaml, the one source of default values.
 DEFAULTS: dict[str, Any] = stage_defaults("detection")
@@ -70,7 +64,7 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     norm = norm_cfg(world_size)
     cfg.model.backbone.update(
         arch=arch, patch_size=int(model_spec.get("patch_size") or 16), depth=model_spec.get("depth"),
-        drop_path_rate=float(arch_value(config["drop_path"], PAPER, arch, "drop_path")),
+        drop_path_rate=float(config["drop_path"]),
         out_indices=config["out_indices"], final_norm=bool(config["final_norm"]), norm_cfg=norm,
         pretrained=str(checkpoint) if checkpoint else None, checkpoint_key=checkpoint_key)
     cfg.model.neck.in_channels = [embed_dim] * 4
@@ -133,7 +127,7 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
         dict(type="PackDetInputs", meta_keys=("img_id", "img_path", "ori_shape", "img_shape", "scale_factor")),
     ]
     metainfo = dict(classes=tuple(classes))
-    batch_size = int(arch_value(config["batch_size"], PAPER, arch, "batch_size"))
+    batch_size = int(config["batch_size"])
     train = cfg.train_dataloader
     train.batch_size = per_gpu_batch(batch_size, world_size, STAGE)
     train.dataset.update(data_root=str(data_root), metainfo=metainfo, pipeline=cfg.train_pipeline)
@@ -159,7 +153,7 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     ]
     cfg.optim_wrapper.optimizer.update(lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
     cfg.optim_wrapper.paramwise_cfg = dict(
-        layer_decay_rate=float(arch_value(config["layer_decay"], PAPER, arch, "layer_decay")), num_layers=None)
+        layer_decay_rate=float(config["layer_decay"]), num_layers=None)
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=batch_size)
     cfg.default_hooks.checkpoint.interval = int(config["checkpoint_interval"])
 

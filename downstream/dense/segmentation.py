@@ -19,20 +19,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from downstream.cli import stage_main
-from downstream.dense.common import (CONFIG_DIR, arch_value, configure_runtime, env_world_size, norm_cfg,
+from downstream.dense.common import (CONFIG_DIR, configure_runtime, env_world_size, norm_cfg,
                                      per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
 from ibot.stages import section_defaults
 
-__all__ = ["DEFAULTS", "PAPER", "HEADS", "build_config", "protocol_label", "run", "main"]
+__all__ = ["DEFAULTS", "HEADS", "build_config", "protocol_label", "run", "main"]
 
 HEADS = {"upernet": CONFIG_DIR / "upernet_vit_ade20k.py", "linear": CONFIG_DIR / "linear_vit_ade20k.py"}
 ADE20K_NUM_CLASSES = 150
-
-#: Official UperNet values that depend on the backbone (README ``ade20k_seg`` commands, configs).
-PAPER = {
-    "vit_small": {"lr": 3e-5, "layer_decay": 0.9},
-    "vit_base": {"lr": 8e-5, "layer_decay": 0.65},
-}
 
 #: Official 160k recipe, both heads: workflow/schemas/segmentation.schema.yaml, the one source.
 DEFAULTS: dict[str, Any] = section_defaults("segmentation")
@@ -150,9 +144,9 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
                                begin=warmup, end=iters, by_epoch=False))
     cfg.param_scheduler = schedulers
     if head == "upernet":
-        lr = float(arch_value(sub["lr"], PAPER, arch, "lr"))
+        lr = float(sub["lr"])
         cfg.optim_wrapper.paramwise_cfg = dict(
-            layer_decay_rate=float(arch_value(sub["layer_decay"], PAPER, arch, "layer_decay")), num_layers=None)
+            layer_decay_rate=float(sub["layer_decay"]), num_layers=None)
     else:
         lr = float(sub["lr"])
     cfg.optim_wrapper.optimizer.update(lr=lr, weight_decay=float(config["weight_decay"]))

@@ -1,30 +1,61 @@
 """Occlusion robustness on ImageNet val (iBOT Tab. 8 "S.5"/"NS.5"; Naseer et al., NeurIPS 2021).
 
-For every val image (head eval transform) the model's own last-block [CLS]→patch attention
-(mean over heads, or one head) ranks the patches by saliency. At information-loss ratio ``r``:
+Two protocols (``protocol``), both reporting top-1 (percent) at 0.5 plus the curves:
 
-- ``salient``: drop the most-attended patches whose cumulative attention mass reaches ``r``
-  (patch p is dropped iff the mass of the patches ranked above it is < r);
-- ``nonsalient``: keep exactly the patches ``salient`` would drop at ``1 - r`` and drop the rest
-  (so at 0.5 the dropped/kept sets are complementary). These are the sets of iBOT's
-  ``analysis/occlusion/eval.py`` (``--dino``; its key for non-salient is the *kept* mass
-  ``λ = 1 - r``, equal at 0.5);
-- ``random``: drop ``round(r · N)`` patches chosen at random (nested sets across ratios).
+``official`` (default): bytedance/ibot ``analysis/occlusion/eval.py`` as run by
+``analysis/eval_occlusion.sh`` (lines 7-11 ``--dino``, 1-5 ``--random_drop``, ``--model_name
+vit_small``); line numbers at bytedance/ibot commit da316d8:
 
-``drop: tokens`` (default) removes the dropped patch tokens from the sequence after patch +
-position embedding, [CLS] always kept (r = 1: the prediction comes from [CLS] alone). ``drop:
-zero_pixels`` zeroes those image patches instead (normalised input = 0), as the official script
-does. Patch shuffle: the crop is cut into ``g × g`` tiles (``crop / g`` px) that are randomly
-permuted, for every grid size ``g`` in 2..16 dividing the crop (``shuffle_grid_sizes: auto``).
-Randomness is per image (seed, image index), independent of batching and of the process count.
+- saliency comes from a SEPARATE model, DINO ViT-S/16 (``eval.py:60-64``
+  ``dino.dino_small(patch_size=16, pretrained=True)``; ``dino.py:403-418``: DINO's released
+  ``dino_deitsmall16_pretrain.pth``), here ``saliency_model`` loaded through the one checkpoint
+  loader (:mod:`ibot.checkpoint`), run on the same normalised image the classifier sees
+  (``eval.py:170`` ``forward_selfattention(img.clone())``);
+- its last block's [CLS]→patch attention of ONE head (``eval.py:168`` ``head_number = 1``, ``:171``),
+  here ``saliency_model.head``;
+- the salient set at mass λ (``eval.py:178-184``): patches sorted ascending by attention,
+  normalised, cumulative mass ``> 1 - λ`` (:func:`official_salient_mask`);
+- ``salient`` (``--drop_best``) zeroes the salient set, ``img * (1 - th_attn)``; ``nonsalient`` keeps
+  only it, ``img * th_attn`` (``eval.py:194-197``), the patch mask upsampled nearest by the patch size
+  (``:191-192``), pixels zeroed in the NORMALISED image; λ in 0.1..1.0 (``:350-357``);
+- the information-loss ratio is the fraction of pixels removed (``eval.py:186-189``, ``:247``),
+  ``extra.information_loss``;
+- ``random`` zeroes ``k·N//10`` random patches of the ``crop/16``-px grid (``:329-338``, ``:132-158``;
+  N = 196 at 224 px), here the saliency model's patch grid and ``floor(r·N)`` patches;
+- eval transform Resize(256, bilinear: ``eval.py:109``, ``--bicubic_resize`` defaults False ``:301``)
+  + CenterCrop(224) + ImageNet mean/std (``:110-116``, ``:262-263``, ``:299``); here resize/crop
+  from the head (``resize``/``crop``), ``interpolation`` null = bilinear;
+- the classifier is the evaluated backbone with its linear head (``eval.py:66-83``, ``--linear_eval``).
+
+Deviation: the official random drop draws one pattern per batch of 1024 shuffled images
+(``eval.py:35``, ``:123``, ``:152``, np seed 1), which depends on the batching; here each image has its
+own pattern from (seed, image index), the same in distribution and independent of batching.
+
+``self_attention``: the evaluated model's own last-block [CLS]→patch attention (mean over heads,
+or ``attention_heads``) ranks the patches. At information-loss ratio ``r``, ``salient`` drops the
+most-attended patches whose mass reaches ``r`` (patch p is dropped iff the mass ranked above it is
+< r); ``nonsalient`` keeps exactly the patches ``salient`` would drop at ``1 - r``; ``random`` drops
+``round(r · N)`` patches. ``drop: tokens`` (default) removes the dropped patch tokens after patch +
+position embedding, [CLS] always kept; ``drop: zero_pixels`` zeroes the image patches instead.
+Resize interpolation bicubic (the linear head's eval).
+
+Keys per protocol: ``saliency_model`` applies to ``official`` only (ignored otherwise); ``drop`` and
+``attention_heads`` to ``self_attention`` only (under ``official`` a value other than null, or
+``zero_pixels`` for ``drop``, is an error, never silently ignored); ``interpolation`` to both (null =
+the protocol's own).
+
+Both: patch shuffle cuts the crop into ``g × g`` tiles that are randomly permuted, for every grid
+size ``g`` in 2..16 dividing the crop (``shuffle_grid_sizes: auto``). Randomness is per image
+(seed, image index), independent of batching and of the process count.
 
 Outputs beside metrics.json: ``curves.csv`` (mode, ratio, top-1, mean fraction of patches
-dropped), ``shuffle.csv`` and ``occlusion.png``. Metrics (percent): ``clean_top1``,
-``salient_0.5``, ``nonsalient_0.5``, ``random_0.5``.
+dropped = information loss), ``shuffle.csv`` and ``occlusion.png``. Metrics (percent):
+``clean_top1``, ``salient_0.5``, ``nonsalient_0.5``, ``random_0.5``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,35 +63,165 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from downstream.features import log
+from downstream.features import build_eval_backbone, log
 from downstream.cli import stage_main
 from downstream.robustness.common import (LabelledImages, LinearProbeModel, RobustnessError, accumulate,
                                           common_extra, folder_samples, head_class_index, percent, prepare,
                                           shard_loader, robustness_protocol, write_csv, write_robustness_metrics)
+from ibot.checkpoint import CheckpointError, load_file, sha256_file
 from ibot.distributed import barrier, init_distributed, is_main
 from ibot.io import atomic_write
+from ibot.models.vision_transformer import ARCHITECTURES
 from ibot.stages import stage_defaults
 
-__all__ = ["DEFAULTS", "MODES", "REPORTED_RATIO", "saliency", "salient_drop", "nonsalient_drop", "random_drop",
+__all__ = ["DEFAULTS", "MODES", "PROTOCOLS", "REPORTED_RATIO", "DINO_VITS16_FILE", "resolve_config",
+           "saliency_model_label", "protocol_label", "load_saliency_model", "head_attention",
+           "official_salient_mask", "saliency", "salient_drop", "nonsalient_drop", "random_drop",
            "shuffle_patches", "zero_patches", "grid_sizes", "logits_from_kept_tokens", "run", "main"]
 
 MODES: tuple[str, ...] = ("salient", "nonsalient", "random")
+PROTOCOLS: tuple[str, ...] = ("official", "self_attention")
 REPORTED_RATIO = 0.5
 _SALT = {"random": 1, "shuffle": 2}
+#: DINO's released ViT-S/16 (``dino.py:409``), the official saliency model. Its sha256 is not published
+#: (no hash in the name, none in DINO's hubconf), so it is recognised by file name + released layout.
+DINO_VITS16_FILE = "dino_deitsmall16_pretrain.pth"
+_SALIENCY_KEY = "robustness.occlusion.saliency_model.checkpoint"
 
 #: Defaults: workflow/schemas/robustness.schema.yaml (occlusion), the one source.
 DEFAULTS: dict[str, Any] = stage_defaults("occlusion")
 
 
+# -- protocol ----------------------------------------------------------------------------------------
+def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage config with the protocol's own values for the null keys (``drop``, ``attention_heads``,
+    ``interpolation``); a key set that does not apply to the protocol is an error, not ignored."""
+    resolved = dict(config)
+    protocol = config["protocol"]
+    if protocol == "official":
+        if config["drop"] not in (None, "zero_pixels"):
+            raise RobustnessError(f"occlusion.drop: {config['drop']!r} does not apply to protocol official (it "
+                                  f"zeroes pixels as the official script); set it to null or protocol: self_attention")
+        if config["attention_heads"] is not None:
+            raise RobustnessError("occlusion.attention_heads applies to protocol self_attention only; under official "
+                                  "the head is occlusion.saliency_model.head")
+        resolved.update(drop="zero_pixels", attention_heads=None, interpolation=config["interpolation"] or "bilinear")
+    elif protocol == "self_attention":
+        resolved.update(drop=config["drop"] or "tokens",
+                        attention_heads="mean" if config["attention_heads"] is None else config["attention_heads"],
+                        interpolation=config["interpolation"] or "bicubic")
+    else:
+        raise RobustnessError(f"occlusion.protocol: {protocol!r}, expected one of {list(PROTOCOLS)}")
+    if resolved["drop"] not in ("tokens", "zero_pixels"):
+        raise RobustnessError(f"occlusion.drop: {resolved['drop']!r}, expected 'tokens' or 'zero_pixels'")
+    return resolved
+
+
+def _require_saliency_checkpoint(config: Mapping[str, Any]) -> str:
+    path = config["saliency_model"]["checkpoint"]
+    if path is None:
+        raise RobustnessError(
+            f"occlusion protocol official needs a saliency model: set {_SALIENCY_KEY} to its weights file, for the "
+            f"paper's protocol DINO's released ViT-S/16 {DINO_VITS16_FILE} (https://dl.fbaipublicfiles.com/dino/"
+            f"dino_deitsmall16_pretrain/{DINO_VITS16_FILE}; eval.py:60-64), or use protocol: self_attention")
+    if not Path(path).is_file():
+        raise RobustnessError(f"{_SALIENCY_KEY}: {path} is not a file")
+    return str(path)
+
+
+def saliency_model_label(spec: Mapping[str, Any]) -> str:
+    """``<arch>/<patch>[-d<depth>]:<source>``: source is DINO's released file name (recognised by name;
+    :func:`load_saliency_model` checks its layout), else the file's ``sha256=<first 8 hex>``, or ``unset``."""
+    arch, depth = spec["arch"], spec["depth"]
+    shape = f"{arch}/{int(spec['patch_size'])}"
+    if depth is not None and arch in ARCHITECTURES and int(depth) != ARCHITECTURES[arch].depth:
+        shape += f"-d{int(depth)}"
+    path = spec["checkpoint"]
+    if path is None:
+        return f"{shape}:unset"
+    if Path(path).name == DINO_VITS16_FILE and spec["checkpoint_key"] is None:
+        return f"{shape}:{DINO_VITS16_FILE}"
+    if not Path(path).is_file():
+        raise RobustnessError(f"{_SALIENCY_KEY}: {path} is not a file")
+    return f"{shape}:sha256={sha256_file(path)[:8]}"
+
+
 def protocol_label(config: Mapping[str, Any], head_meta: Mapping[str, Any]) -> str:
-    """The head's protocol plus how patches are occluded and ranked: this implementation drops tokens
-    (or zeroes pixels) ranked by the evaluated model's own [CLS] attention, which is not the paper's
-    protocol (a separate DINO ViT-S/16's saliency, zeroed pixels), so it never joins the paper's numbers."""
-    heads = config["attention_heads"]
-    return f"{robustness_protocol(head_meta)},occlusion(drop={config['drop']},saliency=self-attention-{heads})"
+    """The head's protocol plus how patches are ranked and occluded.
+
+    official: ``occlusion(protocol=official,drop=zero_pixels,saliency=<model>,head=<h>,interpolation=<i>)``
+    (+ ``,eval=<resize>/<crop>`` when not the head's sizes); with DINO's released ViT-S/16 this is the
+    paper's row of results/reference/paper_protocols.csv. self_attention: ``occlusion(drop=<d>,
+    saliency=self-attention-<heads>)`` (+ ``,interpolation=bilinear`` if so), never the paper's.
+    """
+    config = resolve_config(config)
+    if config["protocol"] == "official":
+        spec = config["saliency_model"]
+        parts = ["protocol=official", "drop=zero_pixels", f"saliency={saliency_model_label(spec)}",
+                 f"head={int(spec['head'])}", f"interpolation={config['interpolation']}"]
+    else:
+        parts = [f"drop={config['drop']}", f"saliency=self-attention-{config['attention_heads']}"]
+        if config["interpolation"] != "bicubic":
+            parts.append(f"interpolation={config['interpolation']}")
+    if (config["resize"], config["crop"]) != ("head", "head"):
+        parts.append(f"eval={config['resize']}/{config['crop']}")
+    return f"{robustness_protocol(head_meta)},occlusion({','.join(parts)})"
 
 
-# -- patch selection -------------------------------------------------------------------------------
+# -- saliency model (official) ------------------------------------------------------------------------
+def _check_dino_release_layout(path: str, backbone: nn.Module) -> None:
+    """A file named like DINO's release must have its layout: a plain state dict of exactly the ViT's
+    tensors (no container, no prefixes, no iBOT mask token), else the label would claim DINO wrongly."""
+    obj = load_file(path)
+    expected = set(backbone.state_dict())
+    if not isinstance(obj, Mapping) or set(obj) != expected:
+        keys = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise RobustnessError(f"{_SALIENCY_KEY}: {path} is named like DINO's release ({DINO_VITS16_FILE}) but is "
+                              f"not its layout (a plain {len(expected)}-tensor ViT state dict); top-level keys: "
+                              f"{keys}. Rename the file if it is another model.")
+
+
+def load_saliency_model(spec: Mapping[str, Any], img_size: int, device: torch.device) -> nn.Module:
+    """The separate saliency ViT (eval mode, frozen) through the one checkpoint loader, built at the
+    checkpoint's native size (other crops interpolate the position table, as DINO's forward does)."""
+    path = spec["checkpoint"]
+    model_spec = {"arch": spec["arch"], "patch_size": int(spec["patch_size"]), "depth": spec["depth"]}
+    try:
+        backbone = build_eval_backbone(model_spec, path, spec["checkpoint_key"], img_size)
+    except (CheckpointError, ValueError) as error:  # unreadable file, another model, unknown arch
+        raise RobustnessError(f"{_SALIENCY_KEY} ({spec['arch']}, patch {spec['patch_size']}): {error}") from error
+    if Path(path).name == DINO_VITS16_FILE and spec["checkpoint_key"] is None:
+        _check_dino_release_layout(path, backbone)
+    if not 0 <= int(spec["head"]) < backbone.num_heads:
+        raise RobustnessError(f"occlusion.saliency_model.head: {spec['head']} out of range ({spec['arch']} has "
+                              f"{backbone.num_heads} heads)")
+    return backbone.to(device)
+
+
+@torch.no_grad()
+def head_attention(model: nn.Module, images: Tensor, head: int) -> Tensor:
+    """[CLS]→patch attention of one head of the last block, [B, N] (float32, as eval.py:170-171)."""
+    return model.get_last_selfattention(images)[:, int(head), 0, 1:].float()
+
+
+def official_salient_mask(attention: Tensor, lam: float) -> Tensor:
+    """Bool [B, N]: the salient set at mass ``lam``, exactly eval.py:178-184.
+
+    Ascending sort, normalise, cumulative sum; a patch is salient iff the cumulative mass up to and
+    including it is ``> 1 - lam`` (equivalently: the mass ranked above it is ``< lam``). ``lam <= 0``:
+    none (the official λ starts at 0.1); ``lam >= 1``: all (the formula's limit, ``cumval > 0``).
+    """
+    if lam <= 0:
+        return torch.zeros_like(attention, dtype=torch.bool)
+    if lam >= 1:
+        return torch.ones_like(attention, dtype=torch.bool)
+    values, order = torch.sort(attention, dim=-1, stable=True)
+    values = values / values.sum(dim=-1, keepdim=True)
+    th_attn = values.cumsum(dim=-1) > (1 - lam)
+    return torch.zeros_like(th_attn).scatter(-1, order, th_attn)  # back to patch order (eval.py:182-184)
+
+
+# -- patch selection (self_attention) -----------------------------------------------------------------
 @torch.no_grad()
 def saliency(backbone, images: Tensor, heads: str | int = "mean") -> Tensor:
     """[CLS]→patch attention of the last block, [B, N], normalised to sum 1 (float64)."""
@@ -98,9 +259,12 @@ def _generator(seed: int, salt: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + salt * 7_919) * 1_000_033 + int(index))
 
 
-def random_drop(num_patches: int, ratio: float, indices: Tensor, seed: int) -> Tensor:
-    """Bool [B, N]: ``round(ratio · N)`` random patches per image (per-image permutation, nested in ratio)."""
-    count = min(num_patches, max(0, round(ratio * num_patches)))
+def random_drop(num_patches: int, ratio: float, indices: Tensor, seed: int, *, floor: bool = False) -> Tensor:
+    """Bool [B, N]: ``round(ratio · N)`` (``floor`` as eval.py:336 ``k*196//10``) random patches per image
+    (per-image permutation, nested in ratio)."""
+    exact = ratio * num_patches
+    count = math.floor(exact + 1e-9) if floor else round(exact)
+    count = min(num_patches, max(0, count))
     drop = torch.zeros(len(indices), num_patches, dtype=torch.bool)
     for row, index in enumerate(indices.tolist()):
         drop[row, torch.randperm(num_patches, generator=_generator(seed, _SALT["random"], index))[:count]] = True
@@ -123,7 +287,8 @@ def shuffle_patches(images: Tensor, grid: int, indices: Tensor, seed: int) -> Te
 
 
 def zero_patches(images: Tensor, drop: Tensor, patch_size: int) -> Tensor:
-    """Zero (in normalised space) the image patches flagged in ``drop`` [B, N]."""
+    """Zero (in normalised space) the image patches flagged in ``drop`` [B, N]: ``images * (1 - mask)``
+    with the patch mask upsampled nearest by the patch size (eval.py:191-197)."""
     batch, _, height, width = images.shape
     grid_h, grid_w = height // patch_size, width // patch_size
     mask = drop.reshape(batch, 1, grid_h, grid_w).to(images.dtype)
@@ -213,7 +378,7 @@ def _drop_logits(net: LinearProbeModel, images: Tensor, drop: Tensor, mode: str)
 
 
 def _plot(path: Path, ratios: list[float], curves: dict[str, list[float]], clean: float,
-          shuffle: list[tuple[int, float]], title: str) -> None:
+          shuffle: list[tuple[int, float]], title: str, xlabel: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -222,7 +387,7 @@ def _plot(path: Path, ratios: list[float], curves: dict[str, list[float]], clean
     for mode, values in curves.items():
         axes[0].plot(ratios, values, marker="o", label=f"{mode} drop")
     axes[0].axhline(clean, color="grey", linestyle="--", linewidth=1, label="clean")
-    axes[0].set_xlabel("information loss ratio")
+    axes[0].set_xlabel(xlabel)
     axes[0].set_ylabel("top-1 (%)")
     axes[0].set_title("patch drop")
     axes[0].legend()
@@ -241,47 +406,91 @@ def _plot(path: Path, ratios: list[float], curves: dict[str, list[float]], clean
     plt.close(fig)
 
 
+def _official_drop(mode: str, attention: Tensor | None, ratio: float, grid: int, indices: Tensor,
+                   seed: int) -> Tensor:
+    """Patches [B, N] zeroed under the official protocol (``nonsalient`` keeps only the salient set)."""
+    if mode == "salient":
+        return official_salient_mask(attention, ratio)
+    if mode == "nonsalient":
+        return ~official_salient_mask(attention, ratio)
+    return random_drop(grid * grid, ratio, indices, seed, floor=True)
+
+
+def _self_attention_drop(mode: str, sal: Tensor | None, ratio: float, num_patches: int, indices: Tensor,
+                         seed: int) -> Tensor:
+    if mode == "salient":
+        return salient_drop(sal, ratio)
+    if mode == "nonsalient":
+        return nonsalient_drop(sal, ratio)
+    return random_drop(num_patches, ratio, indices, seed)
+
+
+def _ratio_definitions(protocol: str) -> dict[str, str]:
+    if protocol == "official":
+        return {"salient": "attention mass dropped (lambda)", "nonsalient": "attention mass kept (lambda)",
+                "random": "patch fraction"}
+    return {"salient": "attention mass", "nonsalient": "attention mass", "random": "patch fraction"}
+
+
+def preflight(config: Mapping[str, Any]) -> None:
+    """What the workflow checks before any job (registry ``preflight``): the protocol's keys and,
+    under the official protocol, that a saliency checkpoint is set (Snakemake checks it exists)."""
+    if resolve_config(config)["protocol"] == "official" and config["saliency_model"]["checkpoint"] is None:
+        _require_saliency_checkpoint(config)
+
+
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
         checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int,
         head: str) -> dict[str, float]:
-    init_distributed()
     started = time.time()
+    config = resolve_config(config)  # protocol keys checked before any work
+    official = config["protocol"] == "official"
+    saliency_path = _require_saliency_checkpoint(config) if official else None
     modes = list(config["modes"])
     unknown = [m for m in modes if m not in MODES]
-    if unknown or config["drop"] not in ("tokens", "zero_pixels"):
-        raise RobustnessError(f"occlusion: modes {modes} must be among {list(MODES)}, drop {config['drop']!r} one of "
-                              f"'tokens', 'zero_pixels'")
+    if unknown:
+        raise RobustnessError(f"occlusion: modes {modes} must be among {list(MODES)}")
     ratios = sorted({float(r) for r in config["ratios"]} | {REPORTED_RATIO})
     if any(not 0.0 <= r <= 1.0 for r in ratios):
         raise RobustnessError(f"occlusion.ratios: {ratios} must lie in [0, 1]")
+    init_distributed()
     net, transform, sizes, device = prepare(config, model_spec, checkpoint, checkpoint_key, head, seed)
-    crop, patch = sizes["crop"], int(net.backbone.patch_size)
+    crop = sizes["crop"]
+    spec = config["saliency_model"]
+    if official:
+        sal_model = load_saliency_model(spec, crop, device)
+        patch, sal_head = int(spec["patch_size"]), int(spec["head"])
+    else:
+        sal_model, patch, sal_head = None, int(net.backbone.patch_size), None
     if crop % patch:
         raise RobustnessError(f"occlusion: crop {crop} px is not a multiple of the patch size {patch}")
-    num_patches = (crop // patch) ** 2
+    grid = crop // patch
+    num_patches = grid * grid
     grids = grid_sizes(config["shuffle_grid_sizes"], crop)
     folder = Path(data) / config["split"]
     dataset = LabelledImages(folder_samples(folder, head_class_index(net.classes), what=f"ImageNet {folder}",
                                             max_per_class=config["max_images_per_class"]), transform)
-    log(f"[occlusion] {len(dataset)} images, {num_patches} patches, modes {modes} x {len(ratios)} ratios, "
-        f"shuffle grids {grids}, drop={config['drop']}, device {device}")
+    log(f"[occlusion] protocol {config['protocol']}, {len(dataset)} images, {num_patches} patches, modes {modes} x "
+        f"{len(ratios)} ratios, shuffle grids {grids}, drop={config['drop']}, device {device}")
     n_ratios = len(ratios)
+    ranked = bool({"salient", "nonsalient"} & set(modes))
 
     def step(images, targets, indices):
         result = {"total": torch.tensor([len(targets)]), "clean": net(images).argmax(-1).eq(targets).sum().reshape(1)}
-        sal = saliency(net.backbone, images, config["attention_heads"]) if {"salient", "nonsalient"} & set(modes) \
-            else None
+        if official:  # the separate model's one head, on the classifier's normalised input (eval.py:170)
+            ranking = head_attention(sal_model, images, sal_head) if ranked else None
+        else:
+            ranking = saliency(net.backbone, images, config["attention_heads"]) if ranked else None
         for mode in modes:
             correct = torch.zeros(n_ratios, dtype=torch.float64, device=images.device)
             dropped = torch.zeros(n_ratios, dtype=torch.float64, device=images.device)
             for i, ratio in enumerate(ratios):
-                if mode == "salient":
-                    drop = salient_drop(sal, ratio)
-                elif mode == "nonsalient":
-                    drop = nonsalient_drop(sal, ratio)
+                if official:
+                    drop = _official_drop(mode, ranking, ratio, grid, indices, seed)
+                    logits = net(zero_patches(images, drop.to(images.device), patch))
                 else:
-                    drop = random_drop(num_patches, ratio, indices, seed)
-                logits = _drop_logits(net, images, drop, config["drop"])
+                    drop = _self_attention_drop(mode, ranking, ratio, num_patches, indices, seed)
+                    logits = _drop_logits(net, images, drop, config["drop"])
                 correct[i] = logits.argmax(-1).eq(targets).sum()
                 dropped[i] = drop.double().mean(dim=1).sum()
             result[f"{mode}/correct"], result[f"{mode}/dropped"] = correct, dropped
@@ -301,28 +510,38 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
         total = counts["total"][0]
         clean = percent(counts["clean"][0], total)
         metrics["clean_top1"] = clean
-        rows, curves = [], {}
+        rows, curves, loss = [], {}, {}
+        definitions = _ratio_definitions(config["protocol"])
         for mode in modes:
             curves[mode] = [percent(c, total) for c in counts[f"{mode}/correct"]]
+            loss[mode] = [round(float(d / total), 6) for d in counts[f"{mode}/dropped"]]
             for i, ratio in enumerate(ratios):
                 rows.append({"mode": mode, "ratio": ratio, "top1": round(curves[mode][i], 4),
-                             "dropped_patch_fraction": round(float(counts[f"{mode}/dropped"][i] / total), 6),
-                             "ratio_definition": "patch fraction" if mode == "random" else "attention mass"})
+                             "dropped_patch_fraction": loss[mode][i], "ratio_definition": definitions[mode]})
             metrics[f"{mode}_{REPORTED_RATIO}"] = curves[mode][ratios.index(REPORTED_RATIO)]
         shuffle = [(g, percent(counts["shuffle"][i], total)) for i, g in enumerate(grids)]
         out_dir = Path(out).parent
         write_csv(out_dir / "curves.csv", rows, ["mode", "ratio", "top1", "dropped_patch_fraction", "ratio_definition"])
         write_csv(out_dir / "shuffle.csv", [{"grid": g, "tile_px": crop // g, "top1": round(v, 4)} for g, v in shuffle],
                   ["grid", "tile_px", "top1"])
-        _plot(out_dir / "occlusion.png", ratios, curves, clean, shuffle, f"{model}: occlusion ({config['drop']})")
+        _plot(out_dir / "occlusion.png", ratios, curves, clean, shuffle,
+              f"{model}: occlusion ({config['protocol']}, {config['drop']})",
+              "lambda (salient attention mass)" if official else "information loss ratio")
         extra = common_extra(net, sizes, device)
         extra.update({
-            "num_images": int(total), "num_patches": num_patches, "ratios": ratios, "curves": curves,
-            "shuffle": {str(g): v for g, v in shuffle}, "drop": config["drop"],
-            "saliency": f"model's own last-block [CLS] attention ({config['attention_heads']} head(s))",
-            "ratio_definition": "salient/nonsalient: attention mass dropped; random: fraction of patches dropped",
+            "protocol": config["protocol"], "num_images": int(total), "num_patches": num_patches, "ratios": ratios,
+            "curves": curves, "shuffle": {str(g): v for g, v in shuffle}, "drop": config["drop"],
+            "information_loss": loss,  # fraction of pixels (official) / patch tokens removed, per ratio
+            f"information_loss_{REPORTED_RATIO}": {m: loss[m][ratios.index(REPORTED_RATIO)] for m in modes},
+            "ratio_definition": definitions,
             "outputs": ["curves.csv", "shuffle.csv", "occlusion.png"],
         })
+        if official:
+            extra["saliency"] = f"separate model's last-block [CLS] attention, head {sal_head}"
+            extra["saliency_model"] = {**spec, "sha256": sha256_file(saliency_path),
+                                       "num_heads": int(sal_model.num_heads)}
+        else:
+            extra["saliency"] = f"model's own last-block [CLS] attention ({config['attention_heads']} head(s))"
         write_robustness_metrics(out, run=run, model=model, stage="occlusion", dataset="imagenet-val",
                                  metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra,
                                  head_meta=net.head.meta, protocol=protocol_label(config, net.head.meta))
@@ -332,8 +551,9 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
 
 def main(argv: Sequence[str] | None = None) -> Any:
     return stage_main("occlusion", "downstream.robustness.occlusion:run", DEFAULTS, argv,
-                     description="Occlusion (salient / non-salient / random patch drop) and patch shuffle "
-                                 "robustness of backbone + linear head.")
+                     description="Occlusion (salient / non-salient / random patch drop; official protocol: "
+                                 "DINO ViT-S/16 saliency, zeroed pixels) and patch shuffle robustness of "
+                                 "backbone + linear head.")
 
 
 if __name__ == "__main__":

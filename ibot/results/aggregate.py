@@ -38,7 +38,7 @@ METRIC_MAP_CSV = REFERENCE_DIR / "metric_map.csv"
 PAPER_PROTOCOLS_CSV = REFERENCE_DIR / "paper_protocols.csv"
 
 SUMMARY_COLUMNS = [
-    "run", "model", "paper_model", "arch", "stage", "task", "dataset", "protocol", "metric", "value",
+    "run", "model", "paper_model", "arch", "pretrain_note", "stage", "task", "dataset", "protocol", "metric", "value",
     "null_reason", "seed", "paper_dataset", "paper_protocol", "is_paper_protocol", "paper_value", "delta",
     "higher_is_better", "group", "column", "paper_table", "paper_source", "paper_note", "checkpoint_sha256",
     "wall_time_s", "created", "metrics_file",
@@ -170,6 +170,8 @@ def build_summary(paths: Sequence[str | Path], models_info: Mapping[str, Mapping
     info = lambda m, k: (models_info.get(m) or {}).get(k)  # noqa: E731
     frame["paper_model"] = pd.Series([info(m, "paper_model") for m in frame["model"]], index=frame.index, dtype=object)
     frame["arch"] = pd.Series([info(m, "arch") for m in frame["model"]], index=frame.index, dtype=object)
+    frame["pretrain_note"] = pd.Series([info(m, "pretrain_note") or "" for m in frame["model"]], index=frame.index,
+                                       dtype=object)
 
     primary = metric_map.drop_duplicates(["stage", "metric"], keep="first")
     frame = frame.merge(primary[["stage", "metric", "group", "column", "higher_is_better", "order"]],
@@ -215,6 +217,9 @@ def read_summaries(paths: Iterable[str | Path]) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype={"run": str, "model": str, "paper_model": str, "stage": str, "metric": str,
                                          "dataset": str, "protocol": str, "paper_dataset": str, "paper_protocol": str,
                                          "null_reason": str, "checkpoint_sha256": str, "paper_table": str})
+        if "pretrain_note" not in frame.columns:  # summaries written before the column existed
+            frame["pretrain_note"] = ""
+        frame["pretrain_note"] = frame["pretrain_note"].astype(object).where(frame["pretrain_note"].notna(), "")
         missing = [c for c in SUMMARY_COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"summary {path}: missing columns {missing} (rebuild it with `ibot.results summary`)")
@@ -238,10 +243,10 @@ def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataF
     """
     keys = list(keys)
     if summary.empty:
-        return pd.DataFrame(columns=keys + ["mean", "std", "n", "runs", "seeds", "paper_model", "arch",
+        return pd.DataFrame(columns=keys + ["mean", "std", "n", "runs", "seeds", "paper_model", "arch", "pretrain_note",
                                             "paper_value", "delta", "higher_is_better", "group", "column",
                                             "paper_table", "paper_protocol", "is_paper_protocol", "null_reason"])
-    first = [c for c in ("paper_model", "arch", "paper_value", "higher_is_better", "group", "column", "paper_table",
+    first = [c for c in ("paper_model", "arch", "pretrain_note", "paper_value", "higher_is_better", "group", "column", "paper_table",
                          "paper_protocol", "null_reason") if c not in keys]
     grouped = summary.groupby(keys, dropna=False, sort=False)
     out = grouped["value"].agg(mean="mean", std="std", n="count").reset_index()
@@ -257,13 +262,25 @@ def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataF
 
 # -- model info ---------------------------------------------------------------------------------------
 def models_info_from_config(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{model: {paper_model, arch, patch_size, depth, weights}}`` from a (validated) workflow config."""
+    """``{model: {paper_model, arch, patch_size, depth, weights, pretrain_note}}`` from a (validated)
+    workflow config; ``pretrain_note`` says when the model is pretrained with another global batch
+    than its recipe's (``pretrain.batch_rescale``), which the tables mark."""
     out = {}
     for name, entry in (config.get("models") or {}).items():
         out[name] = {"paper_model": entry.get("paper_model"), "arch": entry.get("arch"),
                      "patch_size": entry.get("patch_size", 16), "depth": entry.get("depth"),
-                     "weights": entry.get("weights", "pretrain")}
+                     "weights": entry.get("weights", "pretrain"), "pretrain_note": pretrain_note(config, name)}
     return out
+
+
+def pretrain_note(config: Mapping[str, Any], model: str) -> str:
+    """"global batch 256 (recipe 1024), lr rescaled" for a rescaled pretraining run, else ""."""
+    from ibot.config import global_batch
+
+    if (config["models"][model].get("weights") or "pretrain") != "pretrain":
+        return ""
+    batch = global_batch(config, model)
+    return f"global batch {batch['global']} (recipe {batch['recipe']}), lr rescaled" if batch["rescaled"] else ""
 
 
 def load_models_info(config_path: str | Path | None = None, models_json: str | None = None) -> dict[str, Any]:

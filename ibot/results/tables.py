@@ -36,6 +36,10 @@ OFF_PROTOCOL = "†"
 OFF_PROTOCOL_NOTE = (f"{OFF_PROTOCOL} not the paper's protocol or dataset (e.g. a shortened schedule; see "
                      "`protocol` and `paper_protocol` in summary.csv): no Δ vs paper.")
 NULL_NOTE = "n/a: the stage ran but its evaluator produced no value (reason: `null_reason` in summary.csv)."
+#: Marks ours pretrained with another global batch than its recipe's (pretrain.batch_rescale).
+RESCALED = "‡"
+RESCALED_NOTE = (f"{RESCALED} pretrained with another global batch than the recipe's, peak lr rescaled linearly "
+                 "(pretrain.batch_rescale): ")
 
 
 def _cell(mean: Any, std: Any = None, n: Any = None, off_protocol: bool = False) -> dict[str, Any]:
@@ -104,6 +108,7 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
             on_protocol[(row.model, row.column)] = paper_run
 
     rows: list[dict[str, Any]] = []
+    rescaled: dict[str, str] = {}
     for p in [p for p in dict.fromkeys(paper_model_of.values()) if p] + [""]:
         ibot_row = None
         for candidate in ([f"DINO {p}", p] if p and not p.startswith("DINO ") else [p] if p else []):
@@ -114,7 +119,11 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
         ours = [m for m in models if paper_model_of[m] == p]
         for model in ours:
             runs = _text(info.at[model, "runs"]) if model in info.index and "runs" in info.columns else ""
-            row = {"Method": f"ours: {model}", "Arch": p or arch_of[model], "Source": f"run {runs}" if runs else ""}
+            note = _text(info.at[model, "pretrain_note"]) if model in info.index and "pretrain_note" in info.columns else ""
+            if note:
+                rescaled[model] = note
+            row = {"Method": f"ours: {model}" + (f" {RESCALED}" if note else ""), "Arch": p or arch_of[model],
+                   "Source": f"run {runs}" if runs else ""}
             row.update({c: values.get((model, c), _cell(None)) for c in columns})
             rows.append(row)
         if ibot_row is not None:
@@ -129,7 +138,8 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
     pooled = bool(len(agg)) and bool((pd.to_numeric(agg["n"], errors="coerce") > 1).any())
     cells = [frame.at[i, c] for i in frame.index for c in columns]
     notes = ([OFF_PROTOCOL_NOTE] if any(cell.get("off_protocol") for cell in cells) else []) + \
-        ([NULL_NOTE] if any(_is_null(cell) for cell in cells) else [])
+        ([NULL_NOTE] if any(_is_null(cell) for cell in cells) else []) + \
+        ([RESCALED_NOTE + "; ".join(f"{m}: {n}" for m, n in rescaled.items())] if rescaled else [])
     frame.attrs.update(group=group, title=GROUP_TITLES.get(group, group), columns=columns, pooled=pooled, notes=notes)
     return frame
 

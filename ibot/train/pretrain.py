@@ -106,8 +106,8 @@ class GlobalBatchSampler(Sampler[int]):
 def _precision(cfg: Mapping[str, Any], device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, use GradScaler)."""
     choice = cfg["precision"]
-    if choice == "auto":
-        choice = ("fp16" if cfg["use_fp16"] else "bf16") if device.type == "cuda" else "fp32"
+    if choice == "auto":  # the official meaning of use_fp16: fp16 + GradScaler, or fp32 (ViT-L recipe)
+        choice = "fp16" if cfg["use_fp16"] and device.type == "cuda" else "fp32"
     elif choice == "bf16_if_native":
         choice = "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "fp32"
     if choice == "fp32":
@@ -117,6 +117,21 @@ def _precision(cfg: Mapping[str, Any], device: torch.device) -> tuple[torch.dtyp
     if choice == "fp16":
         return torch.float16, device.type == "cuda"
     raise ValueError(f"pretrain.precision: {choice!r}; expected auto, fp32, bf16 or fp16")
+
+
+def check_global_batch(cfg: Mapping[str, Any], global_batch: int) -> bool:
+    """Whether this run's global batch departs from the recipe's ``global_batch_size`` (allowed only
+    with ``batch_rescale``; the workflow checks the same before any job, ibot.config.global_batch)."""
+    recipe = cfg.get("global_batch_size")
+    if recipe is None or recipe == global_batch:
+        return False
+    if not cfg.get("batch_rescale"):
+        raise ValueError(f"pretrain.global_batch_size is {recipe} but this job runs {global_batch} images per step "
+                         f"(batch_size_per_gpu {cfg['batch_size_per_gpu']} x {dist_utils.world_size()} processes); "
+                         "fix the resources or set pretrain.batch_rescale: true")
+    print(f"[pretrain] global batch {global_batch} instead of the recipe's {recipe} (batch_rescale): peak lr "
+          f"{cfg['lr']} x {global_batch}/256", flush=True)
+    return True
 
 
 def cpu_has_native_bf16() -> bool:
@@ -181,6 +196,7 @@ class Trainer:
             pred_ratio_var=self.cfg["pred_ratio_var"], pred_shape=self.cfg["pred_shape"],
             pred_start_epoch=self.cfg["pred_start_epoch"], seed=self.cfg["seed"])
         self.global_batch = self.cfg["batch_size_per_gpu"] * dist_utils.world_size()
+        self.batch_rescaled = check_global_batch(self.cfg, self.global_batch)
         self.sampler = GlobalBatchSampler(len(self.dataset), self.global_batch, dist_utils.rank(),
                                           dist_utils.world_size(), self.cfg["seed"])
         iters, epochs = self.sampler.steps, self.cfg["epochs"]
@@ -355,7 +371,8 @@ class Trainer:
         dist_utils.barrier()
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
         return {"epochs": epochs, "iterations_per_epoch": self.iters_per_epoch, "global_batch": self.global_batch,
-                "precision": precision,
+                "recipe_global_batch": self.cfg["global_batch_size"], "batch_rescaled": self.batch_rescaled,
+                "peak_lr": self.cfg["lr"] * self.global_batch / 256.0, "precision": precision,
                 "train_time_s": time.time() - started, "resumed_from_epoch": self.start_epoch}
 
 

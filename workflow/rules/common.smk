@@ -2,7 +2,7 @@
 import json
 import sys
 
-from ibot.config import model_spec, stage_config
+from ibot.config import model_spec, stage_config, stage_resources
 from ibot.data.kinds import DATASET_KINDS
 from ibot.stages import STAGES as REGISTRY
 
@@ -70,9 +70,9 @@ def stage_json(stage):
 
 
 def resources_json(stage):
-    """Launcher resources for a stage: resources.default ⊕ resources.<stage>."""
-    merged = {**config["resources"]["default"], **(config["resources"].get(stage) or {})}
-    return json.dumps(merged, sort_keys=True)
+    """Launcher resources of a stage for a model: resources.default ⊕ resources.<stage> ⊕
+    models.<model>.resources.<stage> (ibot.config.stage_resources)."""
+    return lambda wildcards: json.dumps(stage_resources(config, stage, wildcards.model), sort_keys=True)
 
 
 def model_args(wildcards):

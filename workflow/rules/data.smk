@@ -1,7 +1,7 @@
 # Embedded datasets in the real on-disk layouts (ibot.data.kinds: ImageNet, COCO 2017, ADE20K,
 # ImageNet-C/-A/-9), generated deterministically when data.embedded.generate is true. External
 # datasets are checked for their layout before any job starts (onstart), so a real run refuses early.
-from ibot.config import check_datasets
+from ibot.config import check_datasets, check_stage_configs
 from ibot.data.kinds import EMBEDDED_KINDS
 
 EMBEDDED_SIZE_ARGS = [f"{key}={value}" for key, value in sorted(EMBEDDED["sizes"].items())]
@@ -44,5 +44,6 @@ def _external_datasets():
     return sorted(needed)
 
 
-onstart:
+onstart:  # real runs only (a dry run plans without datasets or external files)
     check_datasets(config, _external_datasets())
+    check_stage_configs(config)

@@ -39,9 +39,10 @@ def stage_metrics(wildcards=None):
 
 
 def models_json():
-    """Per-model info the summary joins on (paper_model, arch): a params entry."""
-    keys = ("paper_model", "arch", "patch_size", "depth", "weights")
-    return json.dumps({m: {k: config["models"][m].get(k) for k in keys} for m in MODELS}, sort_keys=True)
+    """Per-model info the summary joins on (paper_model, arch, pretrain_note): a params entry."""
+    from ibot.results.aggregate import models_info_from_config
+
+    return json.dumps(models_info_from_config(config), sort_keys=True)
 
 
 def attention_args(wildcards):

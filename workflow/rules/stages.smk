@@ -6,12 +6,26 @@
 # (<stage>/work, fingerprinted by ibot.workdir) is never an output, so Snakemake never deletes it.
 
 
+def _config_file(resolved, dotted):
+    value = resolved
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def _stage_inputs(stage):
-    """Backbone weights, the embedded datasets it waits for, and outputs of other stages it needs."""
+    """Backbone weights, the embedded datasets it waits for, outputs of other stages it needs, and
+    files its config names (registry file_keys, e.g. the occlusion saliency model's checkpoint:
+    a file another rule makes is then built first)."""
     def inputs(wildcards):
         files = {"checkpoint": backbone_checkpoint(wildcards), "data": dataset_ready(*stage.datasets)}
         for flag, (other, name) in stage.needs.items():
             files[flag] = f"{stage_dir(other, wildcards.model)}/{name}"
+        resolved = stage_config(config, stage.name, wildcards.model)
+        for key in stage.file_keys:
+            path = _config_file(resolved, key)
+            if path:
+                files[key.replace(".", "_")] = path
         return files
     return inputs
 

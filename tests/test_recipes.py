@@ -1,0 +1,245 @@
+"""The recipe contract: what ``snakemake --configfile config/paper.yaml`` runs for every paper model and
+stage, compared key by key with values transcribed from the official code (bytedance/ibot, commit da316d8)
+or the paper, each with its source.
+
+The official values common to every model are the tables of each stage's own tests (``OFFICIAL_*``:
+they also pin the schema defaults, which are the ViT-S/16 recipe); the values that differ per model are
+below. A mismatch fails with the model, stage, key, both values and the source: changing a recipe
+(config/paper/*.yaml) means changing a cited value here.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping
+
+import pytest
+import torch
+
+from ibot.config import ConfigError, global_batch, load_yaml, stage_config, validate_config
+from ibot.stages import EVALUATION_STAGES, STAGES
+from test_config import OFFICIAL_MAIN_IBOT_DEFAULTS
+from test_dense import OFFICIAL_DETECTION, OFFICIAL_SEGMENTATION
+from test_finetune import OFFICIAL_FINETUNE_VIT_S
+from test_knn import OFFICIAL_EVAL_KNN
+from test_linear import OFFICIAL_EVAL_LINEAR_VIT_S
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_MODELS = ("vit_small", "vit_base", "vit_large")
+
+_README = "README.md"      # bytedance/ibot README.md
+_EVAL = "evaluation/README.md"
+_SEG = "evaluation/semantic_segmentation/configs"
+_ARGS_B = "vitb_16/args.txt (README.md:168; released arguments, outside the repository tree)"
+_ARGS_L = "vitl_16/args.txt (README.md:192; released arguments, outside the repository tree)"
+
+#: Robustness protocols (model-independent: paper Tab.8 note R2, the analysis/ scripts).
+OFFICIAL_ROBUSTNESS = {
+    "imagenet_c": {
+        "severities": ([1, 2, 3, 4, 5], "analysis/corruptions_surf_variations/eval.py:120 range(1, 6)"),
+        "resize": ("none", "analysis/corruptions_surf_variations/eval.py:123 CenterCrop(224) only"),
+        "crop": ("head", "analysis/corruptions_surf_variations/eval.py:123 CenterCrop(224) (= the head's crop)"),
+    },
+    "imagenet_a": {
+        "resize": ("head", "analysis/natural_adv_examples/eval.py:41 Resize(256) (= the head's resize)"),
+        "interpolation": ("bilinear", "analysis/natural_adv_examples/eval.py:41 Resize(256): torchvision default"),
+        "crop": ("head", "analysis/natural_adv_examples/eval.py:41 CenterCrop(224)"),
+    },
+    "bg_challenge": {
+        "resize": ("none", "analysis/backgrounds_challenge/tools/datasets.py:84 transform_test ToTensor (224 px files)"),
+    },
+    "occlusion": {
+        "protocol": ("official", "analysis/occlusion/eval.py:167-194 (--dino): saliency of a separate DINO ViT-S/16"),
+        "saliency_model": {
+            "arch": ("vit_small", "analysis/occlusion/eval.py:62 dino.dino_small(pretrained=True)"),
+            "patch_size": (16, "analysis/occlusion/eval.py:62, :292 --patch_size default 16"),
+            "head": (1, "analysis/occlusion/eval.py:168 head_number = 1"),
+        },
+    },
+}
+
+#: Per-model pretraining values (the rest: main_ibot.py defaults, OFFICIAL_MAIN_IBOT_DEFAULTS).
+_PRETRAIN_VIT_S = {
+    "epochs": (800, f"{_README}:69"), "batch_size_per_gpu": (64, f"{_README}:70"),
+    "global_batch_size": (1024, f"{_README}:62 two nodes x 8 GPUs x 64"),
+    "teacher_temp": (0.07, f"{_README}:66"), "warmup_teacher_temp_epochs": (30, f"{_README}:67"),
+    "norm_last_layer": (False, f"{_README}:68"), "shared_head": (True, f"{_README}:71"),
+    "out_dim": (8192, f"{_README}:72"), "local_crops_number": (10, f"{_README}:73"),
+    "global_crops_scale": ([0.25, 1.0], f"{_README}:74"), "local_crops_scale": ([0.05, 0.25], f"{_README}:75"),
+    "pred_ratio": ([0.0, 0.3], f"{_README}:76"), "pred_ratio_var": ([0.0, 0.2], f"{_README}:77"),
+    "global_crops_size": (224, "main_ibot.py:592,599 RandomResizedCrop(224)"),
+    "local_crops_size": (96, "main_ibot.py:608 RandomResizedCrop(96)"),
+}
+_PRETRAIN_VIT_B_L_COMMON = {
+    "global_batch_size": (1024, "paper Sec.4/App.A batch 1024 (README.md:58's 24 GPUs x 64 for ViT-B is not)"),
+    "min_lr": (2e-6, "args"), "teacher_temp": (0.07, "args"), "teacher_patch_temp": (0.07, "args"),
+    "warmup_teacher_temp_epochs": (50, "args"), "norm_last_layer": (True, "args"), "shared_head": (True, "args"),
+    "out_dim": (8192, "args"), "local_crops_number": (10, "args"), "global_crops_scale": ([0.32, 1.0], "args"),
+    "local_crops_scale": ([0.05, 0.32], "args"), "pred_ratio": ([0.0, 0.3], "args"),
+    "pred_ratio_var": ([0.0, 0.2], "args"),
+}
+
+
+def _args(table: Mapping[str, tuple[Any, str]], source: str) -> dict[str, tuple[Any, str]]:
+    return {key: (value, source if where == "args" else where) for key, (value, where) in table.items()}
+
+
+_LINEAR_B_L = {"n_last_blocks": (1, "run.sh:55-58 LINEAR_N_LAST_BLOCKS=1 for vit_base/vit_large"),
+               "avgpool_patchtokens": (True, "run.sh:55-58 LINEAR_AVGPOOL=2: [CLS] + mean patch token")}
+
+#: model -> stage -> key -> (official value, source). Nested mappings for the segmentation heads.
+PER_MODEL: dict[str, dict[str, dict[str, Any]]] = {
+    "vit_small": {"pretrain": _PRETRAIN_VIT_S},
+    "vit_base": {
+        "pretrain": {**_args(_PRETRAIN_VIT_B_L_COMMON, _ARGS_B), "epochs": (400, _ARGS_B),
+                     "batch_size_per_gpu": (64, _ARGS_B), "lr": (7.5e-4, _ARGS_B), "drop_path": (0.1, _ARGS_B),
+                     "use_fp16": (True, f"{_ARGS_B} (main_ibot.py:97 default)")},
+        "linear": _LINEAR_B_L,
+        "finetune": {"epochs": (100, f"{_EVAL}:35"), "drop_path": (0.2, f"{_EVAL}:36"),
+                     "layer_decay": (0.65, f"{_EVAL}:37"), "warmup_epochs": (20, "run.sh:180")},
+        "detection": {"layer_decay": (0.75, f"{_EVAL}:86"), "batch_size": (16, f"{_EVAL}:82-83 samples_per_gpu=2 x 8"),
+                      "drop_path": (0.2, "evaluation/object_detection/configs/cascade_rcnn/"
+                                         "vit_base_giou_4conv1f_coco_3x.py:26")},
+        "segmentation": {"batch_size": (16, f"{_EVAL}:109-110 8 GPUs x 2; :101-102 4 x 4"),
+                         "upernet": {"lr": (8e-5, f"{_EVAL}:112"),
+                                     "layer_decay": (0.65, f"{_SEG}/upernet/vit_base_512_ade20k_160k.py:56"),
+                                     "drop_path": (0.1, f"{_SEG}/upernet/vit_base_512_ade20k_160k.py:33")},
+                         "linear": {"lr": (8e-4, f"{_EVAL}:104")}},
+    },
+    "vit_large": {
+        "pretrain": {**_args(_PRETRAIN_VIT_B_L_COMMON, _ARGS_L),
+                     "epochs": (250, "paper Sec.3.2 (results/reference note E1: Tab.15 says 300)"),
+                     "batch_size_per_gpu": (16, f"{_ARGS_L}; {_README}:58 64 GPUs x 16 = 1024"),
+                     "lr": (5e-4, _ARGS_L), "drop_path": (0.3, _ARGS_L), "use_fp16": (False, _ARGS_L)},
+        "linear": _LINEAR_B_L,
+        "finetune": {"epochs": (50, f"{_EVAL}:42"), "drop_path": (0.4, f"{_EVAL}:43"),
+                     "layer_decay": (0.75, f"{_EVAL}:44"), "warmup_epochs": (5, f"{_EVAL}:47"),
+                     "accum_steps": (2, f"{_EVAL}:48 --update_freq 2"),
+                     "batch_size": (1024, f"{_EVAL}:45 --batch_size 64 x 8 GPUs x update_freq 2")},
+        "segmentation": {"upernet": {"lr": (2e-5, f"{_SEG}/upernet/vit_large_512_ade20k_160k.py:54"),
+                                     "layer_decay": (0.95, f"{_SEG}/upernet/vit_large_512_ade20k_160k.py:56"),
+                                     "drop_path": (0.2, f"{_SEG}/upernet/vit_large_512_ade20k_160k.py:33"),
+                                     "out_indices": ([7, 11, 15, 23], f"{_SEG}/upernet/vit_large_512_ade20k_160k.py:34")},
+                         "linear": {"lr": (2e-5, f"{_SEG}/linear/vit_large_512_ade20k_160k.py:64"),
+                                    "out_indices": ([7, 11, 15, 23], f"{_SEG}/linear/vit_large_512_ade20k_160k.py:39")}},
+    },
+}
+
+
+def _common(stage: str) -> dict[str, Any]:
+    """Official values of a stage shared by every model (the stage tests' tables)."""
+    section = STAGES[stage].section
+    if section == "pretrain":
+        return {key: (value, f"main_ibot.py:{line}") for key, (value, line) in OFFICIAL_MAIN_IBOT_DEFAULTS.items()
+                if key not in ("num_workers", "saveckp_freq")}  # operational (ibot.stages: no effect on results)
+    if section == "segmentation":
+        return {**copy.deepcopy(OFFICIAL_SEGMENTATION), "head": (STAGES[stage].fixed["head"], "set by the stage")}
+    if section == "robustness":
+        return dict(OFFICIAL_ROBUSTNESS[stage])
+    return {"knn": OFFICIAL_EVAL_KNN, "linear": OFFICIAL_EVAL_LINEAR_VIT_S, "finetune": OFFICIAL_FINETUNE_VIT_S,
+            "detection": OFFICIAL_DETECTION}[section]
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def official(model: str, stage: str) -> dict[str, Any]:
+    """The transcribed official config of ``model`` x ``stage``: ``key -> (value, source)``, nested for heads."""
+    per_model = PER_MODEL[model].get(STAGES[stage].section, {})
+    return _merge(_common(stage), per_model)
+
+
+def mismatches(resolved: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> list[str]:
+    """Every key whose resolved value differs from the official one, with both values and the source."""
+    problems = []
+    for key, spec in expected.items():
+        if isinstance(spec, dict):
+            problems += mismatches(resolved.get(key) or {}, spec, f"{where}.{key}")
+            continue
+        value, source = spec
+        if key not in resolved:
+            problems.append(f"{where}.{key}: missing from the resolved config; official {value!r} ({source})")
+        elif resolved[key] != value or (isinstance(value, bool) and not isinstance(resolved[key], bool)):
+            problems.append(f"{where}.{key}: resolved {resolved[key]!r}, official {value!r} ({source})")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def paper() -> dict[str, Any]:
+    return validate_config(load_yaml(ROOT / "config" / "paper.yaml"), base_dir=ROOT)
+
+
+def _planned(config: Mapping[str, Any], model: str) -> list[str]:
+    return ["pretrain", *(config["models"][model].get("stages") or config["stages"])]
+
+
+def test_every_paper_model_and_stage_runs_the_official_recipe(paper) -> None:
+    problems = []
+    for model in PAPER_MODELS:
+        for stage in _planned(paper, model):
+            problems += mismatches(stage_config(paper, stage, model), official(model, stage), f"{model} x {stage}")
+    assert not problems, "resolved config differs from the official recipe:\n  " + "\n  ".join(problems)
+
+
+#: Stages config/paper.yaml leaves out because the paper has no number for them (they need a dataset
+#: the paper does not use); a user adds them to `stages` and sets the data key.
+NOT_IN_PAPER = {"imagenet_r": "no ImageNet-R column in Tab.8; needs data.imagenet_r"}
+
+
+def test_every_stage_is_planned_or_declared_unsupported_with_a_reason(paper) -> None:
+    for model in PAPER_MODELS:
+        planned = set(_planned(paper, model))
+        unsupported = paper["models"][model].get("unsupported_stages") or {}
+        for stage in EVALUATION_STAGES:
+            if stage in NOT_IN_PAPER:
+                assert stage not in planned and stage not in unsupported, (model, stage)
+                continue
+            assert (stage in planned) != (stage in unsupported), f"{model} x {stage}: planned and/or unsupported?"
+            if stage in unsupported:
+                assert len(unsupported[stage]) > 20, f"{model} x {stage}: say why it has no recipe"
+    assert set(paper["models"]["vit_large"]["unsupported_stages"]) == {"detection"}
+
+
+def test_the_contract_fails_on_a_changed_recipe_value(paper) -> None:
+    changed = copy.deepcopy(paper)
+    changed["models"]["vit_base"]["recipe_overrides"]["finetune"]["layer_decay"] = 0.75
+    problems = mismatches(stage_config(changed, "finetune", "vit_base"), official("vit_base", "finetune"), "vit_base")
+    assert problems == [f"vit_base.layer_decay: resolved 0.75, official 0.65 ({_EVAL}:37)"]
+
+
+def test_planning_an_unsupported_stage_gives_the_reason() -> None:
+    config = load_yaml(ROOT / "config" / "paper.yaml")
+    config["models"]["vit_large"]["stages"].append("detection")
+    with pytest.raises(ConfigError, match=r"models.vit_large.stages: 'detection' has no recipe .*vit_small and vit_base"):
+        validate_config(config, base_dir=ROOT)
+
+
+def test_pretraining_global_batches_are_the_recipes(paper) -> None:
+    for model in PAPER_MODELS:
+        batch = global_batch(paper, model)
+        assert batch["global"] == batch["recipe"] == 1024 and not batch["rescaled"], (model, batch)
+    assert global_batch(paper, "vit_large")["processes"] == 64  # README.md:58: 64 GPUs
+
+
+def test_global_batch_mismatch_fails_before_any_job_unless_rescale_is_explicit() -> None:
+    config = load_yaml(ROOT / "config" / "paper.yaml")
+    del config["models"]["vit_large"]["resources"]
+    with pytest.raises(ConfigError, match=r"models.vit_large: pretrain.global_batch_size is 1024 but .* = 256"):
+        validate_config(copy.deepcopy(config), base_dir=ROOT)
+    config["models"]["vit_large"]["overrides"] = {"pretrain": {"batch_rescale": True}}
+    batch = global_batch(validate_config(config, base_dir=ROOT), "vit_large")
+    assert batch == {"per_gpu": 16, "processes": 16, "global": 256, "recipe": 1024, "rescaled": True}
+
+
+def test_vit_large_pretrains_in_fp32_as_use_fp16_false(paper) -> None:
+    from ibot.train.pretrain import _precision
+
+    cuda = torch.device("cuda")  # the choice only; nothing runs on it
+    assert _precision(stage_config(paper, "pretrain", "vit_large"), cuda) == (None, False)
+    assert _precision(stage_config(paper, "pretrain", "vit_base"), cuda) == (torch.float16, True)
+    assert _precision({"precision": "bf16", "use_fp16": False}, cuda) == (torch.bfloat16, False)
