@@ -181,6 +181,9 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     from timm.data.mixup import mixup_target
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+    if config.get("lrs"):
+        raise ValueError(f"finetune.lrs {config['lrs']}: the sweep is run by the workflow (one job per value, "
+                         "ibot.sweep picks the best); one fine-tuning job takes one finetune.lr")
     init_distributed()
     started = time.time()
     out_path = Path(out)

@@ -55,6 +55,7 @@ class Stage:
     operational_keys: tuple[str, ...] = ()        # config keys that cannot change the result (logging)
     file_keys: tuple[str, ...] = ()               # dotted config keys naming input files (DAG inputs)
     preflight: str | None = None                  # "module:function" checking its resolved config before any job
+    sweep: tuple[str, str, str] | None = None     # (list key, value key, metric): one job per value (ibot.sweep)
 
     @property
     def config_path(self) -> str:
@@ -77,7 +78,8 @@ _REGISTRY: tuple[Stage, ...] = (
           "linear probing with a one-pass lr sweep (Tab. 1); its best head feeds the robustness stages",
           outputs={"head": "head.pth"}, resumable=True),
     Stage("finetune", "downstream.finetune", "finetune", ("imagenet",),
-          "end-to-end fine-tuning with layer-wise lr decay (Tab. 2)", resumable=True),
+          "end-to-end fine-tuning with layer-wise lr decay (Tab. 2); lr sweep: one job per finetune.lrs value",
+          resumable=True, sweep=("lrs", "lr", "top1")),
     Stage("detection", "downstream.dense.detection", "detection", ("coco",),
           "COCO Cascade Mask R-CNN, mmdet (Tab. 6)", resumable=True, operational_keys=("log_interval",)),
     Stage("seg_upernet", "downstream.dense.segmentation", "segmentation", ("ade20k",),

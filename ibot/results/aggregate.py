@@ -120,8 +120,12 @@ def paper_values(reference: pd.DataFrame, metric_map: pd.DataFrame, paper_models
 
 # -- collection -------------------------------------------------------------------------------------
 def find_metrics_files(run_dir: str | Path) -> list[Path]:
-    """Every ``metrics.json`` under ``results/<run>/`` (sorted)."""
-    return sorted(Path(run_dir).rglob("metrics.json"))
+    """Every stage's ``metrics.json`` under ``results/<run>/`` (sorted); the runs of a sweep
+    (``<stage>/sweep/...``, ibot.sweep) are not stage results: their best is the stage's file."""
+    from ibot.sweep import SWEEP_DIR
+
+    root = Path(run_dir)
+    return sorted(p for p in root.rglob("metrics.json") if SWEEP_DIR not in p.relative_to(root).parts[:-1])
 
 
 def _seed(record: Mapping[str, Any], default: int | None) -> int | None:

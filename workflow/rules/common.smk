@@ -16,6 +16,7 @@ STAGES = list(config["stages"])
 wildcard_constraints:
     model="|".join(MODELS),
     run=RUN,
+    value=r"[0-9][0-9.e+-]*",  # a swept value (ibot.sweep.value_label)
 
 
 def run_dir(model):

@@ -4,6 +4,9 @@
 # the common launcher; its config is a param (the resolved stage config as JSON), so editing it
 # reruns only that stage. Outputs: metrics.json + the registry's extra files. Resumable work
 # (<stage>/work, fingerprinted by ibot.workdir) is never an output, so Snakemake never deletes it.
+# A swept stage (registry `sweep`, e.g. the fine-tuning lr) runs one job per value into
+# <stage>/sweep/<key>_<value>/ and a last rule writes the best run's record (ibot.sweep).
+from ibot.sweep import SWEEP_DIR, run_metrics_path, sweep_values, value_label
 
 
 def _config_file(resolved, dotted):
@@ -45,28 +48,72 @@ def _stage_data(stage):
     return lambda wildcards: dataset(stage.datasets[0])
 
 
+def _sweep_runs(stage):
+    """Metrics of every run of a swept stage (ibot.sweep): one per value of its list key."""
+    list_key, value_key, _ = stage.sweep
+    def runs(wildcards):
+        values = sweep_values(stage_config(config, stage.name, wildcards.model), list_key, value_key)
+        return [str(run_metrics_path(stage_dir(stage.name, wildcards.model), value_key, v)) for v in values]
+    return runs
+
+
+def _sweep_run_json(stage):
+    """Config of one run of a sweep: the stage config with the value set and no list (so adding a value
+    to the list never changes, hence never reruns, the other runs)."""
+    list_key, value_key, _ = stage.sweep
+    def run_json(wildcards):
+        resolved = stage_config(config, stage.name, wildcards.model)
+        values = {value_label(v): v for v in sweep_values(resolved, list_key, value_key)}
+        if wildcards.value not in values:
+            raise ValueError(f"{stage.name}: {value_key} {wildcards.value} is not in {stage.config_path}.{list_key}")
+        return json.dumps({**resolved, list_key: None, value_key: values[wildcards.value]}, sort_keys=True)
+    return run_json
+
+
 for _stage in (REGISTRY[name] for name in REGISTRY if name != "pretrain"):
+    # a swept stage's job writes one run of the sweep; the stage's metrics.json is the best run's
+    _job_out = (f"{stage_dir(_stage.name)}/{SWEEP_DIR}/{_stage.sweep[1]}_{{value}}/metrics.json" if _stage.sweep
+                else f"{stage_dir(_stage.name)}/metrics.json")
+    _job_name = f"{_stage.name}_run" if _stage.sweep else _stage.name
 
     rule:
-        name: _stage.name
+        name: _job_name
         input:
             unpack(_stage_inputs(_stage)),
         output:
-            metrics=f"{stage_dir(_stage.name)}/metrics.json",
+            metrics=_job_out,
             **{key: f"{stage_dir(_stage.name)}/{name}" for key, name in _stage.outputs.items()},
         params:
             module=_stage.module,
-            config=stage_json(_stage.name),
+            config=_sweep_run_json(_stage) if _stage.sweep else stage_json(_stage.name),
             resources=resources_json(_stage.name),
             data=_stage_data(_stage),
             model_args=model_args,
             needs=_stage_args(_stage),
         log:
-            f"{RESULTS}/{RUN}/logs/{{model}}/{_stage.name}.log",
+            f"{RESULTS}/{RUN}/logs/{{model}}/{_job_name}" + ("_{value}" if _stage.sweep else "") + ".log",
         benchmark:
-            f"{RESULTS}/{RUN}/benchmarks/{{model}}/{_stage.name}.tsv"
+            f"{RESULTS}/{RUN}/benchmarks/{{model}}/{_job_name}" + ("_{value}" if _stage.sweep else "") + ".tsv"
         localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
         shell:
             "{PYTHON:q} -m {params.module} --data {params.data:q} --out {output.metrics:q} "
             "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} "
             "{params.needs:q} > {log:q} 2>&1"
+
+    if _stage.sweep:
+
+        rule:
+            name: _stage.name
+            input:
+                runs=_sweep_runs(_stage),
+            output:
+                metrics=f"{stage_dir(_stage.name)}/metrics.json",
+            params:
+                key=_stage.sweep[1],
+                metric=_stage.sweep[2],
+            log:
+                f"{RESULTS}/{RUN}/logs/{{model}}/{_stage.name}.log",
+            localrule: True
+            shell:
+                "{PYTHON:q} -m ibot.sweep --key {params.key:q} --metric {params.metric:q} --runs {input.runs:q} "
+                "--out {output.metrics:q} > {log:q} 2>&1"
