@@ -692,3 +692,38 @@ def test_results_rules_rebuild_on_metrics_change_and_report_builds(tmp_path):
 def _planned_with(smk, cwd) -> set[str]:
     out = _sh(smk + ["-n", "--quiet", "rules"], cwd)
     return set(re.findall(r"^(\w+)\s+\d+$", out, flags=re.M)) - {"total", "job"}
+
+
+# -- coverage -----------------------------------------------------------------------------------------
+def test_coverage_claims_only_planned_jobs_and_says_why_not():
+    from ibot.config import load_yaml, validate_config
+    from ibot.results.coverage import coverage, ibot_rows
+
+    config = validate_config(load_yaml(REPO / "config" / "paper.yaml"), base_dir=REPO)
+    everything = {f"results/paper/{m}/{s}/metrics.json" for m in config["models"]
+                  for s in ["knn", "linear", "finetune", "detection", "seg_upernet", "seg_linear", "imagenet_c",
+                            "imagenet_a", "bg_challenge", "occlusion"]}
+    full = coverage(config, everything)
+    assert len(full) == len(ibot_rows(load_reference())) and not full["model"].str.startswith("DINO").any()
+    covered = full[full["job"] != ""]
+    assert (covered["reason"] == "").all() and (full[full["job"] == ""]["reason"] != "").all()
+    row = full[(full["table"] == "Tab.14 det/seg ViT-B") & (full["metric"] == "APb50")].iloc[0]
+    assert row["job"] == "results/paper/vit_base/detection/metrics.json (bbox_AP50)"
+    reasons = set(full["reason"])
+    assert "needs an ImageNet-22K pretraining (a model variant not in this config)" in reasons
+    assert "no semi-supervised stage yet (Tab.4/Tab.12)" in reasons
+    # a job missing from the plan is never claimed
+    partial = coverage(config, everything - {"results/paper/vit_base/seg_linear/metrics.json"})
+    linear_seg = partial[(partial["table"] == "Tab.6 det/seg") & (partial["protocol"] == "linear head (frozen) 160k 512")]
+    assert linear_seg["job"].tolist() == [""]
+    assert linear_seg["reason"].tolist() == ["vit_base does not run seg_linear in this config"]
+    assert len(partial[partial["job"] != ""]) == len(covered) - 3  # Tab.6 + Tab.14 mIoU, Tab.14 mAcc
+
+
+def test_coverage_cli_reads_the_snakemake_plan(tmp_path):
+    out = tmp_path / "coverage.md"
+    result = subprocess.run([sys.executable, "-m", "ibot.results", "coverage", "--configfile", "config/paper.yaml",
+                             "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\*\*\d+ of 119 iBOT numbers", result.stdout)
+    assert "results/paper/vit_large/knn/metrics.json (top1_k20)" in out.read_text()

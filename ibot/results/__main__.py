@@ -1,6 +1,7 @@
 """``python -m ibot.results <command>`` — results of the iBOT reproduction.
 
   summary     metrics.json files of a run -> summary.csv (+ metrics_flat.json for DVC)
+  coverage    which of the paper's iBOT numbers a config's Snakemake plan produces, and why not
   tables      summary.csv of one or more runs/seeds -> paper-style tables (md, csv, tex, html)
   plots       figures of a run (pretraining curves, linear sweep, robustness, ours vs paper)
   attention   [CLS] attention maps of the last block for a few validation images
@@ -120,6 +121,18 @@ def _dvc_pull(args, smk: list[str]) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _coverage(args) -> None:
+    from ibot.config import load_workflow_config
+    from ibot.io import write_text_atomic
+    from ibot.results.coverage import coverage, format_coverage, planned_outputs
+
+    config, _ = load_workflow_config(args.configfile)
+    report = format_coverage(coverage(config, planned_outputs(args.configfile)), args.configfile)
+    if args.out:
+        write_text_atomic(args.out, report)
+    print(report.split("\n\n| table |")[0])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ibot.results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_attention)
+
+    p = sub.add_parser("coverage", help="which of the paper's iBOT numbers a config's plan produces, and why not")
+    p.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
+    p.add_argument("--out", default=None, help="also write the Markdown report here")
+    p.set_defaults(func=_coverage)
 
     p = sub.add_parser("compare", help="RUN_A RUN_B, or RUN_A --paper")
     p.add_argument("run_a")

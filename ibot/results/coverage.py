@@ -1,0 +1,136 @@
+"""Which of the paper's iBOT numbers a workflow config reproduces, and why the others are not.
+
+Every iBOT row of ``results/reference/ibot_paper_results.csv`` (baselines such as ``DINO ViT-S/16``
+are left out) is matched with the job that produces it: a line of ``metric_map.csv`` naming a
+(stage, metric) for the row's task, dataset, protocol, metric and pretraining data (any of its
+lines: the tables' and the ``coverage`` group's, for numbers the paper prints in several tables), a
+model of the config whose ``paper_model`` is the row's model, and that model's
+``<stage>/metrics.json`` **in the Snakemake plan of the config** (``snakemake --summary``): nothing
+is claimed that the DAG does not run. A row without such a job gets the reason.
+
+``python -m ibot.results coverage [--configfile config/paper.yaml]``
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from ibot.results.aggregate import REPO_ROOT, load_metric_map, load_reference
+
+__all__ = ["COVERAGE_COLUMNS", "ibot_rows", "planned_outputs", "coverage", "format_coverage"]
+
+COVERAGE_COLUMNS = ["table", "model", "pretrain_data", "task", "dataset", "protocol", "metric", "value", "job",
+                    "reason"]
+_ROW_KEY = ("task", "dataset", "protocol", "metric", "pretrain_data")
+_MAP_KEY = ("paper_task", "paper_dataset", "paper_protocol", "paper_metric", "paper_pretrain_data")
+#: Paper tasks no stage of the registry evaluates yet, with where they are planned.
+_MISSING_TASKS = {
+    "semi_supervised": "no semi-supervised stage yet (Tab.4/Tab.12)",
+    "unsup_cls": "no unsupervised-classification stage yet (Tab.5)",
+    "transfer": "no transfer-learning stage yet (Tab.7)",
+    "retrieval": "no image-retrieval stage yet (Tab.16)",
+    "video_seg": "no video-object-segmentation stage yet (Tab.16)",
+}
+
+
+def ibot_rows(reference: pd.DataFrame) -> pd.DataFrame:
+    """The reference rows of iBOT models (baseline rows carry their method as a prefix)."""
+    return reference[~reference["model"].str.match(r"^(DINO|MoCo|BEiT|MAE|SwAV|Sup)\b")].reset_index(drop=True)
+
+
+def planned_outputs(configfiles: Sequence[str | Path] = (), *, snakefile: str | Path = REPO_ROOT / "Snakefile",
+                    cwd: str | Path = REPO_ROOT) -> set[str]:
+    """Every output file of the Snakemake plan of ``configfiles`` (``snakemake --summary``)."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "--summary", "--cores", "1"]
+    if configfiles:
+        command += ["--configfile", *map(str, configfiles)]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"snakemake --summary failed:\n{result.stderr[-3000:]}")
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    return {fields[0] for fields in lines[1:] if fields and fields[0]}
+
+
+def _variant_reason(row: Any, models: Mapping[str, Any]) -> str | None:
+    """The pretraining variant a row needs when the config has no model for it."""
+    if row.pretrain_data == "IN-22K":
+        return "needs an ImageNet-22K pretraining (a model variant not in this config)"
+    if row.model not in set(models.values()) and ("random mask" in row.model or row.model.startswith("Swin")):
+        return f"needs the {row.model} pretraining variant (a model not in this config)"
+    return None
+
+
+def _reason_without_mapping(row: Any) -> str:
+    if row.pretrain_data == "IN-22K":
+        return "needs an ImageNet-22K pretraining (a model variant not in this config)"
+    if "no multi-crop" in str(row.protocol):
+        return "needs the no-multi-crop pretraining variant (Tab.10)"
+    if row.task in _MISSING_TASKS:
+        return _MISSING_TASKS[row.task]
+    return "no stage maps to this row (results/reference/metric_map.csv)"
+
+
+def _unplanned_reason(row: Any, producers: list, ours: list[str]) -> str:
+    """Why no job can produce the row whatever the plan ("" when a stage and a model exist)."""
+    if not producers:
+        return _reason_without_mapping(row)
+    if not ours:
+        return f"no model with paper_model {row.model!r} in the config"
+    return ""
+
+
+def _not_run_reason(producers: list, ours: list[str], config: Mapping[str, Any]) -> str:
+    stages = sorted({stage for stage, _ in producers})
+    reason = f"{', '.join(ours)} does not run {', '.join(stages)} in this config"
+    unsupported = [f"{m}: {why}" for m in ours for s in stages
+                   if (why := (config["models"][m].get("unsupported_stages") or {}).get(s))]
+    return reason + (f" ({'; '.join(unsupported)})" if unsupported else "")
+
+
+def coverage(config: Mapping[str, Any], planned: Iterable[str], *, reference: pd.DataFrame | None = None,
+             metric_map: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per iBOT reference number: the planned ``metrics.json`` producing it, or the reason."""
+    reference = load_reference() if reference is None else reference
+    metric_map = load_metric_map() if metric_map is None else metric_map
+    planned = set(planned)
+    lines = metric_map[metric_map["paper_table"] != ""]
+    by_key: dict[tuple, list[tuple[str, str]]] = {}
+    for line in lines.itertuples(index=False):
+        key = tuple(str(getattr(line, k)) for k in _MAP_KEY)
+        if (line.stage, line.metric) not in by_key.setdefault(key, []):  # several tables print one number
+            by_key[key].append((line.stage, line.metric))
+    models = {name: entry.get("paper_model") for name, entry in config["models"].items()}
+    root = f"{config['results_dir']}/{config['run']}"
+    out = []
+    for row in ibot_rows(reference).itertuples(index=False):
+        producers = by_key.get(tuple(str(getattr(row, k)) for k in _ROW_KEY), [])
+        ours = [name for name, paper_model in models.items() if paper_model == row.model]
+        job, reason = "", _variant_reason(row, models) or _unplanned_reason(row, producers, ours)
+        if not reason:
+            job = "; ".join(f"{root}/{model}/{stage}/metrics.json ({metric})" for model in ours
+                            for stage, metric in producers if f"{root}/{model}/{stage}/metrics.json" in planned)
+            reason = "" if job else _not_run_reason(producers, ours, config)
+        out.append({**{c: getattr(row, c) for c in COVERAGE_COLUMNS if c not in ("job", "reason")},
+                    "job": job, "reason": reason})
+    return pd.DataFrame(out, columns=COVERAGE_COLUMNS)
+
+
+def format_coverage(frame: pd.DataFrame, configfiles: Sequence[str | Path] = ()) -> str:
+    """Markdown: the covered fraction, the uncovered rows grouped by reason, then every row."""
+    covered = int((frame["job"] != "").sum())
+    source = ", ".join(map(str, configfiles)) or "config/config.yaml"
+    text = [f"# Paper coverage of {source}", "",
+            f"**{covered} of {len(frame)} iBOT numbers of results/reference/ ({100 * covered / max(len(frame), 1):.0f}%)"
+            " are produced by a planned job.**", "", "| not covered because | rows |", "|---|---|"]
+    for reason, count in frame[frame["job"] == ""]["reason"].value_counts().items():
+        text.append(f"| {reason} | {count} |")
+    text += ["", "| table | model | task | dataset | protocol | metric | paper | job or reason |", "|---|---|---|---|---|---|---|---|"]
+    for row in frame.itertuples(index=False):
+        text.append(f"| {row.table} | {row.model} | {row.task} | {row.dataset} | {row.protocol} | {row.metric} | "
+                    f"{row.value} | {row.job or row.reason} |")
+    return "\n".join(text) + "\n"
