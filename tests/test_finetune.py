@@ -117,8 +117,13 @@ OFFICIAL_FINETUNE_VIT_S = {
     "val_freq": (1, f"{_RCF}:639-640 evaluates after every epoch"),
     "num_workers": (10, f"{_RCF}:188 --num_workers"),
 }
+#: Ours without an official counterpart: the lr sweep list (null: the official lr alone; ibot.sweep).
+FINETUNE_OWN_SETTINGS = {"lrs": None}
+
+
 def test_defaults_equal_the_official_finetuning_values() -> None:
-    assert set(finetune.DEFAULTS) == set(OFFICIAL_FINETUNE_VIT_S)
+    assert set(finetune.DEFAULTS) == set(OFFICIAL_FINETUNE_VIT_S) | set(FINETUNE_OWN_SETTINGS)
+    assert all(finetune.DEFAULTS[key] == value for key, value in FINETUNE_OWN_SETTINGS.items())
     for key, (official, source) in OFFICIAL_FINETUNE_VIT_S.items():
         ours = finetune.DEFAULTS[key]
         assert ours == official, f"finetune.{key}: ours {ours!r}, official {official!r} ({source})"
