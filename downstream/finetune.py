@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -58,7 +59,8 @@ from ibot.workdir import prepare_stage_work
 from ibot.stages import stage_defaults
 
 __all__ = ["DEFAULTS", "protocol_label", "ViTClassifier", "build_model", "build_optimizer", "build_scheduler",
-           "build_mixup", "train_transform", "run", "main"]
+           "build_mixup", "build_criterion", "train_transform", "BatchPlan", "plan_batches", "train_one_epoch",
+           "evaluate", "load_training_state", "save_training_state", "best_and_last", "run", "main"]
 
 #: Paper defaults (ViT-S/16 fine-tuning recipe): workflow/schemas/finetune.schema.yaml, the one source.
 DEFAULTS: dict[str, Any] = stage_defaults("finetune")
@@ -148,13 +150,133 @@ def train_transform(config: Mapping[str, Any]):
     return transform
 
 
+def build_criterion(config: Mapping[str, Any], mixup_fn) -> nn.Module:
+    """Soft-target CE under mixup/cutmix, else label-smoothing CE, else plain CE (official choice)."""
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()
+    if float(config["smoothing"]) > 0:
+        return LabelSmoothingCrossEntropy(float(config["smoothing"]))
+    return nn.CrossEntropyLoss()
+
+
+# -- training loop (shared with downstream.transfer) ------------------------------------------------
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one epoch is cut: images per process and step, accumulation, updates per epoch."""
+
+    per_process: int
+    accum: int
+    global_batch: int
+    steps_per_epoch: int
+
+
+def plan_batches(batch_size: int, accum_steps: int, samples_per_process: int, *, mixup: bool,
+                 tag: str) -> BatchPlan:
+    """Split the global ``batch_size`` over processes and accumulation steps.
+
+    ``samples_per_process``: what one process's sampler yields per epoch. Tiny datasets (embedded
+    runs) get at least one update per epoch: the batch shrinks to the shard (even under mixup,
+    which pairs samples) and the accumulation to what the shard holds.
+    """
+    accum = max(1, int(accum_steps))
+    per_process = max(1, int(batch_size) // (world_size() * accum))
+    if per_process > samples_per_process:
+        per_process = max(1, samples_per_process)
+        if mixup and per_process > 1:
+            per_process -= per_process % 2
+        log(f"[{tag}] batch_size {batch_size} exceeds the data: using {per_process} per process")
+    accum = max(1, min(accum, samples_per_process // per_process))  # an epoch must hold at least one full update
+    return BatchPlan(per_process=per_process, accum=accum, global_batch=per_process * world_size() * accum,
+                     steps_per_epoch=max(1, samples_per_process // per_process // accum))
+
+
+def train_one_epoch(module: nn.Module, net: nn.Module, loader, optimizer: torch.optim.Optimizer, scaler,
+                    criterion: nn.Module, mixup_fn, *, plan: BatchPlan, epoch: int, epochs: int, num_classes: int,
+                    config: Mapping[str, Any], precision: str, device: torch.device, seed: int,
+                    on_update: Callable[[int], None] | None = None, tag: str = "finetune") -> float:
+    """One epoch of mixup/cutmix training with AMP and gradient accumulation; the mean train loss.
+
+    The data order and augmentation seeds depend only on ``(seed, epoch, rank)``, so a resumed run
+    trains exactly as an uninterrupted one. ``on_update(u)`` is called before the ``u``-th update
+    of the epoch (a per-iteration lr schedule); ``module`` is ``net`` or its DDP wrapper.
+    """
+    from timm.data.mixup import mixup_target
+
+    loader.sampler.set_epoch(epoch)
+    seed_everything(seed + 1000 * epoch + rank())
+    module.train()
+    accum = plan.accum
+    loss_sum, count = torch.zeros((), device=device), 0
+    optimizer.zero_grad(set_to_none=True)
+    batches = progress(loader, desc=f"{tag} epoch {epoch + 1}/{epochs}")
+    for step, (images, targets, _) in enumerate(batches):
+        update = step // accum
+        if update >= plan.steps_per_epoch:
+            break
+        if step % accum == 0 and on_update is not None:
+            on_update(update)
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if mixup_fn is not None and len(images) % 2 == 0:
+            images, soft = mixup_fn(images, targets)
+        elif mixup_fn is not None:  # odd batch: cannot pair samples; smoothed one-hot targets
+            soft = mixup_target(targets, num_classes, lam=1.0, smoothing=float(config["smoothing"]))
+        else:
+            soft = targets
+        with autocast(precision, device):
+            loss = criterion(module(images), soft)
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"{tag}: loss is {float(loss.detach())} at epoch {epoch + 1}, step {step}")
+        scaler.scale(loss / accum).backward()
+        if (step + 1) % accum == 0:
+            if config["clip_grad"]:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(net.parameters(), float(config["clip_grad"]))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        count += 1
+    return float(all_reduce_sum(loss_sum.clone()) / max(1, count * world_size()))
+
+
+def load_training_state(state_file: Path, net: nn.Module, optimizer: torch.optim.Optimizer, scaler,
+                        device: torch.device, tag: str = "finetune") -> tuple[int, list[dict[str, Any]]]:
+    """Restore model/optimizer/scaler from ``state_file`` if it exists: ``(epochs done, history)``."""
+    if not state_file.is_file():
+        return 0, []
+    state = load_file(state_file, map_location=device)
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    log(f"[{tag}] resuming from {state_file} after epoch {int(state['epoch'])}")
+    return int(state["epoch"]), list(state["history"])
+
+
+def save_training_state(state_file: Path, digest: str, epoch: int, net: nn.Module,
+                        optimizer: torch.optim.Optimizer, scaler, history: list[dict[str, Any]]) -> None:
+    """Atomic end-of-epoch checkpoint (main process), tagged with the work fingerprint."""
+    if is_main():
+        save_atomic({"fingerprint": digest, "epoch": epoch, "model": net.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history},
+                    state_file)
+    barrier()
+
+
+def best_and_last(history: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """The best evaluated epoch (earliest on ties: the official "Max accuracy") and the last one."""
+    evaluated = [r for r in history if "top1" in r]
+    return max(evaluated, key=lambda r: r["top1"]), evaluated[-1]
+
+
 # -- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_samples: int, device: torch.device, precision: str) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, num_samples: int, device: torch.device, precision: str,
+             desc: str = "finetune val") -> dict[str, float]:
     """Top-1/top-5 (percent) and mean cross-entropy on the whole val set (exact under DDP padding)."""
     model.eval()
     rows, indices = [], []
-    for images, targets, index in progress(loader, desc="finetune val"):
+    for images, targets, index in progress(loader, desc=desc):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(precision, device):
             logits = model(images)
@@ -178,9 +300,6 @@ def protocol_label(config: Mapping[str, Any]) -> str:
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
         checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
     """Stage entry (inside the launched job): fine-tune, evaluate every epoch, write metrics.json."""
-    from timm.data.mixup import mixup_target
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
     if config.get("lrs"):
         raise ValueError(f"finetune.lrs {config['lrs']}: the sweep is run by the workflow (one job per value, "
                          "ibot.sweep picks the best); one fine-tuning job takes one finetune.lr")
@@ -201,18 +320,10 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
         raise ValueError(f"dataset {data}: train/ and val/ have different class folders")
     num_classes = len(train_set.classes)
 
-    accum = max(1, int(config["accum_steps"]))
-    per_process = max(1, int(config["batch_size"]) // (world_size() * accum))
-    shard = len(train_set) // world_size()
     mixup_fn = build_mixup(config, num_classes)
-    if per_process > shard:  # tiny datasets: at least one step per epoch
-        per_process = max(1, shard)
-        if mixup_fn is not None and per_process > 1:
-            per_process -= per_process % 2
-        log(f"[finetune] batch_size {config['batch_size']} exceeds the data: using {per_process} per process")
-    accum = max(1, min(accum, shard // per_process))  # an epoch must hold at least one full update
-    global_batch = per_process * world_size() * accum
-    steps_per_epoch = max(1, len(train_set) // (per_process * world_size()) // accum)
+    plan = plan_batches(int(config["batch_size"]), int(config["accum_steps"]), len(train_set) // world_size(),
+                        mixup=mixup_fn is not None, tag="finetune")
+    per_process, global_batch, steps_per_epoch = plan.per_process, plan.global_batch, plan.steps_per_epoch
     epochs = int(config["epochs"])
 
     net = build_model(model_spec, checkpoint, checkpoint_key, num_classes, config).to(device)
@@ -222,12 +333,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     module: nn.Module = net
     if world_size() > 1:
         module = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if mixup_fn is not None:
-        criterion: nn.Module = SoftTargetCrossEntropy()
-    elif float(config["smoothing"]) > 0:
-        criterion = LabelSmoothingCrossEntropy(float(config["smoothing"]))
-    else:
-        criterion = nn.CrossEntropyLoss()
+    criterion = build_criterion(config, mixup_fn)
     train_loader = make_loader(train_set, per_process, shuffle=True, seed=seed, drop_last=True,
                                num_workers=int(config["num_workers"]))
     val_loader = make_loader(val_set, per_process, shuffle=False, num_workers=int(config["num_workers"]))
@@ -239,67 +345,26 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     work = prepare_stage_work("finetune", work, config=config, model_spec=model_spec, checkpoint=checkpoint,
                               data={"imagenet": data}, seed=seed)
     state_file = work.path / "checkpoint.pth"
-    start_epoch, history = 0, []
-    if state_file.is_file():
-        state = load_file(state_file, map_location=device)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, history = int(state["epoch"]), list(state["history"])
-        log(f"[finetune] resuming from {state_file} after epoch {start_epoch}")
+    start_epoch, history = load_training_state(state_file, net, optimizer, scaler, device)
 
     for epoch in range(start_epoch, epochs):
-        train_loader.sampler.set_epoch(epoch)
-        seed_everything(seed + 1000 * epoch + rank())
-        module.train()
-        loss_sum, count = torch.zeros((), device=device), 0
-        optimizer.zero_grad(set_to_none=True)
-        batches = progress(train_loader, desc=f"finetune epoch {epoch + 1}/{epochs}")
-        for step, (images, targets, _) in enumerate(batches):
-            update = step // accum
-            if update >= steps_per_epoch:
-                break
-            if step % accum == 0:
-                scheduler.step_update(num_updates=epoch * steps_per_epoch + update)
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if mixup_fn is not None and len(images) % 2 == 0:
-                images, soft = mixup_fn(images, targets)
-            elif mixup_fn is not None:  # odd batch: cannot pair samples; smoothed one-hot targets
-                soft = mixup_target(targets, num_classes, lam=1.0, smoothing=float(config["smoothing"]))
-            else:
-                soft = targets
-            with autocast(precision, device):
-                loss = criterion(module(images), soft)
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"finetune: loss is {float(loss.detach())} at epoch {epoch + 1}, step {step}")
-            scaler.scale(loss / accum).backward()
-            if (step + 1) % accum == 0:
-                if config["clip_grad"]:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(net.parameters(), float(config["clip_grad"]))
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            count += 1
-        train_loss = float(all_reduce_sum(loss_sum.clone()) / max(1, count * world_size()))
+        def per_iteration(update: int, epoch: int = epoch) -> None:
+            scheduler.step_update(num_updates=epoch * steps_per_epoch + update)
+
+        train_loss = train_one_epoch(module, net, train_loader, optimizer, scaler, criterion, mixup_fn, plan=plan,
+                                     epoch=epoch, epochs=epochs, num_classes=num_classes, config=config,
+                                     precision=precision, device=device, seed=seed, on_update=per_iteration)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": max(g["lr"] for g in optimizer.param_groups)}
         if (epoch + 1) % max(1, int(config["val_freq"])) == 0 or epoch == epochs - 1:
             record.update(evaluate(net, val_loader, len(val_set), device, precision))
             log(f"[finetune] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, val top-1 {record['top1']:.2f}, "
                 f"top-5 {record['top5']:.2f}")
         history.append(record)
-        if is_main():
-            save_atomic({"fingerprint": work.digest, "epoch": epoch + 1, "model": net.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history},
-                        state_file)
-        barrier()
+        save_training_state(state_file, work.digest, epoch + 1, net, optimizer, scaler, history)
 
     metrics: dict[str, float] = {}
     if is_main():
-        evaluated = [r for r in history if "top1" in r]
-        best = max(evaluated, key=lambda r: r["top1"])  # earliest best epoch on ties (official "Max accuracy")
-        last = evaluated[-1]
+        best, last = best_and_last(history)  # earliest best epoch on ties (official "Max accuracy")
         metrics = {"top1": best["top1"]}
         if num_classes >= 5:
             metrics["top5"] = best["top5"]

@@ -6,6 +6,11 @@ Every stage loads backbone weights through :func:`load_backbone_weights`. It acc
 - exported/released teacher files (``{'state_dict': ...}``, e.g. iBOT ``checkpoint_teacher.pth``),
 - plain backbone state dicts (e.g. DINO releases),
 and refuses anything else with the missing/unexpected keys listed: never a silent partial load.
+
+Projection heads (unsupervised classification, semi-supervised fine-tuning from a head layer) load
+through :func:`load_head_weights` / :func:`build_pretrained_head`, strictly, from our pretraining's
+``heads.pth`` (:func:`export_heads`) or the official full ``checkpoint.pth`` (``teacher``/``student``
+state dicts with ``head.`` keys, ``module.`` on the student; main_ibot.py:348-350).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from torch import nn
 from ibot.io import atomic_write
 
 __all__ = ["CheckpointError", "save_atomic", "load_file", "extract_backbone_state", "check_state_dict",
-           "load_backbone_weights", "export_backbone", "sha256_file", "OPTIONAL_BACKBONE_KEYS"]
+           "load_backbone_weights", "export_backbone", "sha256_file", "OPTIONAL_BACKBONE_KEYS", "HEAD_SETTINGS",
+           "extract_head_state", "head_settings", "locate_heads", "load_head_weights", "build_pretrained_head",
+           "export_heads"]
 
 # The official training checkpoints pickle their argparse args and numpy float64 learning rates
 # (optimizer param groups); a Namespace and numpy scalars carry no code.
@@ -133,6 +140,96 @@ def export_backbone(backbone: nn.Module, path: str | Path, meta: Mapping[str, An
     """Write the released-weights layout ``{'state_dict': backbone, 'meta': {...}}`` atomically."""
     state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     save_atomic({"state_dict": state, "meta": dict(meta)}, path)
+
+
+# -- projection heads --------------------------------------------------------------------------------
+#: The settings a head is built from (official main_ibot.py flag names; ``head_hidden_dim`` is ours).
+HEAD_SETTINGS = ("out_dim", "patch_out_dim", "norm_last_layer", "shared_head", "shared_head_teacher", "norm_in_head",
+                 "act_in_head", "use_bn_in_head", "head_hidden_dim")
+
+
+def extract_head_state(checkpoint: Any, key: str | None = None, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The ``key`` network's (default ``teacher``) projection head in our ``heads.pth`` or an official full
+    ``checkpoint.pth``, with the head's own parameter names (``mlp.0.weight``, ``last_layer.weight_g``, ...)."""
+    key = key or "teacher"
+    network = checkpoint.get(key) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(network, Mapping):
+        keys = sorted(checkpoint)[:20] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise CheckpointError(f"{source}: no {key!r} network holding a projection head (top-level keys: {keys}); "
+                              "backbone-only files (teacher_backbone.pth, checkpoint_teacher.pth) have none: use the "
+                              "pretraining's heads.pth or the official full checkpoint.pth")
+    head = {k.removeprefix("module.")[len("head."):]: v for k, v in network.items()
+            if k.removeprefix("module.").startswith("head.")}
+    if not head or not all(isinstance(v, torch.Tensor) for v in head.values()):
+        raise CheckpointError(f"{source}: the {key!r} network has no 'head.*' tensors (a backbone-only state dict)")
+    return head
+
+
+def head_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The head flags recorded with the weights: our ``meta`` or the official pickled ``args``."""
+    recorded = checkpoint.get("meta") or checkpoint.get("args") or {}
+    if isinstance(recorded, argparse.Namespace):
+        recorded = vars(recorded)
+    return {k: recorded[k] for k in HEAD_SETTINGS if k in recorded}
+
+
+def locate_heads(heads: str | Path | None, checkpoint: str | Path | None) -> Path | None:
+    """The file holding the heads of ``checkpoint``'s network: ``heads`` if set, else ``heads.pth`` beside
+    the checkpoint (our pretraining exports it next to ``teacher_backbone.pth``), else the checkpoint itself
+    (an official full ``checkpoint.pth``); None without a checkpoint (random init)."""
+    if heads:
+        return Path(heads)
+    if checkpoint is None:
+        return None
+    sibling = Path(checkpoint).with_name("heads.pth")
+    return sibling if sibling.is_file() else Path(checkpoint)
+
+
+def load_head_weights(head: nn.Module, path: str | Path, key: str | None = None) -> None:
+    """Load the ``key`` (default ``teacher``) projection head of ``path`` into ``head`` strictly."""
+    state = extract_head_state(load_file(path), key, source=f"checkpoint {path}")
+    check_state_dict(head, state, f"{key or 'teacher'} head of checkpoint {path}")
+    head.load_state_dict(state)
+
+
+def build_pretrained_head(path: str | Path, key: str | None, embed_dim: int) -> nn.Module:
+    """The ``key`` network's pretrained ``IBOTHead`` of ``path``, built and loaded strictly.
+
+    Sizes come from the weights (``mlp.0`` = hidden width, ``last_layer`` = out_dim, ``last_layer2`` =
+    patch_out_dim; a teacher whose two output layers hold equal weights is the shared head; a DINO head,
+    without ``last_layer2``, loads as a shared head), activation and norm from the recorded settings
+    (default: the official gelu, no norm).
+    """
+    from ibot.models.head import build_head
+
+    checkpoint = load_file(path)
+    state = extract_head_state(checkpoint, key, source=f"checkpoint {path}")
+    settings = head_settings(checkpoint)
+    if "mlp.0.weight" in state:
+        settings["head_hidden_dim"] = int(state["mlp.0.weight"].shape[0])
+    if "last_layer.weight_v" in state:
+        settings["out_dim"] = int(state["last_layer.weight_v"].shape[0])
+    if "last_layer2.weight_v" in state:
+        settings["patch_out_dim"] = int(state["last_layer2.weight_v"].shape[0])
+        shared = bool(state["last_layer2.weight_v"].shape == state["last_layer.weight_v"].shape
+                      and torch.equal(state["last_layer2.weight_v"], state["last_layer.weight_v"]))
+        settings.update(shared_head=shared, shared_head_teacher=shared)
+    elif "last_layer.weight_v" in state:  # a DINO head (no patch branch): our shared head, same tensors
+        settings.update(shared_head=True, shared_head_teacher=True)
+        state = {**state, **{k.replace("last_layer.", "last_layer2.", 1): v for k, v in state.items()
+                             if k.startswith("last_layer.")}}
+    head = build_head(embed_dim, settings, teacher=(key or "teacher") != "student")
+    check_state_dict(head, state, f"{key or 'teacher'} head of checkpoint {path}")
+    head.load_state_dict(state)
+    return head
+
+
+def export_heads(heads: Mapping[str, nn.Module], path: str | Path, meta: Mapping[str, Any]) -> None:
+    """Write ``{'teacher': {'head.<k>': ...}, 'student': {...}, 'meta': {...}}`` atomically: the official
+    checkpoint's head entries and key names, so one loader reads both."""
+    out: dict[str, Any] = {name: {f"head.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()}
+                           for name, head in heads.items()}
+    save_atomic({**out, "meta": dict(meta)}, path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

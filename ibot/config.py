@@ -29,7 +29,7 @@ import yaml
 
 __all__ = ["ConfigError", "deep_merge", "load_yaml", "validate_config", "section_layers", "section_config",
            "stage_config", "explain_stage", "stage_resources", "global_batch", "model_spec", "check_datasets",
-           "check_stage_configs",
+           "check_stage_configs", "planned_stages",
            "json_or_file", "mapping_arg", "parse_config_overrides", "update_config", "load_workflow_config",
            "SCHEMA_DIR", "REPO_ROOT"]
 
@@ -251,12 +251,22 @@ def _properties_with_defaults(validate_properties):
 
 def _unsupported_stage_problems(config: Mapping[str, Any], model: str) -> list[str]:
     """A model's recipe may declare stages the paper has no recipe for (``unsupported_stages``:
-    stage -> why); planning one of them is an error that gives the reason."""
+    stage -> why); naming one in the model's own ``stages`` is an error that gives the reason."""
     entry = config["models"][model]
     unsupported = entry.get("unsupported_stages") or {}
-    planned = entry.get("stages") or config.get("stages") or []
     return [f"config key models.{model}.stages: {stage!r} has no recipe for this model ({unsupported[stage]}); "
-            f"remove it from models.{model}.stages" for stage in planned if stage in unsupported]
+            f"remove it from models.{model}.stages" for stage in entry.get("stages") or [] if stage in unsupported]
+
+
+def planned_stages(config: Mapping[str, Any], model: str) -> list[str]:
+    """The evaluation stages a model runs: its own ``stages`` list, else the top-level ``stages``
+    without those its recipe declares unsupported (the top-level list is for every model that has a
+    recipe for the stage; a model's own list is taken as written and checked)."""
+    entry = config["models"][model]
+    if entry.get("stages"):
+        return list(entry["stages"])
+    unsupported = entry.get("unsupported_stages") or {}
+    return [stage for stage in config.get("stages") or [] if stage not in unsupported]
 
 
 def model_spec(config: Mapping[str, Any], model: str) -> dict[str, Any]:
@@ -490,8 +500,8 @@ def check_stage_configs(config: Mapping[str, Any]) -> None:
     from ibot.stages import STAGES
 
     problems = []
-    for model, entry in config["models"].items():
-        for name in entry.get("stages") or config["stages"]:
+    for model in config["models"]:
+        for name in planned_stages(config, model):
             stage = STAGES[name]
             if not stage.preflight:
                 continue

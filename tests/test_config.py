@@ -136,11 +136,12 @@ def test_snakemake_plans_embedded_default():
 def test_snakemake_plans_the_whole_paper_without_datasets():
     result, seconds = _dry_run("--configfile", "config/paper.yaml")
     assert result.returncode == 0, result.stderr
-    # 3 models pretrained, every stage for each
+    # 3 ViTs + the out_dim-1000 ViT-S/16 of Tab.5 pretrained, every stage each has a recipe for
     assert "pretrain" in result.stdout and "embedded_data" not in result.stdout
     counts = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert counts["pretrain"] == 3 and counts.get("knn") == 3, result.stdout
+    assert counts["pretrain"] == 4 and counts.get("knn") == 3 and counts.get("unsupervised") == 1, result.stdout
+    assert counts.get("semi_supervised") == 1 and counts.get("transfer_cars") == 2 and counts.get("detection") == 2
     print(f"paper DAG planned in {seconds:.2f}s")
 
 

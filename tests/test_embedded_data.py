@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,9 @@ SMALL = EmbeddedSizes(
     ade_train=3,
     ade_val=2,
     ade_size=64,
+    transfer_classes=3,
+    transfer_train_per_class=2,
+    transfer_val_per_class=2,
 )
 
 
@@ -383,6 +387,87 @@ def test_validator_messages_name_key_path_and_expectation(roots: dict[str, Path]
         check_layout("imagenet_9", roots["imagenet"])  # no key: message starts with the path
     with pytest.raises(ValueError, match="unknown dataset kind"):
         check_layout("cifar", tmp_path)
+
+
+# ---------------------------------------------------------------- transfer sets (Tab. 7)
+
+TRANSFER_KINDS = ("cifar10", "cifar100", "inat18", "inat19", "flowers", "cars")
+
+
+@pytest.mark.parametrize("kind", TRANSFER_KINDS)
+def test_transfer_sets_are_read_by_their_loaders(roots: dict[str, Path], kind: str) -> None:
+    """The readers of the real sets (ibot.data.transfer_sets, the official eval_cls.py ones) read the
+    embedded copies: every class in both splits, images at their size, labels in range."""
+    from ibot.data.transfer_sets import read_transfer_set
+
+    for train, per_class in ((True, SMALL.transfer_train_per_class), (False, SMALL.transfer_val_per_class)):
+        dataset = read_transfer_set(kind, roots[kind], train=train)
+        assert dataset.num_classes == SMALL.transfer_classes, (kind, train)
+        assert len(dataset) == SMALL.transfer_classes * per_class
+        assert sorted(set(dataset.targets)) == list(range(SMALL.transfer_classes))
+        image, label = dataset[0]
+        assert image.mode == "RGB" and image.size == (32, 32) and label == dataset.targets[0]
+
+
+def test_transfer_sets_are_in_the_release_formats(roots: dict[str, Path]) -> None:
+    import pickle
+
+    from scipy import io as scio
+
+    with open(roots["cifar10"] / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    assert set(batch) == {"batch_label", "data", "labels", "filenames"} and batch["data"].dtype == np.uint8
+    assert batch["data"].shape[1] == 3 * 32 * 32
+    with open(roots["cifar100"] / "cifar-100-python" / "meta", "rb") as f:
+        assert pickle.load(f, encoding="latin1")["fine_label_names"][:2] == ["apple", "aquarium_fish"]
+    train = json.loads((roots["inat18"] / "train2018.json").read_text())
+    assert {"images", "annotations", "categories", "info", "licenses"} <= set(train)
+    assert train["images"][0]["file_name"].startswith("train_val2018/")
+    assert len(json.loads((roots["inat18"] / "categories.json").read_text())) == SMALL.transfer_classes
+    assert not (roots["inat19"] / "categories.json").exists()  # as the 2019 release
+    setid = scio.loadmat(roots["flowers"] / "setid.mat")
+    ids = np.concatenate([setid[k][0] for k in ("trnid", "valid", "tstid")])
+    assert sorted(ids) == list(range(1, len(list((roots["flowers"] / "jpg").iterdir())) + 1))
+    annotations = scio.loadmat(roots["cars"] / "cars_annos.mat")["annotations"][0]
+    assert annotations.dtype.names == ("relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test")
+    first = annotations[0]
+    assert (roots["cars"] / first["relative_im_path"].item()).is_file()
+    assert 1 <= first["bbox_x1"].item() <= first["bbox_x2"].item() <= 32
+
+
+def _break(kind: str, root: Path) -> str:
+    """Damage a copy of an embedded transfer set; returns the part the error must name."""
+    if kind == "cifar10":
+        (root / "cifar-10-batches-py" / "data_batch_3").unlink()
+        return r"has no \['data_batch_3'\] in 'cifar-10-batches-py/'"
+    if kind == "cifar100":
+        (root / "cifar-100-python" / "meta").write_bytes(b"not a pickle")
+        return r"has an unreadable 'cifar-100-python/meta' \(UnpicklingError: .+\)"
+    if kind == "inat18":
+        (root / "val2018.json").unlink()
+        return r"has no 'val2018\.json'"
+    if kind == "inat19":
+        (root / "train2019.json").write_text('{"images": []}')
+        return r"has 'train2019\.json' without the keys \['annotations', 'categories'\]"
+    if kind == "flowers":
+        next((root / "jpg").iterdir()).unlink()
+        return r"has \d+ images in 'jpg/' but 'imagelabels\.mat' labels \d+"
+    (root / "cars_annos.mat").write_bytes(b"garbage" * 20)
+    return r"has an unreadable 'cars_annos\.mat' \(.+\)"
+
+
+@pytest.mark.parametrize("kind", TRANSFER_KINDS)
+def test_transfer_layouts_reject_a_broken_copy(roots: dict[str, Path], tmp_path: Path, kind: str) -> None:
+    copy = shutil.copytree(roots[kind], tmp_path / roots[kind].name)
+    check_layout(kind, copy, config_key=f"data.{kind}")
+    problem = _break(kind, copy)
+    with pytest.raises(DatasetLayoutError, match=rf"^data\.{kind}: {re.escape(str(copy))} {problem}; expected the "):
+        check_layout(kind, copy, config_key=f"data.{kind}")
+
+
+def test_cifar_layout_points_at_the_torchvision_root(roots: dict[str, Path]) -> None:
+    with pytest.raises(DatasetLayoutError, match="it is that folder itself: use its parent"):
+        check_layout("cifar10", roots["cifar10"] / "cifar-10-batches-py", config_key="data.cifar10")
 
 
 def test_imagenet_objects_carry_their_class_hue():

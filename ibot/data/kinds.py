@@ -51,6 +51,21 @@ _KINDS: tuple[DatasetKind, ...] = (
     DatasetKind("imagenet_r", "ImageNet-R", "ImageNet-R root: <wnid>/ class folders (e.g. n01443537/)", False),
     DatasetKind("imagenet_9", "ImageNet-9 (backgrounds challenge)", "backgrounds-challenge root: "
                 "<variant>/val/<k>_<class>/ (variant: original, only_fg, ...) + in_to_in9.json", True, "imagenet_9"),
+    # transfer learning (Tab. 7): the layouts the official evaluation/eval_cls.py reads
+    DatasetKind("cifar10", "CIFAR-10", "torchvision CIFAR-10 root: cifar-10-batches-py/ with the python pickles "
+                "data_batch_1..5, test_batch and batches.meta", True, "cifar10"),
+    DatasetKind("cifar100", "CIFAR-100", "torchvision CIFAR-100 root: cifar-100-python/ with the python pickles "
+                "train, test and meta", True, "cifar100"),
+    DatasetKind("inat18", "iNaturalist 2018", "iNat 2018 root: train2018.json and val2018.json (images, annotations, "
+                "categories), categories.json (optional) and the train_val2018/<super>/<category id>/*.jpg they name",
+                True, "inat2018"),
+    DatasetKind("inat19", "iNaturalist 2019", "iNat 2019 root: train2019.json and val2019.json (images, annotations, "
+                "categories), categories.json (optional) and the train_val2019/<super>/<category id>/*.jpg they name",
+                True, "inat2019"),
+    DatasetKind("flowers", "Oxford Flowers-102", "Flowers-102 root: jpg/image_<n>.jpg, imagelabels.mat (labels) and "
+                "setid.mat (trnid, valid, tstid)", True, "flowers102"),
+    DatasetKind("cars", "Stanford Cars", "Stanford Cars root: cars_annos.mat (annotations: relative_im_path, bbox, "
+                "class, test) and the car_ims/*.jpg it names", True, "stanford_cars"),
 )
 
 #: Every dataset kind by name, in a fixed order (read-only).

@@ -6,8 +6,9 @@ inside a loader.  The checks only list directories, look at the first entries
 and peek at annotation files, so they are fast on the real datasets too.  They
 accept the real layouts (ImageNet with val sorted into wnid folders, COCO 2017,
 ADEChallengeData2016, ImageNet-C/-A/-R, the backgrounds-challenge ``<variant>/val/``
-tree) as well as the embedded ones from :mod:`ibot.data.embedded`, and they
-never require files that only the embedded generator writes.
+tree, the Tab. 7 transfer sets as the official ``evaluation/eval_cls.py`` reads them) as
+well as the embedded ones from :mod:`ibot.data.embedded`, and they never require files
+that only the embedded generator writes.
 
 There is one check per kind of :data:`ibot.data.kinds.DATASET_KINDS` (verified at import);
 the expected layout in the messages is the kind's ``description``.
@@ -16,12 +17,14 @@ the expected layout in the messages is the kind's ``description``.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from ibot.data.corruptions import CORRUPTIONS
-from ibot.data.folders import class_folders, first_image
+from ibot.data.folders import class_folders, first_image, is_image_file
 from ibot.data.imagenet9 import IN9_VARIANTS
 from ibot.data.kinds import DATASET_KINDS, check_coverage
 
@@ -145,6 +148,95 @@ def _check_imagenet_9(root: Path) -> None:
         _require_class_folders(root, f"{variant}/val")
 
 
+# ---------------------------------------------------------------- transfer sets (Tab. 7)
+
+
+def _peek_mat(root: Path, rel: str, keys: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``keys`` in MATLAB file ``rel`` (its variable directory only: no array is read)."""
+    from scipy import io as scio
+
+    path = root / rel
+    if not path.is_file():
+        raise _Problem(f"has no '{rel}'")
+    try:
+        shapes = {name: tuple(shape) for name, shape, _ in scio.whosmat(str(path))}
+    except (ValueError, TypeError, OSError) as exc:
+        raise _Problem(f"has an unreadable '{rel}' ({exc})") from None
+    missing = [k for k in keys if k not in shapes]
+    if missing:
+        raise _Problem(f"has '{rel}' without the variables {missing}")
+    return shapes
+
+
+def _cifar_check(kind: str) -> Callable[[Path], None]:
+    """torchvision's CIFAR root: its batch folder with every file the reader opens, a readable meta."""
+
+    def check(root: Path) -> None:
+        import pickle
+
+        from ibot.data.transfer_sets import CIFAR10, CIFAR100
+
+        reader = CIFAR10 if kind == "cifar10" else CIFAR100
+        folder = reader.base_folder
+        if not (root / folder).is_dir():
+            hint = "; it is that folder itself: use its parent" if root.name == folder else ""
+            raise _Problem(f"has no '{folder}/' folder{hint}")
+        names = [name for name, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
+        missing = [name for name in names if not (root / folder / name).is_file()]
+        if missing:
+            raise _Problem(f"has no {missing} in '{folder}/'")
+        meta = f"{folder}/{reader.meta['filename']}"
+        try:
+            with open(root / meta, "rb") as f:
+                classes = pickle.load(f, encoding="latin1")[reader.meta["key"]]
+        except Exception as exc:  # any unpickling failure: a broken copy
+            raise _Problem(f"has an unreadable '{meta}' ({type(exc).__name__}: {exc})") from None
+        if not classes:
+            raise _Problem(f"has '{meta}' with no {reader.meta['key']}")
+
+    return check
+
+
+def _inat_check(year: int) -> Callable[[Path], None]:
+    """iNat json annotations and the image tree they name (``train_val<year>/<super>/<id>/``)."""
+
+    def check(root: Path) -> None:
+        for split in ("train", "val"):
+            _peek_json(root, f"{split}{year}.json", ("images", "annotations", "categories"))
+        tree = f"train_val{year}"
+        supers = class_folders(_require_dir(root, tree))
+        ids = class_folders(root / tree / supers[0]) if supers else []
+        if not ids:
+            raise _Problem(f"has no '{tree}/<supercategory>/<category id>/' folders")
+        if first_image(root / tree / supers[0] / ids[0], _JPEG) is None:
+            raise _Problem(f"has no .jpg files in '{tree}/{supers[0]}/{ids[0]}/'")
+        if (root / "categories.json").exists():
+            _peek_json_list(root, "categories.json")
+
+    return check
+
+
+def _peek_json_list(root: Path, rel: str) -> None:
+    with (root / rel).open("rb") as f:
+        if not f.read(4096).lstrip().startswith(b"["):
+            raise _Problem(f"has '{rel}' that is not a JSON list (categories indexed by id)")
+
+
+def _check_flowers(root: Path) -> None:
+    images = [name for name in os.listdir(_require_dir(root, "jpg")) if is_image_file(name)]
+    if not images:
+        raise _Problem("has no images in 'jpg/'")
+    labelled = math.prod(_peek_mat(root, "imagelabels.mat", ("labels",))["labels"])
+    _peek_mat(root, "setid.mat", ("trnid", "valid", "tstid"))
+    if labelled != len(images):  # the reader numbers the sorted jpg/ files: one label each
+        raise _Problem(f"has {len(images)} images in 'jpg/' but 'imagelabels.mat' labels {labelled}")
+
+
+def _check_cars(root: Path) -> None:
+    _peek_mat(root, "cars_annos.mat", ("annotations",))
+    _require_images(root, "car_ims", _JPEG)
+
+
 _CHECKS: dict[str, Callable[[Path], None]] = {
     "imagenet": _check_imagenet,
     "coco": _check_coco,
@@ -153,6 +245,12 @@ _CHECKS: dict[str, Callable[[Path], None]] = {
     "imagenet_a": _check_wnid_subset,
     "imagenet_r": _check_wnid_subset,
     "imagenet_9": _check_imagenet_9,
+    "cifar10": _cifar_check("cifar10"),
+    "cifar100": _cifar_check("cifar100"),
+    "inat18": _inat_check(2018),
+    "inat19": _inat_check(2019),
+    "flowers": _check_flowers,
+    "cars": _check_cars,
 }
 check_coverage("ibot.data.layouts._CHECKS", _CHECKS, DATASET_KINDS)
 

@@ -30,9 +30,6 @@ _ROW_KEY = ("task", "dataset", "protocol", "metric", "pretrain_data")
 _MAP_KEY = ("paper_task", "paper_dataset", "paper_protocol", "paper_metric", "paper_pretrain_data")
 #: Paper tasks no stage of the registry evaluates yet, with where they are planned.
 _MISSING_TASKS = {
-    "semi_supervised": "no semi-supervised stage yet (Tab.4/Tab.12)",
-    "unsup_cls": "no unsupervised-classification stage yet (Tab.5)",
-    "transfer": "no transfer-learning stage yet (Tab.7)",
     "retrieval": "no image-retrieval stage yet (Tab.16)",
     "video_seg": "no video-object-segmentation stage yet (Tab.16)",
 }

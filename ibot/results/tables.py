@@ -23,11 +23,14 @@ from ibot.results.aggregate import fmt_value, load_metric_map, load_reference, p
 __all__ = ["GROUPS", "GROUP_TITLES", "group_table", "metrics_table", "to_markdown", "to_latex", "to_html",
            "write_tables", "table_outputs", "latex_escape"]
 
-GROUPS = ("classification", "dense", "robustness")
+GROUPS = ("classification", "semi_supervised", "unsupervised", "dense", "robustness", "transfer")
 GROUP_TITLES = {
     "classification": "ImageNet-1K classification: k-NN, linear probe, fine-tuning (top-1 %, cf. Tab.1/Tab.2)",
     "dense": "Dense prediction: COCO detection / instance segmentation, ADE20K semantic segmentation (cf. Tab.6)",
     "robustness": "Robustness of the linear head on frozen features (top-1 %; ImageNet-C error %, lower is better; cf. Tab.8)",
+    "semi_supervised": "Semi-supervised ImageNet classification with 1% / 10% of the labels (top-1 %, cf. Tab.4/Tab.12)",
+    "unsupervised": "Unsupervised classification: [CLS] head argmax as cluster on ImageNet val (%, cf. Tab.5)",
+    "transfer": "Transfer learning: fine-tuning on smaller datasets, DeiT recipe (top-1 %, cf. Tab.7)",
 }
 FORMATS = ("md", "csv", "tex", "html")
 _LEAD = ["Method", "Arch", "Source"]
@@ -233,7 +236,7 @@ def to_latex(frame: pd.DataFrame, *, label: str | None = None) -> str:
     caption = " ".join(t for t in (title, notes) if t)
     return escaped.to_latex(index=False, escape=False, column_format=fmt, na_rep="",
                             caption=latex_escape(caption) if caption else None,
-                            label=label or f"tab:{frame.attrs.get('group', 'results')}")
+                            label=label or f"tab:{frame.attrs.get('group', 'results').replace('_', '-')}")
 
 
 def to_html(frame: pd.DataFrame, *, display: pd.DataFrame | None = None) -> str:

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from ibot import distributed as dist_utils
-from ibot.checkpoint import CheckpointError, check_state_dict, export_backbone, load_file, save_atomic
+from ibot.checkpoint import (HEAD_SETTINGS, CheckpointError, check_state_dict, export_backbone, export_heads,
+                             load_file, save_atomic)
 from ibot.data.multicrop import MultiCropMaskedDataset, collate_multicrop
 from ibot.loss import IBOTLoss
 from ibot.io import write_csv_atomic, write_json_atomic, write_text_atomic
@@ -409,7 +410,10 @@ def train(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: str | Path, wor
 
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], data: str, out_dir: str, run: str, model: str,
         seed: int) -> dict[str, Any]:
-    """Pretraining stage entry (inside the launched job): train, then export the teacher backbone."""
+    """Pretraining stage entry (inside the launched job): train, then export the teacher backbone and
+    both projection heads (``heads.pth``: official ``head.*`` key names, loaded by
+    ``ibot.checkpoint.build_pretrained_head`` for unsupervised classification and semi-supervised
+    fine-tuning from a head layer)."""
     dist_utils.init_distributed()
     cfg = {**config, "seed": seed}
     out = Path(out_dir)
@@ -424,6 +428,9 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], data: str, out
                 "depth": trainer.teacher.backbone.depth, "epochs": cfg["epochs"], "source": "ibot-repro teacher",
                 "fingerprint": work.digest}
         export_backbone(trainer.teacher.backbone, out / "teacher_backbone.pth", meta)
+        export_heads({"teacher": trainer.teacher.head, "student": trainer.student.head}, out / "heads.pth",
+                     {**meta, **{k: cfg[k] for k in HEAD_SETTINGS if k in cfg},
+                      "embed_dim": trainer.teacher.backbone.embed_dim})
         export_log_csv(out / "work" / "train_log.jsonl", out / "train_log.csv")
         write_json_atomic(summary, out / "summary.json")
     return summary

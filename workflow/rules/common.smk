@@ -2,7 +2,7 @@
 import json
 import sys
 
-from ibot.config import model_spec, stage_config, stage_resources
+from ibot.config import model_spec, planned_stages, stage_config, stage_resources
 from ibot.data.kinds import DATASET_KINDS
 from ibot.stages import STAGES as REGISTRY
 
@@ -104,8 +104,9 @@ def stage_target(stage, model):
 
 
 def model_stages(model):
-    """Evaluation stages of a model: its own list or the top-level one (names checked by the schema)."""
-    return config["models"][model].get("stages") or STAGES
+    """Evaluation stages of a model: its own list, or the top-level one without the stages its recipe
+    declares unsupported (ibot.config.planned_stages)."""
+    return planned_stages(config, model)
 
 
 def all_targets():

@@ -20,6 +20,9 @@ REFERENCE_FILES = {name: _os.path.relpath(path) if path.is_relative_to(_Path.cwd
                                       ("paper_protocols", PAPER_PROTOCOLS_CSV))}
 TABLE_FILES = table_outputs(f"{RESULT_DIR}/tables")
 TABLE_HTML = {group: f"{RESULT_DIR}/tables/{group}.html" for group in (*TABLE_GROUPS, "all_metrics")}
+TABLE_LABELS = {"classification": "classification (Tab.1/2)", "dense": "dense (Tab.6)", "robustness": "robustness (Tab.8)",
+                "transfer": "transfer (Tab.7)", "semi_supervised": "semi-supervised (Tab.4/12)",
+                "unsupervised": "unsupervised classification (Tab.5)", "all_metrics": "all metrics"}
 
 
 # Every target of `rule all` that is not a stage's metrics: the results of the run.
@@ -86,14 +89,8 @@ rule tables:
         reference=REFERENCE_FILES["ibot_paper_results"],
         mapping=REFERENCE_FILES["metric_map"],
     output:
-        classification=report(TABLE_HTML["classification"], caption="../report/table_classification.rst",
-                              category="Tables", labels={"table": "classification (Tab.1/2)"}),
-        dense=report(TABLE_HTML["dense"], caption="../report/table_dense.rst", category="Tables",
-                     labels={"table": "dense (Tab.6)"}),
-        robustness=report(TABLE_HTML["robustness"], caption="../report/table_robustness.rst", category="Tables",
-                          labels={"table": "robustness (Tab.8)"}),
-        all_metrics=report(TABLE_HTML["all_metrics"], caption="../report/table_all_metrics.rst", category="Tables",
-                           labels={"table": "all metrics"}),
+        **{group: report(html, caption=f"../report/table_{group}.rst", category="Tables",
+                         labels={"table": TABLE_LABELS[group]}) for group, html in TABLE_HTML.items()},
         files=[f for f in TABLE_FILES if f not in TABLE_HTML.values()],
     params:
         out_dir=f"{RESULT_DIR}/tables",

@@ -34,14 +34,20 @@ class EmbeddedSizes:
     ade_train: int = 60
     ade_val: int = 20
     ade_size: int = 128
+    # transfer sets (CIFAR-10/100, iNat 2018/19, Flowers-102, Stanford Cars); CIFAR is 32 px by format
+    transfer_classes: int = 10
+    transfer_train_per_class: int = 4
+    transfer_val_per_class: int = 2
+    transfer_size: int = 32
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"EmbeddedSizes.{field.name} must be a positive int, got {value!r}")
-        if self.classes > len(CLASS_POOL):
-            raise ValueError(f"EmbeddedSizes.classes must be <= {len(CLASS_POOL)}, got {self.classes}")
+        for name in ("classes", "transfer_classes"):
+            if getattr(self, name) > len(CLASS_POOL):
+                raise ValueError(f"EmbeddedSizes.{name} must be <= {len(CLASS_POOL)}, got {getattr(self, name)}")
         if self.c_per_class > self.val_per_class:
             raise ValueError("EmbeddedSizes.c_per_class must be <= val_per_class")
         if self.a_classes > self.classes:

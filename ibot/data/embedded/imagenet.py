@@ -1,5 +1,6 @@
-"""Embedded ImageNet: ``imagenet/{train,val}/<wnid>/*.JPEG`` plus ``classes.json`` and
-``LOC_synset_mapping.txt``.
+"""Embedded ImageNet: ``imagenet/{train,val}/<wnid>/*.JPEG`` plus ``classes.json``,
+``LOC_synset_mapping.txt`` and the semi-supervised label subsets ``imagenet_subsets/{1,10}percent.txt``
+(SimCLR's file format, one train file name per line; see :mod:`ibot.data.subsets`).
 
 The wnids are real ImageNet ones, each in a different ImageNet-9 super-class (plus one, "soccer
 ball", in none). Val files are named like the real ones (``ILSVRC2012_val_<n>.JPEG``).
@@ -12,9 +13,13 @@ from pathlib import Path
 
 from ibot.data.embedded.base import EmbeddedSizes, Mapper, SetBuilder
 from ibot.data.embedded.classes import CLASS_POOL, ClassSpec
+from ibot.data.subsets import SUBSET_DIR, SUBSET_FILE_NAMES
 from ibot.data.embedded.render import Layers, dump_json, object_layers, save_jpeg, seeded_rng, write_text
 
-__all__ = ["BUILDER", "imagenet_classes", "imagenet_layers", "val_name"]
+__all__ = ["BUILDER", "SUBSET_PERCENTS", "imagenet_classes", "imagenet_layers", "val_name", "subset_names"]
+
+#: The label subsets written, in percent of each class's train images (the paper's 1% and 10%).
+SUBSET_PERCENTS = (1, 10)
 
 
 def imagenet_classes(sizes: EmbeddedSizes) -> list[ClassSpec]:
@@ -40,6 +45,18 @@ def val_name(classes: list[ClassSpec], spec: ClassSpec, index: int, per_class: i
     return f"ILSVRC2012_val_{number:08d}.JPEG"
 
 
+def subset_names(seed: int, sizes: EmbeddedSizes, percent: int) -> list[str]:
+    """Train file names of the ``percent``% subset: per class, the first ``max(1, round(percent% of
+    train_per_class))`` images of a seeded permutation (so each class has at least one labelled image,
+    and the 1% subset is contained in the 10% one, both in class order)."""
+    names = []
+    for spec in imagenet_classes(sizes):
+        count = max(1, round(sizes.train_per_class * percent / 100))
+        order = seeded_rng(seed, "imagenet_subsets", spec.wnid).permutation(sizes.train_per_class)
+        names += [f"{spec.wnid}_{int(i)}.JPEG" for i in sorted(order[:count])]
+    return names
+
+
 def _imagenet_file(root: str, seed: int, sizes: EmbeddedSizes, split: str, wnid: str, index: int) -> None:
     classes = imagenet_classes(sizes)
     spec = next(c for c in classes if c.wnid == wnid)
@@ -59,6 +76,9 @@ def _build(root: Path, seed: int, sizes: EmbeddedSizes, run: Mapper) -> None:
     list(run(_imagenet_file, tasks))
     write_text(root / "classes.json", dump_json({c.wnid: c.name for c in classes}) + "\n")
     write_text(root / "LOC_synset_mapping.txt", "".join(f"{c.wnid} {c.names}\n" for c in classes))
+    for percent in SUBSET_PERCENTS:
+        write_text(root / SUBSET_DIR / SUBSET_FILE_NAMES[str(percent)],
+                   "".join(f"{name}\n" for name in subset_names(seed, sizes, percent)))
 
 
 BUILDER = SetBuilder(("classes", "train_per_class", "val_per_class", "image_size"), _build)

@@ -20,7 +20,7 @@ from ibot.data.embedded.render import dump_json
 __all__ = ["MANIFEST", "DONE", "MANIFEST_VERSION", "is_complete", "verify", "materialise"]
 
 MANIFEST, DONE = "MANIFEST.json", "DONE"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: ImageNet label-subset files, transfer sets, COCO detection set
 
 
 def _sha256(path: Path) -> str:

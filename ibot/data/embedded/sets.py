@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ibot.data.embedded import ade20k, coco, imagenet, imagenet_9, imagenet_a, imagenet_c
+from ibot.data.embedded import cars, cifar, flowers, inat
 from ibot.data.embedded.base import EmbeddedSizes, Mapper, SetBuilder
 from ibot.data.embedded.manifest import materialise
 from ibot.data.kinds import DATASET_KINDS, EMBEDDED_KINDS, check_coverage
@@ -25,6 +26,12 @@ BUILDERS: dict[str, SetBuilder] = {
     "imagenet_c": imagenet_c.BUILDER,
     "imagenet_a": imagenet_a.BUILDER,
     "imagenet_9": imagenet_9.BUILDER,
+    "cifar10": cifar.CIFAR10_BUILDER,
+    "cifar100": cifar.CIFAR100_BUILDER,
+    "inat18": inat.INAT18_BUILDER,
+    "inat19": inat.INAT19_BUILDER,
+    "flowers": flowers.BUILDER,
+    "cars": cars.BUILDER,
 }
 check_coverage("ibot.data.embedded.sets.BUILDERS", BUILDERS, EMBEDDED_KINDS)
 
