@@ -39,11 +39,19 @@ def embedded_run(tmp_path_factory) -> tuple[Path, float]:
 
 def test_every_stage_writes_its_metrics(embedded_run):
     run_dir, _ = embedded_run
-    config = load_yaml(ROOT / "config" / "config.yaml")
-    for model, entry in config["models"].items():
-        for stage in entry.get("stages") or config["stages"]:
+    from ibot.config import planned_stages, validate_config
+
+    config = validate_config(load_yaml(ROOT / "config" / "config.yaml"), base_dir=ROOT)
+    for model in config["models"]:
+        for stage in planned_stages(config, model):
             record = read_metrics(run_dir / model / stage / "metrics.json")
             assert record["model"] == model and record["stage"] == stage and record["metrics"], (model, stage)
+            print(f"{model} {stage}: {record['metrics']} ({record['wall_time_s']:.0f}s)")
+    occlusion = read_metrics(run_dir / "vit_tiny" / "occlusion" / "metrics.json")
+    assert "protocol=official" in occlusion["protocol"] and occlusion["extra"]["saliency_model"]["sha256"]
+    finetune = read_metrics(run_dir / "vit_tiny" / "finetune" / "metrics.json")
+    assert finetune["extra"]["sweep"]["best"] == finetune["config"]["lr"]
+    assert (run_dir / "vit_tiny" / "pretrain" / "heads.pth").is_file()
     assert (run_dir / "summary.csv").is_file()
     assert (run_dir / "tables" / "classification.md").is_file()
 

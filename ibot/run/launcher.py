@@ -84,7 +84,12 @@ def resolve_entry(entry: str):
 class StageJob(submitit.helpers.Checkpointable):
     """Runs one stage function inside a submitit task; requeued as-is on timeout/preemption."""
 
-    def __call__(self, entry: str, kwargs: Mapping[str, Any]) -> Any:
+    def __call__(self, entry: str, kwargs: Mapping[str, Any], threads: int | None = None) -> Any:
+        if threads:  # local jobs share the machine: use the cores the job asked for, not all of them
+            import torch
+
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
         if _in_submitit_job() and submitit.JobEnvironment().num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         else:  # a single task must never inherit a stale rank from the caller's environment
@@ -226,7 +231,9 @@ def launch(entry: str, kwargs: Mapping[str, Any], *, job_dir: str | Path, resour
         print(f"[launcher] re-attaching to running {resources.cluster} job {job.job_id} ({state_file})", flush=True)
     else:
         executor = _executor(resources, job_dir / "submitit", name)
-        job = executor.submit(StageJob(), entry, dict(kwargs))
+        # a local job runs cpus_per_task threads (Snakemake schedules it with as many cores: stage_threads)
+        threads = resources.cpus_per_task if resources.cluster == "local" else None
+        job = executor.submit(StageJob(), entry, dict(kwargs), threads)
         record = {"job_id": str(job.job_id), "cluster": resources.cluster, "folder": str(job_dir / "submitit"),
                   "num_tasks": resources.num_tasks, "entry": entry, "resources": asdict(resources),
                   "call_digest": digest, "submitted": time.time()}

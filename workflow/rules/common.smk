@@ -76,6 +76,15 @@ def resources_json(stage):
     return lambda wildcards: json.dumps(stage_resources(config, stage, wildcards.model), sort_keys=True)
 
 
+def stage_threads(stage):
+    """Cores Snakemake reserves for a stage's job: its cpus_per_task when the job runs on this machine
+    (cluster local; the job then runs that many threads), 1 when it only waits for a cluster job."""
+    def threads(wildcards):
+        resources = stage_resources(config, stage, wildcards.model)
+        return int(resources.get("cpus_per_task") or 2) if resources.get("cluster", "local") == "local" else 1
+    return threads
+
+
 def model_args(wildcards):
     """Backbone CLI arguments shared by every stage (values are schema-validated; quoted by :q)."""
     return checkpoint_args(wildcards) + arch_args(wildcards)

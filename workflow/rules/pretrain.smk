@@ -20,6 +20,7 @@ rule pretrain:
         f"{RESULTS}/{RUN}/logs/{{model}}/pretrain.log",
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/pretrain.tsv"
+    threads: stage_threads("pretrain")
     localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m {PRETRAIN.module} --data {params.train:q} --out-dir {params.out_dir:q} "

@@ -94,6 +94,7 @@ for _stage in (REGISTRY[name] for name in REGISTRY if name != "pretrain"):
             f"{RESULTS}/{RUN}/logs/{{model}}/{_job_name}" + ("_{value}" if _stage.sweep else "") + ".log",
         benchmark:
             f"{RESULTS}/{RUN}/benchmarks/{{model}}/{_job_name}" + ("_{value}" if _stage.sweep else "") + ".tsv"
+        threads: stage_threads(_stage.name)
         localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
         shell:
             "{PYTHON:q} -m {params.module} --data {params.data:q} --out {output.metrics:q} "
