@@ -290,7 +290,7 @@ def pretrain_note(config: Mapping[str, Any], model: str) -> str:
 def load_models_info(config_path: str | Path | None = None, models_json: str | None = None) -> dict[str, Any]:
     """Model info from ``--models-json`` (JSON text or file) or a workflow config file (recipes resolved)."""
     if models_json:
-        text = Path(models_json).read_text() if Path(models_json).is_file() else models_json
+        text = models_json if models_json.lstrip().startswith("{") else Path(models_json).read_text()
         return json.loads(text)
     if config_path:
         from ibot.config import load_yaml, validate_config
