@@ -23,6 +23,7 @@ from ibot.data import embedded
 from ibot.data.corruptions import BENCHMARK_CORRUPTIONS, CORRUPTIONS, EXTRA_CORRUPTIONS, corrupt
 from ibot.data.embedded import (
     ADE_CLASSES,
+    COCO_CATEGORIES,
     IN9_VARIANTS,
     ROOT_NAMES,
     EmbeddedSizes,
@@ -175,7 +176,7 @@ def test_coco_loads_in_pycocotools_and_masks_match_boxes(roots: dict[str, Path])
     for split, count in (("train", SMALL.coco_train), ("val", SMALL.coco_val)):
         coco = COCO(str(root / "annotations" / f"instances_{split}2017.json"))
         assert len(coco.getImgIds()) == count
-        assert sorted(coco.getCatIds()) == [1, 2, 3, 16, 17, 18, 44, 62]
+        assert sorted(coco.getCatIds()) == [c[0] for c in COCO_CATEGORIES] == [3, 18, 44]
         for img in coco.loadImgs(coco.getImgIds()):
             assert Image.open(root / f"{split}2017" / img["file_name"]).size == (img["width"], img["height"])
         for ann in coco.loadAnns(coco.getAnnIds()):
@@ -194,6 +195,22 @@ def test_coco_loads_in_pycocotools_and_masks_match_boxes(roots: dict[str, Path])
                 assert np.all(mask_box[:2] >= ann_box[:2] - 1) and np.all(mask_box[2:] <= ann_box[2:] + 1)
                 assert np.abs(mask_box - ann_box).max() <= 2
     assert crowds >= 1
+
+
+def test_coco_objects_are_few_and_large_for_the_embedded_detection(roots: dict[str, Path]) -> None:
+    """The embedded detection stage trains ~100 iterations: every image (none is dropped by mmdet's
+    filter_empty_gt) holds 1-2 separate objects whose boxes span 30-61% of the image side."""
+    from pycocotools.coco import COCO
+
+    for split in ("train", "val"):
+        coco = COCO(str(roots["coco"] / "annotations" / f"instances_{split}2017.json"))
+        for image_id in coco.getImgIds():
+            anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id)) if not a["iscrowd"]]
+            assert 1 <= len(anns) <= 2
+            masks = [coco.annToMask(a).astype(bool) for a in anns]
+            assert not (len(masks) == 2 and (masks[0] & masks[1]).any())
+            for ann in anns:
+                assert 0.3 * SMALL.coco_size <= max(ann["bbox"][2:]) <= 0.61 * SMALL.coco_size + 1
 
 
 def test_ade20k_labels_are_valid_class_ids(roots: dict[str, Path]) -> None:

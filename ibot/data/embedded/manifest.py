@@ -20,7 +20,7 @@ from ibot.data.embedded.render import dump_json
 __all__ = ["MANIFEST", "DONE", "MANIFEST_VERSION", "is_complete", "verify", "materialise"]
 
 MANIFEST, DONE = "MANIFEST.json", "DONE"
-MANIFEST_VERSION = 2  # 2: ImageNet label-subset files, transfer sets, COCO detection set
+MANIFEST_VERSION = 3  # 2: ImageNet label-subset files, transfer sets; 3: COCO set for the embedded detection
 
 
 def _sha256(path: Path) -> str:
