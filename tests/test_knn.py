@@ -133,6 +133,26 @@ def test_cli_end_to_end_random_init(tmp_path: Path) -> None:
     assert record["checkpoint"] is None
 
 
+def test_registry_launcher_runs_the_same_stage_without_torch_in_the_waiting_process(tmp_path: Path) -> None:
+    """`python -m downstream knn` (what the Snakemake rules run) = `python -m downstream.knn`, through a
+    real local submitit job; the waiting process never imports torch (one torch import per job)."""
+    import subprocess
+    import sys
+
+    data = make_image_folder(tmp_path / "imagenet")
+    args = ["--data", str(data), "--config", json.dumps(SMALL_CONFIG), "--model", "tiny", *TINY]
+    knn.main([*args, "--out", str(tmp_path / "module" / "metrics.json"), "--resources", '{"cluster": "debug"}'])
+    probe = ("import runpy, sys; sys.argv = ['downstream', *sys.argv[1:]]; runpy.run_module('downstream', "
+             "run_name='__main__'); assert 'torch' not in sys.modules, 'the waiting process imported torch'")
+    out = tmp_path / "registry" / "metrics.json"
+    done = subprocess.run([sys.executable, "-c", probe, "knn", *args, "--out", str(out), "--resources",
+                           '{"cluster": "local", "cpus_per_task": 1}'], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert read_metrics(out)["metrics"] == read_metrics(tmp_path / "module" / "metrics.json")["metrics"]
+    unknown = subprocess.run([sys.executable, "-m", "downstream", "knnn"], cwd=ROOT, capture_output=True, text=True)
+    assert unknown.returncode != 0 and "unknown stage 'knnn'" in unknown.stderr
+
+
 def test_official_checkpoint_and_wrong_architecture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_image_folder(tmp_path / "imagenet", train=3, val=2)
     ckpt = official_checkpoint(tmp_path / "checkpoint.pth")

@@ -17,7 +17,10 @@ from typing import Sequence
 
 from ibot.config import deep_merge, mapping_arg
 from ibot.run.launcher import launch
-from ibot.train.pretrain import DEFAULTS
+from ibot.stages import stage_defaults
+
+#: This process only launches the job: torch is imported by the job itself (see downstream/__main__.py).
+DEFAULTS = stage_defaults("pretrain")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

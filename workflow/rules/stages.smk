@@ -1,9 +1,10 @@
 # One rule per evaluation stage, generated from the stage registry (ibot/stages.py): k-NN, linear
 # probing, fine-tuning, COCO detection, ADE20K segmentation (UperNet, linear), robustness. Every
-# rule runs the stage's CLI (`python -m <module>`, the same command as without Snakemake) through
-# the common launcher; its config is a param (the resolved stage config as JSON), so editing it
-# reruns only that stage. Outputs: metrics.json + the registry's extra files. Resumable work
-# (<stage>/work, fingerprinted by ibot.workdir) is never an output, so Snakemake never deletes it.
+# rule runs the stage's CLI through the common launcher: `python -m downstream <stage>`, the same
+# command line as `python -m <module>` but torch-free in the waiting process. Its config is a param
+# (the resolved stage config as JSON), so editing it reruns only that stage. Outputs: metrics.json +
+# the registry's extra files. Resumable work (<stage>/work, fingerprinted by ibot.workdir) is never
+# an output, so Snakemake never deletes it.
 # A swept stage (registry `sweep`, e.g. the fine-tuning lr) runs one job per value into
 # <stage>/sweep/<key>_<value>/ and a last rule writes the best run's record (ibot.sweep).
 from ibot.sweep import SWEEP_DIR, run_metrics_path, sweep_values, value_label
@@ -84,7 +85,7 @@ for _stage in (REGISTRY[name] for name in REGISTRY if name != "pretrain"):
             metrics=_job_out,
             **{key: f"{stage_dir(_stage.name)}/{name}" for key, name in _stage.outputs.items()},
         params:
-            module=_stage.module,
+            stage=_stage.name,
             config=_sweep_run_json(_stage) if _stage.sweep else stage_json(_stage.name),
             resources=resources_json(_stage.name),
             data=_stage_data(_stage),
@@ -97,7 +98,7 @@ for _stage in (REGISTRY[name] for name in REGISTRY if name != "pretrain"):
         threads: stage_threads(_stage.name)
         localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
         shell:
-            "{PYTHON:q} -m {params.module} --data {params.data:q} --out {output.metrics:q} "
+            "{PYTHON:q} -m downstream {params.stage} --data {params.data:q} --out {output.metrics:q} "
             "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} "
             "{params.needs:q} > {log:q} 2>&1"
 
