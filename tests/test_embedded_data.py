@@ -54,6 +54,9 @@ SMALL = EmbeddedSizes(
     transfer_classes=3,
     transfer_train_per_class=2,
     transfer_val_per_class=2,
+    davis_videos=2,
+    davis_frames=3,
+    davis_size=64,
 )
 
 

@@ -39,6 +39,16 @@ class EmbeddedSizes:
     transfer_train_per_class: int = 4
     transfer_val_per_class: int = 2
     transfer_size: int = 32
+    # DAVIS-2017 video object segmentation: videos (alternately 1 and 2 objects), frames each, frame width (px)
+    davis_videos: int = 3
+    davis_frames: int = 8
+    davis_size: int = 160
+    # Revisited Oxford / Paris (image retrieval, Tab.16): per set landmarks x database images, distractors, queries
+    revisitop_landmarks: int = 5
+    revisitop_per_landmark: int = 8
+    revisitop_distractors: int = 30
+    revisitop_queries: int = 8
+    revisitop_size: int = 96
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -52,6 +62,9 @@ class EmbeddedSizes:
             raise ValueError("EmbeddedSizes.c_per_class must be <= val_per_class")
         if self.a_classes > self.classes:
             raise ValueError("EmbeddedSizes.a_classes must be <= classes")
+        if self.revisitop_landmarks > len(CLASS_POOL) or self.revisitop_per_landmark < 2 or self.revisitop_size < 32:
+            raise ValueError(f"EmbeddedSizes: revisitop_landmarks must be <= {len(CLASS_POOL)}, revisitop_per_landmark "
+                             ">= 2 (an easy and a hard view) and revisitop_size >= 32")
         for name in ("image_size", "coco_size", "ade_size"):
             if getattr(self, name) < 32:
                 raise ValueError(f"EmbeddedSizes.{name} must be >= 32 (ImageNet-C needs it)")

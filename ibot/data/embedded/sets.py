@@ -13,6 +13,8 @@ from pathlib import Path
 
 from ibot.data.embedded import ade20k, coco, imagenet, imagenet_9, imagenet_a, imagenet_c
 from ibot.data.embedded import cars, cifar, flowers, inat
+from ibot.data.embedded import davis
+from ibot.data.embedded import revisitop
 from ibot.data.embedded.base import EmbeddedSizes, Mapper, SetBuilder
 from ibot.data.embedded.manifest import materialise
 from ibot.data.kinds import DATASET_KINDS, EMBEDDED_KINDS, check_coverage
@@ -32,6 +34,8 @@ BUILDERS: dict[str, SetBuilder] = {
     "inat19": inat.INAT19_BUILDER,
     "flowers": flowers.BUILDER,
     "cars": cars.BUILDER,
+    "davis": davis.BUILDER,
+    "revisitop": revisitop.BUILDER,
 }
 check_coverage("ibot.data.embedded.sets.BUILDERS", BUILDERS, EMBEDDED_KINDS)
 
