@@ -27,6 +27,7 @@ def build_parser(stage: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--arch", default="vit_small", help="backbone architecture (vit_tiny/small/base/large)")
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--depth", type=int, default=None, help="override the block count (embedded models)")
+    parser.add_argument("--window-size", type=int, default=None, help="Swin attention window (swin_* archs)")
     parser.add_argument("--data", required=True, help="dataset root in its real on-disk layout")
     parser.add_argument("--out", required=True, help="metrics.json to write (other outputs go beside it)")
     parser.add_argument("--config", type=mapping_arg, default={}, help="stage config: JSON object or .json/.yaml file")
@@ -53,11 +54,13 @@ def stage_main(stage: str, entry: str, defaults: Mapping[str, Any], argv: Sequen
     if extra_arguments:
         extra_arguments(parser)
     args = parser.parse_args(argv)
-    common = {"checkpoint", "checkpoint_key", "arch", "patch_size", "depth", "data", "out", "config",
+    common = {"checkpoint", "checkpoint_key", "arch", "patch_size", "depth", "window_size", "data", "out", "config",
               "resources", "run", "model", "seed"}
     kwargs = dict(
         config=deep_merge(defaults, args.config, path=stage),
-        model_spec={"arch": args.arch, "patch_size": args.patch_size, "depth": args.depth},
+        # window_size only when set: ViT specs (and so their work-dir fingerprints) stay as they were
+        model_spec={"arch": args.arch, "patch_size": args.patch_size, "depth": args.depth,
+                    **({"window_size": args.window_size} if args.window_size is not None else {})},
         checkpoint=args.checkpoint, checkpoint_key=args.checkpoint_key, data=args.data, out=args.out,
         run=args.run, model=args.model or args.arch, seed=args.seed,
         **{k: v for k, v in vars(args).items() if k not in common},

@@ -46,7 +46,7 @@ from ibot.metrics import write_metrics
 from ibot.workdir import prepare_stage_work
 from ibot.stages import stage_defaults
 
-__all__ = ["DEFAULTS", "OFFICIAL_LR_GRID", "protocol_label", "linear_features", "feature_dim", "LinearHeads", "LinearSweep",
+__all__ = ["DEFAULTS", "OFFICIAL_LR_GRID", "protocol_label", "linear_features", "feature_dim", "backbone_feature_dim", "LinearHeads", "LinearSweep",
            "LinearClassifier", "load_linear_classifier", "run", "main"]
 
 #: eval_linear_multi.py: ``[base * n for base in 10**k, k in -4..0, n in 1..9]`` (before batch scaling).
@@ -72,6 +72,17 @@ def _avgpool_mode(avgpool_patchtokens: bool | int) -> int:
 def feature_dim(embed_dim: int, n_last_blocks: int, avgpool_patchtokens: bool | int) -> int:
     mode = _avgpool_mode(avgpool_patchtokens)
     return embed_dim * (n_last_blocks * int(mode != 1) + int(mode > 0))
+
+
+def backbone_feature_dim(backbone: nn.Module, n_last_blocks: int, avgpool_patchtokens: bool | int) -> int:
+    """Feature size for ``backbone``: ViT ``embed_dim`` × blocks (+ patch mean); Swin the sum of its last
+    blocks' widths (eval_linear.py:99-103; ``IBOTSwinTransformer.linear_feature_dim`` rejects the
+    ViT-only ``avgpool_patchtokens``)."""
+    if hasattr(backbone, "linear_feature_dim"):
+        return int(backbone.linear_feature_dim(int(n_last_blocks), _avgpool_mode(avgpool_patchtokens)))
+    if not 1 <= n_last_blocks <= len(backbone.blocks):
+        raise ValueError(f"linear.n_last_blocks: {n_last_blocks} but the backbone has {len(backbone.blocks)} blocks")
+    return feature_dim(backbone.embed_dim, n_last_blocks, avgpool_patchtokens)
 
 
 def linear_features(backbone: nn.Module, images: Tensor, n_last_blocks: int,
@@ -204,7 +215,7 @@ def load_linear_classifier(model_spec: Mapping[str, Any], checkpoint: str | Path
         # without a checkpoint the backbone is the random init the head was trained on (seeded like the stage)
         torch.manual_seed(int(meta.get("seed", 0)))
         backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, int(meta.get("crop", 224)))
-    dim = feature_dim(backbone.embed_dim, int(meta["n_last_blocks"]), meta["avgpool_patchtokens"])
+    dim = backbone_feature_dim(backbone, int(meta["n_last_blocks"]), meta["avgpool_patchtokens"])
     weight, bias = state.get("weight"), state.get("bias")
     if weight is None or bias is None or tuple(weight.shape) != (int(meta["num_classes"]), dim):
         raise CheckpointError(
@@ -257,9 +268,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
 
     torch.manual_seed(seed)  # a random-init backbone (no checkpoint) is rebuilt from meta['seed'] when loading
     backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, int(config["crop"])).to(device)
-    if not 1 <= n_last <= len(backbone.blocks):
-        raise ValueError(f"linear.n_last_blocks: {n_last} but the backbone has {len(backbone.blocks)} blocks")
-    dim = feature_dim(backbone.embed_dim, n_last, avgpool)
+    dim = backbone_feature_dim(backbone, n_last, avgpool)
     log(f"[linear] {len(train_set)} train / {len(val_set)} val images, {num_classes} classes; features {dim}; "
         f"{len(lrs)} heads; batch {global_batch}; {epochs} epochs; device {device}")
 

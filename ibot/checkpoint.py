@@ -5,6 +5,7 @@ Every stage loads backbone weights through :func:`load_backbone_weights`. It acc
   ``module.``/``backbone.`` prefixes, ``head.*`` entries ignored),
 - exported/released teacher files (``{'state_dict': ...}``, e.g. iBOT ``checkpoint_teacher.pth``),
 - plain backbone state dicts (e.g. DINO releases),
+- for Swin backbones, the official Swin key layout (:func:`swin_official_to_timm`),
 and refuses anything else with the missing/unexpected keys listed: never a silent partial load.
 
 Projection heads (unsupervised classification, semi-supervised fine-tuning from a head layer) load
@@ -30,7 +31,7 @@ from ibot.io import atomic_write
 __all__ = ["CheckpointError", "save_atomic", "load_file", "extract_backbone_state", "check_state_dict",
            "load_backbone_weights", "export_backbone", "sha256_file", "OPTIONAL_BACKBONE_KEYS", "HEAD_SETTINGS",
            "extract_head_state", "head_settings", "locate_heads", "load_head_weights", "build_pretrained_head",
-           "export_heads"]
+           "export_heads", "swin_official_to_timm"]
 
 # The official training checkpoints pickle their argparse args and numpy float64 learning rates
 # (optimizer param groups); a Namespace and numpy scalars carry no code.
@@ -121,12 +122,38 @@ def load_backbone_weights(model: nn.Module, path: str | Path, key: str | None = 
     """Load backbone weights strictly; return what was tolerated. Raises CheckpointError otherwise."""
     state = extract_backbone_state(load_file(path), key, source=f"checkpoint {path}")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = swin_official_to_timm(model, state, source=f"checkpoint {path}")
     expected = model.state_dict()
     check_state_dict(model, state, f"checkpoint {path}", optional=OPTIONAL_BACKBONE_KEYS, resizable={"pos_embed"})
     if "pos_embed" in state and state["pos_embed"].shape != expected["pos_embed"].shape:
         state["pos_embed"] = _resize_pos_embed(state["pos_embed"], expected["pos_embed"])
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return {"missing_optional": sorted(set(expected) - set(state))}
+
+
+def swin_official_to_timm(model: nn.Module, state: Mapping[str, Any], *, source: str = "checkpoint"
+                          ) -> dict[str, Any]:
+    """For a timm Swin ``model``: map an official (Microsoft / iBOT models/swin_transformer.py) state dict
+    to timm's names; any other model or a timm-layout state passes through unchanged.
+
+    timm's own ``checkpoint_filter_fn`` does the mapping: the official stage ``i`` ends with its
+    ``layers.i.downsample`` (BasicLayer, official :431-434), timm's stage ``i+1`` starts with it; the
+    non-persistent ``relative_position_index`` / ``attn_mask`` buffers the official code saves are dropped;
+    a ``relative_position_bias_table`` of another window size (a Swin-T/14 checkpoint in a window-7
+    model) is refused: timm would resample it silently, hiding a wrong ``models.<name>.window_size``.
+    """
+    from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
+    if not isinstance(model, SwinTransformer):
+        return dict(state)
+    expected = model.state_dict()
+    for key, value in state.items():
+        if key.endswith("relative_position_bias_table") and key in expected and value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{source}: {key} table {tuple(value.shape)} vs model {tuple(expected[key].shape)}: the weights "
+                f"use another Swin window than this model (models.<name>.window_size = "
+                f"{getattr(model, 'window_size', '?')}; Swin-T/7 vs Swin-T/14), or the model was built for a "
+                f"smaller image whose stage grid clamps the window (official: built at 224 px)")
+    return checkpoint_filter_fn(dict(state), model)
 
 
 def _resize_pos_embed(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -139,10 +139,9 @@ def load_model(model_spec: Mapping[str, Any], checkpoint: str | None, checkpoint
         classifier = linear.load_linear_classifier(dict(model_spec), checkpoint, checkpoint_key, str(head_path))
     except CheckpointError as error:
         raise RobustnessError(str(error)) from error
+    except ValueError as error:  # the head's feature recipe does not fit this backbone (e.g. n_last_blocks)
+        raise RobustnessError(f"linear head {head_path}: {error}") from error
     model = LinearProbeModel(classifier, head, linear.linear_features)
-    if len(model.backbone.blocks) < model.n_last_blocks:
-        raise RobustnessError(f"linear head {head_path}: n_last_blocks {model.n_last_blocks} does not fit a backbone "
-                              f"of depth {len(model.backbone.blocks)}")
     model.eval().requires_grad_(False)
     return model.to(device)
 

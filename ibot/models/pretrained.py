@@ -12,7 +12,7 @@ from ibot.models.vision_transformer import IBOTVisionTransformer, build_backbone
 __all__ = ["build_pretrained_backbone", "MODEL_SPEC_KEYS"]
 
 #: Keys of a model spec (``models.<name>`` in the config) that define the backbone.
-MODEL_SPEC_KEYS = ("arch", "patch_size", "depth")
+MODEL_SPEC_KEYS = ("arch", "patch_size", "depth", "window_size")
 
 
 def build_pretrained_backbone(spec: Mapping[str, Any], checkpoint: str | Path | None, *,
@@ -20,7 +20,8 @@ def build_pretrained_backbone(spec: Mapping[str, Any], checkpoint: str | Path | 
                               drop_path_rate: float = 0.0) -> IBOTVisionTransformer:
     """Backbone for evaluation: no mask token, strict weight loading; random init if no checkpoint."""
     backbone = build_backbone(spec["arch"], patch_size=int(spec.get("patch_size", 16)), img_size=img_size,
-                              drop_path_rate=drop_path_rate, masked_im_modeling=False, depth=spec.get("depth"))
+                              drop_path_rate=drop_path_rate, masked_im_modeling=False, depth=spec.get("depth"),
+                              window_size=spec.get("window_size"))
     if checkpoint is not None:
         load_backbone_weights(backbone, checkpoint, key=checkpoint_key)
     return backbone

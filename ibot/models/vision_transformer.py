@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-__all__ = ["ARCHITECTURES", "ArchSpec", "IBOTVisionTransformer", "build_backbone"]
+from ibot.models.swin_transformer import SWIN_ARCHITECTURES, IBOTSwinTransformer, build_swin
+
+__all__ = ["ARCHITECTURES", "ArchSpec", "IBOTVisionTransformer", "IBOTSwinTransformer", "build_backbone"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "vit_base": ArchSpec(embed_dim=768, depth=12, num_heads=12),
     "vit_large": ArchSpec(embed_dim=1024, depth=24, num_heads=16),
 }
+# Swin sizes (ibot.models.swin_transformer) share the registry: one arch enum, one builder.
+ARCHITECTURES.update(SWIN_ARCHITECTURES)  # type: ignore[arg-type]
 
 
 class IBOTVisionTransformer(VisionTransformer):
@@ -130,12 +134,27 @@ class IBOTVisionTransformer(VisionTransformer):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "masked_embed"}
 
+    @property
+    def mask_patch_size(self) -> int:
+        """Pixels per cell of the iBOT mask: one patch (main_ibot.py:167)."""
+        return self.patch_size
+
 
 def build_backbone(arch: str, *, patch_size: int = 16, img_size: int = 224, drop_path_rate: float = 0.0,
-                   masked_im_modeling: bool = True, depth: int | None = None) -> IBOTVisionTransformer:
-    """Build a registered architecture. ``depth`` overrides the block count (small embedded models)."""
+                   masked_im_modeling: bool = True, depth: int | None = None, window_size: int | None = None
+                   ) -> IBOTVisionTransformer | IBOTSwinTransformer:
+    """Build a registered architecture. ``depth`` overrides the block count (small embedded models);
+    ``window_size`` is Swin's attention window (None: the size's default, official main_ibot.py:46: 7)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    if arch in SWIN_ARCHITECTURES:
+        if depth is not None:
+            raise ValueError(f"models.<name>.depth: {depth} is a ViT-only override; {arch} has fixed stages "
+                             f"{SWIN_ARCHITECTURES[arch].depths} (use swin_mini for a small model)")
+        return build_swin(arch, patch_size=patch_size, img_size=img_size, window_size=window_size,
+                          drop_path_rate=drop_path_rate, masked_im_modeling=masked_im_modeling)
+    if window_size is not None:
+        raise ValueError(f"models.<name>.window_size: {window_size} applies to Swin only, not {arch}")
     spec = ARCHITECTURES[arch]
     return IBOTVisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=spec.embed_dim,
                                  depth=depth or spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio,

@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--arch", default="vit_small")
     parser.add_argument("--patch-size", type=int, default=16)
     parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--window-size", type=int, default=None, help="Swin attention window (swin_* archs)")
     parser.add_argument("--data", required=True, help="ImageFolder root of the training images (e.g. imagenet/train)")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--resources", type=mapping_arg, default={"cluster": "local"})
@@ -40,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not Path(args.data).is_dir():
         parser.error(f"--data {args.data}: not a directory (expected an ImageFolder root: <class>/<image>)")
     kwargs = dict(config=deep_merge(DEFAULTS, args.config, path="pretrain"),
-                  model_spec={"arch": args.arch, "patch_size": args.patch_size, "depth": args.depth},
+                  model_spec={"arch": args.arch, "patch_size": args.patch_size, "depth": args.depth,
+                              **({"window_size": args.window_size} if args.window_size is not None else {})},
                   data=args.data, out_dir=args.out_dir, run=args.run, model=args.model or args.arch, seed=args.seed)
     return launch("ibot.train.pretrain:run", kwargs, job_dir=Path(args.out_dir) / "job", resources=args.resources,
                   name=f"pretrain-{kwargs['model']}")

@@ -152,7 +152,8 @@ def select_attention_kernel(models: tuple[nn.Module, ...], device: torch.device,
 
 def build_models(cfg: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[IBOTModel, IBOTModel]:
     """Student (drop path, mask token) and teacher (same weights, no drop path, no grad)."""
-    kwargs = dict(patch_size=spec["patch_size"], img_size=cfg["global_crops_size"], depth=spec.get("depth"))
+    kwargs = dict(patch_size=spec["patch_size"], img_size=cfg["global_crops_size"], depth=spec.get("depth"),
+                  window_size=spec.get("window_size"))
     student_backbone = build_backbone(spec["arch"], drop_path_rate=cfg["drop_path"],
                                       masked_im_modeling=cfg["use_masked_im_modeling"], **kwargs)
     teacher_backbone = build_backbone(spec["arch"], masked_im_modeling=False, **kwargs)
@@ -193,7 +194,8 @@ class Trainer:
             data, global_crops_scale=tuple(self.cfg["global_crops_scale"]),
             local_crops_scale=tuple(self.cfg["local_crops_scale"]), global_crops_number=g, local_crops_number=l,
             global_crops_size=self.cfg["global_crops_size"], local_crops_size=self.cfg["local_crops_size"],
-            patch_size=self.spec["patch_size"], pred_ratio=self.cfg["pred_ratio"],
+            # masks on the grid the patch loss sees: ViT patches, Swin final-stage tokens (main_ibot.py:167)
+            patch_size=self.student.backbone.mask_patch_size, pred_ratio=self.cfg["pred_ratio"],
             pred_ratio_var=self.cfg["pred_ratio_var"], pred_shape=self.cfg["pred_shape"],
             pred_start_epoch=self.cfg["pred_start_epoch"], seed=self.cfg["seed"])
         self.global_batch = self.cfg["batch_size_per_gpu"] * dist_utils.world_size()
