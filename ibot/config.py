@@ -28,7 +28,8 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 __all__ = ["ConfigError", "deep_merge", "load_yaml", "validate_config", "section_layers", "section_config",
-           "stage_config", "explain_stage", "stage_resources", "global_batch", "model_spec", "check_datasets",
+           "stage_config", "explain_stage", "stage_resources", "global_batch", "model_spec", "pretrain_images",
+           "check_datasets",
            "check_stage_configs", "planned_stages",
            "json_or_file", "mapping_arg", "parse_config_overrides", "update_config", "load_workflow_config",
            "SCHEMA_DIR", "REPO_ROOT"]
@@ -228,6 +229,7 @@ def validate_config(config: dict[str, Any], *, base_dir: str | Path = ".") -> di
     problems = []
     for name in models:
         problems += _unsupported_stage_problems(config, name)
+        problems += _weights_problems(config, name)
         if models[name]["weights"] == "pretrain":
             try:
                 global_batch(config, name)
@@ -236,6 +238,23 @@ def validate_config(config: dict[str, Any], *, base_dir: str | Path = ".") -> di
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return config
+
+
+def _weights_problems(config: Mapping[str, Any], model: str) -> list[str]:
+    """``weights: checkpoint`` needs exactly one source: a file (``checkpoint``) or another model's
+    pretraining in this run (``weights_from``, a model with ``weights: pretrain``)."""
+    entry = config["models"][model]
+    source, other = entry.get("checkpoint"), entry.get("weights_from")
+    if entry["weights"] != "checkpoint":
+        return [f"config key models.{model}.{key}: set, but weights is {entry['weights']!r} (use weights: "
+                f"checkpoint)" for key, value in (("weights_from", other),) if value]
+    if bool(source) == bool(other):
+        return [f"config key models.{model}: weights: checkpoint needs exactly one of checkpoint (a weights file) "
+                f"or weights_from (a model of this config whose pretraining it evaluates)"]
+    if other and (config["models"].get(other) or {}).get("weights") != "pretrain":
+        return [f"config key models.{model}.weights_from: {other!r} is not a model with weights: pretrain in "
+                f"this config (models: {sorted(config['models'])})"]
+    return []
 
 
 def _properties_with_defaults(validate_properties):
@@ -271,7 +290,23 @@ def planned_stages(config: Mapping[str, Any], model: str) -> list[str]:
 
 def model_spec(config: Mapping[str, Any], model: str) -> dict[str, Any]:
     entry = config["models"][model]
-    return {"arch": entry["arch"], "patch_size": entry["patch_size"], "depth": entry.get("depth")}
+    spec = {"arch": entry["arch"], "patch_size": entry["patch_size"], "depth": entry.get("depth")}
+    if entry.get("window_size") is not None:  # Swin only; absent otherwise so ViT specs (fingerprints) are unchanged
+        spec["window_size"] = entry["window_size"]
+    return spec
+
+
+def pretrain_images(config: Mapping[str, Any], model: str) -> tuple[str, str]:
+    """(dataset kind, training-image folder) a model is pretrained on: ``models.<m>.pretrain_data``
+    IN-1K -> ``data.imagenet``/train, IN-22K -> ``data.imagenet22k`` (ibot.data.kinds.PRETRAIN_DATA)."""
+    from ibot.data.kinds import PRETRAIN_DATA
+
+    kind, sub = PRETRAIN_DATA[config["models"][model].get("pretrain_data") or "IN-1K"]
+    root = (config.get("data") or {}).get(kind)
+    if not root:
+        raise ValueError(f"models.{model}.pretrain_data needs config key data.{kind}: not set; point it at the "
+                         f"dataset in its real layout")
+    return kind, f"{root}/{sub}" if sub else str(root)
 
 
 # -- resolution ------------------------------------------------------------------------------------

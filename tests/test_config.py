@@ -136,12 +136,14 @@ def test_snakemake_plans_embedded_default():
 def test_snakemake_plans_the_whole_paper_without_datasets():
     result, seconds = _dry_run("--configfile", "config/paper.yaml")
     assert result.returncode == 0, result.stderr
-    # 3 ViTs + the out_dim-1000 ViT-S/16 of Tab.5 pretrained, every stage each has a recipe for
+    # 3 ViTs + the out_dim-1000 ViT-S/16 of Tab.5 + 3 IN-22K + 2 no-multi-crop + 2 random-mask ViTs + 2 Swin-T
+    # pretrained, every stage each has a recipe for; the FT 512/384 models fine-tune vit_large_in22k's teacher
     assert "pretrain" in result.stdout and "embedded_data" not in result.stdout
     counts = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()
               if len(line.split()) == 2 and line.split()[1].isdigit()}
-    assert counts["pretrain"] == 4 and counts.get("knn") == 3 and counts.get("unsupervised") == 1, result.stdout
-    assert counts.get("semi_supervised") == 1 and counts.get("transfer_cars") == 2 and counts.get("detection") == 2
+    assert counts["pretrain"] == 13 and counts.get("knn") == 12 and counts.get("unsupervised") == 1, result.stdout
+    assert counts.get("retrieval") == 1 and counts.get("video_segmentation") == 1, result.stdout
+    assert counts.get("semi_supervised") == 1 and counts.get("transfer_cars") == 2 and counts.get("detection") == 3
     print(f"paper DAG planned in {seconds:.2f}s")
 
 

@@ -25,7 +25,9 @@ from test_finetune import OFFICIAL_FINETUNE_VIT_S
 from test_knn import OFFICIAL_EVAL_KNN
 from test_linear import OFFICIAL_EVAL_LINEAR_VIT_S
 from test_semi_supervised import OFFICIAL_LOGREG, OFFICIAL_SEMI_FINETUNE
+from test_retrieval import OFFICIAL_RETRIEVAL
 from test_unsupervised import OFFICIAL_UNSUP_CLS
+from test_video_segmentation import OFFICIAL_VIDEO_SEGMENTATION
 from test_transfer import OFFICIAL_TRANSFER_VIT_B_CHANGES, OFFICIAL_TRANSFER_VIT_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +155,10 @@ def _common(stage: str) -> dict[str, Any]:
         return dict(OFFICIAL_UNSUP_CLS)
     if section == "transfer":
         return dict(OFFICIAL_TRANSFER_VIT_S[STAGES[stage].subsection])
+    if section == "retrieval":
+        return dict(OFFICIAL_RETRIEVAL)
+    if section == "video_segmentation":
+        return dict(OFFICIAL_VIDEO_SEGMENTATION)
     return {"knn": OFFICIAL_EVAL_KNN, "linear": OFFICIAL_EVAL_LINEAR_VIT_S, "finetune": OFFICIAL_FINETUNE_VIT_S,
             "detection": OFFICIAL_DETECTION}[section]
 

@@ -21,7 +21,7 @@ from ibot.results.__main__ import main as results_main
 from ibot.metrics import write_metrics
 from ibot.results.aggregate import (PAPER_PROTOCOLS_CSV, REFERENCE_CSV, SUMMARY_COLUMNS, aggregate, build_summary,
                                     find_metrics_files, flat_metrics, load_metric_map, load_paper_protocols,
-                                    load_reference, paper_values, read_summaries)
+                                    load_reference, paper_values, read_summaries, paper_label, parse_paper_label)
 from ibot.results.compare import compare_paper, compare_runs
 from ibot.stages import STAGES
 from ibot.results.tables import GROUPS, group_table, to_latex, to_markdown, write_tables
@@ -66,7 +66,9 @@ def test_reference_copy_is_the_shared_file():
 
 def test_metric_map_lines_resolve_to_one_reference_row():
     reference, mapping = load_reference(), load_metric_map()
-    models = sorted(set(reference["model"]))
+    # every label a line can serve: each reference model x pretraining data x variant of the map
+    models = sorted({paper_label(m, data, variant) for m in set(reference["model"]) for data in ("IN-1K", "IN-22K")
+                     for variant in set(mapping["variant"])})
     paper = paper_values(reference, mapping, models)  # raises if a line matches several rows
     with_table = mapping[mapping["paper_table"] != ""]
     resolved = set(zip(paper["group"], paper["column"]))
@@ -77,14 +79,28 @@ def test_metric_map_lines_resolve_to_one_reference_row():
     assert vit_s["IN-C err (19)"] == 48.1 and vit_s["S.5"] == 65.9 and vit_s["Only-BG-T"] == 17.4
     assert "mIoU (linear)" not in vit_s.index  # the paper has no ViT-S/16 linear-seg number
     assert paper[paper["paper_model"] == "ViT-L/16"].set_index("column").at["Linear", "paper_value"] == 81.0
+    # a label sees only the lines of its pretraining data and variant
+    in22k = paper[paper["paper_model"] == "ViT-B/16, IN-22K"].set_index("column")["paper_value"]
+    assert in22k["k-NN"] == 71.1 and in22k["Linear"] == 79.0 and in22k["Fine-tune"] == 84.4  # Tab.15, Tab.3
+    no_mc = paper[paper["paper_model"] == "ViT-S/16, no multi-crop"].set_index("column")["paper_value"]
+    assert no_mc.to_dict() == {"k-NN": 72.4, "Linear": 76.2}  # Tab.10, nothing else
+    assert paper[paper["paper_model"] == "ViT-L/16, IN-22K, FT 512"]["paper_value"].tolist() == [87.8]
+
+
+def test_paper_labels_round_trip():
+    assert paper_label("ViT-B/16") == "ViT-B/16" and paper_label(None, "IN-22K") is None
+    assert paper_label("ViT-L/16", "IN-22K", "FT 512") == "ViT-L/16, IN-22K, FT 512"
+    for label in ("ViT-S/16", "DINO ViT-S/16, no multi-crop", "ViT-L/16, IN-22K, FT 512", "ViT-B/16 (random mask)"):
+        assert paper_label(*parse_paper_label(label)) == label
+    assert parse_paper_label("ViT-S/16, no multi-crop") == ("ViT-S/16", "IN-1K", "no multi-crop")
 
 
 def test_paper_protocols_name_every_paper_experiment_we_can_run():
     """Every (paper model, stage) with a paper number for a ViT we can evaluate has the dataset and
     protocol labels of the paper's experiment, and every such row has a paper number."""
     reference, mapping, experiments = load_reference(), load_metric_map(), load_paper_protocols()
-    models = sorted(m for m in set(reference["model"]) if m.removeprefix("DINO ").startswith("ViT-")
-                    and "(" not in m)  # README-only variants ("ViT-B/16 (random mask)") are not paper rows
+    standard = {m for m in set(reference["model"]) if m.removeprefix("DINO ").startswith("ViT-") and "(" not in m}
+    models = sorted(standard | set(_paper_labels().values()))  # + the variants config/paper.yaml runs
     joinable = set(map(tuple, paper_values(reference, mapping, models)[["paper_model", "stage"]].values))
     listed = set(zip(experiments["paper_model"], experiments["stage"]))
     # DINO fine-tuning, transfer and semi-supervised: no source says which recipe the DINO numbers
@@ -96,6 +112,14 @@ def test_paper_protocols_name_every_paper_experiment_we_can_run():
     assert joinable - listed == unknown
     assert listed <= joinable
     assert PAPER_PROTOCOLS_CSV.parent == REFERENCE_CSV.parent
+
+
+def _paper_labels() -> dict[str, str]:
+    """model -> paper label of every model of config/paper.yaml."""
+    from ibot.config import load_yaml, validate_config
+    from ibot.results.aggregate import models_info_from_config
+    config = validate_config(load_yaml(REPO / "config" / "paper.yaml"), base_dir=REPO)
+    return {model: info["paper_model"] for model, info in models_info_from_config(config).items() if info["paper_model"]}
 
 
 def _paper_stage_config(stage: str, model: str) -> tuple[dict, dict]:
@@ -118,7 +142,7 @@ def test_the_paper_config_writes_the_paper_protocol_labels(stage):
     experiments = load_paper_protocols()
     rows = experiments[(experiments["stage"] == stage) & ~experiments["paper_model"].str.startswith("DINO ")]
     assert len(rows), stage
-    paper_models = {"ViT-S/16": "vit_small", "ViT-B/16": "vit_base", "ViT-L/16": "vit_large"}
+    paper_models = {label: model for model, label in reversed(list(_paper_labels().items()))}  # first model wins
     for row in rows.itertuples(index=False):
         config, _ = _paper_stage_config(stage, paper_models[row.paper_model])
         assert module.protocol_label(config) == row.protocol, (stage, row.paper_model)
@@ -714,9 +738,19 @@ def test_coverage_claims_only_planned_jobs_and_says_why_not():
     assert (covered["reason"] == "").all() and (full[full["job"] == ""]["reason"] != "").all()
     row = full[(full["table"] == "Tab.14 det/seg ViT-B") & (full["metric"] == "APb50")].iloc[0]
     assert row["job"] == "results/paper/vit_base/detection/metrics.json (bbox_AP50)"
-    reasons = set(full["reason"])
-    assert "needs an ImageNet-22K pretraining (a model variant not in this config)" in reasons
-    assert "no image-retrieval stage yet (Tab.16)" in reasons
+    in22k = full[(full["table"] == "Tab.15 IN-22K k-NN/linear") & (full["pretrain_data"] == "IN-22K")]
+    assert in22k["job"].str.contains("_in22k/").all() and len(in22k) == 6
+    ft512 = full[full["protocol"] == "FT 512"].iloc[0]
+    assert ft512["job"] == "results/paper/vit_large_in22k_ft512/finetune/metrics.json (top1)"
+    no_mc = full[full["protocol"] == "k-NN frozen, no multi-crop"]
+    assert sorted(no_mc["job"]) == [f"results/paper/{m}_no_multicrop/knn/metrics.json (top1_k20)"
+                                    for m in ("vit_base", "vit_small")]
+    # without the variant models, their rows say what is missing
+    config_wo = dict(config, models={m: e for m, e in config["models"].items()
+                                     if not e.get("paper_variant") and e.get("pretrain_data") == "IN-1K"})
+    reasons = set(coverage(config_wo, everything)["reason"])
+    assert "no model with paper_model 'ViT-B/16' and pretrain_data IN-22K in this config" in reasons
+    assert "no model with paper_model 'ViT-S/16' and paper_variant 'no multi-crop' in this config" in reasons
     # a job missing from the plan is never claimed
     partial = coverage(config, everything - {"results/paper/vit_base/seg_linear/metrics.json"})
     linear_seg = partial[(partial["table"] == "Tab.6 det/seg") & (partial["protocol"] == "linear head (frozen) 160k 512")]

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["DatasetKind", "DATASET_KINDS", "EMBEDDED_KINDS", "check_coverage"]
+__all__ = ["DatasetKind", "DATASET_KINDS", "EMBEDDED_KINDS", "PRETRAIN_DATA", "check_coverage"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class DatasetKind:
 
 _KINDS: tuple[DatasetKind, ...] = (
     DatasetKind("imagenet", "ImageNet", "ImageFolder root with train/<wnid>/ and val/<wnid>/", True, "imagenet"),
+    DatasetKind("imagenet22k", "ImageNet-22K", "ImageNet-22K (fall11 whole) root: <wnid>/ class folders of the "
+                "21,841 synsets, all used for pretraining (no split)", False),
     DatasetKind("coco", "COCO 2017", "COCO 2017 root: train2017/*.jpg, val2017/*.jpg and "
                 "annotations/instances_{train,val}2017.json", True, "coco"),
     DatasetKind("ade20k", "ADE20K", "ADEChallengeData2016 root: images/{training,validation}/*.jpg and "
@@ -66,10 +68,24 @@ _KINDS: tuple[DatasetKind, ...] = (
                 "setid.mat (trnid, valid, tstid)", True, "flowers102"),
     DatasetKind("cars", "Stanford Cars", "Stanford Cars root: cars_annos.mat (annotations: relative_im_path, bbox, "
                 "class, test) and the car_ims/*.jpg it names", True, "stanford_cars"),
+    # video object segmentation (Tab.16): the layout evaluation/eval_video_segmentation.py reads
+    DatasetKind("davis", "DAVIS-2017", "DAVIS-2017 root: ImageSets/2017/val.txt (video names), "
+                "JPEGImages/480p/<video>/%05d.jpg and Annotations/480p/<video>/%05d.png (palette PNGs, pixel = "
+                "object id)", True, "davis"),
+    # image retrieval (Tab.16): the layout evaluation/eval_image_retrieval.py reads
+    DatasetKind("revisitop", "Revisited Oxford 5k / Paris 6k", "revisitop datasets root: roxford5k/ and rparis6k/, "
+                "each with gnd_<set>.pkl (imlist, qimlist, gnd: per query bbx, easy, hard, junk) and jpg/<name>.jpg",
+                True, "revisitop"),
 )
 
 #: Every dataset kind by name, in a fixed order (read-only).
 DATASET_KINDS: Mapping[str, DatasetKind] = MappingProxyType({kind.name: kind for kind in _KINDS})
+#: Pretraining data of a model (``models.<m>.pretrain_data``, the paper's ``pretrain_data`` column) ->
+#: (dataset kind, folder of the training images under its root; "" = the root itself).
+PRETRAIN_DATA: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "IN-1K": ("imagenet", "train"),
+    "IN-22K": ("imagenet22k", ""),
+})
 #: The kinds the embedded generator builds, in ``DATASET_KINDS`` order.
 EMBEDDED_KINDS: tuple[str, ...] = tuple(kind.name for kind in _KINDS if kind.embedded)
 

@@ -107,6 +107,14 @@ def _check_imagenet(root: Path) -> None:
         raise _Problem(f"has val/ class folders missing from train/: {unknown[:5]}")
 
 
+def _check_imagenet22k(root: Path) -> None:
+    """The fall11 release extracted one folder per synset (``<wnid>/*.JPEG``), no train/val split: the
+    whole set is the pretraining data (Tab.3/Tab.15); class folders with images, peeked."""
+    classes = _require_class_folders(root, ".")
+    if len(classes) < 2:
+        raise _Problem(f"has {len(classes)} class folder(s); expected the <wnid>/ folders of ImageNet-22K")
+
+
 def _check_coco(root: Path) -> None:
     for split in ("train2017", "val2017"):
         _require_images(root, split, _JPEG)
@@ -237,8 +245,50 @@ def _check_cars(root: Path) -> None:
     _require_images(root, "car_ims", _JPEG)
 
 
+def _check_davis(root: Path) -> None:
+    """DAVIS-2017 as eval_video_segmentation.py:279-286 and davis2017/davis.py read it: every video of
+    ImageSets/2017/val.txt has JPEG frames and the first frame's annotation."""
+    listing = root / "ImageSets" / "2017" / "val.txt"
+    if not listing.is_file():
+        raise _Problem("has no 'ImageSets/2017/val.txt'")
+    videos = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not videos:
+        raise _Problem("has an empty 'ImageSets/2017/val.txt'")
+    for video in videos:
+        frames = sorted(name for name in os.listdir(_require_dir(root, f"JPEGImages/480p/{video}"))
+                        if name.endswith(".jpg"))
+        if not frames:
+            raise _Problem(f"has no .jpg frames in 'JPEGImages/480p/{video}/'")
+        first = f"Annotations/480p/{video}/{frames[0][:-len('.jpg')]}.png"
+        if not (root / first).is_file():
+            raise _Problem(f"has no first-frame annotation '{first}'")
+
+
+def _check_revisitop(root: Path) -> None:
+    """Revisited Oxford and Paris as eval_image_retrieval.py:29-76 reads them: per set a ground-truth pickle
+    (loaded with the restricted unpickler; keys and indices validated) and the images it lists (a few peeked)."""
+    import pickle
+
+    from ibot.data.revisitop import DATASETS, gnd_path, image_path, load_gnd, validate_gnd
+
+    for dataset in DATASETS:
+        rel = gnd_path(Path(), dataset).as_posix()
+        if not (root / rel).is_file():
+            raise _Problem(f"has no '{rel}'")
+        try:
+            cfg = load_gnd(root / rel)
+            validate_gnd(cfg, f"'{rel}'")
+        except (pickle.UnpicklingError, ValueError, EOFError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            raise _Problem(f"has an unusable '{rel}' ({type(exc).__name__}: {exc})") from None
+        names = list(cfg["imlist"][:3]) + list(cfg["imlist"][-2:]) + list(cfg["qimlist"][:2])
+        for name in names:
+            if not image_path(root, dataset, name).is_file():
+                raise _Problem(f"has no '{image_path(Path(), dataset, name).as_posix()}' (listed in '{rel}')")
+
+
 _CHECKS: dict[str, Callable[[Path], None]] = {
     "imagenet": _check_imagenet,
+    "imagenet22k": _check_imagenet22k,
     "coco": _check_coco,
     "ade20k": _check_ade20k,
     "imagenet_c": _check_imagenet_c,
@@ -251,6 +301,8 @@ _CHECKS: dict[str, Callable[[Path], None]] = {
     "inat19": _inat_check(2019),
     "flowers": _check_flowers,
     "cars": _check_cars,
+    "davis": _check_davis,
+    "revisitop": _check_revisitop,
 }
 check_coverage("ibot.data.layouts._CHECKS", _CHECKS, DATASET_KINDS)
 

@@ -2,8 +2,11 @@
 
 ``summary.csv`` has one row per run x model x task x dataset x protocol x metric (see
 :data:`SUMMARY_COLUMNS`). The paper value of a row comes from ``results/reference/`` through
-``metric_map.csv`` (our (stage, metric) -> one reference row) and the model's
-``models.<name>.paper_model``; no paper row -> empty cells, never a derived number.
+``metric_map.csv`` (our (stage, metric) -> one reference row) and the model's paper label
+(:func:`paper_label`: ``models.<name>.paper_model``, plus its ``pretrain_data`` when not IN-1K and its
+``paper_variant``, e.g. ``ViT-B/16, IN-22K`` or ``ViT-S/16, no multi-crop``): a label is compared only
+with the mapping lines of its pretraining data and variant, the first (in file order) that has a
+reference value. No paper row -> empty cells, never a derived number.
 
 A paper number is joined only to the paper's experiment: ``paper_protocols.csv`` gives, per paper
 model and stage, the dataset and protocol labels our stage writes when it runs the paper's recipe
@@ -26,7 +29,8 @@ from ibot.io import atomic_write, write_json_atomic
 from ibot.metrics import NULL_REASONS, read_metrics
 
 __all__ = ["REFERENCE_DIR", "REFERENCE_CSV", "METRIC_MAP_CSV", "PAPER_PROTOCOLS_CSV", "SUMMARY_COLUMNS", "AGG_KEYS",
-           "load_reference", "load_metric_map", "load_paper_protocols", "paper_values", "find_metrics_files",
+           "load_reference", "load_metric_map", "load_paper_protocols", "paper_values", "paper_label",
+           "parse_paper_label", "find_metrics_files",
            "build_summary",
            "flat_metrics", "write_summary", "read_summaries", "aggregate", "models_info_from_config",
            "load_models_info", "fmt_value"]
@@ -52,7 +56,32 @@ _REF_JOIN = {"paper_table": "table", "paper_model": "model", "paper_pretrain_dat
              "paper_metric": "metric"}
 
 
+#: Pretraining data of the standard reference rows (a label names other data explicitly).
+STANDARD_PRETRAIN_DATA = "IN-1K"
+PRETRAIN_DATA = ("IN-1K", "IN-22K")
+
+
 # -- reference --------------------------------------------------------------------------------------
+def paper_label(paper_model: str | None, pretrain_data: str | None = None, variant: str | None = None) -> str | None:
+    """The label a model's numbers are compared under: ``ViT-B/16``, ``ViT-B/16, IN-22K``,
+    ``ViT-S/16, no multi-crop``, ``ViT-L/16, IN-22K, FT 512`` (None without a paper model)."""
+    if not paper_model:
+        return None
+    parts = [paper_model]
+    if pretrain_data and pretrain_data != STANDARD_PRETRAIN_DATA:
+        parts.append(pretrain_data)
+    if variant:
+        parts.append(variant)
+    return ", ".join(parts)
+
+
+def parse_paper_label(label: str) -> tuple[str, str, str]:
+    """Inverse of :func:`paper_label`: (reference model, pretraining data, variant or "")."""
+    model, *rest = label.split(", ")
+    pretrain = rest.pop(0) if rest and rest[0] in PRETRAIN_DATA else STANDARD_PRETRAIN_DATA
+    return model, pretrain, ", ".join(rest)
+
+
 def load_reference(path: str | Path = REFERENCE_CSV) -> pd.DataFrame:
     """The paper's reported numbers (all columns text, ``value`` float)."""
     ref = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -67,13 +96,16 @@ def load_reference(path: str | Path = REFERENCE_CSV) -> pd.DataFrame:
 def load_metric_map(path: str | Path = METRIC_MAP_CSV) -> pd.DataFrame:
     """Our (stage, metric) -> reference row, in table-column order (see results/reference/README.md)."""
     mapping = pd.read_csv(path, dtype=str, keep_default_na=False)
-    required = ["group", "column", "stage", "metric", *_REF_JOIN.keys() - {"paper_model"}, "higher_is_better"]
+    required = ["group", "column", "stage", "metric", *_REF_JOIN.keys() - {"paper_model"}, "variant",
+                "higher_is_better"]
     missing = [c for c in required if c not in mapping.columns]
     if missing:
         raise ValueError(f"metric map {path}: missing columns {missing}")
-    duplicated = mapping[mapping.duplicated(["group", "column"], keep=False)]
+    # one line per table cell of a label: (group, column) for each pretraining data and variant
+    key = ["group", "column", "paper_pretrain_data", "variant"]
+    duplicated = mapping[mapping.duplicated(key, keep=False)]
     if len(duplicated):
-        raise ValueError(f"metric map {path}: duplicate (group, column): {duplicated[['group', 'column']].values.tolist()}")
+        raise ValueError(f"metric map {path}: duplicate {key}: {duplicated[key].values.tolist()}")
     mapping["higher_is_better"] = mapping["higher_is_better"].map({"1": True, "0": False, "": True})
     mapping["order"] = range(len(mapping))
     return mapping
@@ -95,26 +127,33 @@ def load_paper_protocols(path: str | Path = PAPER_PROTOCOLS_CSV) -> pd.DataFrame
 
 
 def paper_values(reference: pd.DataFrame, metric_map: pd.DataFrame, paper_models: Iterable[str]) -> pd.DataFrame:
-    """Reference value of every mapping line for each paper model (rows without a value dropped).
+    """Reference value of every mapping line for each paper label (:func:`paper_label`), using only the
+    lines of the label's pretraining data and variant (rows without a value dropped).
 
-    Columns: paper_model, group, column, stage, metric, paper_value, paper_table, paper_source, paper_note, unit.
+    Columns: paper_model (the label), group, column, stage, metric, paper_value, paper_table, paper_source,
+    paper_note, unit, order.
     """
-    models = sorted({m for m in paper_models if isinstance(m, str) and m})
+    labels = sorted({m for m in paper_models if isinstance(m, str) and m})
     cols = ["paper_model", "group", "column", "stage", "metric", "paper_value", "paper_table", "paper_source",
-            "paper_note", "unit"]
-    if not models:
+            "paper_note", "unit", "order"]
+    if not labels:
         return pd.DataFrame({c: pd.Series(dtype=float if c == "paper_value" else object) for c in cols})
     lines = metric_map[metric_map["paper_table"] != ""]
-    grid = lines.merge(pd.DataFrame({"paper_model": models}), how="cross")
-    ref = reference.rename(columns={v: k for k, v in _REF_JOIN.items()})
+    identities = pd.DataFrame([(label, *parse_paper_label(label)) for label in labels],
+                              columns=["paper_model", "_model", "paper_pretrain_data", "variant"])
+    grid = lines.merge(identities, on=["paper_pretrain_data", "variant"], how="inner")
+    join = {**{k: v for k, v in _REF_JOIN.items() if k != "paper_model"}, "_model": "model"}
+    ref = reference.rename(columns={v: k for k, v in join.items()})
     ref = ref.rename(columns={"value": "paper_value", "source": "paper_source", "note": "paper_note"})
-    joined = grid.merge(ref[list(_REF_JOIN) + ["paper_value", "paper_source", "paper_note", "unit"]],
-                        on=list(_REF_JOIN), how="inner")
+    joined = grid.merge(ref[list(join) + ["paper_value", "paper_source", "paper_note", "unit"]],
+                        on=list(join), how="inner")
     dup = joined[joined.duplicated(["paper_model", "group", "column"], keep=False)]
     if len(dup):
         raise ValueError("metric map matches several reference rows for "
                          f"{dup[['paper_model', 'group', 'column']].drop_duplicates().values.tolist()}; "
                          "make the mapping line more specific")
+    if "order" not in joined.columns:
+        joined["order"] = range(len(joined))
     return joined[cols].reset_index(drop=True)
 
 
@@ -177,10 +216,13 @@ def build_summary(paths: Sequence[str | Path], models_info: Mapping[str, Mapping
     frame["pretrain_note"] = pd.Series([info(m, "pretrain_note") or "" for m in frame["model"]], index=frame.index,
                                        dtype=object)
 
-    primary = metric_map.drop_duplicates(["stage", "metric"], keep="first")
+    # table placement: the first standard line of a (stage, metric); paper value: the first line of the
+    # model's pretraining data and variant that has one (e.g. Tab.15 for an IN-22K ViT-B/16, absent from Tab.1)
+    primary = metric_map[metric_map["variant"] == ""].drop_duplicates(["stage", "metric"], keep="first")
     frame = frame.merge(primary[["stage", "metric", "group", "column", "higher_is_better", "order"]],
                         on=["stage", "metric"], how="left")
-    paper = paper_values(reference, primary, frame["paper_model"].dropna().unique())
+    paper = paper_values(reference, metric_map, frame["paper_model"].dropna().unique())
+    paper = paper.sort_values("order", kind="stable").drop_duplicates(["paper_model", "stage", "metric"])
     frame = frame.merge(paper[["paper_model", "stage", "metric", "paper_value", "paper_table", "paper_source",
                                "paper_note"]], on=["paper_model", "stage", "metric"], how="left")
     experiments = paper_protocols.rename(columns={"dataset": "paper_dataset", "protocol": "paper_protocol"})
@@ -267,11 +309,12 @@ def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataF
 # -- model info ---------------------------------------------------------------------------------------
 def models_info_from_config(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{model: {paper_model, arch, patch_size, depth, weights, pretrain_note}}`` from a (validated)
-    workflow config; ``pretrain_note`` says when the model is pretrained with another global batch
+    workflow config (``paper_model``: the model's paper label, :func:`paper_label`); ``pretrain_note`` says when the model is pretrained with another global batch
     than its recipe's (``pretrain.batch_rescale``), which the tables mark."""
     out = {}
     for name, entry in (config.get("models") or {}).items():
-        out[name] = {"paper_model": entry.get("paper_model"), "arch": entry.get("arch"),
+        label = paper_label(entry.get("paper_model"), entry.get("pretrain_data"), entry.get("paper_variant"))
+        out[name] = {"paper_model": label, "arch": entry.get("arch"),
                      "patch_size": entry.get("patch_size", 16), "depth": entry.get("depth"),
                      "weights": entry.get("weights", "pretrain"), "pretrain_note": pretrain_note(config, name)}
     return out

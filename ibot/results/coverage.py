@@ -6,7 +6,9 @@ are left out) is matched with the job that produces it: a line of ``metric_map.c
 lines: the tables' and the ``coverage`` group's, for numbers the paper prints in several tables), a
 model of the config whose ``paper_model`` is the row's model, and that model's
 ``<stage>/metrics.json`` **in the Snakemake plan of the config** (``snakemake --summary``): nothing
-is claimed that the DAG does not run. A row without such a job gets the reason.
+is claimed that the DAG does not run. A model reproduces a row only with the mapping lines of its
+pretraining data (``models.<m>.pretrain_data``) and variant (``models.<m>.paper_variant``, the lines'
+``variant``). A row without such a job gets the reason.
 
 ``python -m ibot.results coverage [--configfile config/paper.yaml]``
 """
@@ -29,10 +31,7 @@ COVERAGE_COLUMNS = ["table", "model", "pretrain_data", "task", "dataset", "proto
 _ROW_KEY = ("task", "dataset", "protocol", "metric", "pretrain_data")
 _MAP_KEY = ("paper_task", "paper_dataset", "paper_protocol", "paper_metric", "paper_pretrain_data")
 #: Paper tasks no stage of the registry evaluates yet, with where they are planned.
-_MISSING_TASKS = {
-    "retrieval": "no image-retrieval stage yet (Tab.16)",
-    "video_seg": "no video-object-segmentation stage yet (Tab.16)",
-}
+_MISSING_TASKS: dict[str, str] = {}
 
 
 def ibot_rows(reference: pd.DataFrame) -> pd.DataFrame:
@@ -53,36 +52,27 @@ def planned_outputs(configfiles: Sequence[str | Path] = (), *, snakefile: str | 
     return {fields[0] for fields in lines[1:] if fields and fields[0]}
 
 
-def _variant_reason(row: Any, models: Mapping[str, Any]) -> str | None:
-    """The pretraining variant a row needs when the config has no model for it."""
-    if row.pretrain_data == "IN-22K":
-        return "needs an ImageNet-22K pretraining (a model variant not in this config)"
-    if row.model not in set(models.values()) and ("random mask" in row.model or row.model.startswith("Swin")):
-        return f"needs the {row.model} pretraining variant (a model not in this config)"
-    return None
+def _identity(entry: Mapping[str, Any]) -> tuple[str | None, str, str]:
+    """(paper model, pretraining data, variant) of a config model entry."""
+    return entry.get("paper_model"), entry.get("pretrain_data") or "IN-1K", entry.get("paper_variant") or ""
 
 
 def _reason_without_mapping(row: Any) -> str:
-    if row.pretrain_data == "IN-22K":
-        return "needs an ImageNet-22K pretraining (a model variant not in this config)"
-    if "no multi-crop" in str(row.protocol):
-        return "needs the no-multi-crop pretraining variant (Tab.10)"
     if row.task in _MISSING_TASKS:
         return _MISSING_TASKS[row.task]
     return "no stage maps to this row (results/reference/metric_map.csv)"
 
 
-def _unplanned_reason(row: Any, producers: list, ours: list[str]) -> str:
-    """Why no job can produce the row whatever the plan ("" when a stage and a model exist)."""
-    if not producers:
-        return _reason_without_mapping(row)
-    if not ours:
-        return f"no model with paper_model {row.model!r} in the config"
-    return ""
+def _no_model_reason(row: Any, variants: set[str]) -> str:
+    """Why no model of the config can produce the row (its paper model, data or variant is missing)."""
+    needs = [f"paper_model {row.model!r}"]
+    if row.pretrain_data != "IN-1K":
+        needs.append(f"pretrain_data {row.pretrain_data}")
+    needs += [f"paper_variant {v!r}" for v in sorted(variants) if v]
+    return f"no model with {' and '.join(needs)} in this config"
 
 
-def _not_run_reason(producers: list, ours: list[str], config: Mapping[str, Any]) -> str:
-    stages = sorted({stage for stage, _ in producers})
+def _not_run_reason(stages: list[str], ours: list[str], config: Mapping[str, Any]) -> str:
     reason = f"{', '.join(ours)} does not run {', '.join(stages)} in this config"
     unsupported = [f"{m}: {why}" for m in ours for s in stages
                    if (why := (config["models"][m].get("unsupported_stages") or {}).get(s))]
@@ -96,22 +86,30 @@ def coverage(config: Mapping[str, Any], planned: Iterable[str], *, reference: pd
     metric_map = load_metric_map() if metric_map is None else metric_map
     planned = set(planned)
     lines = metric_map[metric_map["paper_table"] != ""]
-    by_key: dict[tuple, list[tuple[str, str]]] = {}
+    by_key: dict[tuple, list[tuple[str, str, str]]] = {}
     for line in lines.itertuples(index=False):
         key = tuple(str(getattr(line, k)) for k in _MAP_KEY)
-        if (line.stage, line.metric) not in by_key.setdefault(key, []):  # several tables print one number
-            by_key[key].append((line.stage, line.metric))
-    models = {name: entry.get("paper_model") for name, entry in config["models"].items()}
+        producer = (line.stage, line.metric, line.variant)
+        if producer not in by_key.setdefault(key, []):  # several tables print one number
+            by_key[key].append(producer)
+    identities = {name: _identity(entry) for name, entry in config["models"].items()}
     root = f"{config['results_dir']}/{config['run']}"
     out = []
     for row in ibot_rows(reference).itertuples(index=False):
         producers = by_key.get(tuple(str(getattr(row, k)) for k in _ROW_KEY), [])
-        ours = [name for name, paper_model in models.items() if paper_model == row.model]
-        job, reason = "", _variant_reason(row, models) or _unplanned_reason(row, producers, ours)
-        if not reason:
-            job = "; ".join(f"{root}/{model}/{stage}/metrics.json ({metric})" for model in ours
-                            for stage, metric in producers if f"{root}/{model}/{stage}/metrics.json" in planned)
-            reason = "" if job else _not_run_reason(producers, ours, config)
+        ours = [(name, stage, metric) for name, (paper_model, data, variant) in identities.items()
+                if paper_model == row.model and data == row.pretrain_data
+                for stage, metric, line_variant in producers if line_variant == variant]
+        job = ""
+        if not producers:
+            reason = _reason_without_mapping(row)
+        elif not ours:
+            reason = _no_model_reason(row, {variant for _, _, variant in producers})
+        else:
+            job = "; ".join(f"{root}/{model}/{stage}/metrics.json ({metric})" for model, stage, metric in ours
+                            if f"{root}/{model}/{stage}/metrics.json" in planned)
+            reason = "" if job else _not_run_reason(sorted({s for _, s, _ in ours}),
+                                                     list(dict.fromkeys(m for m, _, _ in ours)), config)
         out.append({**{c: getattr(row, c) for c in COVERAGE_COLUMNS if c not in ("job", "reason")},
                     "job": job, "reason": reason})
     return pd.DataFrame(out, columns=COVERAGE_COLUMNS)

@@ -23,7 +23,7 @@ from ibot.results.aggregate import fmt_value, load_metric_map, load_reference, p
 __all__ = ["GROUPS", "GROUP_TITLES", "group_table", "metrics_table", "to_markdown", "to_latex", "to_html",
            "write_tables", "table_outputs", "latex_escape"]
 
-GROUPS = ("classification", "semi_supervised", "unsupervised", "dense", "robustness", "transfer")
+GROUPS = ("classification", "semi_supervised", "unsupervised", "dense", "robustness", "transfer", "retrieval")
 GROUP_TITLES = {
     "classification": "ImageNet-1K classification: k-NN, linear probe, fine-tuning (top-1 %, cf. Tab.1/Tab.2)",
     "dense": "Dense prediction: COCO detection / instance segmentation, ADE20K semantic segmentation (cf. Tab.6)",
@@ -31,6 +31,7 @@ GROUP_TITLES = {
     "semi_supervised": "Semi-supervised ImageNet classification with 1% / 10% of the labels (top-1 %, cf. Tab.4/Tab.12)",
     "unsupervised": "Unsupervised classification: [CLS] head argmax as cluster on ImageNet val (%, cf. Tab.5)",
     "transfer": "Transfer learning: fine-tuning on smaller datasets, DeiT recipe (top-1 %, cf. Tab.7)",
+    "retrieval": "Image retrieval and video object segmentation (cf. Tab.16)",
 }
 FORMATS = ("md", "csv", "tex", "html")
 _LEAD = ["Method", "Arch", "Source"]
@@ -84,7 +85,7 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
     lines = metric_map[metric_map["group"] == group]
     if lines.empty:
         raise ValueError(f"unknown table group {group!r}; expected one of {sorted(set(metric_map['group']))}")
-    columns = list(lines["column"])
+    columns = list(dict.fromkeys(lines["column"]))  # a column has one line per pretraining data / variant
     models = list(models) if models is not None else list(dict.fromkeys(agg["model"]))
     info = agg.drop_duplicates("model").set_index("model") if len(agg) else pd.DataFrame()
     paper_model_of = {m: _text(info.at[m, "paper_model"]) if m in info.index else "" for m in models}
@@ -98,7 +99,8 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
 
     values, on_protocol = {}, {}
     if len(agg):
-        merged = agg.merge(lines[["stage", "metric", "column"]], on=["stage", "metric"], suffixes=("_agg", ""))
+        cells = lines[["stage", "metric", "column"]].drop_duplicates()
+        merged = agg.merge(cells, on=["stage", "metric"], suffixes=("_agg", ""))
         several = merged[merged.duplicated(["model", "column"], keep=False)]
         if len(several):
             raise ValueError(f"table {group!r}: model/column pairs ran with several datasets or protocols "

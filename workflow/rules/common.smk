@@ -2,7 +2,7 @@
 import json
 import sys
 
-from ibot.config import model_spec, planned_stages, stage_config, stage_resources
+from ibot.config import model_spec, planned_stages, pretrain_images, stage_config, stage_resources
 from ibot.data.kinds import DATASET_KINDS
 from ibot.stages import STAGES as REGISTRY
 
@@ -39,6 +39,9 @@ def backbone_checkpoint(wildcards):
     if source == "pretrain":
         return f"{stage_dir('pretrain', wildcards.model)}/{REGISTRY['pretrain'].outputs['backbone']}"
     if source == "checkpoint":
+        other = config["models"][wildcards.model].get("weights_from")  # another model's pretraining, this run
+        if other:
+            return f"{stage_dir('pretrain', other)}/{REGISTRY['pretrain'].outputs['backbone']}"
         return config["models"][wildcards.model]["checkpoint"]
     return []
 
@@ -97,6 +100,8 @@ def arch_args(wildcards):
             "--model", wildcards.model, "--seed", str(config["seed"])]
     if spec.get("depth"):
         args += ["--depth", str(spec["depth"])]
+    if spec.get("window_size"):
+        args += ["--window-size", str(spec["window_size"])]
     key = config["models"][wildcards.model].get("checkpoint_key")
     if key and weights_source(wildcards.model) == "checkpoint":
         args += ["--checkpoint-key", key]

@@ -36,9 +36,10 @@ def _external_datasets():
     """Datasets the planned stages read that the workflow does not generate."""
     needed = {"imagenet"}  # the results' attention maps read ImageNet val images for every model
     for model in MODELS:
-        stages = list(model_stages(model)) + (["pretrain"] if weights_source(model) == "pretrain" else [])
-        for name in stages:
+        for name in model_stages(model):
             needed |= set(REGISTRY[name].datasets)
+        if weights_source(model) == "pretrain":
+            needed.add(pretrain_images(config, model)[0])  # ImageNet-1K or -22K
     if EMBEDDED["generate"]:
         needed = {kind for kind in needed if not DATASET_KINDS[kind].embedded}
     return sorted(needed)

@@ -5,15 +5,20 @@
 PRETRAIN = REGISTRY["pretrain"]
 
 
+def pretrain_kind(wildcards):
+    """Dataset kind of the model's pretraining images (models.<m>.pretrain_data: IN-1K or IN-22K)."""
+    return pretrain_images(config, wildcards.model)[0]
+
+
 rule pretrain:
     input:
-        data=dataset_ready(*PRETRAIN.datasets),
+        data=lambda wildcards: dataset_ready(pretrain_kind(wildcards)),
     output:
         **{key: f"{stage_dir('pretrain')}/{name}" for key, name in PRETRAIN.outputs.items()},
     params:
         config=stage_json("pretrain"),
         resources=resources_json("pretrain"),
-        train=lambda wildcards: f"{dataset(PRETRAIN.datasets[0])}/train",
+        train=lambda wildcards: pretrain_images(config, wildcards.model)[1],
         out_dir=lambda wildcards: stage_dir("pretrain", wildcards.model),
         model_args=arch_args,
     log:
@@ -21,6 +26,7 @@ rule pretrain:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/pretrain.tsv"
     threads: stage_threads("pretrain")
+    priority: 10  # the critical path: before the random-init baselines, which need no pretraining
     localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m {PRETRAIN.module} --data {params.train:q} --out-dir {params.out_dir:q} "

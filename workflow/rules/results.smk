@@ -22,7 +22,15 @@ TABLE_FILES = table_outputs(f"{RESULT_DIR}/tables")
 TABLE_HTML = {group: f"{RESULT_DIR}/tables/{group}.html" for group in (*TABLE_GROUPS, "all_metrics")}
 TABLE_LABELS = {"classification": "classification (Tab.1/2)", "dense": "dense (Tab.6)", "robustness": "robustness (Tab.8)",
                 "transfer": "transfer (Tab.7)", "semi_supervised": "semi-supervised (Tab.4/12)",
-                "unsupervised": "unsupervised classification (Tab.5)", "all_metrics": "all metrics"}
+                "unsupervised": "unsupervised classification (Tab.5)",
+                "retrieval": "retrieval / video segmentation (Tab.16)", "all_metrics": "all metrics"}
+
+
+def has_cls_attention(model):
+    """[CLS] attention maps are a ViT figure: a Swin has no [CLS] token (its "CLS" is a token average)."""
+    from ibot.models.swin_transformer import SWIN_ARCHITECTURES
+
+    return model_spec(config, model)["arch"] not in SWIN_ARCHITECTURES
 
 
 # Every target of `rule all` that is not a stage's metrics: the results of the run.
@@ -32,7 +40,7 @@ RESULT_TARGETS = [
     *TABLE_FILES,
     *(f"{RESULT_DIR}/plots/{name}" for name in PLOT_FILES),
     *curve_outputs(f"{RESULT_DIR}/curves", pretrained_models()),
-    *(f"{RESULT_DIR}/figures/attention_{m}.png" for m in MODELS),
+    *(f"{RESULT_DIR}/figures/attention_{m}.png" for m in MODELS if has_cls_attention(m)),
 ]
 
 
