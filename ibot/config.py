@@ -118,7 +118,7 @@ def _schema() -> dict[str, Any]:
     and its recipe's) are validated without their defaults: :func:`section_config` fills those.
     """
     from ibot.data.kinds import DATASET_KINDS
-    from ibot.models.vision_transformer import ARCHITECTURES
+    from ibot.models.specs import ARCHITECTURES
     from ibot.run.launcher import CLUSTERS
     from ibot.stages import EVALUATION_STAGES, STAGES, section_schema
 
@@ -129,7 +129,7 @@ def _schema() -> dict[str, Any]:
     model = properties["models"]["additionalProperties"]["properties"]
     model["stages"]["items"] = stage_enum
     model["unsupported_stages"]["propertyNames"] = stage_enum
-    model["arch"] = {"enum": list(ARCHITECTURES), "description": "backbone (ibot.models.vision_transformer.ARCHITECTURES)"}
+    model["arch"] = {"enum": list(ARCHITECTURES), "description": "backbone (ibot.models.specs.ARCHITECTURES)"}
     data = properties["data"]["properties"]
     for kind, spec in DATASET_KINDS.items():
         data[kind] = {"type": "string", "description": spec.description}

@@ -56,6 +56,7 @@ class Stage:
     file_keys: tuple[str, ...] = ()               # dotted config keys naming input files (DAG inputs)
     preflight: str | None = None                  # "module:function" checking its resolved config before any job
     sweep: tuple[str, str, str] | None = None     # (list key, value key, metric): one job per value (ibot.sweep)
+    priority: int = 0                             # Snakemake priority: long jobs and those others wait for start first
 
     @property
     def config_path(self) -> str:
@@ -73,18 +74,19 @@ _REGISTRY: tuple[Stage, ...] = (
           "iBOT pretraining (main_ibot.py); exports the teacher backbone",
           outputs={"backbone": "teacher_backbone.pth", "heads": "heads.pth", "summary": "summary.json",
                    "curves": "train_log.csv"},
-          weights=("pretrain",), resumable=True, operational_keys=("num_workers", "log_every", "saveckp_freq")),
+          weights=("pretrain",), resumable=True, operational_keys=("num_workers", "log_every", "saveckp_freq"),
+          priority=10),  # the critical path: before the random-init baselines, which need no pretraining
     Stage("knn", "downstream.knn", "knn", ("imagenet",), "weighted k-NN on frozen [CLS] features (Tab. 1)"),
     Stage("linear", "downstream.linear", "linear", ("imagenet",),
           "linear probing with a one-pass lr sweep (Tab. 1); its best head feeds the robustness stages",
-          outputs={"head": "head.pth"}, resumable=True),
+          outputs={"head": "head.pth"}, resumable=True, priority=3),
     Stage("finetune", "downstream.finetune", "finetune", ("imagenet",),
           "end-to-end fine-tuning with layer-wise lr decay (Tab. 2); lr sweep: one job per finetune.lrs value",
-          resumable=True, sweep=("lrs", "lr", "top1")),
+          resumable=True, sweep=("lrs", "lr", "top1"), priority=2),
     Stage("semi_supervised", "downstream.semi_supervised", "semi_supervised", ("imagenet",),
           "1% / 10% labels: k-NN, linear, logistic regression, fine-tuning w/o and from proj-head layer 1 (Tab. 4, 12)",
           resumable=True, file_keys=("subsets.1", "subsets.10", "heads"),
-          preflight="downstream.semi_supervised:preflight"),
+          preflight="downstream.semi_supervised:preflight", priority=1),
     Stage("unsupervised", "downstream.unsupervised", "unsupervised", ("imagenet",),
           "unsupervised classification: argmax of the teacher [CLS] head on val; NMI/ARI/FMI/ACC (Tab. 5)",
           weights=("pretrain", "checkpoint"), file_keys=("heads",)),
@@ -94,13 +96,13 @@ _REGISTRY: tuple[Stage, ...] = (
     Stage("retrieval", "downstream.retrieval", "retrieval", ("revisitop",),
           "image retrieval on Revisited Oxford 5k + Paris 6k, frozen [CLS] cosine ranking; Medium/Hard mAP (Tab. 16)"),
     Stage("detection", "downstream.dense.detection", "detection", ("coco",),
-          "COCO Cascade Mask R-CNN, mmdet (Tab. 6)", resumable=True, operational_keys=("log_interval",)),
+          "COCO Cascade Mask R-CNN, mmdet (Tab. 6)", resumable=True, operational_keys=("log_interval",), priority=2),
     Stage("seg_upernet", "downstream.dense.segmentation", "segmentation", ("ade20k",),
           "ADE20K UperNet, mmseg (Tab. 6)", fixed={"head": "upernet"}, resumable=True,
-          operational_keys=("log_interval",)),
+          operational_keys=("log_interval",), priority=3),
     Stage("seg_linear", "downstream.dense.segmentation", "segmentation", ("ade20k",),
           "ADE20K linear head on the frozen backbone, mmseg (Tab. 6)", fixed={"head": "linear"}, resumable=True,
-          operational_keys=("log_interval",)),
+          operational_keys=("log_interval",), priority=1),
     # transfer learning (Tab. 7): one job per dataset, settings in transfer.<dataset>, DeiT recipe
     Stage("transfer_cifar10", "downstream.transfer.cifar10", "transfer", ("cifar10",),
           "fine-tuning transfer to CIFAR-10 (Tab. 7)", subsection="cifar10", resumable=True),
@@ -115,13 +117,14 @@ _REGISTRY: tuple[Stage, ...] = (
     Stage("transfer_cars", "downstream.transfer.cars", "transfer", ("cars",),
           "fine-tuning transfer to Stanford Cars (Tab. 7)", subsection="cars", resumable=True),
     _robustness("imagenet_c", "imagenet_c", "ImageNet-C mean corruption error (Tab. 8)",
-                outputs={"table": "per_corruption.csv"}),
+                outputs={"table": "per_corruption.csv"}, priority=1),
     _robustness("imagenet_a", "imagenet_a", "ImageNet-A top-1 (Tab. 8)"),
     _robustness("imagenet_r", "imagenet_r", "ImageNet-R top-1 (Tab. 8)"),
     _robustness("bg_challenge", "imagenet_9", "background challenge, ImageNet-9 variants (Tab. 8)"),
     _robustness("occlusion", "imagenet", "salient / non-salient / random occlusion, patch shuffle (Tab. 8)",
                 outputs={"curves": "curves.csv", "shuffle": "shuffle.csv", "plot": "occlusion.png"},
-                file_keys=("saliency_model.checkpoint",), preflight="downstream.robustness.occlusion:preflight"),
+                file_keys=("saliency_model.checkpoint",), preflight="downstream.robustness.occlusion:preflight",
+                priority=2),
 )
 
 #: Every stage by name, in DAG order.

@@ -22,7 +22,6 @@ names are timm's; official checkpoints are mapped by :func:`ibot.checkpoint.load
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
 
@@ -30,38 +29,9 @@ import torch
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
+from ibot.models.specs import SWIN_ARCHITECTURES, SwinSpec
+
 __all__ = ["SwinSpec", "SWIN_ARCHITECTURES", "IBOTSwinTransformer", "build_swin"]
-
-
-@dataclass(frozen=True)
-class SwinSpec:
-    """A Swin size: patch-embedding width, blocks and heads per stage."""
-
-    patch_embed_dim: int
-    depths: tuple[int, ...]
-    num_heads: tuple[int, ...]
-    mlp_ratio: float = 4.0
-    #: default attention window (official main_ibot.py:46: 7; Swin-T/14 sets 14 in models.<name>.window_size)
-    window_size: int = 7
-
-    @property
-    def depth(self) -> int:
-        """Total number of blocks (what ``n_last_blocks`` counts)."""
-        return sum(self.depths)
-
-    @property
-    def embed_dim(self) -> int:
-        """Width of the output tokens (last stage), the iBOT head's input (main_ibot.py:203)."""
-        return self.patch_embed_dim * 2 ** (len(self.depths) - 1)
-
-
-#: ``swin_tiny``: official models/swin_transformer.py:843-848 (96, 2-2-6-2, 3-6-12-24).
-#: ``swin_mini``: embedded size (ours) for 64 px crops on 2 CPU cores; same 4-stage layout.
-SWIN_ARCHITECTURES: dict[str, SwinSpec] = {
-    "swin_tiny": SwinSpec(patch_embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    # 4 px patches of a 64 px crop: grids 16/8/4/2, a 4-token window tiles all of them (no padding).
-    "swin_mini": SwinSpec(patch_embed_dim=48, depths=(1, 1, 2, 1), num_heads=(2, 4, 8, 16), window_size=4),
-}
 
 
 class OfficialPaddingSwinBlock(SwinTransformerBlock):

@@ -14,7 +14,6 @@ Parameter names equal the official iBOT/DINO ViT's, so released checkpoints load
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -22,28 +21,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ibot.models.swin_transformer import SWIN_ARCHITECTURES, IBOTSwinTransformer, build_swin
+from ibot.models.specs import ARCHITECTURES, SWIN_ARCHITECTURES, ArchSpec
+from ibot.models.swin_transformer import IBOTSwinTransformer, build_swin
 
 __all__ = ["ARCHITECTURES", "ArchSpec", "IBOTVisionTransformer", "IBOTSwinTransformer", "build_backbone"]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-
-
-#: Registry of supported architectures (the official iBOT ViT sizes).
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "vit_tiny": ArchSpec(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": ArchSpec(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": ArchSpec(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": ArchSpec(embed_dim=1024, depth=24, num_heads=16),
-}
-# Swin sizes (ibot.models.swin_transformer) share the registry: one arch enum, one builder.
-ARCHITECTURES.update(SWIN_ARCHITECTURES)  # type: ignore[arg-type]
 
 
 class IBOTVisionTransformer(VisionTransformer):

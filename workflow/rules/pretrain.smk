@@ -26,7 +26,7 @@ rule pretrain:
     benchmark:
         f"{RESULTS}/{RUN}/benchmarks/{{model}}/pretrain.tsv"
     threads: stage_threads("pretrain")
-    priority: 10  # the critical path: before the random-init baselines, which need no pretraining
+    priority: PRETRAIN.priority
     localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
     shell:
         "{PYTHON:q} -m {PRETRAIN.module} --data {params.train:q} --out-dir {params.out_dir:q} "

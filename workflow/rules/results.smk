@@ -28,7 +28,7 @@ TABLE_LABELS = {"classification": "classification (Tab.1/2)", "dense": "dense (T
 
 def has_cls_attention(model):
     """[CLS] attention maps are a ViT figure: a Swin has no [CLS] token (its "CLS" is a token average)."""
-    from ibot.models.swin_transformer import SWIN_ARCHITECTURES
+    from ibot.models.specs import SWIN_ARCHITECTURES
 
     return model_spec(config, model)["arch"] not in SWIN_ARCHITECTURES
 

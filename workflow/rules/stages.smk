@@ -96,6 +96,7 @@ for _stage in (REGISTRY[name] for name in REGISTRY if name != "pretrain"):
         benchmark:
             f"{RESULTS}/{RUN}/benchmarks/{{model}}/{_job_name}" + ("_{value}" if _stage.sweep else "") + ".tsv"
         threads: stage_threads(_stage.name)
+        priority: _stage.priority  # longest first, so short jobs fill the gaps (registry: ibot/stages.py)
         localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
         shell:
             "{PYTHON:q} -m downstream {params.stage} --data {params.data:q} --out {output.metrics:q} "
