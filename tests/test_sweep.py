@@ -72,7 +72,7 @@ def _planned_finetune_commands(*config: str) -> dict[str, dict]:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     commands = {}
     for line in result.stdout.splitlines():
-        if "-m downstream.finetune" in line:
+        if "-m downstream finetune " in line:
             lr = re.search(r"finetune/sweep/lr_([0-9.e+-]+)/metrics\.json", line).group(1)
             commands[lr] = json.loads(re.search(r"--config '(\{.*?\})'", line).group(1))
     assert "-m ibot.sweep --key lr --metric top1" in result.stdout
