@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command, idempotent environment setup: creates .venv with the pinned stack.
 #   bash setup.sh          # user environment
-#   bash setup.sh --test   # + test tools and the single-node SLURM packages (root only)
+#   bash setup.sh --test   # + test tools (moto S3 server, playwright), the single-node SLURM packages
+#                          #   and Debian's Chromium (root only)
 # The mmcv compile (~12 min on 2 cores) happens once: the wheel is kept in
 # $IBOT_WHEEL_CACHE (default ~/.cache/ibot-repro/wheels), keyed by the torch version.
 set -euo pipefail
@@ -67,5 +68,10 @@ if [[ $WITH_TEST == 1 && $(id -u) == 0 ]] && ! command -v slurmctld >/dev/null; 
   step "installing single-node SLURM + munge for the cluster tests"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
     || echo "warning: could not install slurm-wlm; SLURM tests will be skipped"
+fi
+if [[ $WITH_TEST == 1 && $(id -u) == 0 ]] && ! command -v chromium >/dev/null; then
+  step "installing Debian's Chromium for the report browser test"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; the report browser test will be skipped"
 fi
 step "setup done"
