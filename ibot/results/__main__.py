@@ -11,6 +11,8 @@
   dvc-pull    dvc pull, then make Snakemake accept the pulled outputs (no pretraining rerun)
 
 Arguments after ``--`` (dvc-*) are passed to Snakemake, e.g. ``-- --configfile config/paper.yaml``.
+``--remote NAME`` (dvc-*) picks a DVC remote other than the default; S3 credentials come from the AWS
+environment variables or profile, checked before any transfer (see :mod:`ibot.results.dvc_tools`).
 """
 
 from __future__ import annotations
@@ -96,9 +98,11 @@ def _compare(args) -> None:
 
 
 def _dvc_track(args, smk: list[str]) -> None:
-    from ibot.results.dvc_tools import repo_root, rule_outputs, track
+    from ibot.results.dvc_tools import check_remote, repo_root, rule_outputs, track
 
     root = repo_root()
+    if args.push:  # a missing remote or credentials fails now, not after hashing the checkpoints
+        check_remote(root, args.remote)
     files = args.files or rule_outputs(args.rule, smk, root)
     present = [f for f in files if (root / f).is_file()]
     for f in sorted(set(files) - set(present)):
@@ -110,7 +114,8 @@ def _dvc_track(args, smk: list[str]) -> None:
 def _dvc_push(args, smk: list[str]) -> None:
     from ibot.results.dvc_tools import push, repo_root
 
-    push(args.targets, repo_root(), remote=args.remote)
+    remote = push(args.targets, repo_root(), remote=args.remote)
+    print(f"[dvc-push] up to date in {remote.describe()}")
 
 
 def _dvc_pull(args, smk: list[str]) -> None:
@@ -206,18 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dvc-track", help="dvc add the pretraining outputs")
     p.add_argument("--rule", action="append", default=None, help="rules whose outputs to track (default: pretrain)")
     p.add_argument("--files", nargs="*", default=None, help="track these files instead")
-    p.add_argument("--push", action="store_true")
-    p.add_argument("--remote", default=None)
+    p.add_argument("--push", action="store_true", help="then dvc push (remote and credentials checked first)")
+    p.add_argument("--remote", default=None, help="DVC remote to push to (default: core.remote)")
     p.set_defaults(func=_dvc_track, passthrough=True)
 
-    p = sub.add_parser("dvc-push", help="dvc push")
-    p.add_argument("targets", nargs="*")
-    p.add_argument("--remote", default=None)
+    p = sub.add_parser("dvc-push", help="dvc push (rerun to resume an interrupted push)")
+    p.add_argument("targets", nargs="*", help=".dvc files or paths (default: everything)")
+    p.add_argument("--remote", default=None, help="DVC remote (default: core.remote)")
     p.set_defaults(func=_dvc_push, passthrough=True)
 
     p = sub.add_parser("dvc-pull", help="dvc pull + snakemake --touch of the pulled outputs")
     p.add_argument("targets", nargs="*", help=".dvc files or paths (default: everything)")
-    p.add_argument("--remote", default=None)
+    p.add_argument("--remote", default=None, help="DVC remote (default: core.remote)")
     p.add_argument("--cores", type=int, default=1, help="cores for building missing upstream (datasets)")
     p.add_argument("--no-touch", action="store_true", help="only dvc pull")
     p.set_defaults(func=_dvc_pull, passthrough=True)
@@ -229,9 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     own, smk = _split_passthrough(argv)
     args = build_parser().parse_args(own)
     if getattr(args, "passthrough", False):
+        from ibot.results.dvc_tools import DVCError
+
         if getattr(args, "rule", "unset") is None:
             args.rule = ["pretrain"]
-        args.func(args, smk)
+        try:
+            args.func(args, smk)
+        except DVCError as error:  # the message says what failed and how to fix it: no traceback
+            raise SystemExit(f"[{args.command}] error: {error}") from None
     else:
         if smk:
             raise SystemExit(f"'{args.command}' takes no arguments after --")

@@ -13,6 +13,14 @@
 
 Every ``dvc`` invocation made here holds an exclusive file lock (:func:`dvc_lock`): several helpers
 (or cluster jobs on a shared file system) queue instead of failing on DVC's own repo lock.
+
+Remotes (:func:`check_remote`, run before every push/pull): any DVC remote works; for S3 (``dvc-s3``)
+the credentials come from AWS's usual chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, a profile
+via ``AWS_PROFILE`` or ``dvc remote modify --local NAME profile P``, instance roles), and the endpoint of
+an S3-compatible store (MinIO, Ceph, moto) from ``dvc remote modify --local NAME endpointurl URL`` or
+``AWS_ENDPOINT_URL_S3``. ``.dvc/config`` is committed, so keys found there are refused. A push or pull
+that fails (network, server) names the remote; rerunning it resumes: DVC uploads/downloads only the
+objects the other side lacks, and an S3 object only exists once its upload completed.
 """
 
 from __future__ import annotations
@@ -28,15 +36,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
-__all__ = ["DVCError", "repo_root", "dvc_lock", "run_dvc", "run_snakemake", "snakemake_summary", "rule_outputs",
-           "tracked_outputs", "track", "push", "pull", "mark_up_to_date", "PRETRAIN_RULES"]
+__all__ = ["DVCError", "Remote", "repo_root", "dvc_lock", "run_dvc", "run_snakemake", "snakemake_summary",
+           "rule_outputs", "tracked_outputs", "remote_config", "check_remote", "s3_credentials_source", "track",
+           "push", "pull", "mark_up_to_date", "PRETRAIN_RULES", "SECRET_OPTIONS"]
 
 PRETRAIN_RULES = ("pretrain",)
+#: Remote options that are secrets: allowed in ``.dvc/config.local`` (git-ignored), never in ``.dvc/config``.
+SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token", "sse_customer_key", "password",
+                  "key_secret", "account_key", "sas_token", "connection_string", "gdrive_client_secret")
 
 
 class DVCError(RuntimeError):
@@ -137,15 +150,124 @@ def tracked_outputs(root: str | Path = ".", under: str = "results") -> list[str]
     return outs
 
 
+@dataclass(frozen=True)
+class Remote:
+    """A DVC remote as the merged config (system, global, ``.dvc/config``, ``.dvc/config.local``) sees it."""
+
+    name: str
+    url: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> str | None:
+        """The S3 endpoint in use: ``endpointurl`` of the remote, else ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``."""
+        if not self.url.startswith("s3://"):
+            return None
+        return (self.options.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+
+    def describe(self) -> str:
+        """``remote 'NAME' (URL, endpoint E)`` for messages; never includes a secret."""
+        endpoint = f", endpoint {self.endpoint}" if self.endpoint else ""
+        return f"remote '{self.name}' ({self.url}{endpoint})"
+
+
+def remote_config(root: str | Path = ".", remote: str | None = None) -> Remote:
+    """The remote ``remote`` (default: ``core.remote``) of the DVC repository at ``root``."""
+    from dvc.config import Config, ConfigError
+
+    dvc_dir = Path(root).resolve() / ".dvc"
+    if not dvc_dir.is_dir():
+        raise DVCError(f"{dvc_dir.parent} is not a DVC repository (no .dvc/): run dvc init")
+    try:
+        config = Config(dvc_dir=str(dvc_dir))
+    except ConfigError as error:
+        raise DVCError(f"invalid DVC config in {dvc_dir}: {error}") from error
+    name = remote or config["core"].get("remote")
+    remotes = config.get("remote", {})
+    if not name:
+        raise DVCError("no DVC remote: set a default one (dvc remote add -d NAME URL) or pass --remote NAME"
+                       + (f"; configured: {sorted(remotes)}" if remotes else ""))
+    if name not in remotes:
+        raise DVCError(f"DVC remote '{name}' is not configured (known: {sorted(remotes) or 'none'}); "
+                       f"add it with: dvc remote add {name} URL")
+    options = dict(remotes[name])
+    return Remote(name, str(options.pop("url")), options)
+
+
+def s3_credentials_source(remote: Remote) -> str | None:
+    """Where botocore (what s3fs/dvc-s3 use) finds credentials for ``remote``, or None when nowhere.
+
+    Same resolution as the push: the remote's own keys (``.dvc/config.local``), its ``profile`` and
+    ``credentialpath``/``configpath``, then the environment, shared files, container and instance roles.
+    """
+    import botocore.session
+    from botocore.exceptions import BotoCoreError
+
+    options = remote.options
+    if options.get("allow_anonymous_login"):
+        return "anonymous login (allow_anonymous_login)"
+    if options.get("access_key_id") and options.get("secret_access_key"):
+        return "access_key_id/secret_access_key of the remote (.dvc/config.local)"
+    session = botocore.session.Session(profile=options.get("profile"))
+    # dvc-s3 exports these with os.environ.setdefault: the environment wins, as here
+    if options.get("credentialpath") and "AWS_SHARED_CREDENTIALS_FILE" not in os.environ:
+        session.set_config_variable("credentials_file", options["credentialpath"])
+    if options.get("configpath") and "AWS_CONFIG_FILE" not in os.environ:
+        session.set_config_variable("config_file", options["configpath"])
+    try:
+        credentials = session.get_credentials()
+    except BotoCoreError as error:  # e.g. ProfileNotFound, a broken credentials file
+        raise DVCError(f"{remote.describe()}: AWS credentials cannot be loaded: {error}") from error
+    if credentials is None:
+        return None
+    return f"{getattr(credentials, 'method', 'aws')} (profile {options['profile']})" if options.get("profile") \
+        else getattr(credentials, "method", "aws")
+
+
+def check_remote(root: str | Path = ".", remote: str | None = None) -> Remote:
+    """Fail fast, naming the remote, before a push or pull that could run for hours.
+
+    Refuses secrets in the committed ``.dvc/config`` and, for ``s3://`` remotes, missing credentials.
+    Returns the remote (reachability is left to DVC, whose error is wrapped by :func:`push`/:func:`pull`).
+    """
+    from dvc.config import Config
+
+    root = Path(root).resolve()
+    info = remote_config(root, remote)
+    committed = (Config(dvc_dir=str(root / ".dvc"), validate=False).load_one("repo").get("remote") or {})
+    leaked = sorted(k for k in (committed.get(info.name) or {}) if k in SECRET_OPTIONS)
+    if leaked:
+        fix = "; ".join(f"dvc remote modify --local {info.name} {k} VALUE && dvc remote modify --unset {info.name} {k}"
+                        for k in leaked)
+        raise DVCError(f"{info.describe()}: {', '.join(leaked)} set in .dvc/config, which git commits; "
+                       f"keep secrets out of it (use environment variables, an AWS profile, or "
+                       f".dvc/config.local): {fix}")
+    if info.url.startswith("s3://") and s3_credentials_source(info) is None:
+        profile = info.options.get("profile") or os.environ.get("AWS_PROFILE")
+        raise DVCError(
+            f"{info.describe()}: no AWS credentials found"
+            + (f" for profile '{profile}'" if profile else "")
+            + ". Export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN if temporary), "
+            f"or name a profile of ~/.aws/credentials with AWS_PROFILE or "
+            f"'dvc remote modify --local {info.name} profile NAME'; never in .dvc/config (git commits it)")
+    return info
+
+
 def track(files: Sequence[str], root: str | Path = ".", *, push_to: str | None = None,
           push_now: bool = False) -> list[str]:
-    """``dvc add`` ``files`` (relative to ``root``); returns the ``.dvc`` files to commit with git."""
+    """``dvc add`` ``files`` (relative to ``root``); returns the ``.dvc`` files to commit with git.
+
+    With ``push_now`` the remote is checked (:func:`check_remote`) before hashing, then pushed to.
+    """
     root = Path(root).resolve()
     missing = [f for f in files if not (root / f).is_file()]
     if missing:
         raise DVCError(f"cannot track missing files: {missing}")
     if not files:
         return []
+    if push_now:
+        check_remote(root, push_to)
     run_dvc(["add", *files], root)
     dvc_files = [f"{f}.dvc" for f in files]
     if push_now:
@@ -153,8 +275,20 @@ def track(files: Sequence[str], root: str | Path = ".", *, push_to: str | None =
     return dvc_files
 
 
-def push(targets: Sequence[str] = (), root: str | Path = ".", *, remote: str | None = None) -> None:
-    run_dvc(["push", *(["-r", remote] if remote else []), *targets], root)
+def _transfer(verb: str, targets: Sequence[str], root: str | Path, remote: str | None) -> Remote:
+    """``dvc push|pull -r NAME`` after :func:`check_remote`; a failure names the remote and how to resume."""
+    info = check_remote(root, remote)
+    try:
+        run_dvc([verb, "-r", info.name, *targets], root)
+    except DVCError as error:
+        raise DVCError(f"dvc {verb} with {info.describe()} failed; rerunning the same command resumes "
+                       f"(objects already transferred are skipped).\n{error}") from error
+    return info
+
+
+def push(targets: Sequence[str] = (), root: str | Path = ".", *, remote: str | None = None) -> Remote:
+    """``dvc push`` (``targets``: ``.dvc`` files or paths, default all) to ``remote`` (default: ``core.remote``)."""
+    return _transfer("push", targets, root, remote)
 
 
 def mark_up_to_date(outputs: Sequence[str], snakemake_args: Sequence[str] = (), root: str | Path = ".", *,
@@ -187,9 +321,9 @@ def mark_up_to_date(outputs: Sequence[str], snakemake_args: Sequence[str] = (), 
 
 def pull(root: str | Path = ".", *, remote: str | None = None, targets: Sequence[str] = (),
          snakemake_args: Sequence[str] = (), cores: int = 1, touch: bool = True) -> dict[str, list[str]]:
-    """``dvc pull`` then :func:`mark_up_to_date` on the pulled results that the workflow produces."""
+    """``dvc pull`` (remote checked first) then :func:`mark_up_to_date` on the pulled results the workflow produces."""
     root = Path(root).resolve()
-    run_dvc(["pull", *(["-r", remote] if remote else []), *targets], root)
+    _transfer("pull", targets, root, remote)
     outputs = [o for o in tracked_outputs(root) if (root / o).exists()]
     if targets:
         wanted = {str(Path(t).with_suffix("")) if t.endswith(".dvc") else t for t in targets}
