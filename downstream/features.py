@@ -8,18 +8,16 @@
 - feature extraction gathered across processes (:func:`extract_features`);
 - per-sample top-k correctness gathered across processes (:func:`gather_correct`), so validation
   accuracies are exact under DDP (no duplicated padding samples);
-- progress reporting (tqdm on a terminal, a periodic line with ETA otherwise) and precision
-  helpers (``fp32`` / ``bf16`` / ``fp16`` autocast).
+- progress reporting (:func:`ibot.progress.progress`: tqdm on a terminal, a periodic line with
+  ETA in log files) and precision helpers (``fp32`` / ``bf16`` / ``fp16`` autocast).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -28,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets, transforms
 
 from ibot.distributed import all_gather_cat, is_main, local_rank, rank, world_size
+from ibot.progress import progress  # re-exported: the stages' one progress helper
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "eval_transform", "linear_train_transform",
            "IndexedImageFolder", "image_folder", "make_loader", "extract_features", "gather_correct",
@@ -186,43 +185,6 @@ def log(message: str) -> None:
     """One line to stdout from the main process (the launcher streams it to the Snakemake log)."""
     if is_main():
         print(message, flush=True)
-
-
-def _fmt_seconds(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
-
-
-def progress(iterable: Iterable, *, desc: str, total: int | None = None, every_s: float = 30.0) -> Iterator:
-    """Iterate with progress: a tqdm bar (stderr) on a terminal; otherwise a line with rate and ETA
-    every ``every_s`` seconds and at 25/50/75/100 % (main process only)."""
-    if total is None:
-        try:
-            total = len(iterable)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    if not is_main():
-        yield from iterable
-        return
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        yield from tqdm(iterable, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
-        return
-    start = last = time.monotonic()
-    marks = {max(1, math.ceil(total * f)) for f in (0.25, 0.5, 0.75, 1.0)} if total else set()
-    done = 0
-    for item in iterable:
-        yield item
-        done += 1
-        now = time.monotonic()
-        if done in marks or now - last >= every_s:
-            last = now
-            rate = done / max(now - start, 1e-9)
-            eta = f", eta {_fmt_seconds((total - done) / rate)}" if total else ""
-            of = f"/{total}" if total else ""
-            print(f"[{desc}] {done}{of} it, {_fmt_seconds(now - start)} elapsed, {rate:.2f} it/s{eta}",
-                  file=sys.stderr, flush=True)
 
 
 def dataset_label(data: str | Path, num_classes: int) -> str:

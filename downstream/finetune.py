@@ -32,7 +32,8 @@ Paper recipes: ViT-S/16 200 epochs, drop path 0.1, layer decay 0.75, warmup 20 (
 ViT-B/16 100 epochs, 0.2, 0.65, warmup 20; ViT-L/16 50 epochs, 0.4, 0.75, warmup 5 (see the schema).
 
 Training state is checkpointed atomically after every epoch in ``<out dir>/work/checkpoint.pth``;
-a rerun (or a submitit requeue) resumes from it when config, weights and data are unchanged.
+a rerun (or a submitit requeue) resumes from it when config, weights and data are unchanged. Live
+TensorBoard curves in ``<out dir>/tb/`` (:func:`epoch_scalars`, step = epochs done).
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, autocast, dataset_
 from ibot.checkpoint import load_file, save_atomic
 from ibot.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from ibot.metrics import write_metrics
+from ibot.tensorboard import ScalarWriter
 from ibot.models.layer_decay import vit_layer_id
 from ibot.workdir import prepare_stage_work
 from ibot.stages import stage_defaults
 
 __all__ = ["DEFAULTS", "protocol_label", "ViTClassifier", "build_model", "build_optimizer", "build_scheduler",
            "build_mixup", "build_criterion", "train_transform", "BatchPlan", "plan_batches", "train_one_epoch",
-           "evaluate", "load_training_state", "save_training_state", "best_and_last", "run", "main"]
+           "evaluate", "load_training_state", "save_training_state", "best_and_last", "EPOCH_TAGS",
+           "epoch_scalars", "run", "main"]
 
 #: Paper defaults (ViT-S/16 fine-tuning recipe): workflow/schemas/finetune.schema.yaml, the one source.
 DEFAULTS: dict[str, Any] = stage_defaults("finetune")
@@ -209,7 +212,8 @@ def train_one_epoch(module: nn.Module, net: nn.Module, loader, optimizer: torch.
     accum = plan.accum
     loss_sum, count = torch.zeros((), device=device), 0
     optimizer.zero_grad(set_to_none=True)
-    batches = progress(loader, desc=f"{tag} epoch {epoch + 1}/{epochs}")
+    batches = progress(loader, desc=f"{tag} epoch {epoch + 1}/{epochs}",
+                       total=min(len(loader), plan.steps_per_epoch * accum))
     for step, (images, targets, _) in enumerate(batches):
         update = step // accum
         if update >= plan.steps_per_epoch:
@@ -261,6 +265,16 @@ def save_training_state(state_file: Path, digest: str, epoch: int, net: nn.Modul
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "history": history},
                     state_file)
     barrier()
+
+
+#: TensorBoard tag of each epoch-record key (``evaluate``'s keys exist on evaluated epochs only).
+EPOCH_TAGS = {"train_loss": "finetune/train_loss", "lr": "finetune/lr", "top1": "finetune/val_top1",
+              "top5": "finetune/val_top5", "loss": "finetune/val_loss"}
+
+
+def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars of one epoch record (train loss, lr; val top-1/top-5/loss if evaluated)."""
+    return {tag: float(record[key]) for key, tag in EPOCH_TAGS.items() if key in record}
 
 
 def best_and_last(history: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
@@ -346,6 +360,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                               data={"imagenet": data}, seed=seed)
     state_file = work.path / "checkpoint.pth"
     start_epoch, history = load_training_state(state_file, net, optimizer, scaler, device)
+    tb = ScalarWriter(out_path.parent / "tb", resume_step=start_epoch + 1)
 
     for epoch in range(start_epoch, epochs):
         def per_iteration(update: int, epoch: int = epoch) -> None:
@@ -360,7 +375,9 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             log(f"[finetune] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, val top-1 {record['top1']:.2f}, "
                 f"top-5 {record['top5']:.2f}")
         history.append(record)
+        tb.add(epoch_scalars(record), epoch + 1)
         save_training_state(state_file, work.digest, epoch + 1, net, optimizer, scaler, history)
+    tb.close()
 
     metrics: dict[str, float] = {}
     if is_main():

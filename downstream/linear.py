@@ -17,7 +17,11 @@ Protocol (official defaults):
 
 Outputs beside ``metrics.json``: ``per_head.csv`` (every head at every evaluation) and
 ``head.pth`` (the best head, loadable with :func:`load_linear_classifier`). Training state is
-checkpointed after every epoch in ``work/`` and a rerun resumes from it.
+checkpointed after every epoch in ``work/`` and a rerun resumes from it. Live TensorBoard curves in
+``tb/`` (step = epochs done): ``linear/train_loss/lr_<lr>`` per head, ``linear/train_loss_mean``,
+``linear/lr_factor`` (the cosine factor: each head's lr is its scaled lr times it) and, at each
+evaluation, ``linear/acc_top1/lr_<lr>`` per head, ``linear/acc_top1_best_head`` (this epoch),
+``linear/acc_top1_best`` (so far; ``linear/acc_top5_best`` with 5 classes or more).
 
 ``head.pth`` = ``{'state_dict': {'weight': [C, F], 'bias': [C]}, 'meta': {'n_last_blocks',
 'avgpool_patchtokens', 'num_classes', 'lr', 'scaled_lr', 'epoch', 'top1', 'top5', 'classes',
@@ -40,9 +44,10 @@ from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, autocast, build_ev
                                  linear_train_transform, log, make_loader, pick_device, progress, seed_everything,
                                  topk_correct)
 from ibot.checkpoint import CheckpointError, load_file, save_atomic
-from ibot.distributed import barrier, init_distributed, is_main, rank, world_size
+from ibot.distributed import all_reduce_sum, barrier, init_distributed, is_main, rank, world_size
 from ibot.io import write_csv_atomic
 from ibot.metrics import write_metrics
+from ibot.tensorboard import ScalarWriter
 from ibot.workdir import prepare_stage_work
 from ibot.stages import stage_defaults
 
@@ -245,9 +250,17 @@ def _write_per_head(path: Path, rows: list[dict[str, Any]]) -> None:
     write_csv_atomic(path, rows, ["head", "lr", "scaled_lr", "epoch", "top1", "top5"])
 
 
+def _head_names(lrs: Sequence[float]) -> list[str]:
+    """TensorBoard name of each head: ``lr_<base lr>`` (``_<index>`` added if two heads share an lr)."""
+    names = [f"lr_{lr:g}" for lr in lrs]
+    return names if len(set(names)) == len(names) else [f"{n}_{i}" for i, n in enumerate(names)]
+
+
 def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
-    """Stage entry (inside the launched job): train the sweep, pick the best head, write outputs."""
+        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int,
+        tb_dir: str | None = None) -> dict[str, float]:
+    """Stage entry (inside the launched job): train the sweep, pick the best head, write outputs.
+    TensorBoard scalars go to ``tb_dir`` (default: ``tb/`` beside ``out``)."""
     init_distributed()
     started = time.time()
     out_path = Path(out)
@@ -292,6 +305,8 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
         sweep.load_state_dict(state["sweep"])
         start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
         log(f"[linear] resuming from {state_file} after epoch {start_epoch}")
+    tb = ScalarWriter(tb_dir or out_path.parent / "tb", resume_step=start_epoch + 1)
+    names = _head_names(lrs)
 
     val_cache: list[tuple[Tensor, Tensor, Tensor]] | None = None
     for epoch in range(start_epoch, epochs):
@@ -303,7 +318,11 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             losses += sweep.train_step(features_of(images), targets)
             steps += 1
+        lr_factor = sweep.optimizer.param_groups[0]["lr"] / sweep.scaled_lrs[0] if sweep.scaled_lrs[0] else 0.0
         sweep.end_epoch()
+        mean_losses = (all_reduce_sum(losses) / (max(steps, 1) * world_size())).tolist()  # every process's batches
+        scalars = {"linear/train_loss_mean": sum(mean_losses) / len(mean_losses), "linear/lr_factor": lr_factor,
+                   **{f"linear/train_loss/{name}": value for name, value in zip(names, mean_losses)}}
         if epoch % val_freq == 0 or epoch == epochs - 1:
             if val_cache is None or not config["cache_val_features"]:
                 val_cache = [(features_of(images.to(device)), targets.to(device), index.to(device))
@@ -317,13 +336,20 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                 if top1 >= best["top1"]:
                     best = {"top1": top1, "top5": top5, "head": head, "lr": lr, "scaled_lr": sweep.scaled_lrs[head],
                             "epoch": epoch + 1, "state_dict": sweep.head_state(head)}
-            log(f"[linear] epoch {epoch + 1}: mean train loss {float((losses / max(steps, 1)).mean()):.4f}; "
+            log(f"[linear] epoch {epoch + 1}: mean train loss {scalars['linear/train_loss_mean']:.4f}; "
                 f"best head this epoch top-1 {float(accuracy[:, 0].max()):.2f}; best so far {best['top1']:.2f} "
                 f"(lr {best['lr']:g}, epoch {best['epoch']})")
+            scalars.update({f"linear/acc_top1/{name}": float(accuracy[head, 0]) for head, name in enumerate(names)})
+            scalars.update({"linear/acc_top1_best_head": float(accuracy[:, 0].max()),
+                            "linear/acc_top1_best": best["top1"]})
+            if num_classes >= 5:
+                scalars["linear/acc_top5_best"] = best["top5"]
+        tb.add(scalars, epoch + 1)
         if is_main():
             save_atomic({"fingerprint": work.digest, "epoch": epoch + 1, "sweep": sweep.state_dict(),
                          "history": history, "best": best}, state_file)
         barrier()
+    tb.close()
 
     metrics: dict[str, float] = {}
     if is_main():

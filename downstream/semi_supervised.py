@@ -33,7 +33,8 @@ left out.
 
 Outputs: ``metrics.json`` with ``<protocol>_<p>pct_top1`` for every protocol and subset; each run's own
 record (and the linear head, the fine-tuning checkpoints) under ``<stage>/work/<protocol>_<p>pct/``.
-Linear probing and fine-tuning resume from their fingerprinted work folders (:mod:`ibot.workdir`).
+Linear probing and fine-tuning resume from their fingerprinted work folders (:mod:`ibot.workdir`) and
+write live TensorBoard curves to ``<stage>/tb/<protocol>_<p>pct/``.
 
     python -m downstream.semi_supervised --checkpoint W.pth --data /path/to/imagenet --out .../metrics.json
 """
@@ -58,6 +59,7 @@ from ibot.config import ConfigError, deep_merge
 from ibot.data.subsets import default_subset_file, materialise_subset, read_subset_file
 from ibot.distributed import barrier, init_distributed, is_main, world_size
 from ibot.metrics import read_metrics, write_metrics
+from ibot.tensorboard import ScalarWriter
 from ibot.stages import section_schema, stage_defaults
 from ibot.workdir import prepare_stage_work
 
@@ -227,9 +229,11 @@ def epoch_scheduler(optimizer: torch.optim.Optimizer, config: Mapping[str, Any])
 
 def finetune_on_subset(cfg: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
                        checkpoint_key: str | None, data: Path, work_dir: Path, seed: int, *, head_layer: int = 0,
-                       heads: Path | None = None, tag: str = "semi finetune") -> dict[str, Any]:
+                       heads: Path | None = None, tag: str = "semi finetune",
+                       tb_dir: Path | None = None) -> dict[str, Any]:
     """Fine-tune on ``data`` (train = the subset), evaluate on val every ``val_freq`` epochs, resume from
-    ``work_dir``; returns the best and last evaluated epochs (main process) with the run's settings."""
+    ``work_dir``; returns the best and last evaluated epochs (main process) with the run's settings.
+    TensorBoard curves (``finetune/*``, :func:`downstream.finetune.epoch_scalars`) go to ``tb_dir``."""
     device = pick_device()
     precision = cfg["precision"] if device.type == "cuda" or cfg["precision"] != "fp16" else "fp32"
     seed_everything(seed)
@@ -273,6 +277,7 @@ def finetune_on_subset(cfg: Mapping[str, Any], model_spec: Mapping[str, Any], ch
                               model_spec=model_spec, checkpoint=checkpoint, data={"imagenet": data}, seed=seed)
     state_file = work.path / "checkpoint.pth"
     start_epoch, history = ft.load_training_state(state_file, net, optimizer, scaler, device, tag=tag)
+    tb = ScalarWriter(tb_dir, resume_step=start_epoch + 1)
     for epoch in range(start_epoch, epochs):
         if epoch > 0:
             scheduler.step(epoch - 1)  # eval_cls.py:860: lr_scheduler.step(epoch) after each epoch
@@ -284,7 +289,9 @@ def finetune_on_subset(cfg: Mapping[str, Any], model_spec: Mapping[str, Any], ch
             record.update(ft.evaluate(net, val_loader, len(val_set), device, precision))
             log(f"[{tag}] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, val top-1 {record['top1']:.2f}")
         history.append(record)
+        tb.add(ft.epoch_scalars(record), epoch + 1)
         ft.save_training_state(state_file, work.digest, epoch + 1, net, optimizer, scaler, history)
+    tb.close()
     best, last = ft.best_and_last(history)
     return {"top1": best["top1"], "best_epoch": best["epoch"], "last_top1": last["top1"], "history": history,
             "global_batch": plan.global_batch, "scaled_lr": scaled_lr, "precision": precision,
@@ -333,7 +340,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             if protocol in ("knn", "linear"):
                 entry = knn.run if protocol == "knn" else linear.run
                 result = entry(config=cfg, data=str(subset), out=str(folder / "result.json"), run=run, model=model,
-                               **common)
+                               **common, **({"tb_dir": str(stage_dir / "tb" / name)} if protocol == "linear" else {}))
                 top1 = result.get(f"top1_k{knn.REPORTED_K}" if protocol == "knn" else "top1")
                 extra = read_metrics(folder / "result.json")["extra"] if is_main() else {}
                 detail = {"record": str(folder / "result.json")}
@@ -344,7 +351,8 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
                 top1 = detail.pop("top1", None)
             else:
                 detail = finetune_on_subset(cfg, model_spec, checkpoint, checkpoint_key, subset, folder / "work", seed,
-                                            head_layer=layer, heads=heads, tag=f"semi {name}")
+                                            head_layer=layer, heads=heads, tag=f"semi {name}",
+                                            tb_dir=stage_dir / "tb" / name)
                 top1 = detail.pop("top1")
             if is_main():
                 metrics[f"{protocol}_{label}pct_top1"] = float(top1)

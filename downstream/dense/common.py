@@ -1,5 +1,15 @@
 """Shared plumbing of the dense stages: mmengine runtime settings taken from the project config and
-the train → test run inside our launcher job. (Per-model values: the model recipes, config/paper/.)"""
+the train → test run inside our launcher job. (Per-model values: the model recipes, config/paper/.)
+
+Live curves (:func:`enable_tensorboard`): mmengine's LoggerHook already logs every ``log_interval``
+iterations (a line with ``eta`` in the log, the scalars to the visualizer). A TensorBoard backend
+sends those scalars to ``<stage dir>/tb/`` through :class:`ibot.tensorboard.ScalarWriter`, which
+mmengine's own ``TensorboardVisBackend`` does not do exactly: after a requeue it would append a new
+event file next to the killed attempt's, duplicating every step logged after the last checkpoint.
+Here a hook tells the backend, before the first resumed iteration, where the run resumed, and the
+earlier attempts' steps from there on are superseded. The final test metrics go to ``tb/test/``
+(rewritten by every test run: a rerun of a finished stage tests again).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 __all__ = ["CONFIG_DIR", "resolved_out_indices", "env_world_size", "norm_cfg", "per_gpu_batch", "configure_runtime",
-           "set_dataloader_workers", "train_and_test"]
+           "set_dataloader_workers", "enable_tensorboard", "train_and_test"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -74,6 +84,101 @@ def configure_runtime(cfg, *, stage: str, work_dir: Path, seed: int, amp: bool, 
         cfg.val_dataloader = None
         cfg.val_cfg = None
         cfg.val_evaluator = None
+
+
+TB_BACKEND, TB_HOOK = "IBOTTensorboardVisBackend", "IBOTTensorboardResumeHook"
+_TB_REGISTERED: list[bool] = []
+
+
+def enable_tensorboard(cfg, tb_dir: Path) -> None:
+    """Add the TensorBoard backend (scalars to ``tb_dir``) and its resume hook to an mmengine Config.
+
+    Validation metrics are logged at the iteration (``log_metric_by_epoch=False``, as the
+    segmentation base config does): every scalar of the run is then on one step axis, the axis
+    the resume point is given in.
+    """
+    _register_tensorboard()
+    cfg.visualizer.vis_backends = [*cfg.visualizer.get("vis_backends", []),
+                                   dict(type=TB_BACKEND, name="tensorboard", save_dir=str(tb_dir))]
+    cfg.custom_hooks = [*cfg.get("custom_hooks", []), dict(type=TB_HOOK, tb_dir=str(tb_dir))]
+    cfg.default_hooks.logger.log_metric_by_epoch = False
+
+
+def _register_tensorboard() -> None:
+    """Define and register (once, in mmengine's root registries) the backend and the hook."""
+    if _TB_REGISTERED:
+        return
+    from mmengine.hooks import Hook
+    from mmengine.registry import HOOKS, VISBACKENDS
+    from mmengine.visualization.vis_backend import BaseVisBackend
+
+    from ibot.tensorboard import ScalarWriter
+
+    class TensorboardScalars(BaseVisBackend):
+        """mmengine backend writing scalars through ``ScalarWriter``; opened at the first scalar,
+        once :class:`TensorboardResume` has set ``resume_step`` (``None``: append)."""
+
+        def __init__(self, save_dir: str) -> None:
+            super().__init__(save_dir)
+            self.resume_step: int | None = None
+            self._writer: ScalarWriter | None = None
+            self._skipped: set[str] = set()
+
+        @property
+        def experiment(self) -> ScalarWriter | None:
+            return self._writer
+
+        def _init_env(self) -> None:
+            pass  # nothing before the first scalar: the resume step is not known at build time
+
+        def add_config(self, config, **kwargs) -> None:
+            pass  # the runner dumps the resolved config to the work dir
+
+        def add_scalar(self, name: str, value, step: int = 0, **kwargs) -> None:
+            self.add_scalars({name: value}, step)
+
+        def add_scalars(self, scalar_dict: dict, step: int = 0, file_path: str | None = None, **kwargs) -> None:
+            scalars = {}
+            for name, value in scalar_dict.items():
+                if _is_scalar(value):
+                    scalars[name] = float(value)
+                elif name not in self._skipped:  # mmengine's TensorboardVisBackend skips these too
+                    self._skipped.add(name)
+                    logging.getLogger(__name__).warning("TensorBoard: %s is not a number (%s); not written",
+                                                        name, type(value).__name__)
+            if self._writer is None:
+                self._writer = ScalarWriter(self._save_dir, resume_step=self.resume_step)
+                self.resume_step = None  # a reopened writer (after close) appends
+            self._writer.add(scalars, step)
+
+        def close(self) -> None:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    class TensorboardResume(Hook):
+        """Before the first (resumed) iteration: the backend supersedes earlier attempts' steps past
+        the resume point (train scalars are logged at ``iter + 1``). After a test: its metrics."""
+
+        priority = "VERY_HIGH"
+
+        def __init__(self, tb_dir: str) -> None:
+            self.tb_dir = Path(tb_dir)
+
+        def before_train(self, runner) -> None:
+            backend = runner.visualizer.get_backend("tensorboard")
+            if backend is not None:
+                backend.resume_step = runner.iter + 1
+
+        def after_test_epoch(self, runner, metrics=None) -> None:
+            trained = not (isinstance(runner._train_loop, dict) or runner._train_loop is None)
+            scalars = {f"test/{k}": float(v) for k, v in (metrics or {}).items() if _is_scalar(v)}
+            with ScalarWriter(self.tb_dir / "test", resume_step=0) as writer:
+                writer.add(scalars, runner.iter if trained else 0)
+
+    VISBACKENDS.register_module(name=TB_BACKEND, module=TensorboardScalars, force=True)
+    HOOKS.register_module(name=TB_HOOK, module=TensorboardResume, force=True)
+    _TB_REGISTERED.append(True)
 
 
 _TRUSTED_DIRS: set[Path] = set()

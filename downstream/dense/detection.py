@@ -3,7 +3,8 @@ on our ViT with the multi-scale adaptor, trained with mmdet and evaluated with i
 
 ``python -m downstream.dense.detection --data <coco root> --out results/<run>/<model>/detection/metrics.json
 [--checkpoint W] [--arch vit_small] [--config JSON]``. mmdet's work dir (logs, checkpoints, the
-resolved config) is ``<out dir>/work``; a requeued job resumes from its last checkpoint.
+resolved config) is ``<out dir>/work``; a requeued job resumes from its last checkpoint. Live
+TensorBoard curves (mmdet's logged scalars, then the test metrics) in ``<out dir>/tb/``.
 
 Reported (percent): ``bbox_AP, bbox_AP50, bbox_AP75, segm_AP, segm_AP50, segm_AP75``; one CocoMetric
 did not produce is null with its reason (``extra["null_reasons"]``), never 0. The protocol label
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from downstream.cli import stage_main
-from downstream.dense.common import (CONFIG_DIR, configure_runtime, env_world_size, norm_cfg,
+from downstream.dense.common import (CONFIG_DIR, configure_runtime, enable_tensorboard, env_world_size, norm_cfg,
                                      per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
 from ibot.stages import stage_defaults
 
@@ -240,6 +241,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     work = prepare_stage_work(STAGE, out.parent / "work", config=config, model_spec=model_spec,
                               checkpoint=checkpoint, data={"coco": data}, seed=seed)
     cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, work.path, seed)
+    enable_tensorboard(cfg, out.parent / "tb")
     raw = train_and_test(cfg)
     missing = sorted(v for v in COCO_METRICS.values() if v not in raw)
     metrics, null_reasons = coco_metrics(raw)

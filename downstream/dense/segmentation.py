@@ -3,7 +3,7 @@ multi-scale adaptor, or a linear head on the frozen ViT; evaluated with mmseg's 
 
 ``python -m downstream.dense.segmentation --data <ADEChallengeData2016> --out .../seg_upernet/metrics.json
 --config '{"head": "upernet"}'`` (or ``"linear"``). mmseg's work dir is ``<out dir>/work``; a
-requeued job resumes from its last checkpoint.
+requeued job resumes from its last checkpoint. Live TensorBoard curves in ``<out dir>/tb/``.
 
 Classes: ``<data>/classes.txt`` (one name per line, line i = label i, 0 = ignore: the embedded
 set) gives the class list; without it the dataset is the real ADE20K (150 classes, mmseg's
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from downstream.cli import stage_main
-from downstream.dense.common import (CONFIG_DIR, configure_runtime, env_world_size, norm_cfg,
+from downstream.dense.common import (CONFIG_DIR, configure_runtime, enable_tensorboard, env_world_size, norm_cfg,
                                      per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
 from ibot.stages import section_defaults
 
@@ -186,6 +186,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     work = prepare_stage_work(f"seg_{head}", out.parent / "work", config=config, model_spec=model_spec,
                               checkpoint=checkpoint, data={"ade20k": data}, seed=seed)
     cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, work.path, seed)
+    enable_tensorboard(cfg, out.parent / "tb")
     raw = train_and_test(cfg)
     missing = [k for k in ("mIoU", "mAcc") if k not in raw]
     if missing:
