@@ -153,3 +153,17 @@ def test_training_matches_the_official_iteration_over_several_steps():
             assert torch.allclose(value, reference[key], atol=1e-6), key
     assert torch.allclose(ours.loss.center, official.loss.center, atol=1e-7)
     assert torch.allclose(ours.loss.center2, official.loss.center2, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_backbones_give_the_same_steps(images, tmp_path):
+    """``compile: true`` (torch.compile of both backbones) changes speed, not the arithmetic beyond
+    floating-point reassociation: same losses over a few steps."""
+    cfg = {**TINY, "epochs": 1, "drop_path": 0.0}
+    losses = {}
+    for compiled in (False, True):
+        trainer = Trainer({**cfg, "compile": compiled}, SPEC, images, tmp_path / str(compiled))
+        torch.manual_seed(0)
+        losses[compiled] = [trainer.train_step(crops, masks, 0, it)["loss"]
+                            for it, (crops, _, masks) in zip(range(2), trainer._loader(0))]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

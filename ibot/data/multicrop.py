@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,9 +21,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
+from ibot.data.batched_augment import (AUGMENTATIONS, FastMultiCrop, PhotometricParams, ibot_view_recipes,
+                                       photometric_views)
 from ibot.data.masking import MaskGenerator
 
-__all__ = ["GaussianBlur", "Solarization", "DataAugmentationIBOT", "MultiCropMaskedDataset", "collate_multicrop"]
+__all__ = ["GaussianBlur", "Solarization", "DataAugmentationIBOT", "MultiCropMaskedDataset", "PendingViews",
+           "collate_multicrop"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,12 +114,34 @@ class _SeededGlobalRNGs:
         torch.set_rng_state(self._torch_state)
 
 
+class PendingViews(NamedTuple):
+    """Views still to be finished on the training device (``augmentation: gpu``): uint8 crops, one
+    tensor per view ([3, S, S] per sample, [B, 3, S, S] once collated), and their photometric draws."""
+
+    crops: list[Tensor]
+    params: PhotometricParams  # one row per image of torch.cat(crops), view-major
+
+    def finish(self, device: torch.device | str = "cpu") -> list[Tensor]:
+        """The official float views on ``device`` (ImageNet-normalised)."""
+        device = torch.device(device)
+        crops = [c.to(device, non_blocking=True) for c in self.crops]
+        # on a CPU, chunks of ~1M values stay in the caches across the ~40 elementwise passes
+        return photometric_views(crops, self.params.to(device, non_blocking=True),
+                                 max_elements=1 << 20 if device.type == "cpu" else None)
+
+
 class MultiCropMaskedDataset(Dataset):
     """(crops, label, masks) samples for iBOT pretraining.
 
     ``crops``: list of [3, H, W] tensors (global crops first); ``masks``: one bool [h, w] tensor per
     global crop (h, w = crop size // ``patch_size``; all False when the ratio is 0). ``source`` is an
     image-folder root (``torchvision.datasets.ImageFolder``) or any dataset of (PIL RGB image, label).
+
+    ``augmentation`` (same random draws and distribution in all three, see
+    ``ibot.data.batched_augment``): ``official``, the PIL transforms of the official code; ``fast``
+    and ``gpu``: samples only decode, crop and resize, ``crops`` is a :class:`PendingViews`, finished
+    batched per DataLoader batch, in the worker (``fast``: ``collate_multicrop(..., finish=True)``) or
+    on the training device (``gpu``: the trainer calls ``PendingViews.finish``).
 
     Randomness per sample is derived from ``(seed, epoch, index)``: augmentations reseed the global
     RNGs for the duration of ``__getitem__``, masks use their own numpy generator. ``set_epoch`` must be
@@ -130,11 +155,17 @@ class MultiCropMaskedDataset(Dataset):
                  patch_size: int = 16, pred_ratio: float | Sequence[float] = 0.3,
                  pred_ratio_var: float | Sequence[float] = 0.0,
                  pred_aspect_ratio: tuple[float, float] = (0.3, 1 / 0.3), pred_shape: str = "block",
-                 pred_start_epoch: int = 0, seed: int = 0) -> None:
+                 pred_start_epoch: int = 0, seed: int = 0, augmentation: str = "official") -> None:
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"pretrain.augmentation: {augmentation!r}; expected one of {', '.join(AUGMENTATIONS)}")
         self.dataset: Dataset = source if isinstance(source, Dataset) else datasets.ImageFolder(os.fspath(source))
+        self.augmentation = augmentation
         self.transform: Callable[[Image.Image], list[Tensor]] = DataAugmentationIBOT(
             global_crops_scale, local_crops_scale, global_crops_number, local_crops_number,
             global_crops_size, local_crops_size)
+        self.fast_transform = FastMultiCrop(ibot_view_recipes(
+            global_crops_scale, local_crops_scale, global_crops_number, local_crops_number,
+            global_crops_size, local_crops_size))
         self.mask_generator = MaskGenerator(patch_size, pred_ratio, pred_ratio_var, pred_aspect_ratio, pred_shape,
                                             pred_start_epoch)
         self.global_crops_number = global_crops_number
@@ -148,26 +179,42 @@ class MultiCropMaskedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[list[Tensor], int, list[Tensor]]:
+    def __getitem__(self, index: int) -> tuple[list[Tensor] | PendingViews, int, list[Tensor]]:
         augment_seq, mask_seq = np.random.SeedSequence([self.seed, self.epoch, index]).spawn(2)
         python_seed, torch_seed = (int(s) for s in augment_seq.generate_state(2))
+        samples = getattr(self.dataset, "samples", None)
+        where = samples[index][0] if samples else f"sample {index}"
         try:
-            image, label = self.dataset[index]
+            if self.augmentation == "official" or not samples:
+                image, label = self.dataset[index]
+            else:  # the file itself: FastMultiCrop decodes JPEGs at reduced size when the crops allow
+                image, label = samples[index]
+            with _SeededGlobalRNGs(python_seed, torch_seed):
+                crops = self.transform(image) if self.augmentation == "official" else self.fast_transform(image)
         except OSError as error:  # PIL: truncated or unidentifiable file; name it, not just the cause
-            samples = getattr(self.dataset, "samples", None)
-            where = samples[index][0] if samples else f"sample {index}"
             raise OSError(f"unreadable image {where}: {error}") from error
-        with _SeededGlobalRNGs(python_seed, torch_seed):
-            crops = self.transform(image)
+        if self.augmentation != "official":
+            crops = PendingViews(*crops)
+        sizes = [c.shape[-2:] for c in (crops.crops if isinstance(crops, PendingViews) else crops)]
         mask_rng = np.random.default_rng(mask_seq)
-        masks = [torch.from_numpy(self.mask_generator.mask_for_crop(crop.shape[1], crop.shape[2], mask_rng))
-                 for crop in crops[: self.global_crops_number]]
+        masks = [torch.from_numpy(self.mask_generator.mask_for_crop(h, w, mask_rng))
+                 for h, w in sizes[: self.global_crops_number]]
         return crops, label, masks
 
 
-def collate_multicrop(batch: Sequence[tuple[list[Tensor], int, list[Tensor]]]
-                      ) -> tuple[list[Tensor], Tensor, list[Tensor]]:
-    """Stack samples per crop index: ([B, 3, H, W] per crop, labels [B], [B, h, w] bool per global crop)."""
+def collate_multicrop(batch: Sequence[tuple[list[Tensor] | PendingViews, int, list[Tensor]]], finish: bool = False
+                      ) -> tuple[list[Tensor] | PendingViews, Tensor, list[Tensor]]:
+    """Stack samples per crop index: ([B, 3, H, W] per crop, labels [B], [B, h, w] bool per global crop).
+
+    :class:`PendingViews` samples give a :class:`PendingViews` of [B, 3, H, W] uint8 crops per view, or
+    with ``finish`` (``augmentation: fast``, in the DataLoader worker) the float views, computed in one
+    batched pass per view size."""
     crops, labels, masks = zip(*batch)
-    return ([torch.stack(views) for views in zip(*crops)], torch.as_tensor(labels),
-            [torch.stack(views) for views in zip(*masks)])
+    stacked_masks = [torch.stack(views) for views in zip(*masks)]
+    if isinstance(crops[0], PendingViews):
+        # [B, V, ...] per field -> view-major rows, the order of torch.cat of the stacked views
+        params = PhotometricParams(*(torch.stack(field).transpose(0, 1).flatten(0, 1)
+                                     for field in zip(*(c.params for c in crops))))
+        views = PendingViews([torch.stack(v) for v in zip(*(c.crops for c in crops))], params)
+        return (views.finish() if finish else views), torch.as_tensor(labels), stacked_masks
+    return [torch.stack(views) for views in zip(*crops)], torch.as_tensor(labels), stacked_masks

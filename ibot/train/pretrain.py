@@ -15,6 +15,7 @@ with bit-identical weights on CPU.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Sampler
 from ibot import distributed as dist_utils
 from ibot.checkpoint import (HEAD_SETTINGS, CheckpointError, check_state_dict, export_backbone, export_heads,
                              load_file, save_atomic)
-from ibot.data.multicrop import MultiCropMaskedDataset, collate_multicrop
+from ibot.data.multicrop import MultiCropMaskedDataset, PendingViews, collate_multicrop
 from ibot.loss import IBOTLoss
 from ibot.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from ibot.models.head import build_head, loss_patch_out_dim
@@ -183,6 +184,9 @@ class Trainer:
         torch.manual_seed(self.cfg["seed"])
         self.student, self.teacher = (m.to(self.device) for m in build_models(self.cfg, self.spec))
         select_attention_kernel((self.student, self.teacher), self.device, self.autocast_dtype)
+        if self.cfg["compile"]:  # the backbones only: static shapes ([B, N, D] tokens); heads see masked subsets
+            for model in (self.student, self.teacher):
+                model.backbone.compile()
         self.student_ddp: nn.Module = self.student
         if dist_utils.world_size() > 1:
             self.student_ddp = nn.parallel.DistributedDataParallel(
@@ -197,7 +201,8 @@ class Trainer:
             # masks on the grid the patch loss sees: ViT patches, Swin final-stage tokens (main_ibot.py:167)
             patch_size=self.student.backbone.mask_patch_size, pred_ratio=self.cfg["pred_ratio"],
             pred_ratio_var=self.cfg["pred_ratio_var"], pred_shape=self.cfg["pred_shape"],
-            pred_start_epoch=self.cfg["pred_start_epoch"], seed=self.cfg["seed"])
+            pred_start_epoch=self.cfg["pred_start_epoch"], seed=self.cfg["seed"],
+            augmentation=self.cfg["augmentation"])
         self.global_batch = self.cfg["batch_size_per_gpu"] * dist_utils.world_size()
         self.batch_rescaled = check_global_batch(self.cfg, self.global_batch)
         self.sampler = GlobalBatchSampler(len(self.dataset), self.global_batch, dist_utils.rank(),
@@ -215,7 +220,8 @@ class Trainer:
                              lambda2=self.cfg["lambda2"], mim_start_epoch=self.cfg["pred_start_epoch"]).to(self.device)
         if self.cfg["optimizer"] != "adamw":
             raise ValueError(f"pretrain.optimizer: {self.cfg['optimizer']!r} is not supported; use 'adamw' (ViT recipe)")
-        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        # fused AdamW on CUDA: one kernel for all parameters (same update; the default is foreach)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.lr_schedule = cosine_schedule(self.cfg["lr"] * self.global_batch / 256.0, self.cfg["min_lr"], epochs,
                                            iters, warmup_epochs=self.cfg["warmup_epochs"])
@@ -279,14 +285,26 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, images: list[Tensor], masks: list[Tensor], epoch: int, it: int) -> dict[str, float]:
-        """One official iBOT iteration (schedules, forward, loss, backward, clip, step, EMA)."""
+    def train_step(self, images: list[Tensor] | PendingViews, masks: list[Tensor], epoch: int, it: int
+                   ) -> dict[str, float]:
+        """One official iBOT iteration (schedules, forward, loss, backward, clip, step, EMA), its logged
+        values as Python floats (a host sync; ``fit`` syncs only at log steps, see :meth:`_step`).
+
+        ``images``: the float views, or (``augmentation: gpu``) uint8 views finished here on the device."""
+        return self._materialize([self._step(images, masks, epoch, it)])[0]
+
+    def _step(self, images: list[Tensor] | PendingViews, masks: list[Tensor], epoch: int, it: int
+              ) -> dict[str, Any]:
+        """The iteration without a host sync: the loss terms stay on the device (``terms``)."""
         cfg, g = self.cfg, self.cfg["global_crops_number"]
         for index, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.lr_schedule[it])  # python floats: numpy scalars fail weights_only loads
             if index == 0:
                 group["weight_decay"] = float(self.wd_schedule[it])
-        images = [im.to(self.device, non_blocking=True) for im in images]
+        if isinstance(images, PendingViews):
+            images = images.finish(self.device)
+        else:
+            images = [im.to(self.device, non_blocking=True) for im in images]
         global_masks = torch.cat([m.to(self.device, non_blocking=True) for m in masks[:g]])
         globals_ = torch.cat(images[:g])
         locals_ = torch.cat(images[g:]) if len(images) > g else None
@@ -298,11 +316,7 @@ class Trainer:
             losses = self.loss((student_out["cls"], student_out["patch"]), (teacher_out["cls"], teacher_out["patch"]),
                                student_out.get("local_cls"), global_masks, epoch,
                                teacher_patch_mean=teacher_out["patch_mean"])
-        loss = losses["loss"]
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"pretraining loss is {loss.item()} at epoch {epoch}, iteration {it}; stopping. The last good "
-                f"checkpoint is {self.checkpoint_path} (epoch {epoch}); lower lr, raise clip_grad or use fp32.")
+        loss = losses["loss"]  # its finiteness is checked in _materialize, before any checkpoint is written
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
@@ -327,42 +341,68 @@ class Trainer:
             torch._foreach_add_(teacher_params, [p.detach() for p in student_params], alpha=1 - momentum)
         # Logged values are means over all processes (the local loss covers only this rank's slice).
         logged = dist_utils.all_reduce_sum(torch.stack([losses["loss"], losses["cls"], losses["patch"]]).detach().float())
-        total, cls_term, patch_term = (logged / dist_utils.world_size()).tolist()
-        return {"loss": total, "cls": cls_term, "patch": patch_term,
-                "lr": self.lr_schedule[it], "wd": self.wd_schedule[it], "momentum": float(momentum),
+        return {"epoch": epoch, "iteration": it, "terms": logged / dist_utils.world_size(),
+                "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]), "momentum": float(momentum),
                 "teacher_temp": float(self.loss.teacher_temp_schedule[epoch]),
                 "teacher_patch_temp": float(self.loss.teacher_temp2_schedule[epoch])}
+
+    def _materialize(self, pending: list[dict[str, Any]]) -> list[dict[str, float]]:
+        """One host sync for the steps since the last log step: their loss terms as floats, and the
+        official stop on a non-finite loss (main_ibot.py checks every step; here the check runs at log
+        steps, before the epoch's checkpoint, so no checkpoint ever holds the non-finite update)."""
+        terms = torch.stack([step["terms"] for step in pending]).tolist()
+        rows = []
+        for step, (total, cls_term, patch_term) in zip(pending, terms):
+            if not math.isfinite(total):
+                raise FloatingPointError(
+                    f"pretraining loss is {total} at epoch {step['epoch']}, iteration {step['iteration']}; stopping. "
+                    f"The last good checkpoint is {self.checkpoint_path} (epoch {step['epoch']}); lower lr, raise "
+                    "clip_grad or use fp32.")
+            schedules = {k: v for k, v in step.items() if k not in ("epoch", "iteration", "terms")}
+            rows.append({"loss": total, "cls": cls_term, "patch": patch_term, **schedules})
+        return rows
 
     def _loader(self, epoch: int) -> DataLoader:
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         workers = self.cfg["num_workers"]
+        collate = functools.partial(collate_multicrop, finish=self.cfg["augmentation"] == "fast")
         return DataLoader(self.dataset, batch_size=self.cfg["batch_size_per_gpu"], sampler=self.sampler,
-                          num_workers=workers, collate_fn=collate_multicrop, drop_last=True,
+                          num_workers=workers, collate_fn=collate, drop_last=True,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=4 if workers else None)
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, tb_dir: str | Path | None = None) -> dict[str, Any]:
+        """Train from the last checkpoint to the end. ``tb_dir``: TensorBoard scalars of every logged
+        iteration (``pretrain/<train_log key>`` at the global iteration; see :mod:`ibot.tensorboard`)."""
+        from ibot.tensorboard import ScalarWriter
+
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if dist_utils.is_main():  # temp files of saves killed midway (SIGKILL skips save_atomic's cleanup)
             for stale in self.work_dir.glob(".checkpoint*.pth.*.tmp"):
                 stale.unlink(missing_ok=True)
         self.resume()
         log = TrainLog(self.work_dir / "train_log.jsonl", keep_before_epoch=self.start_epoch)
+        tb = ScalarWriter(tb_dir, resume_step=self.start_epoch * self.iters_per_epoch)  # flushes every add
         epochs, started = self.cfg["epochs"], time.time()
         total_iters = (epochs - self.start_epoch) * self.iters_per_epoch
         done_iters = 0
         for epoch in range(self.start_epoch, epochs):
             self.student.train()
-            epoch_start = time.time()
+            epoch_start = interval_start = time.time()
+            pending: list[dict[str, Any]] = []  # steps since the last log step, values still on the device
             for step, (images, _, masks) in enumerate(self._loader(epoch)):
                 it = epoch * self.iters_per_epoch + step
-                tick = time.time()
-                stats = self.train_step(images, masks, epoch, it)
-                stats["images_per_s"] = self.global_batch / max(time.time() - tick, 1e-9)
+                pending.append(self._step(images, masks, epoch, it))
                 done_iters += 1
-                log.write({"epoch": epoch, "iteration": it, **stats})
                 if step % self.cfg["log_every"] == 0 or step == self.iters_per_epoch - 1:
+                    rows = self._materialize(pending)  # the only host sync of the loop
+                    rate = len(rows) * self.global_batch / max(time.time() - interval_start, 1e-9)
+                    for row, done in zip(rows, pending):  # throughput of the interval, data loading included
+                        log.write({"epoch": epoch, "iteration": done["iteration"], **row, "images_per_s": rate})
+                    stats = {**rows[-1], "images_per_s": rate}
+                    pending, interval_start = [], time.time()
+                    tb.add({f"pretrain/{key}": value for key, value in stats.items()}, it)
                     elapsed = time.time() - started
                     eta = elapsed / done_iters * (total_iters - done_iters)
                     print(f"[pretrain] epoch {epoch + 1}/{epochs} it {step + 1}/{self.iters_per_epoch} "
@@ -371,6 +411,7 @@ class Trainer:
                           flush=True)
             self.save(epoch + 1)
             print(f"[pretrain] epoch {epoch + 1} done in {time.time() - epoch_start:.1f}s; checkpoint saved", flush=True)
+        tb.close()
         dist_utils.barrier()
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
         return {"epochs": epochs, "iterations_per_epoch": self.iters_per_epoch, "global_batch": self.global_batch,
@@ -403,10 +444,12 @@ def _row_epoch(line: str) -> int | None:
         return None  # a torn last line from a kill
 
 
-def train(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: str | Path, work_dir: str | Path) -> Trainer:
-    """Train to the end (resuming if possible) and return the trainer (for tests and export)."""
+def train(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: str | Path, work_dir: str | Path,
+          tb_dir: str | Path | None = None) -> Trainer:
+    """Train to the end (resuming if possible) and return the trainer (for tests and export);
+    ``tb_dir``: where the live TensorBoard curves go (none without it)."""
     trainer = Trainer(cfg, spec, data, work_dir)
-    trainer.summary = trainer.fit()
+    trainer.summary = trainer.fit(tb_dir=tb_dir)
     return trainer
 
 
@@ -421,7 +464,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], data: str, out
     out = Path(out_dir)
     work = prepare_stage_work("pretrain", out / "work", config=cfg, model_spec=model_spec,
                               checkpoint=cfg["load_from"], data={"train": data}, seed=seed)
-    trainer = train(cfg, model_spec, data, work.path)
+    trainer = train(cfg, model_spec, data, work.path, tb_dir=out / "tb")
     summary = {"run": run, "model": model, **trainer.summary, "arch": model_spec["arch"],
                "patch_size": model_spec["patch_size"], "depth": trainer.teacher.backbone.depth,
                "fingerprint": work.digest}

@@ -37,8 +37,13 @@ def clip_gradients_per_param(model: nn.Module, clip: float) -> None:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
-    norms = torch._foreach_norm(grads, 2)
-    scales = [torch.clamp(clip / (norm + 1e-6), max=1.0) for norm in norms]
+    # clip / (norm + 1e-6), capped at 1, as foreach kernels: no host sync, a few launches in all (the
+    # official loop syncs on every parameter's norm: utils.py clip_gradients)
+    scales = torch._foreach_norm(grads, 2)
+    torch._foreach_add_(scales, 1e-6)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, clip)
+    torch._foreach_clamp_max_(scales, 1.0)
     torch._foreach_mul_(grads, scales)
 
 
