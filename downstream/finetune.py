@@ -267,14 +267,15 @@ def save_training_state(state_file: Path, digest: str, epoch: int, net: nn.Modul
     barrier()
 
 
-#: TensorBoard tag of each epoch-record key (``evaluate``'s keys exist on evaluated epochs only).
-EPOCH_TAGS = {"train_loss": "finetune/train_loss", "lr": "finetune/lr", "top1": "finetune/val_top1",
-              "top5": "finetune/val_top5", "loss": "finetune/val_loss"}
+#: TensorBoard tag (after the stage prefix) of each epoch-record key (``evaluate``'s keys exist on
+#: evaluated epochs only).
+EPOCH_TAGS = {"train_loss": "train_loss", "lr": "lr", "top1": "val_top1", "top5": "val_top5", "loss": "val_loss"}
 
 
-def epoch_scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """The TensorBoard scalars of one epoch record (train loss, lr; val top-1/top-5/loss if evaluated)."""
-    return {tag: float(record[key]) for key, tag in EPOCH_TAGS.items() if key in record}
+def epoch_scalars(record: Mapping[str, Any], stage: str = "finetune") -> dict[str, float]:
+    """The TensorBoard scalars of one epoch record (train loss, lr; val top-1/top-5/loss if evaluated),
+    tagged ``<stage>/...`` (fine-tuning, and the transfer stages that reuse its loop)."""
+    return {f"{stage}/{tag}": float(record[key]) for key, tag in EPOCH_TAGS.items() if key in record}
 
 
 def best_and_last(history: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:

@@ -253,6 +253,7 @@ def test_finetune_killed_before_the_checkpoint_writes_each_epoch_once(tmp_path: 
     logged = _accumulated(tb)
     for record in history:
         for key, tag in finetune.EPOCH_TAGS.items():
+            tag = f"finetune/{tag}"
             assert dict(logged[tag])[record["epoch"]] == pytest.approx(record[key], rel=1e-6, abs=1e-6), tag
 
 

@@ -388,3 +388,7 @@ def test_resume_after_kill_equals_the_uninterrupted_run(sets: dict[str, Path], t
     assert len(resumed) == 2
     for got, want in zip(resumed, full):
         assert got == pytest.approx(want)
+    from ibot.tensorboard import read_scalars  # live curves: each epoch once after the kill and resume
+    curves = read_scalars(tmp_path / "killed" / "transfer_cars" / "tb")
+    assert {"transfer_cars/train_loss", "transfer_cars/val_top1"} <= set(curves)
+    assert [step for step, _ in curves["transfer_cars/val_top1"]] == [1, 2]

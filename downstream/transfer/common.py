@@ -50,12 +50,13 @@ from torchvision import transforms
 from downstream.features import IMAGENET_MEAN, IMAGENET_STD, eval_transform as resize_crop_transform
 from downstream.features import log, make_loader, pick_device, seed_everything
 from downstream.finetune import (best_and_last, build_criterion, build_mixup, build_model, build_optimizer,
-                                 evaluate, load_training_state, plan_batches, save_training_state, train_one_epoch,
-                                 train_transform)
+                                 epoch_scalars, evaluate, load_training_state, plan_batches, save_training_state,
+                                 train_one_epoch, train_transform)
 from ibot.data.transfer_sets import read_transfer_set
 from ibot.distributed import barrier, init_distributed, is_main, rank, world_size
 from ibot.metrics import write_metrics
 from ibot.stages import get_stage
+from ibot.tensorboard import ScalarWriter
 from ibot.workdir import prepare_stage_work
 
 __all__ = ["OFFICIAL_SETS", "LR_BATCH_BASE", "eval_transform", "train_sampler", "build_scheduler", "scaled_lr",
@@ -197,6 +198,7 @@ def run_transfer(stage: str, config: Mapping[str, Any], model_spec: Mapping[str,
                               checkpoint=checkpoint, data={kind: data}, seed=seed)
     state_file = work.path / "checkpoint.pth"
     start_epoch, history = load_training_state(state_file, net, optimizer, scaler, device, tag=stage)
+    tb = ScalarWriter(out_path.parent / "tb", resume_step=start_epoch + 1)
 
     for epoch in range(start_epoch, epochs):
         scheduler.step(max(epoch - 1, 0))  # the official steps after epoch e with e (eval_cls.py:768)
@@ -209,7 +211,9 @@ def run_transfer(stage: str, config: Mapping[str, Any], model_spec: Mapping[str,
             log(f"[{stage}] epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, val top-1 {record['top1']:.2f}, "
                 f"top-5 {record['top5']:.2f}")
         history.append(record)
+        tb.add(epoch_scalars(record, stage), epoch + 1)
         save_training_state(state_file, work.digest, epoch + 1, net, optimizer, scaler, history)
+    tb.close()
 
     metrics: dict[str, float] = {}
     if is_main():
