@@ -2,6 +2,7 @@
 
   summary     metrics.json files of a run -> summary.csv (+ metrics_flat.json for DVC)
   coverage    which of the paper's iBOT numbers a config's Snakemake plan produces, and why not
+  plan        estimated device-hours and wall time of every job of a config, from measured rates
   tables      summary.csv of one or more runs/seeds -> paper-style tables (md, csv, tex, html)
   plots       figures of a run (pretraining curves, linear sweep, robustness, ours vs paper)
   attention   [CLS] attention maps of the last block for a few validation images
@@ -138,6 +139,12 @@ def _coverage(args) -> None:
     print(report.split("\n\n| table |")[0])
 
 
+def _plan(args) -> None:
+    from ibot.results.plan import main_plan
+
+    main_plan(args.configfile, args.device_kind, args.rates, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ibot.results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
     p.add_argument("--out", default=None, help="also write the Markdown report here")
     p.set_defaults(func=_coverage)
+
+    p = sub.add_parser("plan", help="estimated device-hours and wall time of every job, before launching")
+    p.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
+    p.add_argument("--device-kind", default="nvidia-h200", help="a device of bench/measured_rates.json")
+    p.add_argument("--rates", default=str(Path(__file__).resolve().parents[2] / "bench" / "measured_rates.json"))
+    p.add_argument("--json", default=None, help="also write the jobs and their costs here")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("compare", help="RUN_A RUN_B, or RUN_A --paper")
     p.add_argument("run_a")

@@ -1,0 +1,73 @@
+"""``python -m ibot.results plan``: the cost of a config's jobs before launching them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ibot.config import load_workflow_config
+from ibot.models.specs import VIT_ARCHITECTURES
+from ibot.results.plan import backbone_forward_flops, effective_flops_per_s, load_rates, plan, vit_forward_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = [str(ROOT / "config" / "paper.yaml")]
+
+
+@pytest.mark.parametrize("arch,gmacs", [("vit_small", 4.6), ("vit_base", 17.6), ("vit_large", 61.6)])
+def test_vit_flops_are_the_published_ones(arch, gmacs):
+    """timm / DeiT report 4.6, 17.6 and 61.6 GMACs at 224 px for ViT-S/B/L with 16 px patches."""
+    assert vit_forward_flops(VIT_ARCHITECTURES[arch], 224, 224, 16) / 2e9 == pytest.approx(gmacs, rel=0.03)
+
+
+def test_vit_flops_equal_torchs_count_of_our_backbone():
+    from ibot.models.vision_transformer import build_backbone
+
+    backbone = build_backbone("vit_tiny", patch_size=8, img_size=64, depth=2).eval()
+    backbone.set_fused_attention(False)  # explicit q k^T and attn v matmuls, counted by the FLOP counter
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        backbone(torch.zeros(1, 3, 64, 48))
+    spec = VIT_ARCHITECTURES["vit_tiny"]
+    two_blocks = type(spec)(spec.embed_dim, 2, spec.num_heads)
+    assert vit_forward_flops(two_blocks, 64, 48, 8) == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_plan_costs_every_compute_job_of_the_paper_dag_from_its_resolved_config():
+    config, _ = load_workflow_config(PAPER)
+    rates = load_rates()
+    jobs = {(j.model, j.stage): j for j in plan(config, rates, "nvidia-h200")}
+    # 109 Snakemake jobs = 83 compute jobs + 13 attention maps + 9 sweep selections + 4 result rules
+    assert len(jobs) == 83
+    pretrain = jobs["vit_small", "pretrain"]
+    measured = rates["devices"]["nvidia-h200"]["pretrain"]["images_per_s"]
+    assert pretrain.device_hours == pytest.approx(800 * 1_281_167 / measured / 3600, rel=1e-6)  # the calibration
+    assert pretrain.gpus == 16 and pretrain.wall_hours == pytest.approx(pretrain.device_hours / 16)
+    assert jobs["vit_large", "pretrain"].gpus == 64
+    assert ("vit_small", "finetune[lr=0.004]") in jobs  # swept stages: one job per value, as the DAG runs them
+    # a value of the resolved config changes the estimate: half the fine-tuning epochs, ~half the cost
+    config["models"]["vit_small"].setdefault("overrides", {})["finetune"] = {"epochs": 100}
+    halved = {(j.model, j.stage): j for j in plan(config, rates, "nvidia-h200")}["vit_small", "finetune[lr=0.004]"]
+    assert halved.device_hours == pytest.approx(jobs["vit_small", "finetune[lr=0.004]"].device_hours / 2, rel=1e-6)
+
+
+def test_unknown_device_kind_names_the_measured_ones():
+    with pytest.raises(KeyError, match="no device 'tpu-v9'.*nvidia-h200"):
+        effective_flops_per_s(load_rates(), "tpu-v9")
+
+
+def test_swin_flops_scale_with_pixels():
+    assert backbone_forward_flops("swin_tiny", 448, 448, 4) == pytest.approx(4 * backbone_forward_flops(
+        "swin_tiny", 224, 224, 4))
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    result = subprocess.run([sys.executable, "-m", "ibot.results", "plan", "--configfile", *PAPER, "--json", str(out)],
+                            capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "vit_small" in result.stdout and "GPU-hours" in result.stdout
+    assert len(json.loads(out.read_text())["jobs"]) == 83
