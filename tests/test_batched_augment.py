@@ -59,17 +59,19 @@ def _official_views(image: Image.Image, seeds: tuple[int, int]) -> list[torch.Te
         return DataAugmentationIBOT(**CROPS)(image)
 
 
-def _fast_views(source, seeds: tuple[int, int]) -> list[torch.Tensor]:
+def _fast_views(source, seeds: tuple[int, int], on_cpu: bool) -> list[torch.Tensor]:
+    """The views of the ``fast`` path (OpenCV in the worker, ``on_cpu``) or of the ``gpu`` path (torch)."""
     with _SeededGlobalRNGs(*seeds):
-        crops, params = B.FastMultiCrop(_recipes())(source)
-    return B.photometric_views(crops, params)
+        pending = B.FastMultiCrop(_recipes(), photometric_on_cpu=on_cpu)(source)
+    return pending.finish("cpu")
 
 
 def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((_unnormalize(a) - _unnormalize(b)).abs().mean())
 
 
-def test_views_are_the_official_views_draw_for_draw(jpeg_folder):
+@pytest.mark.parametrize("on_cpu", [True, False], ids=["fast-opencv", "gpu-path-torch"])
+def test_views_are_the_official_views_draw_for_draw(jpeg_folder, on_cpu):
     """Same seeds -> same crops, flips, jitter, blur and solarization: every view agrees with the
     official one within rounding (< 2/255 on average); another seed's views do not (> 10/255)."""
     files = sorted(jpeg_folder.rglob("*.jpg"))
@@ -78,12 +80,19 @@ def test_views_are_the_official_views_draw_for_draw(jpeg_folder):
         for seeds in ((index, 100 + index), (7 * index + 3, 5)):
             official = _official_views(image, seeds)
             for source in (path, image):  # the file (torchvision's JPEG decoder) or a decoded PIL image
-                fast = _fast_views(source, seeds)
+                fast = _fast_views(source, seeds, on_cpu)
                 assert [v.shape for v in fast] == [v.shape for v in official]
                 errors = [_mean_abs(a, b) for a, b in zip(official, fast)]
                 assert max(errors) < 2 / 255, (path.name, seeds, errors)
-        other = _fast_views(path, (999, 999))
+        other = _fast_views(path, (999, 999), on_cpu)
         assert np.mean([_mean_abs(a, b) for a, b in zip(official, other)]) > 10 / 255
+
+
+def test_opencv_and_torch_photometric_paths_agree(jpeg_folder):
+    """``fast`` (OpenCV, uint8) and ``gpu`` (torch, float) apply the same draws: views within rounding."""
+    for index, path in enumerate(sorted(jpeg_folder.rglob("*.jpg"))[:3]):
+        cpu, device = _fast_views(path, (index, 1), True), _fast_views(path, (index, 1), False)
+        assert max(_mean_abs(a, b) for a, b in zip(cpu, device)) < 1.5 / 255
 
 
 def test_crop_boxes_come_from_random_resized_crop_itself():
@@ -148,14 +157,21 @@ def _tensor(image: Image.Image) -> torch.Tensor:
     (B._hue, TF.adjust_hue, (-0.1, -0.03, 0.05, 0.1)),
 ])
 def test_each_colour_operation_matches_pil(fixed_image, op, pil_op, factors):
+    """Both implementations (torch float: ``gpu`` path; OpenCV uint8: ``fast`` path) of each colour op
+    against torchvision's PIL op with the same factor."""
     x = _tensor(fixed_image)
+    op_index = B._JITTER_OPS.index(op)
     for factor in factors:
         reference = _tensor(pil_op(fixed_image, factor))
-        ours = op(x.clone(), torch.tensor([factor]))
-        difference = (reference - ours).abs()
-        assert float(difference.mean()) < 1 / 255, (factor, float(difference.mean()) * 255)
-        assert float(difference.max()) <= 10 / 255  # PIL quantises the hue shift to 1/255 of a turn
-        assert abs(float(ours.std() / reference.std()) - 1) < 0.01
+        order, factors4 = [op_index, *[i for i in range(4) if i != op_index]], [1.0, 1.0, 1.0, 0.0]
+        factors4[op_index] = factor
+        draw = B.ViewDraw((0, 0, 96, 96), False, True, tuple(order), tuple(factors4), False, 0.0, False)
+        opencv = _tensor(Image.fromarray(B.photometric_uint8(np.array(fixed_image), draw)))
+        for ours in (op(x.clone(), torch.tensor([factor])), opencv):
+            difference = (reference - ours).abs()
+            assert float(difference.mean()) < 1 / 255, (factor, float(difference.mean()) * 255)
+            assert float(difference.max()) <= 10 / 255  # PIL quantises the hue shift to 1/255 of a turn
+            assert abs(float(ours.std() / reference.std()) - 1) < 0.01
 
 
 def test_grayscale_solarize_and_blur_match_pil(fixed_image):
@@ -169,9 +185,14 @@ def test_grayscale_solarize_and_blur_match_pil(fixed_image):
 
     for radius in (0.1, 0.5, 1.0, 1.5, 2.0):
         reference = _tensor(fixed_image.filter(ImageFilter.GaussianBlur(radius)))
-        ours = B._gaussian_blur(x.clone(), torch.tensor([radius]))
-        assert float((reference - ours).abs().mean()) < 1 / 255, radius
-        assert abs(sharpness(ours) / sharpness(reference) - 1) < 0.05, radius
+        draw = B.ViewDraw((0, 0, 96, 96), False, False, (0, 1, 2, 3), (1.0, 1.0, 1.0, 0.0), False, radius, False)
+        opencv = _tensor(Image.fromarray(B.photometric_uint8(np.array(fixed_image), draw)))
+        for ours in (B._gaussian_blur(x.clone(), torch.tensor([radius])), opencv):
+            assert float((reference - ours).abs().mean()) < 1 / 255, radius
+            assert abs(sharpness(ours) / sharpness(reference) - 1) < 0.05, radius
+    gray_draw = B.ViewDraw((0, 0, 96, 96), False, False, (0, 1, 2, 3), (1.0, 1.0, 1.0, 0.0), True, 0.0, True)
+    opencv = _tensor(Image.fromarray(B.photometric_uint8(np.array(fixed_image), gray_draw)))
+    assert float((opencv - _tensor(ImageOps.solarize(TF.rgb_to_grayscale(fixed_image, 3)))).abs().mean()) < 0.5 / 255
 
 
 def test_batched_views_equal_per_sample_views_and_replay_exactly(jpeg_folder):
@@ -198,6 +219,18 @@ def test_batched_views_equal_per_sample_views_and_replay_exactly(jpeg_folder):
     pending_batch = collate_multicrop(samples)[0]
     assert isinstance(pending_batch, PendingViews) and pending_batch.crops[0].dtype == torch.uint8
     assert all(torch.equal(a, b) for a, b in zip(pending_batch.finish("cpu"), batched))
+    # the fast path: photometric ops in the sample (OpenCV), the batch only normalised by the collate
+    fast_cpu = MultiCropMaskedDataset(jpeg_folder, **CROPS, patch_size=16, pred_ratio=[0.0, 0.3],
+                                      pred_ratio_var=[0.0, 0.2], augmentation="fast", seed=5)
+    fast_cpu.set_epoch(2)
+    cpu_samples = [fast_cpu[i] for i in range(4)]
+    cpu_batch = collate_multicrop(cpu_samples, finish=True)[0]
+    for i, sample in enumerate(cpu_samples):
+        assert sample[0].photometric_done
+        assert all(torch.equal(cpu_batch[v][i], view) for v, view in enumerate(sample[0].finish("cpu")))
+        assert max(_mean_abs(cpu_batch[v][i], batched[v][i]) for v in range(len(batched))) < 1.5 / 255
+    assert all(torch.equal(a, b) for a, b in zip(cpu_batch, collate_multicrop(
+        [fast_cpu[i] for i in range(4)], finish=True)[0]))
 
 
 def test_jpeg_dct_scaling_is_used_when_every_crop_allows_it(tmp_path):
@@ -210,8 +243,8 @@ def test_jpeg_dct_scaling_is_used_when_every_crop_allows_it(tmp_path):
         draws = [B.sample_view(r, Image.open(path)) for r in recipes]
     assert B.draft_factor([d.box for d in draws], [64, 64]) == 4  # boxes >= 554 px: 554 / 4 >= 2 x 64
     with _SeededGlobalRNGs(0, 0):
-        crops, params = B.FastMultiCrop(recipes)(path)
-    fast = B.photometric_views(crops, params)
+        pending = B.FastMultiCrop(recipes)(path)
+    fast, params = pending.finish("cpu"), pending.params
     image = Image.open(path).convert("RGB")
     for row, (draw, view) in enumerate(zip(draws, fast)):
         top, left, height, width = draw.box

@@ -41,7 +41,8 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 __all__ = ["ViewRecipe", "ViewDraw", "PhotometricParams", "ibot_view_recipes", "sample_view", "draft_factor",
-           "apply_photometric", "photometric_views", "FastMultiCrop", "AUGMENTATIONS"]
+           "apply_photometric", "photometric_views", "photometric_uint8", "normalize_views", "PendingViews",
+           "FastMultiCrop", "AUGMENTATIONS"]
 
 #: ``pretrain.augmentation`` choices: the official PIL transforms, this module in the data workers,
 #: or this module's photometric part on the training device.
@@ -265,25 +266,97 @@ def apply_photometric(crops: Tensor, params: PhotometricParams, normalize: bool 
     return x
 
 
-class FastMultiCrop:
-    """Multi-crop views of one image file (or PIL image) with the official parameters.
+def _cv2():
+    import cv2  # OpenCV (an mmcv dependency): SIMD uint8 kernels; imported where used
 
-    ``__call__`` returns ``(uint8 crops, params)``: one [3, S, S] uint8 tensor per view (in the
-    official order) and their :class:`PhotometricParams` (one row per view); :func:`photometric_views`
-    turns them into the official float views (on whatever device the crops are on). Random draws come from the global
-    RNGs, which the caller seeds (``MultiCropMaskedDataset`` does, per sample).
+    cv2.setNumThreads(1)  # one view at a time in a data worker: OpenCV's own threads only add overhead
+    return cv2
+
+
+def photometric_uint8(view: np.ndarray, draw: ViewDraw) -> np.ndarray:
+    """The official photometric ops on one uint8 HxWx3 RGB view, with OpenCV's SIMD uint8 kernels and
+    PIL's semantics (used by ``augmentation: fast`` in the data workers): rounding to uint8 after
+    each op, contrast around the rounded mean luma, hue shifted on 8-bit HSV with wrap-around (PIL's
+    and torchvision's ``adjust_hue``), Gaussian blur with replicated edges, solarize at 128."""
+    cv2 = _cv2()
+    if draw.flip:
+        view = cv2.flip(view, 1)
+    if draw.jitter:
+        for op in draw.jitter_order:
+            factor = draw.jitter_factors[op]
+            if op == 0:  # brightness: blend with black
+                view = cv2.addWeighted(view, factor, view, 0.0, 0.0)
+            elif op == 1:  # contrast: blend with the mean luma (PIL rounds it to an integer)
+                mean = int(cv2.cvtColor(view, cv2.COLOR_RGB2GRAY).mean() + 0.5)
+                view = cv2.addWeighted(view, factor, view, 0.0, (1.0 - factor) * mean)
+            elif op == 2:  # saturation: blend with the luma image
+                gray = cv2.cvtColor(cv2.cvtColor(view, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+                view = cv2.addWeighted(view, factor, gray, 1.0 - factor, 0.0)
+            else:  # hue: 8-bit HSV (hue in 256 steps, as PIL's), shift with uint8 wrap-around
+                hsv = cv2.cvtColor(view, cv2.COLOR_RGB2HSV_FULL)
+                hsv[..., 0] += np.uint8(int(factor * 255) % 256)
+                view = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+    if draw.gray:
+        view = cv2.cvtColor(cv2.cvtColor(view, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+    if draw.blur_sigma > 0:
+        view = cv2.GaussianBlur(view, (0, 0), draw.blur_sigma, borderType=cv2.BORDER_REPLICATE)
+    if draw.solarize:
+        view = cv2.LUT(view, _SOLARIZE_LUT)
+    return view
+
+
+_SOLARIZE_LUT = np.array([i if i < 128 else 255 - i for i in range(256)], dtype=np.uint8)
+
+
+def normalize_views(crops: Tensor) -> Tensor:
+    """uint8 views [N, 3, H, W] -> float32, ImageNet-normalised (ToTensor + Normalize, batched)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=crops.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=crops.device).view(1, 3, 1, 1)
+    return crops.float().div_(255.0).sub_(mean).div_(std)
+
+
+class PendingViews(NamedTuple):
+    """uint8 views of one sample ([3, S, S] per view) or of a collated batch ([B, 3, S, S] per view),
+    their photometric draws (one row per image of ``torch.cat(crops)``, view-major) and whether the
+    photometric ops were already applied (``augmentation: fast``: in the worker, with OpenCV) or are
+    still to do (``gpu``: :func:`apply_photometric` on the training device)."""
+
+    crops: list[Tensor]
+    params: PhotometricParams
+    photometric_done: bool = False
+
+    def finish(self, device: torch.device | str = "cpu") -> list[Tensor]:
+        """The official float views on ``device`` (ImageNet-normalised)."""
+        device = torch.device(device)
+        crops = [c.to(device, non_blocking=True) for c in self.crops]
+        if self.photometric_done:
+            return _per_size_runs(crops, normalize_views)
+        params = self.params.to(device, non_blocking=True)
+        # on a CPU, chunks of ~1M values stay in the caches across the ~40 elementwise passes
+        return photometric_views(crops, params, max_elements=1 << 20 if device.type == "cpu" else None)
+
+
+class FastMultiCrop:
+    """Multi-crop views of one image file (or PIL image) with the official random draws.
+
+    ``__call__`` returns :class:`PendingViews`: one [3, S, S] uint8 tensor per view (in the official
+    order) and their :class:`PhotometricParams`; with ``photometric_on_cpu`` the photometric ops are
+    applied here (OpenCV, :func:`photometric_uint8`), else they are left to :func:`photometric_views`
+    on whatever device the views go to. Random draws come from the global RNGs, which the caller
+    seeds (``MultiCropMaskedDataset`` does, per sample).
     """
 
-    def __init__(self, recipes: Sequence[ViewRecipe]) -> None:
+    def __init__(self, recipes: Sequence[ViewRecipe], photometric_on_cpu: bool = False) -> None:
         self.recipes = list(recipes)
+        self.photometric_on_cpu = photometric_on_cpu
 
-    def __call__(self, source: str | os.PathLike | Image.Image) -> tuple[list[Tensor], PhotometricParams]:
+    def __call__(self, source: str | os.PathLike | Image.Image) -> PendingViews:
         if isinstance(source, Image.Image):
             return self._views(source, lazily_opened=False)
         with open(source, "rb") as handle:
             return self._views(Image.open(handle), lazily_opened=True)
 
-    def _views(self, image: Image.Image, lazily_opened: bool) -> tuple[list[Tensor], PhotometricParams]:
+    def _views(self, image: Image.Image, lazily_opened: bool) -> PendingViews:
         full_width, full_height = image.size
         views = [sample_view(recipe, image) for recipe in self.recipes]
         pixels = None
@@ -299,42 +372,62 @@ class FastMultiCrop:
             if image.mode != "RGB":
                 image = image.convert("RGB")
             pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        # pixels: [3, H, W] stored channels-last, the layout of the fast uint8 antialiased resize
+        # pixels: [3, H, W] stored channels-last, the layout of the fast uint8 antialiased resize (its
+        # output is channels-last too: .permute(1, 2, 0) is an HxWx3 array without a copy)
         scale_y, scale_x = pixels.shape[1] / full_height, pixels.shape[2] / full_width
         crops = []
-        for (top, left, height, width), recipe in zip((v.box for v in views), self.recipes):
+        for draw, recipe in zip(views, self.recipes):
+            top, left, height, width = draw.box
             y0, x0 = round(top * scale_y), round(left * scale_x)
             y1, x1 = max(y0 + 1, round((top + height) * scale_y)), max(x0 + 1, round((left + width) * scale_x))
             region = pixels[:, y0:y1, x0:x1].unsqueeze(0)
-            crops.append(F.interpolate(region, size=(recipe.size, recipe.size), mode="bicubic", antialias=True,
-                                       align_corners=False)[0].contiguous())
-        return crops, PhotometricParams.from_draws(views)
+            crop = F.interpolate(region, size=(recipe.size, recipe.size), mode="bicubic", antialias=True,
+                                 align_corners=False)[0]
+            if self.photometric_on_cpu:
+                crop = torch.from_numpy(photometric_uint8(np.ascontiguousarray(crop.permute(1, 2, 0).numpy()),
+                                                          draw)).permute(2, 0, 1)
+            crops.append(crop.contiguous())
+        return PendingViews(crops, PhotometricParams.from_draws(views), self.photometric_on_cpu)
+
+
+def _per_size_runs(crops: Sequence[Tensor], fn) -> list[Tensor]:
+    """``fn`` on each run of equal-size views at once (views [3, S, S] or batches [B, 3, S, S]); the
+    outputs keep each input's shape."""
+    batches = [c if c.dim() == 4 else c.unsqueeze(0) for c in crops]
+    out: list[Tensor] = []
+    start = 0
+    while start < len(batches):
+        end = start + 1
+        while end < len(batches) and batches[end].shape[1:] == batches[start].shape[1:]:
+            end += 1
+        out.extend(fn(torch.cat(batches[start:end])).split([len(b) for b in batches[start:end]]))
+        start = end
+    return [o if c.dim() == 4 else o[0] for o, c in zip(out, crops)]
 
 
 def photometric_views(crops: Sequence[Tensor], params: PhotometricParams, max_elements: int | None = None
                       ) -> list[Tensor]:
-    """Float views from uint8 views, batched over every run of equal-size views.
+    """Float views from uint8 views with :func:`apply_photometric`, batched over every run of
+    equal-size views.
 
     ``crops[i]`` is one view ([3, S, S]) or a batch of it ([B, 3, S, S], as collated); ``params`` has
     one row per image of ``torch.cat`` of them, in that order. The output keeps each one's shape.
     ``max_elements`` splits the batched calls into chunks of at most that many values (on a CPU,
     chunks that stay in the caches are faster than one pass over the whole batch per operation).
     """
-    batches = [c if c.dim() == 4 else c.unsqueeze(0) for c in crops]
-    if sum(len(b) for b in batches) != len(params.flip):
-        raise ValueError(f"{sum(len(b) for b in batches)} views but {len(params.flip)} rows of parameters")
-    out: list[Tensor] = []
-    start = row = 0
-    while start < len(batches):
-        end = start + 1
-        while end < len(batches) and batches[end].shape[1:] == batches[start].shape[1:]:
-            end += 1
-        group = torch.cat(batches[start:end])
+    total = sum(len(c) if c.dim() == 4 else 1 for c in crops)
+    if total != len(params.flip):
+        raise ValueError(f"{total} views but {len(params.flip)} rows of parameters")
+    row = 0
+
+    def run(group: Tensor) -> Tensor:
+        nonlocal row
         views = torch.empty(group.shape, dtype=torch.float32, device=group.device)
         chunk = len(group) if max_elements is None else max(1, max_elements // group[0].numel())
         for i in range(0, len(group), chunk):
-            apply_photometric(group[i:i + chunk], params.rows(row + i, row + min(i + chunk, len(group))),
-                              out=views[i:i + chunk])
-        out.extend(views.split([len(b) for b in batches[start:end]]))
-        start, row = end, row + len(group)
-    return [o if c.dim() == 4 else o[0] for o, c in zip(out, crops)]
+            stop = min(i + chunk, len(group))
+            apply_photometric(group[i:stop], params.rows(row + i, row + stop), out=views[i:stop])
+        row += len(group)
+        return views
+
+    return _per_size_runs(crops, run)

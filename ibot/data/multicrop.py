@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from ibot.data.batched_augment import (AUGMENTATIONS, FastMultiCrop, PhotometricParams, ibot_view_recipes,
-                                       photometric_views)
+from ibot.data.batched_augment import AUGMENTATIONS, FastMultiCrop, PendingViews, PhotometricParams, ibot_view_recipes
 from ibot.data.masking import MaskGenerator
 
 __all__ = ["GaussianBlur", "Solarization", "DataAugmentationIBOT", "MultiCropMaskedDataset", "PendingViews",
@@ -114,22 +113,6 @@ class _SeededGlobalRNGs:
         torch.set_rng_state(self._torch_state)
 
 
-class PendingViews(NamedTuple):
-    """Views still to be finished on the training device (``augmentation: gpu``): uint8 crops, one
-    tensor per view ([3, S, S] per sample, [B, 3, S, S] once collated), and their photometric draws."""
-
-    crops: list[Tensor]
-    params: PhotometricParams  # one row per image of torch.cat(crops), view-major
-
-    def finish(self, device: torch.device | str = "cpu") -> list[Tensor]:
-        """The official float views on ``device`` (ImageNet-normalised)."""
-        device = torch.device(device)
-        crops = [c.to(device, non_blocking=True) for c in self.crops]
-        # on a CPU, chunks of ~1M values stay in the caches across the ~40 elementwise passes
-        return photometric_views(crops, self.params.to(device, non_blocking=True),
-                                 max_elements=1 << 20 if device.type == "cpu" else None)
-
-
 class MultiCropMaskedDataset(Dataset):
     """(crops, label, masks) samples for iBOT pretraining.
 
@@ -139,9 +122,9 @@ class MultiCropMaskedDataset(Dataset):
 
     ``augmentation`` (same random draws and distribution in all three, see
     ``ibot.data.batched_augment``): ``official``, the PIL transforms of the official code; ``fast``
-    and ``gpu``: samples only decode, crop and resize, ``crops`` is a :class:`PendingViews`, finished
-    batched per DataLoader batch, in the worker (``fast``: ``collate_multicrop(..., finish=True)``) or
-    on the training device (``gpu``: the trainer calls ``PendingViews.finish``).
+    and ``gpu``: ``crops`` is a :class:`PendingViews` of uint8 views, photometric ops applied
+    (``fast``: OpenCV in the worker) or left to the training device (``gpu``); the trainer calls
+    ``PendingViews.finish`` on its device (normalisation, and for ``gpu`` the photometric ops).
 
     Randomness per sample is derived from ``(seed, epoch, index)``: augmentations reseed the global
     RNGs for the duration of ``__getitem__``, masks use their own numpy generator. ``set_epoch`` must be
@@ -165,7 +148,7 @@ class MultiCropMaskedDataset(Dataset):
             global_crops_size, local_crops_size)
         self.fast_transform = FastMultiCrop(ibot_view_recipes(
             global_crops_scale, local_crops_scale, global_crops_number, local_crops_number,
-            global_crops_size, local_crops_size))
+            global_crops_size, local_crops_size), photometric_on_cpu=augmentation == "fast")
         self.mask_generator = MaskGenerator(patch_size, pred_ratio, pred_ratio_var, pred_aspect_ratio, pred_shape,
                                             pred_start_epoch)
         self.global_crops_number = global_crops_number
@@ -193,8 +176,6 @@ class MultiCropMaskedDataset(Dataset):
                 crops = self.transform(image) if self.augmentation == "official" else self.fast_transform(image)
         except OSError as error:  # PIL: truncated or unidentifiable file; name it, not just the cause
             raise OSError(f"unreadable image {where}: {error}") from error
-        if self.augmentation != "official":
-            crops = PendingViews(*crops)
         sizes = [c.shape[-2:] for c in (crops.crops if isinstance(crops, PendingViews) else crops)]
         mask_rng = np.random.default_rng(mask_seq)
         masks = [torch.from_numpy(self.mask_generator.mask_for_crop(h, w, mask_rng))
@@ -207,14 +188,14 @@ def collate_multicrop(batch: Sequence[tuple[list[Tensor] | PendingViews, int, li
     """Stack samples per crop index: ([B, 3, H, W] per crop, labels [B], [B, h, w] bool per global crop).
 
     :class:`PendingViews` samples give a :class:`PendingViews` of [B, 3, H, W] uint8 crops per view, or
-    with ``finish`` (``augmentation: fast``, in the DataLoader worker) the float views, computed in one
-    batched pass per view size."""
+    with ``finish`` the float views on the CPU (batched per view size)."""
     crops, labels, masks = zip(*batch)
     stacked_masks = [torch.stack(views) for views in zip(*masks)]
     if isinstance(crops[0], PendingViews):
         # [B, V, ...] per field -> view-major rows, the order of torch.cat of the stacked views
         params = PhotometricParams(*(torch.stack(field).transpose(0, 1).flatten(0, 1)
                                      for field in zip(*(c.params for c in crops))))
-        views = PendingViews([torch.stack(v) for v in zip(*(c.crops for c in crops))], params)
+        views = PendingViews([torch.stack(v) for v in zip(*(c.crops for c in crops))], params,
+                             crops[0].photometric_done)
         return (views.finish() if finish else views), torch.as_tensor(labels), stacked_masks
     return [torch.stack(views) for views in zip(*crops)], torch.as_tensor(labels), stacked_masks

@@ -15,7 +15,6 @@ with bit-identical weights on CPU.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -290,7 +289,8 @@ class Trainer:
         """One official iBOT iteration (schedules, forward, loss, backward, clip, step, EMA), its logged
         values as Python floats (a host sync; ``fit`` syncs only at log steps, see :meth:`_step`).
 
-        ``images``: the float views, or (``augmentation: gpu``) uint8 views finished here on the device."""
+        ``images``: the float views, or (``augmentation: fast | gpu``) uint8 views, finished here on the
+        device (``fast``: normalised; ``gpu``: photometric ops and normalisation)."""
         return self._materialize([self._step(images, masks, epoch, it)])[0]
 
     def _step(self, images: list[Tensor] | PendingViews, masks: list[Tensor], epoch: int, it: int
@@ -366,9 +366,8 @@ class Trainer:
         self.dataset.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         workers = self.cfg["num_workers"]
-        collate = functools.partial(collate_multicrop, finish=self.cfg["augmentation"] == "fast")
         return DataLoader(self.dataset, batch_size=self.cfg["batch_size_per_gpu"], sampler=self.sampler,
-                          num_workers=workers, collate_fn=collate, drop_last=True,
+                          num_workers=workers, collate_fn=collate_multicrop, drop_last=True,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           prefetch_factor=4 if workers else None)
 
