@@ -3,12 +3,14 @@
 Runs in a temporary working directory (all outputs there), then checks that every stage wrote a
 schema-valid metrics file, that pretraining ran every iteration and exported its teacher, that the
 pretrained backbone beats the random-init baseline in k-NN and linear accuracy (the whole chain, from
-crops and masking to evaluation), that the tables were built, and that a second run plans nothing.
+crops and masking to evaluation), that the tables were built, that a second run plans nothing, and
+that `snakemake --report` of the run reads right in a real (headless) browser.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -97,3 +99,48 @@ def test_second_run_plans_nothing(embedded_run):
                              str(ROOT / "config" / "config.yaml"), "--directory", str(workdir)],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "Nothing to be done" in result.stdout + result.stderr
+
+
+def check_report(workdir: Path, out_dir: Path):
+    """`snakemake --report` of the run in ``workdir``, read in headless Chromium (tests/report_browser.py).
+
+    Returns the ReportView; raises AssertionError on anything a reader would see broken. Callable by hand
+    on any finished run's working directory (with tests/ on sys.path), without rerunning the pipeline.
+    """
+    from report_browser import FIGURES, TABLES, view_report
+
+    report = out_dir / "report.html"
+    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile",
+               str(ROOT / "config" / "config.yaml"), "--workflow-profile", str(ROOT / "workflow/profiles/default"),
+               "--directory", str(workdir), "--report", str(report)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0 and report.is_file(), result.stdout[-4000:] + result.stderr[-4000:]
+    view = view_report(report, out_dir / "screenshots")
+    print(f"report {report} ({report.stat().st_size / 1e6:.1f} MB) read in {view.seconds:.0f}s; "
+          f"screenshots in {out_dir / 'screenshots'}")
+    assert not view.problems(), "\n".join(view.problems())
+    assert {"Tables", "Pretraining", "Evaluation", "Attention maps"} <= set(view.categories), view.categories
+    assert set(view.tables) == set(TABLES) and set(view.figures) == set(FIGURES)
+    assert view.statistics_charts >= 1
+    # What is on screen is this run's result: the classification table's k-NN cell of vit_tiny.
+    knn = read_metrics(workdir / "results" / "embedded" / "vit_tiny" / "knn" / "metrics.json")["metrics"]["top1_k20"]
+    rows = {row[0]: row for row in view.tables["classification (Tab.1/2)"]}
+    assert rows["ours: vit_tiny"][3] == f"{knn:.1f}", rows
+    return view
+
+
+def test_report_reads_right_in_a_browser(embedded_run, tmp_path):
+    """The report as a person sees it: loads with no page/console error and no network fetch (it must work
+    offline), and shows the classification, dense and robustness tables with the run's numbers, figures
+    that decode, and captions rendered from reStructuredText. Screenshots stay in tmp_path/screenshots."""
+    from report_browser import browser_available
+
+    missing = browser_available()
+    if missing:
+        if os.environ.get("CI"):  # setup.sh --test installs both: missing in CI is a broken setup
+            pytest.fail(f"{missing} (CI is set, so this is a failure, not a skip)")
+        pytest.skip(missing)
+    run_dir, _ = embedded_run
+    start = time.perf_counter()
+    view = check_report(run_dir.parents[1], tmp_path)
+    print(f"report + browser: {time.perf_counter() - start:.0f}s, {len(view.screenshots)} screenshots")

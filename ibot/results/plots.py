@@ -5,7 +5,7 @@ without data says so), so the Snakemake outputs exist whatever subset of stages 
 Side files read (tolerant to column names, see ``_pick``):
 ``<run>/<model>/pretrain/train_log.csv`` (epoch, iteration, loss, cls, patch, lr, wd, momentum,
 teacher_temp, teacher_patch_temp, images_per_s), ``<run>/<model>/linear/per_head.csv`` (lr, epoch,
-top1), ``<run>/<model>/occlusion/curves.csv`` (mode, ratio, top1 — long or wide),
+top1), ``<run>/<model>/occlusion/curves.csv`` (mode, dropped_patch_fraction or ratio, top1 — long or wide),
 ``<run>/<model>/imagenet_c/*.csv`` (corruption, [severity], error or top1).
 """
 
@@ -107,7 +107,9 @@ def plot_pretrain(logs: Mapping[str, str | Path], out_loss: str | Path, out_sche
     """Loss curves (total, [CLS], patch) and schedules (lr, wd, momentum, temperatures) per model."""
     plt = _pyplot()
     frames = {label: read_train_log(p) for label, p in logs.items() if Path(p).is_file()}
-    losses = (("loss", "total loss"), ("cls", "[CLS] loss (L_[CLS])"), ("patch", "patch loss (L_MIM)"))
+    # mathtext, so the panel reads as the paper's symbols rather than as raw "L_[CLS]"
+    losses = (("loss", "total loss"), ("cls", r"[CLS] loss ($\mathcal{L}_{\mathrm{[CLS]}}$)"),
+              ("patch", r"patch loss ($\mathcal{L}_{\mathrm{MIM}}$)"))
     fig, axes = plt.subplots(1, len(losses), figsize=(13, 3.6))
     _plot_columns(axes, frames, losses, smooth=True)
     paths = [_save(fig, out_loss)]
@@ -178,8 +180,11 @@ def _tuple(key) -> tuple:
 
 # -- robustness -------------------------------------------------------------------------------------
 def _occlusion_long(frame: pd.DataFrame) -> pd.DataFrame | None:
-    x = _pick(frame.columns, "ratio", "drop_ratio", "information_loss", "info_loss", "loss_ratio", "fraction",
-              "drop", "p")
+    # The x axis is the fraction of patches actually dropped when the evaluator records it: the official
+    # ratio (lambda) is attention mass dropped for salient but attention mass *kept* for non-salient, so
+    # against lambda the non-salient curve runs backwards (chance at 0, above clean at 0.9).
+    x = _pick(frame.columns, "dropped_patch_fraction", "ratio", "drop_ratio", "information_loss", "info_loss",
+              "loss_ratio", "fraction", "drop", "p")
     if x is None:
         return None
     series = _pick(frame.columns, "mode", "kind", "method", "type", "strategy", "order")

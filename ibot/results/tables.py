@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -241,19 +242,53 @@ def to_latex(frame: pd.DataFrame, *, label: str | None = None) -> str:
                             label=label or f"tab:{frame.attrs.get('group', 'results').replace('_', '-')}")
 
 
-def to_html(frame: pd.DataFrame, *, display: pd.DataFrame | None = None) -> str:
+# The report (snakemake --report) shows each table in an iframe beside its navigation panel, about
+# 1100 px wide on a 1600 px screen. Value cells ("n") are right-aligned and never wrap (a value split
+# over two lines reads as two rows); text cells ("t") are left-aligned like their headers and do not
+# wrap either, except long ones ("t long": protocols, run lists), which wrap within a bounded width so
+# that they do not push the metric and its value off screen; headers may wrap. A table still wider
+# than the frame scrolls sideways instead of being clipped.
+_HTML_STYLE = ("body{font-family:sans-serif;font-size:13px;margin:10px} h3{font-size:15px;margin:4px 0 10px}"
+               ".scroll{overflow-x:auto} table.results{border-collapse:collapse}"
+               "table.results td,table.results th{padding:3px 6px;border-bottom:1px solid #ddd;vertical-align:top}"
+               "table.results th{vertical-align:bottom;white-space:normal} .n{text-align:right;white-space:nowrap}"
+               ".t{text-align:left;white-space:nowrap} .t.long{white-space:normal;overflow-wrap:anywhere;"
+               "min-width:22em;max-width:36em} table.results tbody tr:hover{background:#f2f2f2}")
+_LONG_TEXT = 40  # characters
+
+
+def _html_table(display: pd.DataFrame, numeric: Sequence[str]) -> str:
+    """``display`` (text cells) as an HTML table whose cells carry the classes of :data:`_HTML_STYLE`."""
+    def cell(tag: str, value: Any, column: str) -> str:
+        text = _text(value)
+        kind = "n" if column in numeric else "t long" if len(text) > _LONG_TEXT else "t"
+        return f'<{tag} class="{kind}">{html.escape(text)}</{tag}>'
+
+    head = "".join(cell("th", column, column) for column in display.columns)
+    rows = "".join("<tr>" + "".join(cell("td", value, column) for value, column in zip(row, display.columns))
+                   + "</tr>\n" for row in display.itertuples(index=False))
+    return f'<table class="results">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}</tbody>\n</table>'
+
+
+def to_html(frame: pd.DataFrame, *, display: pd.DataFrame | None = None,
+            numeric: Sequence[str] | None = None) -> str:
+    """A standalone HTML page (the report embeds it as is). ``numeric``: the value columns of ``display``
+    (default: a paper-style table's metric columns)."""
     display = _display(frame) if display is None else display
+    numeric = frame.attrs.get("columns", []) if numeric is None else numeric
     title = frame.attrs.get("title", "")
-    body = display.to_html(index=False, na_rep="", border=0, classes="results", escape=True)
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>"
-            "<style>body{font-family:sans-serif} table.results{border-collapse:collapse}"
-            "table.results td,table.results th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}"
-            "table.results td:nth-child(-n+3){text-align:left}</style></head><body>\n"
-            f"<h3>{html.escape(title)}</h3>\n{body}\n"
+            f"<style>{_HTML_STYLE}</style></head><body>\n"
+            f"<h3>{html.escape(title)}</h3>\n<div class=\"scroll\">{_html_table(display, list(numeric))}</div>\n"
             "<p>Empty cell: stage not run, or number not reported by the paper. "
             "Values: mean ± std (n) over runs/seeds when n &gt; 1.</p>\n"
-            + "".join(f"<p>{html.escape(note)}</p>\n" for note in frame.attrs.get("notes", []))
+            + "".join(f"<p>{_html_note(note)}</p>\n" for note in frame.attrs.get("notes", []))
             + "</body></html>\n")
+
+
+def _html_note(note: str) -> str:
+    """A note is Markdown (shared with the .md table): its `code` spans become <code>, not raw backticks."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(note))
 
 
 def table_outputs(out_dir: str | Path, formats: Sequence[str] = FORMATS) -> list[str]:
@@ -301,6 +336,7 @@ def write_tables(agg: pd.DataFrame, out_dir: str | Path, *, reference: pd.DataFr
     full.to_csv(out_dir / "all_metrics.csv", index=False, float_format="%.4f")
     frame = pd.DataFrame()
     frame.attrs["title"] = "All metrics"
-    write_text_atomic(out_dir / "all_metrics.html", to_html(frame, display=full_display))
+    write_text_atomic(out_dir / "all_metrics.html",
+                      to_html(frame, display=full_display, numeric=("mean", "std", "n", "paper", "delta")))
     written += [out_dir / "all_metrics.md", out_dir / "all_metrics.csv", out_dir / "all_metrics.html"]
     return written
