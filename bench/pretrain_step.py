@@ -130,6 +130,7 @@ class PrecisionResult:
     speedup: float = 0.0
     ours_tflop_s: float = 0.0
     ours_fraction_of_matmul: float = 0.0
+    ours_mfu: float | None = None  # model FLOP utilisation: achieved / the device's data-sheet peak
 
 
 def harnesses(precision: str, args: argparse.Namespace, device: torch.device
@@ -137,7 +138,21 @@ def harnesses(precision: str, args: argparse.Namespace, device: torch.device
     """Ours and the reference from the same initial weights (the oracle's ``build_harnesses``)."""
     return build_harnesses(precision, arch=args.arch, batch=args.batch, out_dim=args.out_dim,
                            local_crops=args.local_crops, seed=args.seed, device=device,
-                           ours_attention=args.ours_attention)
+                           ours_attention=args.ours_attention, ours_compile=args.compile)
+
+
+#: Dense peak TFLOP/s (tensor cores, no sparsity) per precision of the GPUs this is run on: the
+#: denominator of the model FLOP utilisation (MFU). NVIDIA data sheets (H100/H200 SXM, A100 SXM).
+PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp32": 67.0}, "H100": {"bf16": 989.0, "fp32": 67.0},
+               "A100": {"bf16": 312.0, "fp32": 19.5}}
+
+
+def device_peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The data-sheet peak of this GPU for ``precision`` (None on a CPU or an unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks.get(precision) for key, peaks in PEAK_TFLOPS.items() if key in name), None)
 
 
 def first_step(ours: OursStep, reference: OfficialStep, batch: Batch, cfg: dict[str, Any], it: int, seed: int,
@@ -175,6 +190,8 @@ def bench_precision(precision: str, args: argparse.Namespace, device: torch.devi
     result.speedup = ref_s / ours_s
     result.ours_tflop_s = result.flops_ours / ours_s / 1e12
     result.ours_fraction_of_matmul = result.flops_ours / ours_s / (matmul * 1e9)
+    peak = args.peak_tflops or device_peak_tflops(device, precision)
+    result.ours_mfu = result.ours_tflop_s / peak if peak else None
     print(f"[{precision}] ours {result.ours_img_s:.2f} img/s  reference {result.reference_img_s:.2f} img/s  "
           f"speedup {result.speedup:.2f}x  (steps ours {_fmt(times['ours'])}, reference {_fmt(times['reference'])})",
           flush=True)
@@ -207,13 +224,13 @@ def print_table(results: Sequence[PrecisionResult], args: argparse.Namespace) ->
           f"ours attention {args.ours_attention}")
     header = (f"{'precision':<9} {'ours img/s':>10} {'ref img/s':>10} {'speedup':>8} {'loss ours':>11} "
               f"{'loss ref':>11} {'rel diff':>9} {'GFLOP ours':>10} {'GFLOP ref':>10} {'TFLOP/s':>8} "
-              f"{'mm GFLOP/s':>10} {'of mm':>6}")  # GFLOP: one step, forward + backward
+              f"{'mm GFLOP/s':>10} {'of mm':>6} {'MFU':>6}")  # GFLOP: one step, forward + backward
     print(header)
     for r in results:
         print(f"{r.precision:<9} {r.ours_img_s:>10.2f} {r.reference_img_s:>10.2f} {r.speedup:>7.2f}x "
               f"{r.loss_ours:>11.6f} {r.loss_reference:>11.6f} {r.loss_rel_diff:>9.1e} {r.flops_ours / 1e9:>10.0f} "
               f"{r.flops_reference / 1e9:>10.0f} {r.ours_tflop_s:>8.3f} {r.matmul_gflop_s:>10.0f} "
-              f"{r.ours_fraction_of_matmul:>6.1%}")
+              f"{r.ours_fraction_of_matmul:>6.1%} {(f'{r.ours_mfu:.1%}' if r.ours_mfu else 'n/a'):>6}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -230,6 +247,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ours-attention", choices=["trainer", "fused", "explicit"], default="trainer",
                         help="ours' attention kernel: the trainer's choice (fused SDPA, explicit on CPU under "
                              "autocast), or forced fused/explicit (what-if)")
+    parser.add_argument("--compile", action="store_true", help="ours with pretrain.compile: true (torch.compile)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for the MFU column (default: known GPUs' data sheets)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)

@@ -338,11 +338,12 @@ class OfficialStep:
 
 
 def build_harnesses(precision: str, *, arch: str, batch: int, out_dim: int, local_crops: int, seed: int,
-                    device: torch.device, ours_attention: str = "trainer"
+                    device: torch.device, ours_attention: str = "trainer", ours_compile: bool = False
                     ) -> tuple[OursStep, OfficialStep, Batch, dict[str, Any]]:
     """Ours and the official step from the same initial weights, plus the synthetic batch and config.
 
-    ``ours_attention``: ``trainer`` (the trainer's kernel choice) or ``fused``/``explicit`` (forced).
+    ``ours_attention``: ``trainer`` (the trainer's kernel choice) or ``fused``/``explicit`` (forced);
+    ``ours_compile``: ours with ``pretrain.compile: true`` (torch.compile of both backbones).
     """
     cfg = step_config(out_dim, local_crops, batch, precision)
     torch.manual_seed(seed)
@@ -352,4 +353,7 @@ def build_harnesses(precision: str, *, arch: str, batch: int, out_dim: int, loca
     if ours_attention != "trainer":
         for model in (ours.student, ours.teacher):
             model.backbone.set_fused_attention(ours_attention == "fused")
+    if ours_compile:  # as Trainer.__init__ does for pretrain.compile
+        for model in (ours.student, ours.teacher):
+            model.backbone.compile()
     return ours, reference, synthetic_batch(cfg, device, seed), cfg

@@ -81,7 +81,7 @@ OFFICIAL_MAIN_IBOT_DEFAULTS = {
 }
 #: Settings of ours that are not official flags (documented in pretrain.schema.yaml).
 REPRODUCTION_SETTINGS = {"global_crops_size", "local_crops_size", "precision", "log_every", "head_hidden_dim",
-                         "global_batch_size", "batch_rescale"}
+                         "global_batch_size", "batch_rescale", "augmentation", "compile"}
 
 
 def test_pretrain_defaults_equal_the_official_main_ibot_flags():
