@@ -262,6 +262,8 @@ def test_resolved_config_selects_the_augmentation_and_the_trainer_finishes_on_it
     config = load_yaml(ROOT / "config" / "paper.yaml")
     assert stage_config(validate_config(load_yaml(ROOT / "config" / "paper.yaml"), base_dir=ROOT), "pretrain",
                         "vit_small")["augmentation"] == "official"
+    embedded = validate_config(load_yaml(ROOT / "config" / "config.yaml"), base_dir=ROOT)
+    assert stage_config(embedded, "pretrain", "vit_tiny")["augmentation"] == "fast"  # what the e2e DAG runs
     config["models"]["vit_small"].setdefault("overrides", {}).setdefault("pretrain", {})["augmentation"] = "gpu"
     resolved = stage_config(validate_config(config, base_dir=ROOT), "pretrain", "vit_small")
     assert resolved["augmentation"] == "gpu"

@@ -69,9 +69,10 @@ def test_pretraining_ran_to_the_end_and_exported(embedded_run):
 # Points (of 200 val images) by which pretraining must beat random init. Measured on this config:
 # k-NN 39.5 vs 31.5, linear 58.5 vs 41.0; the margin leaves room for platform rounding differences.
 MIN_GAIN = 4.0
-# Embedded COCO detection (60 iterations): bbox AP50 measured 10.4 pretrained, 22.5 random init (seeds and
-# checkpoints move it by ~10 points); a broken stage gives 0.0, which is what this rules out.
-MIN_DETECTION_AP50 = 5.0
+# Embedded COCO detection (60 iterations): bbox AP50 measured 5.7-24.8 pretrained (5.7 with session 6's
+# checkpoint, pretrained with augmentation: fast; 10.4-24.8 before: every checkpoint and seed moves it by ~10
+# points), 22.5 random init; a broken stage gives 0.0, which is what this rules out.
+MIN_DETECTION_AP50 = 2.0
 
 
 def test_pretrained_beats_random_init(embedded_run):
