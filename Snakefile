@@ -14,8 +14,7 @@ validate_config(config, base_dir=workflow.basedir)
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
-include: "workflow/rules/pretrain.smk"
-include: "workflow/rules/stages.smk"  # one rule per evaluation stage of the registry (ibot/stages.py)
+include: "workflow/rules/stages.smk"  # one rule per stage of the registry (ibot/stages.py)
 include: "workflow/rules/results.smk"
 
 

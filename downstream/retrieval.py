@@ -19,13 +19,10 @@ Official protocol: bytedance/ibot@da316d8 ``evaluation/eval_image_retrieval.py``
 - Scores (:201-221): revisitop's ``compute_map`` (utils.py:787-891) for the Medium protocol (positives
   easy+hard, junk ignored) and the Hard protocol (positives hard, junk+easy ignored), mAP and mP@k for
   k in 1, 5, 10, in percent.
-
-    python -m downstream.retrieval --checkpoint W.pth --data /path/to/revisitop --out .../metrics.json
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,20 +31,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from downstream.cli import stage_main
-from downstream.features import (IMAGENET_MEAN, IMAGENET_STD, build_eval_backbone, extract_features, log,
-                                 make_loader, pick_device)
+from downstream.engine.data import IMAGENET_MEAN, IMAGENET_STD, make_loader
+from downstream.engine.features import extract_features
+from downstream.engine.setup import build_eval_backbone, log, pick_device
 from ibot.data.revisitop import DATASETS, gnd_path, image_path, load_gnd, validate_gnd
-from ibot.distributed import barrier, init_distributed, is_main, world_size
-from ibot.metrics import write_metrics
-from ibot.stages import stage_defaults
+from ibot.distributed import is_main, world_size
+from ibot.run.context import StageContext
 
-__all__ = ["DEFAULTS", "KS", "SCALES", "PROTOCOLS", "RevisitopImages", "protocol_label", "dataset_name",
+__all__ = ["KS", "SCALES", "PROTOCOLS", "RevisitopImages", "protocol_label", "dataset_name",
            "protocol_gnd", "compute_ap", "compute_map", "size_batches", "image_loader", "patch_crop",
-           "retrieval_feature", "rank_database", "evaluate_ranks", "run", "main"]
+           "retrieval_feature", "rank_database", "evaluate_ranks", "run"]
 
-#: Paper defaults (run.sh paris_oxford_reid): workflow/schemas/retrieval.schema.yaml, the one source of defaults.
-DEFAULTS: dict[str, Any] = stage_defaults("retrieval")
 #: The k of mP@k (eval_image_retrieval.py:203).
 KS: tuple[int, ...] = (1, 5, 10)
 #: Scales of the multiscale feature (eval_knn.py:160).
@@ -76,7 +70,7 @@ def dataset_name(data: str | Path, sizes: Mapping[str, tuple[int, int]]) -> str:
 class RevisitopImages(Dataset):
     """The database (``imlist``) or query (``qimlist``) images of one set, as the official dataset
     loads them (eval_image_retrieval.py:57-68); items are ``(image, index, index)`` (the index doubles
-    as the label :func:`downstream.features.extract_features` requires)."""
+    as the label :func:`downstream.engine.features.extract_features` requires)."""
 
     def __init__(self, root: str | Path, dataset: str, cfg: Mapping[str, Any], split: str, imsize: int,
                  query_crop: bool = False) -> None:
@@ -254,16 +248,14 @@ def _load_sets(data: str, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     return cfgs
 
 
-def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
-    """Stage entry (inside the launched job): rank each set's database for its queries, score, write metrics.json."""
-    init_distributed()
-    started = time.time()
+def run(ctx: StageContext) -> dict[str, float]:
+    """Rank each set's database for its queries, score, write metrics.json."""
+    config, data = ctx.config, str(ctx.data_root)
     names = list(config["datasets"])
     cfgs = _load_sets(data, names)
     device = pick_device()
-    torch.manual_seed(seed)
-    backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, int(config["imsize"])).to(device)
+    torch.manual_seed(ctx.seed)
+    backbone = build_eval_backbone(ctx.model, ctx.checkpoint, int(config["imsize"])).to(device)
     multiscale = bool(config["multiscale"])
 
     def feature(images: Tensor) -> Tensor:
@@ -285,24 +277,10 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
             metrics.update(ours)
             log(f"[retrieval] {name}: {sizes[name][0]} database / {sizes[name][1]} query images; mAP medium "
                 f"{ours[f'{name}_medium_map']:.2f}, hard {ours[f'{name}_hard_map']:.2f}")
-    if is_main():
-        write_metrics(
-            out, run=run, model=model, stage="retrieval", task="retrieval", dataset=dataset_name(data, sizes),
-            protocol=protocol_label(config), metrics=metrics, config=config, wall_time_s=time.time() - started,
-            checkpoint=checkpoint,
-            extra={"sets": {name: {"database": db, "queries": nq} for name, (db, nq) in sizes.items()},
-                   "ks": list(KS), "scales": list(SCALES) if multiscale else [1.0],
-                   "scoring": "revisitop compute_map (utils.py:822-891); medium: ok=easy+hard, junk=junk; "
-                              "hard: ok=hard, junk=junk+easy; queries without positives excluded"})
-        log(f"[retrieval] wrote {Path(out)}")
-    barrier()
+    ctx.write_metrics(
+        task="retrieval", dataset=dataset_name(data, sizes), protocol=protocol_label(config), metrics=metrics,
+        extra={"sets": {name: {"database": db, "queries": nq} for name, (db, nq) in sizes.items()},
+               "ks": list(KS), "scales": list(SCALES) if multiscale else [1.0],
+               "scoring": "revisitop compute_map (utils.py:822-891); medium: ok=easy+hard, junk=junk; "
+                          "hard: ok=hard, junk=junk+easy; queries without positives excluded"})
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_main("retrieval", "downstream.retrieval:run", DEFAULTS, argv,
-                      description="Image retrieval on Revisited Oxford/Paris with frozen [CLS] features (iBOT Tab.16).")
-
-
-if __name__ == "__main__":
-    main()

@@ -20,31 +20,23 @@ counts as an error. With as many clusters as classes it is the official matching
 
 Heads: our pretraining's ``heads.pth`` beside the backbone, or an official full ``checkpoint.pth``
 (:func:`ibot.checkpoint.locate_heads`, :func:`ibot.checkpoint.build_pretrained_head`: strict).
-
-    python -m downstream.unsupervised --checkpoint W.pth --data /path/to/imagenet --out .../metrics.json
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from downstream.cli import stage_main
-from downstream.features import (build_eval_backbone, dataset_label, eval_transform, extract_features, image_folder,
-                                 log, make_loader, pick_device)
+from downstream.engine.data import dataset_label, eval_transform, image_folder, make_loader
+from downstream.engine.features import extract_features
+from downstream.engine.setup import build_eval_backbone, log, pick_device
 from ibot.checkpoint import build_pretrained_head, locate_heads
-from ibot.distributed import barrier, init_distributed, is_main
-from ibot.metrics import write_metrics
-from ibot.stages import stage_defaults
+from ibot.distributed import is_main
+from ibot.run.context import StageContext
 
-__all__ = ["DEFAULTS", "protocol_label", "cluster_accuracy", "clustering_metrics", "run", "main"]
-
-#: Paper defaults (unsup_cls.py): workflow/schemas/unsupervised.schema.yaml, the one source of default values.
-DEFAULTS: dict[str, Any] = stage_defaults("unsupervised")
+__all__ = ["protocol_label", "cluster_accuracy", "clustering_metrics", "run"]
 
 
 def protocol_label(config: Mapping[str, Any], out_dim: int) -> str:
@@ -83,22 +75,21 @@ def clustering_metrics(labels: np.ndarray, clusters: np.ndarray) -> dict[str, fl
             "acc": 100.0 * acc}
 
 
-def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
-    """Stage entry (inside the launched job): cluster every val image, score, write metrics.json."""
-    init_distributed()
-    started = time.time()
-    heads = locate_heads(config["heads"], checkpoint)
+def run(ctx: StageContext) -> dict[str, float]:
+    """Cluster every val image, score, write metrics.json."""
+    config, data = ctx.config, ctx.data_root
+    key = ctx.checkpoint.key if ctx.checkpoint else None
+    heads = locate_heads(config["heads"], ctx.checkpoint.path if ctx.checkpoint else None)
     if heads is None:
         raise ValueError("unsupervised: the cluster assignment needs a pretrained projection head; got no checkpoint "
                          "(random init)")
     device = pick_device()
     val_set = image_folder(data, "val", eval_transform(config["resize"], config["crop"]))
-    torch.manual_seed(seed)
-    backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, int(config["crop"])).to(device)
-    head = build_pretrained_head(heads, checkpoint_key, backbone.embed_dim).to(device).eval()
+    torch.manual_seed(ctx.seed)
+    backbone = build_eval_backbone(ctx.model, ctx.checkpoint, int(config["crop"])).to(device)
+    head = build_pretrained_head(heads, key, backbone.embed_dim).to(device).eval()
     out_dim = int(head.out_dim)
-    log(f"[unsupervised] {len(val_set)} val images, {len(val_set.classes)} classes; {checkpoint_key or 'teacher'} "
+    log(f"[unsupervised] {len(val_set)} val images, {len(val_set.classes)} classes; {key or 'teacher'} "
         f"head of {heads}: {out_dim} clusters; device {device}")
 
     def assign(images: torch.Tensor) -> torch.Tensor:  # the cluster id as a 1-wide float feature (exact < 2^24)
@@ -107,30 +98,18 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     loader = make_loader(val_set, int(config["batch_size_per_gpu"]), shuffle=False, num_workers=int(config["num_workers"]))
     clusters, labels = extract_features(assign, loader, len(val_set), device=device, precision=config["precision"],
                                         desc="unsupervised val")
-    metrics: dict[str, float] = {}
-    if is_main():
-        clusters_np, labels_np = clusters[:, 0].long().numpy(), labels.numpy()
-        metrics = clustering_metrics(labels_np, clusters_np)
-        used = np.unique(clusters_np)
-        log(f"[unsupervised] NMI {metrics['nmi']:.2f}, ARI {metrics['ari']:.2f}, FMI {metrics['fmi']:.2f}, "
-            f"ACC {metrics['acc']:.2f} ({len(used)} of {out_dim} clusters used)")
-        write_metrics(
-            out, run=run, model=model, stage="unsupervised", task="unsup_cls",
-            dataset=dataset_label(data, len(val_set.classes)), protocol=protocol_label(config, out_dim),
-            metrics=metrics, config=config, wall_time_s=time.time() - started, checkpoint=checkpoint,
-            extra={"heads": str(heads), "head_key": checkpoint_key or "teacher", "out_dim": out_dim,
-                   "num_classes": len(val_set.classes), "num_val": len(val_set), "clusters_used": int(len(used)),
-                   "assignment": "one-to-one Hungarian (scipy linear_sum_assignment) over the occurring clusters x "
-                                 "classes; rectangular when they differ, images of unmatched clusters count as errors"})
-        log(f"[unsupervised] wrote {Path(out)}")
-    barrier()
+    if not is_main():
+        return {}
+    clusters_np, labels_np = clusters[:, 0].long().numpy(), labels.numpy()
+    metrics = clustering_metrics(labels_np, clusters_np)
+    used = np.unique(clusters_np)
+    log(f"[unsupervised] NMI {metrics['nmi']:.2f}, ARI {metrics['ari']:.2f}, FMI {metrics['fmi']:.2f}, "
+        f"ACC {metrics['acc']:.2f} ({len(used)} of {out_dim} clusters used)")
+    ctx.write_metrics(
+        task="unsup_cls", dataset=dataset_label(data, len(val_set.classes)), protocol=protocol_label(config, out_dim),
+        metrics=metrics,
+        extra={"heads": str(heads), "head_key": key or "teacher", "out_dim": out_dim,
+               "num_classes": len(val_set.classes), "num_val": len(val_set), "clusters_used": int(len(used)),
+               "assignment": "one-to-one Hungarian (scipy linear_sum_assignment) over the occurring clusters x "
+                             "classes; rectangular when they differ, images of unmatched clusters count as errors"})
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_main("unsupervised", "downstream.unsupervised:run", DEFAULTS, argv,
-                      description="Unsupervised classification: argmax of the pretrained [CLS] head (iBOT Tab.5).")
-
-
-if __name__ == "__main__":
-    main()

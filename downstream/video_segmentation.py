@@ -25,13 +25,10 @@ trivial baseline that repeats the first annotation in every frame.
 
 Deviation, only for square frames: the official code sizes the frame (:194-202) and the first
 annotation (:218-226) by two different rules when height == width; here both use the frame's.
-
-    python -m downstream.video_segmentation --checkpoint W.pth --data /path/to/DAVIS --out .../metrics.json
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -42,19 +39,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from downstream.cli import stage_main
 from downstream.davis_metrics import evaluate_sequence, summarize
-from downstream.features import autocast, build_eval_backbone, log, pick_device
+from downstream.engine.setup import autocast, build_eval_backbone, log, pick_device
 from ibot.data.layouts import check_layout
-from ibot.distributed import barrier, init_distributed, is_main
-from ibot.metrics import write_metrics
-from ibot.stages import stage_defaults
+from ibot.distributed import is_main
+from ibot.run.context import StageContext
 
-__all__ = ["DEFAULTS", "DAVIS_MEAN", "DAVIS_STD", "protocol_label", "target_size", "read_frame", "read_first_seg",
-           "neighborhood_mask", "label_propagation", "labels_to_mask", "segment_video", "video_list", "run", "main"]
+__all__ = ["DAVIS_MEAN", "DAVIS_STD", "protocol_label", "target_size", "read_frame", "read_first_seg",
+           "neighborhood_mask", "label_propagation", "labels_to_mask", "segment_video", "video_list", "run"]
 
-#: Official defaults (eval_video_segmentation.py:253-256, :120, :188): workflow/schemas/video_segmentation.schema.yaml.
-DEFAULTS: dict[str, Any] = stage_defaults("video_segmentation")
 #: color_normalize (:235); the std's 0.228 differs from ImageNet's 0.229 in the official code too.
 DAVIS_MEAN = (0.485, 0.456, 0.406)
 DAVIS_STD = (0.228, 0.224, 0.225)
@@ -200,23 +193,19 @@ def _save_indexed(path: Path, labels: np.ndarray, palette: list[int] | None) -> 
         image.save(handle, format="PNG")
 
 
-def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
-    """Stage entry (inside the launched job): propagate every val video's first annotation, score, write."""
-    init_distributed()
-    started = time.time()
-    device = pick_device()
-    root = Path(data)
+def run(ctx: StageContext) -> dict[str, float]:
+    """Propagate every val video's first annotation, score, write metrics.json (main process)."""
+    config, root, device = ctx.config, ctx.data_root, pick_device()
     check_layout("davis", root, config_key="data.davis")  # seconds, before the backbone is built
     videos = video_list(root)
-    torch.manual_seed(seed)
-    patch_size = int(model_spec.get("patch_size", 16))
-    backbone = build_eval_backbone(model_spec, checkpoint, checkpoint_key, 224).to(device)
+    torch.manual_seed(ctx.seed)
+    patch_size = ctx.model.patch_size
+    backbone = build_eval_backbone(ctx.model, ctx.checkpoint, 224).to(device)
     metrics: dict[str, float] = {}
     if is_main():
         log(f"[video_segmentation] {len(videos)} videos of {root}; {protocol_label(config)}; device {device}")
         per_object, baseline = {}, {}
-        masks_dir = Path(out).parent / "segmentations"
+        masks_dir = ctx.dir / "segmentations"
         for video in videos:
             frames = sorted((root / "JPEGImages" / "480p" / video).glob("*.jpg"))
             annotations = sorted((root / "Annotations" / "480p" / video).glob("*.png"))
@@ -243,25 +232,12 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
         log(f"[video_segmentation] J&F {metrics['jf_mean']:.2f}, J {metrics['j_mean']:.2f}, F {metrics['f_mean']:.2f} "
             f"(first-frame copy J&F {trivial['jf_mean']:.2f})")
         dataset = "davis-2017-val" if len(videos) == DAVIS_2017_VAL_SEQUENCES else root.resolve().name
-        write_metrics(
-            out, run=run, model=model, stage="video_segmentation", task="video_seg", dataset=dataset,
-            protocol=protocol_label(config), metrics=metrics, config=config, wall_time_s=time.time() - started,
-            checkpoint=checkpoint,
+        ctx.write_metrics(
+            task="video_seg", dataset=dataset, protocol=protocol_label(config), metrics=metrics,
             extra={"num_videos": len(videos), "num_objects": len(per_object), "patch_size": patch_size,
                    "per_object": {name: {"J": 100 * jf[0], "F": 100 * jf[1]} for name, jf in per_object.items()},
                    "first_frame_copy": trivial,
                    "evaluation": "DAVIS 2017 semi-supervised (davis2017-evaluation port): first and last frame "
                                  "excluded, per-object means, percent",
                    "segmentations": str(masks_dir) if config["save_masks"] else None})
-        log(f"[video_segmentation] wrote {Path(out)}")
-    barrier()
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_main("video_segmentation", "downstream.video_segmentation:run", DEFAULTS, argv,
-                      description="DAVIS-2017 video object segmentation by label propagation (iBOT Tab.16).")
-
-
-if __name__ == "__main__":
-    main()

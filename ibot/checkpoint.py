@@ -18,25 +18,26 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
+import math
 import pickle
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Mapping
-
-import numpy as np
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ibot.io import atomic_write
 
-__all__ = ["CheckpointError", "save_atomic", "load_file", "extract_backbone_state", "check_state_dict",
+if TYPE_CHECKING:  # torch is imported by the functions that use it: a stage's waiting process never loads it
+    import torch
+    from torch import nn
+
+__all__ = ["CheckpointError", "BackboneCheckpoint", "save_atomic", "load_file", "extract_backbone_state",
+           "check_state_dict",
            "load_backbone_weights", "export_backbone", "sha256_file", "OPTIONAL_BACKBONE_KEYS", "HEAD_SETTINGS",
            "extract_head_state", "head_settings", "locate_heads", "load_head_weights", "build_pretrained_head",
            "export_heads", "swin_official_to_timm"]
 
-# The official training checkpoints pickle their argparse args and numpy float64 learning rates
-# (optimizer param groups); a Namespace and numpy scalars carry no code.
-torch.serialization.add_safe_globals([argparse.Namespace, np._core.multiarray.scalar, np.dtype,
-                                      np.dtypes.Float64DType])
 
 #: Keys that may be absent on either side: the mask token exists only in iBOT student weights
 #: (teachers, DINO and supervised weights have none) and is unused outside masked pretraining.
@@ -49,19 +50,33 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked (unreadable, unsafe, wrong model)."""
 
 
+@lru_cache(maxsize=None)
+def _torch():
+    """torch, with the globals official checkpoints need allowed: they pickle their argparse args and
+    numpy float64 learning rates (optimizer param groups); a Namespace and numpy scalars carry no code."""
+    import numpy as np
+    import torch
+
+    torch.serialization.add_safe_globals([argparse.Namespace, np._core.multiarray.scalar, np.dtype,
+                                          np.dtypes.Float64DType])
+    return torch
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: never a half-written file."""
+    torch = _torch()
     with atomic_write(path, "wb") as handle:
         torch.save(obj, handle)
 
 
-def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with errors that name the file and the cause."""
-    path = Path(path)
-    if not path.is_file():
+def load_file(path: str | Path, map_location: str | torch.device = "cpu", *, data: bytes | None = None) -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file and the cause (``data``: the
+    file's bytes, already read)."""
+    path, torch = Path(path), _torch()
+    if data is None and not path.is_file():
         raise CheckpointError(f"checkpoint {path}: file does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(io.BytesIO(data) if data is not None else path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"checkpoint {path}: refused by torch.load(weights_only=True): it contains objects other than "
@@ -91,6 +106,7 @@ def extract_backbone_state(checkpoint: Any, key: str | None = None, *, source: s
     else:
         found = next((k for k in _CONTAINER_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
         state = checkpoint[found] if found else checkpoint
+    torch = _torch()
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{source}: does not hold a state dict of tensors "
                               f"(top-level keys: {sorted(checkpoint)[:20]})")
@@ -118,9 +134,58 @@ def check_state_dict(model: nn.Module, state: Mapping[str, Any], source: str, *,
             f"  shape mismatches ({len(mismatched)}): {mismatched[:12]}")
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path, key: str | None = None) -> dict[str, list[str]]:
+@dataclass(frozen=True, eq=False)
+class BackboneCheckpoint:
+    """The backbone weights a stage evaluates: the file is read once (its sha256 and its state dict come
+    from the same bytes) however many times the stage builds the backbone or records the file."""
+
+    path: Path
+    key: str | None = None  # top-level key holding the weights (auto when None)
+
+    def __getstate__(self) -> dict[str, Any]:  # a job gets the file's name, never its cached content
+        return {"path": self.path, "key": self.key}
+
+    @cached_property
+    def _content(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+        if not Path(self.path).is_file():
+            raise CheckpointError(f"checkpoint {self.path}: file does not exist")
+        data = Path(self.path).read_bytes()
+        loaded = load_file(self.path, data=data)
+        meta = loaded.get("meta") if isinstance(loaded, Mapping) and isinstance(loaded.get("meta"), Mapping) else {}
+        state = extract_backbone_state(loaded, self.key, source=f"checkpoint {self.path}")
+        return hashlib.sha256(data).hexdigest(), state, dict(meta)
+
+    @property
+    def sha256(self) -> str:
+        return self._content[0]
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The backbone state dict (prefixes stripped, heads dropped: :func:`extract_backbone_state`)."""
+        return self._content[1]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self._content[2]
+
+    def native_img_size(self, patch_size: int, default: int) -> int:
+        """Image size whose patch grid is the weights' ``pos_embed`` grid (our exports record it as
+        ``meta['img_size']``); ``default`` without one (Swin). Built at that size a backbone loads the
+        weights unchanged; other sizes are handled at run time by the official bicubic interpolation."""
+        if "img_size" in self.meta:
+            return int(self.meta["img_size"])
+        pos = self.state.get("pos_embed")
+        if pos is None or pos.dim() != 3:
+            return default
+        side = math.isqrt(pos.shape[1] - 1)
+        return side * patch_size if side * side == pos.shape[1] - 1 else default
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path | BackboneCheckpoint,
+                          key: str | None = None) -> dict[str, list[str]]:
     """Load backbone weights strictly; return what was tolerated. Raises CheckpointError otherwise."""
-    state = extract_backbone_state(load_file(path), key, source=f"checkpoint {path}")
+    checkpoint = path if isinstance(path, BackboneCheckpoint) else BackboneCheckpoint(Path(path), key)
+    path, state = checkpoint.path, dict(checkpoint.state)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     state = swin_official_to_timm(model, state, source=f"checkpoint {path}")
     expected = model.state_dict()
@@ -164,9 +229,15 @@ def _resize_pos_embed(source: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def export_backbone(backbone: nn.Module, path: str | Path, meta: Mapping[str, Any]) -> None:
-    """Write the released-weights layout ``{'state_dict': backbone, 'meta': {...}}`` atomically."""
+    """Write the released-weights layout ``{'state_dict': backbone, 'meta': {...}}`` atomically; a ViT's
+    meta records its native ``img_size`` (the ``pos_embed`` grid), so readers need not derive it."""
     state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    save_atomic({"state_dict": state, "meta": dict(meta)}, path)
+    meta = dict(meta)
+    pos = state.get("pos_embed")
+    side = math.isqrt(pos.shape[1] - 1) if pos is not None and pos.dim() == 3 else 0
+    if side and side * side == pos.shape[1] - 1 and hasattr(backbone, "patch_size"):
+        meta.setdefault("img_size", side * int(backbone.patch_size))
+    save_atomic({"state_dict": state, "meta": meta}, path)
 
 
 # -- projection heads --------------------------------------------------------------------------------
@@ -187,7 +258,7 @@ def extract_head_state(checkpoint: Any, key: str | None = None, *, source: str =
                               "pretraining's heads.pth or the official full checkpoint.pth")
     head = {k.removeprefix("module.")[len("head."):]: v for k, v in network.items()
             if k.removeprefix("module.").startswith("head.")}
-    if not head or not all(isinstance(v, torch.Tensor) for v in head.values()):
+    if not head or not all(isinstance(v, _torch().Tensor) for v in head.values()):
         raise CheckpointError(f"{source}: the {key!r} network has no 'head.*' tensors (a backbone-only state dict)")
     return head
 
@@ -239,7 +310,7 @@ def build_pretrained_head(path: str | Path, key: str | None, embed_dim: int) -> 
     if "last_layer2.weight_v" in state:
         settings["patch_out_dim"] = int(state["last_layer2.weight_v"].shape[0])
         shared = bool(state["last_layer2.weight_v"].shape == state["last_layer.weight_v"].shape
-                      and torch.equal(state["last_layer2.weight_v"], state["last_layer.weight_v"]))
+                      and _torch().equal(state["last_layer2.weight_v"], state["last_layer.weight_v"]))
         settings.update(shared_head=shared, shared_head_teacher=shared)
     elif "last_layer.weight_v" in state:  # a DINO head (no patch branch): our shared head, same tensors
         settings.update(shared_head=True, shared_head_teacher=True)

@@ -1,22 +1,24 @@
 """Configuration: strict merging, JSON-schema validation, dataset checks, per-model stage configs.
 
 Configs are data (YAML). ``config/config.yaml`` is the embedded default; ``config/paper.yaml``
-plus ``config/paper/<model>.yaml`` recipes reproduce the paper. Snakemake and the standalone
-CLIs both go through this module, so a bad key fails the same way everywhere, before any job.
+plus ``config/paper/<model>.yaml`` recipes reproduce the paper. Snakemake and the stage command line
+both go through this module, so a bad key fails the same way everywhere, before any job.
 
-The config one stage runs with for one model is resolved in layers, later ones winning
-(:func:`section_layers`):
+The config one stage runs with for one model is resolved once, in layers, later ones winning
+(:func:`section_layers`; the table is in ``docs/adding-a-stage.md``):
 
 1. ``default``: the section's JSON schema (``workflow/schemas/<section>.schema.yaml``);
 2. ``model recipe``: ``overrides.<section>`` of the model's recipe file (``config/paper/*.yaml``:
    the one place where per-model paper values live, each with its source);
-3. ``config file``: the top-level ``<section>`` of the workflow config;
-4. ``config file``: ``models.<model>.overrides.<section>`` of the workflow config;
+3. ``run config``: the workflow config's top-level ``<section>`` with ``models.<model>.overrides.
+   <section>`` over it, as one overlay (a value Snakemake's ``--config`` set shows as ``command line``);
 
-with ``command line`` for whatever Snakemake's ``--config`` set in layers 3-4, and the values a
-stage fixes (the segmentation head) on top. Top-level sections are validated but never filled
-with defaults, so a value in the config file is always one the user wrote. ``python -m
-ibot.config explain`` prints every resolved value with its origin.
+and the values a stage fixes (the segmentation head) on top. A standalone ``python -m downstream
+<stage> --config`` is the run config over the defaults. Top-level sections are validated but never
+filled with defaults, so a value in the config file is always one the user wrote. The job receives
+the resolved config and merges nothing. Values a recipe derives from others (the peak lr of the
+linear scaling rules, :data:`LR_SCALING`) are shown by ``python -m ibot.config explain`` with their
+rule and source, next to every resolved value and its origin.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from ibot.models.specs import ModelSpec
+
 __all__ = ["ConfigError", "deep_merge", "load_yaml", "validate_config", "section_layers", "section_config",
-           "stage_config", "explain_stage", "stage_resources", "global_batch", "model_spec", "pretrain_images",
+           "stage_config", "resolve_stage_config", "explain_stage", "stage_resources", "global_batch", "model_spec",
+           "pretrain_data", "stage_data", "LR_SCALING", "scaled_lr",
            "check_datasets",
            "check_stage_configs", "planned_stages",
            "json_or_file", "mapping_arg", "parse_config_overrides", "update_config", "load_workflow_config",
@@ -278,27 +283,28 @@ def _unsupported_stage_problems(config: Mapping[str, Any], model: str) -> list[s
 
 
 def planned_stages(config: Mapping[str, Any], model: str) -> list[str]:
-    """The evaluation stages a model runs: its own ``stages`` list, else the top-level ``stages``
-    without those its recipe declares unsupported (the top-level list is for every model that has a
-    recipe for the stage; a model's own list is taken as written and checked)."""
+    """The stages a model runs: the backbone stage (pretraining) for the models it applies to, then its own
+    ``stages`` list, else the top-level ``stages`` without those its recipe declares unsupported (the
+    top-level list is for every model that has a recipe for the stage; a model's own list is taken as
+    written and checked)."""
+    from ibot.stages import BACKBONE_STAGE
+
     entry = config["models"][model]
+    first = [BACKBONE_STAGE.name] if entry["weights"] in BACKBONE_STAGE.weights else []
     if entry.get("stages"):
-        return list(entry["stages"])
+        return first + list(entry["stages"])
     unsupported = entry.get("unsupported_stages") or {}
-    return [stage for stage in config.get("stages") or [] if stage not in unsupported]
+    return first + [stage for stage in config.get("stages") or [] if stage not in unsupported]
 
 
-def model_spec(config: Mapping[str, Any], model: str) -> dict[str, Any]:
-    entry = config["models"][model]
-    spec = {"arch": entry["arch"], "patch_size": entry["patch_size"], "depth": entry.get("depth")}
-    if entry.get("window_size") is not None:  # Swin only; absent otherwise so ViT specs (fingerprints) are unchanged
-        spec["window_size"] = entry["window_size"]
-    return spec
+def model_spec(config: Mapping[str, Any], model: str) -> ModelSpec:
+    """The backbone of ``models.<model>`` (arch, patch size, depth, Swin window)."""
+    return ModelSpec.of(config["models"][model])
 
 
-def pretrain_images(config: Mapping[str, Any], model: str) -> tuple[str, str]:
-    """(dataset kind, training-image folder) a model is pretrained on: ``models.<m>.pretrain_data``
-    IN-1K -> ``data.imagenet``/train, IN-22K -> ``data.imagenet22k`` (ibot.data.kinds.PRETRAIN_DATA)."""
+def pretrain_data(config: Mapping[str, Any], model: str) -> dict[str, str]:
+    """``{kind: training-image folder}`` a model is pretrained on: ``models.<m>.pretrain_data`` IN-1K ->
+    ``data.imagenet``/train, IN-22K -> ``data.imagenet22k`` (ibot.data.kinds.PRETRAIN_DATA)."""
     from ibot.data.kinds import PRETRAIN_DATA
 
     kind, sub = PRETRAIN_DATA[config["models"][model].get("pretrain_data") or "IN-1K"]
@@ -306,19 +312,62 @@ def pretrain_images(config: Mapping[str, Any], model: str) -> tuple[str, str]:
     if not root:
         raise ValueError(f"models.{model}.pretrain_data needs config key data.{kind}: not set; point it at the "
                          f"dataset in its real layout")
-    return kind, f"{root}/{sub}" if sub else str(root)
+    return {kind: f"{root}/{sub}" if sub else str(root)}
+
+
+def stage_data(config: Mapping[str, Any], stage: str, model: str) -> dict[str, str]:
+    """The dataset roots one stage reads for one model, by kind: its registry ``data_resolver``, else
+    ``data.<kind>`` of each of its ``datasets`` (an unset key fails naming it)."""
+    from ibot.run.launcher import resolve_entry
+    from ibot.stages import get_stage
+
+    entry = get_stage(stage)
+    if entry.data_resolver:
+        return resolve_entry(entry.data_resolver)(config, model)
+    missing = [kind for kind in entry.datasets if not (config.get("data") or {}).get(kind)]
+    if missing:
+        raise ValueError(f"config key data.{missing[0]}: not set; stage {stage} reads it (point it at the dataset "
+                         f"in its real layout)")
+    return {kind: str(config["data"][kind]) for kind in entry.datasets}
 
 
 # -- resolution ------------------------------------------------------------------------------------
 ORIGIN_DEFAULT = "default"
 ORIGIN_RECIPE = "model recipe"
-ORIGIN_FILE = "config file"
+ORIGIN_RUN = "config file"
 ORIGIN_CLI = "command line"
 ORIGIN_STAGE = "stage"
+ORIGIN_DERIVED = "derived"
+
+#: The linear lr scaling rules of the official scripts, by config path: the configured ``lr`` (each of
+#: ``lrs``) is per ``base`` images and the run's peak lr is ``lr x global batch / base``. Fine-tuning
+#: (run_class_finetuning.py:589) uses its lr as given. ``explain`` shows the peak value (``derived``).
+LR_SCALING: dict[str, tuple[int, str]] = {
+    "pretrain": (256, "main_ibot.py:306"),
+    "linear": (256, "evaluation/eval_linear_multi.py:132"),
+    "transfer": (512, "evaluation/eval_cls.py:690"),
+    "semi_supervised.finetune": (512, "evaluation/semi_supervised/eval_cls.py:782"),
+}
+
+
+#: eval_linear_multi.py's lr grid, ``[n * 10**k for k in -4..0, n in 1..9]`` (``linear.lrs: null``).
+OFFICIAL_LR_GRID: list[float] = [round(n * 10.0 ** e, 10) for e in range(-4, 1) for n in range(1, 10)]
+
+
+def scaled_lr(rule: str, lr: float, global_batch: int) -> float:
+    """The peak lr of an :data:`LR_SCALING` rule: ``lr x global batch / base``."""
+    return float(lr) * int(global_batch) / LR_SCALING[rule][0]
+
+
+def _run_parts(config: Mapping[str, Any], section: str, model: str) -> list[tuple[str, tuple[str, ...], Mapping]]:
+    """The run config's parts of one section, lowest precedence first: ``(where, config path, values)``."""
+    overrides = (config["models"][model].get("overrides") or {}).get(section) or {}
+    return [(section, (section,), config.get(section) or {}),
+            (f"models.{model}.overrides.{section}", ("models", model, "overrides", section), overrides)]
 
 
 def section_layers(config: Mapping[str, Any], section: str, model: str) -> list[tuple[str, str, Mapping[str, Any]]]:
-    """The layers of one section for one model, lowest precedence first: ``(origin, where, values)``.
+    """The three layers of one section for one model, lowest precedence first: ``(origin, where, values)``.
 
     ``where`` is the config path (or file) a value of that layer comes from, for messages.
     """
@@ -326,11 +375,11 @@ def section_layers(config: Mapping[str, Any], section: str, model: str) -> list[
 
     entry = config["models"][model]
     recipe = entry.get("recipe") or f"models.{model}"
+    (top_where, _, top), (model_where, _, overrides) = _run_parts(config, section, model)
     return [
         (ORIGIN_DEFAULT, f"workflow/schemas/{section}.schema.yaml", section_defaults(section)),
         (ORIGIN_RECIPE, f"{recipe}: overrides.{section}", (entry.get("recipe_overrides") or {}).get(section) or {}),
-        (ORIGIN_FILE, section, config.get(section) or {}),
-        (ORIGIN_FILE, f"models.{model}.overrides.{section}", (entry.get("overrides") or {}).get(section) or {}),
+        (ORIGIN_RUN, f"{top_where} + {model_where}", deep_merge(top, overrides, path=model_where, allow_new=True)),
     ]
 
 
@@ -344,7 +393,7 @@ def section_config(config: Mapping[str, Any], section: str, model: str) -> dict[
 
 
 def stage_config(config: Mapping[str, Any], stage: str, model: str) -> dict[str, Any]:
-    """The config one stage runs with for one model (what the workflow passes to its CLI).
+    """The config one stage runs with for one model (what the workflow passes to its command line).
 
     Its section resolved for the model (:func:`section_config`), narrowed to the stage's
     sub-section (``robustness.<stage>``) and with the values the stage fixes (the segmentation
@@ -359,6 +408,34 @@ def stage_config(config: Mapping[str, Any], stage: str, model: str) -> dict[str,
     if spec.subsection:
         resolved = dict(resolved.get(spec.subsection) or {})
     return {**resolved, **spec.fixed}
+
+
+def resolve_stage_config(stage: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The config of ``python -m downstream <stage> --config VALUES``: the values over the stage's schema
+    defaults, validated against its schema (the workflow passes a resolved config, which this returns
+    as it is). Values the stage fixes cannot be set to others; a swept list is the workflow's to expand."""
+    import jsonschema
+
+    from ibot.stages import get_stage, section_schema, stage_defaults
+
+    entry = get_stage(stage)
+    resolved = deep_merge(stage_defaults(stage), values, path=entry.config_path)
+    for key, value in entry.fixed.items():
+        if resolved[key] != value:
+            raise ConfigError(f"config key {entry.config_path}.{key}: {resolved[key]!r}, but stage {stage} fixes it "
+                              f"to {value!r}")
+    schema = section_schema(entry.section)
+    schema = schema["properties"][entry.subsection] if entry.subsection else schema
+    try:
+        jsonschema.validate(resolved, schema)
+    except jsonschema.ValidationError as error:
+        where = ".".join(str(part) for part in (entry.config_path, *error.absolute_path))
+        raise ConfigError(f"config key {where!r}: {error.message}") from None
+    if entry.sweep and resolved.get(entry.sweep[0]):
+        raise ConfigError(f"config key {entry.config_path}.{entry.sweep[0]}: {resolved[entry.sweep[0]]} is a sweep, "
+                          f"which the workflow runs as one job per value (ibot.sweep); one job takes one "
+                          f"{entry.config_path}.{entry.sweep[1]}")
+    return resolved
 
 
 def _leaves(values: Mapping[str, Any], prefix: tuple[str, ...] = ()):
@@ -379,42 +456,62 @@ def _has_path(values: Mapping[str, Any] | None, path: tuple[str, ...]) -> bool:
     return True
 
 
+def _derived_rows(config: Mapping[str, Any], stage: str, model: str, resolved: Mapping[str, Any]) -> list[dict]:
+    """The peak lr of each :data:`LR_SCALING` rule that applies to the stage, at its configured batch."""
+    from ibot.stages import STAGES
+
+    path = STAGES[stage].config_path if stage in STAGES else stage
+    rows = []
+    for rule, (base, source) in LR_SCALING.items():
+        if not (rule == path or path.startswith(f"{rule}.") or rule.startswith(f"{path}.")):
+            continue
+        prefix = rule.removeprefix(f"{path}.") + "." if rule.startswith(f"{path}.") else ""
+        values = resolved[prefix[:-1]] if prefix else resolved
+        key = "lrs" if rule == "linear" else "lr"
+        batch = global_batch(config, model)["global"] if rule == "pretrain" else int(values["batch_size"])
+        lr = values[key] if values[key] is not None else OFFICIAL_LR_GRID
+        value = [scaled_lr(rule, v, batch) for v in lr] if isinstance(lr, list) else scaled_lr(rule, lr, batch)
+        rows.append({"key": f"{prefix}{key} (peak)", "value": value, "origin": ORIGIN_DERIVED,
+                     "where": f"{key} x global batch {batch} / {base} ({source}: linear scaling rule)"})
+    return rows
+
+
 def explain_stage(config: Mapping[str, Any], stage: str, model: str,
                   sources: Sequence[tuple[str, Mapping[str, Any]]] | None = None) -> list[dict[str, Any]]:
-    """Every value :func:`stage_config` resolves, with the layer it comes from.
+    """Every value :func:`stage_config` resolves, with the layer it comes from, then the values derived
+    from them (``derived``: the peak lr of a linear scaling rule).
 
     Rows ``{key, value, origin, where}``: ``origin`` is one of default / model recipe / config
-    file / command line / stage; ``where`` the file and config path. ``sources`` are the raw
-    mappings merged (in that order) into ``config`` before validation, as ``(label, mapping)``:
+    file / command line / stage / derived; ``where`` the file and config path. ``sources`` are the
+    raw mappings merged (in that order) into ``config`` before validation, as ``(label, mapping)``:
     ``("config/paper.yaml", ...)`` for each ``--configfile`` and ``("--config", ...)`` for
-    Snakemake's command-line values; a config-file value is attributed to the last source that
-    sets it.
+    Snakemake's command-line values; a run-config value is attributed to the last source that sets it.
     """
     from ibot.stages import STAGES
 
     spec = STAGES.get(stage)
     section = spec.section if spec else stage
     origins: dict[tuple[str, ...], tuple[str, str]] = {}
-    for origin, where, values in section_layers(config, section, model):
-        root = (section,) if where == section else ("models", model, "overrides", section)
+    for origin, where, values in section_layers(config, section, model)[:2]:
+        origins.update({path: (origin, where) for path, _ in _leaves(values)})
+    for where, root, values in _run_parts(config, section, model):
         for path, _ in _leaves(values):
-            label, place = origin, where
-            if origin == ORIGIN_FILE:
-                for source, raw in reversed(list(sources or [])):
-                    if _has_path(raw, root + path):
-                        label = ORIGIN_CLI if source == "--config" else ORIGIN_FILE
-                        place = f"{source}: {where}"
-                        break
+            label, place = ORIGIN_RUN, where
+            for source, raw in reversed(list(sources or [])):
+                if _has_path(raw, root + path):
+                    label, place = (ORIGIN_CLI if source == "--config" else ORIGIN_RUN), f"{source}: {where}"
+                    break
             origins[path] = (label, place)
     prefix = (spec.subsection,) if spec and spec.subsection else ()
+    resolved = stage_config(config, stage, model)
     rows = []
-    for path, value in _leaves(stage_config(config, stage, model)):
+    for path, value in _leaves(resolved):
         if spec and len(path) == 1 and path[0] in spec.fixed:
             origin, where = ORIGIN_STAGE, f"ibot/stages.py: {stage}.fixed"
         else:
             origin, where = origins[prefix + path]
         rows.append({"key": ".".join(path), "value": value, "origin": origin, "where": where})
-    return rows
+    return rows + _derived_rows(config, stage, model, resolved)
 
 
 def stage_resources(config: Mapping[str, Any], stage: str, model: str | None = None) -> dict[str, Any]:
@@ -521,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     values = [_format_value(r["value"]) for r in rows]
     vwidth = min(max(len(v) for v in values), 40)
     print(f"# {args.stage} for {args.model}: {len(rows)} values (origin: default < model recipe < config file "
-          f"< command line; stage = fixed by the stage)")
+          f"< command line; stage = fixed by the stage; derived = computed from the others)")
     for row, value in zip(rows, values):
         print(f"{row['key']:<{width}}  {value:<{vwidth}}  {row['origin']:<12}  {row['where']}")
     return 0

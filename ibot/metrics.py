@@ -4,7 +4,7 @@
 
     {"schema": "ibot-metrics/1", "run", "model", "stage", "task", "dataset", "protocol",
      "metrics": {name: number}, "checkpoint": {"path", "sha256"} | null, "config": {...},
-     "wall_time_s", "software": {package: version}, "created", "host", "extra": {...}}
+     "wall_time_s", "software": {package: version}, "created", "host", "device", "extra": {...}}
 
 ``metrics`` holds only scalars (the table values); anything larger (curves, per-head results)
 goes to ``extra`` or a sibling file. A metric the evaluator did not produce is never a made-up number:
@@ -22,12 +22,15 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ibot.io import write_json_atomic
 
+if TYPE_CHECKING:
+    from ibot.checkpoint import BackboneCheckpoint
+
 __all__ = ["SCHEMA", "REQUIRED_FIELDS", "NULL_REASONS", "write_metrics", "read_metrics", "check_metric_values",
-           "software_versions"]
+           "software_versions", "device_info"]
 
 SCHEMA = "ibot-metrics/1"
 REQUIRED_FIELDS = ("schema", "run", "model", "stage", "task", "dataset", "protocol", "metrics",
@@ -46,6 +49,25 @@ def software_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def device_info() -> dict[str, Any]:
+    """What computed a record: the GPU's name, or the CPU's model and whether it has native bf16
+    (AVX512-BF16 / AMX: embedded pretraining then runs in bf16, elsewhere in fp32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"type": "cuda", "name": torch.cuda.get_device_name(), "count": torch.cuda.device_count()}
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first processor's entries
+            key, _, value = (part.strip() for part in line.partition(":"))
+            info.setdefault(key, value)
+    except OSError:
+        pass
+    name, flags = info.get("model name") or platform.processor(), set(info.get("flags", "").split())
+    return {"type": "cpu", "name": name, "threads": torch.get_num_threads(),
+            "bf16_native": bool(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 def check_metric_values(metrics: Mapping[str, Any], null_reasons: Mapping[str, Any], where: str
@@ -75,7 +97,7 @@ def check_metric_values(metrics: Mapping[str, Any], null_reasons: Mapping[str, A
 
 def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: str, dataset: str,
                   protocol: str, metrics: Mapping[str, float | None], config: Mapping[str, Any],
-                  wall_time_s: float, checkpoint: str | Path | None = None,
+                  wall_time_s: float, checkpoint: BackboneCheckpoint | str | Path | None = None,
                   extra: Mapping[str, Any] | None = None,
                   null_reasons: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Validate and atomically write one stage's metrics file; returns the record.
@@ -83,15 +105,19 @@ def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: s
     A metric may be ``None`` (written as JSON ``null``) only with its reason in ``null_reasons``
     (stored as ``extra["null_reasons"]``); NaN and infinities are refused.
 
-    The record names the checkpoint by its sha256, so it must be the file the stage computed from:
+    The record names the checkpoint by its sha256 (a :class:`ibot.checkpoint.BackboneCheckpoint`
+    gives the digest of the bytes the stage loaded), so it must be the file the stage computed from:
     a checkpoint modified after the stage started (``wall_time_s`` ago) is an error, not a record.
     Resumed work is tied to its checkpoint by the work directory's fingerprint (ibot.workdir).
     """
-    from ibot.checkpoint import sha256_file
+    from ibot.checkpoint import BackboneCheckpoint, sha256_file
 
-    if checkpoint is not None and Path(checkpoint).stat().st_mtime > time.time() - float(wall_time_s):
-        raise RuntimeError(f"stage {stage}: checkpoint {checkpoint} was modified while the stage ran; its "
+    weights = checkpoint.path if isinstance(checkpoint, BackboneCheckpoint) else checkpoint
+    if weights is not None and Path(weights).stat().st_mtime > time.time() - float(wall_time_s):
+        raise RuntimeError(f"stage {stage}: checkpoint {weights} was modified while the stage ran; its "
                            f"result would be paired with weights it was not computed from. Rerun the stage.")
+    digest = None if weights is None else (checkpoint.sha256 if isinstance(checkpoint, BackboneCheckpoint)
+                                            else sha256_file(weights))
 
     extra = dict(extra or {})
     if NULL_REASONS in extra:
@@ -103,9 +129,10 @@ def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: s
     record = {
         "schema": SCHEMA, "run": run, "model": model, "stage": stage, "task": task, "dataset": dataset,
         "protocol": protocol, "metrics": values,
-        "checkpoint": None if checkpoint is None else {"path": str(checkpoint), "sha256": sha256_file(checkpoint)},
+        "checkpoint": None if weights is None else {"path": str(weights), "sha256": digest},
         "config": dict(config), "wall_time_s": round(float(wall_time_s), 3), "software": software_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
+        "device": device_info(),
         "extra": extra,
     }
     write_json_atomic(record, path)

@@ -1,19 +1,21 @@
-"""The stage registry: the one table from which the workflow, the config schema and the defaults derive.
+"""The stage registry: the one table from which the workflow, the job side, the config schema and the
+defaults derive.
 
-A stage is a job of the DAG that writes ``results/<run>/<model>/<stage>/``. Each entry says which
-module runs it (``python -m <module>``, the same command with or without Snakemake), which config
-section configures it (defaults come from that section's JSON schema,
-``workflow/schemas/<section>.schema.yaml``: the single source of default values), which datasets
-it reads, what it writes besides ``metrics.json``, what it needs from other stages, and which
-models it applies to. Derived from it:
+A stage is a job of the DAG that writes ``results/<run>/<model>/<stage>/metrics.json``. Each entry says
+which function computes it (``entry``: ``run(ctx)``, given a :class:`ibot.run.context.StageContext`
+built from this entry), which config section configures it (defaults come from that section's JSON
+schema, ``workflow/schemas/<section>.schema.yaml``: the single source of default values), which
+datasets it reads, what it writes besides ``metrics.json``, what it needs from other stages, whether
+it keeps a fingerprinted ``work/`` directory, and which models it applies to. Derived from it:
 
-- the Snakemake rules (``workflow/rules/stages.smk`` generates one rule per evaluation stage),
+- the Snakemake rules (``workflow/rules/stages.smk``: one rule per stage),
+- the one command line, ``python -m downstream <stage>`` (:mod:`ibot.run.cli`),
+- the stage context of the job: resolved config, model spec, data roots, work directory
+  (:mod:`ibot.run.context`),
 - the config schema's ``stages`` enum and ``resources.<stage>`` keys (:mod:`ibot.config`),
-- every stage module's ``DEFAULTS`` (:func:`stage_defaults`),
-- the datasets checked before a real run starts.
+- the datasets checked and the preflights run before a real run starts.
 
-Adding a stage: one module under ``downstream/`` with a ``run`` entry and ``main`` CLI, one entry
-here, its schema section, one embedded dataset builder if it reads a new dataset, tests
+Adding a stage: one entry here, one ``run(ctx)`` function, its schema section
 (``docs/adding-a-stage.md``).
 """
 
@@ -28,8 +30,10 @@ from typing import Any, Mapping
 
 import yaml
 
-__all__ = ["Stage", "STAGES", "EVALUATION_STAGES", "WEIGHT_SOURCES", "SCHEMA_DIR", "get_stage", "section_schema",
-           "schema_defaults", "section_defaults", "stage_defaults"]
+from ibot.data.kinds import DATASET_KINDS
+
+__all__ = ["Stage", "STAGES", "BACKBONE_STAGE", "EVALUATION_STAGES", "TRANSFER_DATASETS", "WEIGHT_SOURCES",
+           "SCHEMA_DIR", "get_stage", "section_schema", "schema_defaults", "section_defaults", "stage_defaults"]
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "workflow" / "schemas"
 
@@ -42,9 +46,9 @@ class Stage:
     """One stage of the DAG (see the module docstring)."""
 
     name: str
-    module: str                                   # `python -m <module>` runs it
+    entry: str                                    # "module:function": run(ctx) inside the job
     section: str                                  # config section = schema file name
-    datasets: tuple[str, ...]                     # `data.<kind>` keys it reads; the first is --data
+    datasets: tuple[str, ...]                     # `data.<kind>` keys it reads
     description: str
     subsection: str | None = None                 # e.g. robustness.<stage>
     fixed: Mapping[str, Any] = field(default_factory=dict)   # values the stage sets (seg head)
@@ -53,73 +57,72 @@ class Stage:
     weights: tuple[str, ...] = WEIGHT_SOURCES     # model weight sources it applies to
     resumable: bool = False                       # keeps a fingerprinted work/ directory (ibot.workdir)
     operational_keys: tuple[str, ...] = ()        # config keys that cannot change the result (logging)
-    file_keys: tuple[str, ...] = ()               # dotted config keys naming input files (DAG inputs)
+    file_keys: tuple[str, ...] = ()               # dotted config keys naming input files (DAG inputs, fingerprinted)
     preflight: str | None = None                  # "module:function" checking its resolved config before any job
     sweep: tuple[str, str, str] | None = None     # (list key, value key, metric): one job per value (ibot.sweep)
     priority: int = 0                             # Snakemake priority: long jobs and those others wait for start first
+    data_resolver: str | None = None              # "module:function"(config, model) -> {kind: root} (else data.<kind>)
 
     @property
     def config_path(self) -> str:
         """Dotted config path of its settings, e.g. ``robustness.imagenet_c``."""
         return f"{self.section}.{self.subsection}" if self.subsection else self.section
 
+    @property
+    def exports_backbone(self) -> bool:
+        """It makes the backbone the other stages evaluate (and so reads none itself)."""
+        return "backbone" in self.outputs
 
-def _robustness(name: str, dataset: str, description: str, **kwargs: Any) -> Stage:
-    return Stage(name, f"downstream.robustness.{name}", "robustness", (dataset,), description, subsection=name,
-                 needs={"head": ("linear", "head.pth")}, **kwargs)
 
+def _robustness(name: str, dataset: str, description: str, entry: str | None = None, **kwargs: Any) -> Stage:
+    return Stage(name, entry or f"downstream.robustness.{name}:run", "robustness", (dataset,), description,
+                 subsection=name, needs={"head": ("linear", "head.pth")}, **kwargs)
+
+
+#: Transfer learning (Tab. 7): one stage per dataset, ``transfer_<kind>``, settings in ``transfer.<kind>``.
+TRANSFER_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "inat18", "inat19", "flowers", "cars")
 
 _REGISTRY: tuple[Stage, ...] = (
-    Stage("pretrain", "ibot.train", "pretrain", ("imagenet",),
-          "iBOT pretraining (main_ibot.py); exports the teacher backbone",
-          outputs={"backbone": "teacher_backbone.pth", "heads": "heads.pth", "summary": "summary.json",
-                   "curves": "train_log.csv"},
+    Stage("pretrain", "ibot.train.pretrain:run", "pretrain", ("imagenet", "imagenet22k"),
+          "iBOT pretraining (main_ibot.py); exports the teacher backbone and both heads",
+          outputs={"backbone": "teacher_backbone.pth", "heads": "heads.pth", "curves": "train_log.csv"},
           weights=("pretrain",), resumable=True, operational_keys=("num_workers", "log_every", "saveckp_freq"),
+          file_keys=("load_from",), data_resolver="ibot.config:pretrain_data",
           priority=10),  # the critical path: before the random-init baselines, which need no pretraining
-    Stage("knn", "downstream.knn", "knn", ("imagenet",), "weighted k-NN on frozen [CLS] features (Tab. 1)"),
-    Stage("linear", "downstream.linear", "linear", ("imagenet",),
+    Stage("knn", "downstream.knn:run", "knn", ("imagenet",), "weighted k-NN on frozen [CLS] features (Tab. 1)"),
+    Stage("linear", "downstream.linear:run", "linear", ("imagenet",),
           "linear probing with a one-pass lr sweep (Tab. 1); its best head feeds the robustness stages",
           outputs={"head": "head.pth"}, resumable=True, priority=3),
-    Stage("finetune", "downstream.finetune", "finetune", ("imagenet",),
+    Stage("finetune", "downstream.finetune:run", "finetune", ("imagenet",),
           "end-to-end fine-tuning with layer-wise lr decay (Tab. 2); lr sweep: one job per finetune.lrs value",
           resumable=True, sweep=("lrs", "lr", "top1"), priority=2),
-    Stage("semi_supervised", "downstream.semi_supervised", "semi_supervised", ("imagenet",),
+    Stage("semi_supervised", "downstream.semi_supervised:run", "semi_supervised", ("imagenet",),
           "1% / 10% labels: k-NN, linear, logistic regression, fine-tuning w/o and from proj-head layer 1 (Tab. 4, 12)",
           resumable=True, file_keys=("subsets.1", "subsets.10", "heads"),
           preflight="downstream.semi_supervised:preflight", priority=1),
-    Stage("unsupervised", "downstream.unsupervised", "unsupervised", ("imagenet",),
+    Stage("unsupervised", "downstream.unsupervised:run", "unsupervised", ("imagenet",),
           "unsupervised classification: argmax of the teacher [CLS] head on val; NMI/ARI/FMI/ACC (Tab. 5)",
           weights=("pretrain", "checkpoint"), file_keys=("heads",)),
-    Stage("video_segmentation", "downstream.video_segmentation", "video_segmentation", ("davis",),
+    Stage("video_segmentation", "downstream.video_segmentation:run", "video_segmentation", ("davis",),
           "DAVIS-2017 video object segmentation: label propagation on frozen patch features; J&F (Tab. 16)",
           operational_keys=("save_masks",)),
-    Stage("retrieval", "downstream.retrieval", "retrieval", ("revisitop",),
+    Stage("retrieval", "downstream.retrieval:run", "retrieval", ("revisitop",),
           "image retrieval on Revisited Oxford 5k + Paris 6k, frozen [CLS] cosine ranking; Medium/Hard mAP (Tab. 16)"),
-    Stage("detection", "downstream.dense.detection", "detection", ("coco",),
+    Stage("detection", "downstream.dense.detection:run", "detection", ("coco",),
           "COCO Cascade Mask R-CNN, mmdet (Tab. 6)", resumable=True, operational_keys=("log_interval",), priority=2),
-    Stage("seg_upernet", "downstream.dense.segmentation", "segmentation", ("ade20k",),
+    Stage("seg_upernet", "downstream.dense.segmentation:run", "segmentation", ("ade20k",),
           "ADE20K UperNet, mmseg (Tab. 6)", fixed={"head": "upernet"}, resumable=True,
           operational_keys=("log_interval",), priority=3),
-    Stage("seg_linear", "downstream.dense.segmentation", "segmentation", ("ade20k",),
+    Stage("seg_linear", "downstream.dense.segmentation:run", "segmentation", ("ade20k",),
           "ADE20K linear head on the frozen backbone, mmseg (Tab. 6)", fixed={"head": "linear"}, resumable=True,
           operational_keys=("log_interval",), priority=1),
-    # transfer learning (Tab. 7): one job per dataset, settings in transfer.<dataset>, DeiT recipe
-    Stage("transfer_cifar10", "downstream.transfer.cifar10", "transfer", ("cifar10",),
-          "fine-tuning transfer to CIFAR-10 (Tab. 7)", subsection="cifar10", resumable=True),
-    Stage("transfer_cifar100", "downstream.transfer.cifar100", "transfer", ("cifar100",),
-          "fine-tuning transfer to CIFAR-100 (Tab. 7)", subsection="cifar100", resumable=True),
-    Stage("transfer_inat18", "downstream.transfer.inat18", "transfer", ("inat18",),
-          "fine-tuning transfer to iNaturalist 2018 (Tab. 7)", subsection="inat18", resumable=True),
-    Stage("transfer_inat19", "downstream.transfer.inat19", "transfer", ("inat19",),
-          "fine-tuning transfer to iNaturalist 2019 (Tab. 7)", subsection="inat19", resumable=True),
-    Stage("transfer_flowers", "downstream.transfer.flowers", "transfer", ("flowers",),
-          "fine-tuning transfer to Flowers-102 (Tab. 7)", subsection="flowers", resumable=True),
-    Stage("transfer_cars", "downstream.transfer.cars", "transfer", ("cars",),
-          "fine-tuning transfer to Stanford Cars (Tab. 7)", subsection="cars", resumable=True),
+    *(Stage(f"transfer_{kind}", "downstream.transfer:run", "transfer", (kind,),
+            f"fine-tuning transfer to {DATASET_KINDS[kind].title} (Tab. 7)", subsection=kind, resumable=True)
+      for kind in TRANSFER_DATASETS),
     _robustness("imagenet_c", "imagenet_c", "ImageNet-C mean corruption error (Tab. 8)",
                 outputs={"table": "per_corruption.csv"}, priority=1),
-    _robustness("imagenet_a", "imagenet_a", "ImageNet-A top-1 (Tab. 8)"),
-    _robustness("imagenet_r", "imagenet_r", "ImageNet-R top-1 (Tab. 8)"),
+    _robustness("imagenet_a", "imagenet_a", "ImageNet-A top-1 (Tab. 8)", "downstream.robustness.class_subset:run"),
+    _robustness("imagenet_r", "imagenet_r", "ImageNet-R top-1 (Tab. 8)", "downstream.robustness.class_subset:run"),
     _robustness("bg_challenge", "imagenet_9", "background challenge, ImageNet-9 variants (Tab. 8)"),
     _robustness("occlusion", "imagenet", "salient / non-salient / random occlusion, patch shuffle (Tab. 8)",
                 outputs={"curves": "curves.csv", "shuffle": "shuffle.csv", "plot": "occlusion.png"},
@@ -129,8 +132,10 @@ _REGISTRY: tuple[Stage, ...] = (
 
 #: Every stage by name, in DAG order.
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _REGISTRY}
-#: The stages a config's ``stages:`` list may name (everything but pretraining).
-EVALUATION_STAGES: tuple[str, ...] = tuple(name for name in STAGES if name != "pretrain")
+#: The stage that makes the backbone (pretraining): planned for every ``weights: pretrain`` model.
+BACKBONE_STAGE: Stage = next(stage for stage in _REGISTRY if stage.exports_backbone)
+#: The stages a config's ``stages:`` list may name (every stage that evaluates a backbone).
+EVALUATION_STAGES: tuple[str, ...] = tuple(name for name, stage in STAGES.items() if not stage.exports_backbone)
 
 
 def get_stage(name: str) -> Stage:

@@ -17,12 +17,12 @@ import argparse
 import copy
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ibot.io import write_json_atomic
 from ibot.metrics import read_metrics
 
-__all__ = ["SWEEP_DIR", "value_label", "run_metrics_path", "sweep_values", "select_best", "main"]
+__all__ = ["SWEEP_DIR", "value_label", "run_metrics_path", "sweep_values", "run_config", "select_best", "main"]
 
 #: Sub-folder of the stage folder holding one folder per swept value (never read as a stage result).
 SWEEP_DIR = "sweep"
@@ -37,10 +37,22 @@ def run_metrics_path(stage_dir: str | Path, key: str, value: float) -> Path:
     return Path(stage_dir) / SWEEP_DIR / f"{key}_{value_label(value)}" / "metrics.json"
 
 
-def sweep_values(config: dict[str, Any], list_key: str, value_key: str) -> list[float]:
+def sweep_values(config: Mapping[str, Any], list_key: str, value_key: str) -> list[float]:
     """The swept values of a resolved stage config: ``config[list_key]`` or ``[config[value_key]]``."""
     values = config.get(list_key)
     return [float(v) for v in values] if values else [float(config[value_key])]
+
+
+def run_config(stage: Any, resolved: Mapping[str, Any], label: str | float) -> dict[str, Any]:
+    """The config of one run of ``stage``'s sweep (the one place a swept value is expanded): the resolved
+    stage config with the value set and the list dropped, so adding a value to the list never changes,
+    hence never reruns, the other runs. ``label`` is a value or its :func:`value_label`."""
+    list_key, value_key, _ = stage.sweep
+    values = {value_label(v): v for v in sweep_values(resolved, list_key, value_key)}
+    label = label if isinstance(label, str) else value_label(label)
+    if label not in values:
+        raise ValueError(f"{stage.name}: {value_key} {label} is not in {stage.config_path}.{list_key}")
+    return {**resolved, list_key: None, value_key: values[label]}
 
 
 def select_best(paths: Sequence[str | Path], key: str, metric: str, *, higher_is_better: bool = True

@@ -1,11 +1,12 @@
 """The one resume rule: a work directory is reused only for the exact setup that produced it.
 
-Every resumable stage (pretraining, linear probing, fine-tuning, detection, segmentation) keeps its
-checkpoints in ``<stage>/work/``. Before using it, the stage calls :func:`prepare_work_dir` with the
-fingerprint of everything that determines its result (:func:`stage_fingerprint`): the resolved
+Every stage whose registry entry is ``resumable`` keeps its checkpoints in ``<stage>/work/``, which
+:func:`ibot.run.context.run_stage` prepares with :func:`prepare_work_dir` before the stage runs, from
+the fingerprint of everything that determines its result (:func:`stage_fingerprint`): the resolved
 stage config (minus keys that only change logging), the model spec, the sha256 of the backbone
-checkpoint it starts from, the identity of every dataset it reads, the seed, the process count and
-the version of the fingerprint rule itself. The fingerprint is stored in ``work/fingerprint.json``.
+checkpoint it starts from and of every input file its config names, the identity of every dataset it
+reads, the seed, the process count and the version of the fingerprint rule itself. The fingerprint is
+stored in ``work/fingerprint.json``.
 
 - Same fingerprint: resume (a requeue, a kill, an identical rerun).
 - Different fingerprint, or a work directory without one: the directory is moved aside to
@@ -27,11 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from ibot import distributed as dist_utils
 from ibot.io import write_json_atomic
 
 __all__ = ["FINGERPRINT_FILE", "FINGERPRINT_VERSION", "WorkDir", "stage_fingerprint", "dataset_identity",
-           "fingerprint_digest", "prepare_work_dir", "prepare_stage_work"]
+           "fingerprint_digest", "prepare_work_dir"]
 
 FINGERPRINT_FILE = "fingerprint.json"
 #: Bump when a code change alters what a given fingerprint computes (old work dirs then go stale).
@@ -90,26 +90,26 @@ def _walk_files(root: Path) -> Iterable[tuple[str, int]]:
 
 
 def stage_fingerprint(*, stage: str, config: Mapping[str, Any], model_spec: Mapping[str, Any],
-                      checkpoint: str | Path | None, data: Mapping[str, str | Path], seed: int,
-                      world_size: int, operational_keys: Iterable[str] = ()) -> dict[str, Any]:
+                      checkpoint_sha256: str | None, data: Mapping[str, str | Path], seed: int, world_size: int,
+                      operational_keys: Iterable[str] = (), files: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Everything that determines a resumable stage's result (see the module docstring).
 
-    ``data`` maps a name (e.g. ``imagenet``) to the dataset root the stage reads; ``operational_keys``
-    are config keys that cannot change the result (log intervals) and are left out.
+    ``data`` maps a dataset kind (e.g. ``imagenet``) to the root the stage reads; ``operational_keys``
+    are config keys that cannot change the result (log intervals) and are left out; ``files`` the
+    sha256 of the input files the config names (dotted key -> digest).
     """
-    from ibot.checkpoint import sha256_file
-
     skip = set(operational_keys)
-    return {
+    fingerprint = {
         "version": FINGERPRINT_VERSION,
         "stage": stage,
         "config": {key: value for key, value in sorted(config.items()) if key not in skip},
         "model": {key: value for key, value in sorted(model_spec.items())},
-        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+        "checkpoint_sha256": checkpoint_sha256,
         "data": {name: dataset_identity(path) for name, path in sorted(data.items())},
         "seed": int(seed),
         "world_size": int(world_size),
     }
+    return {**fingerprint, "files": dict(sorted(files.items()))} if files else fingerprint
 
 
 def _changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -147,6 +147,8 @@ def prepare_work_dir(work: str | Path, fingerprint: Mapping[str, Any], *,
     In a distributed job only rank 0 looks and moves; every rank returns the same answer after a
     barrier. Call it before anything reads or writes ``work``.
     """
+    from ibot import distributed as dist_utils
+
     work = Path(work)
     fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True, default=str))  # plain JSON values
     digest = fingerprint_digest(fingerprint)
@@ -170,15 +172,3 @@ def prepare_work_dir(work: str | Path, fingerprint: Mapping[str, Any], *,
             write_json_atomic({"digest": digest, "fingerprint": fingerprint}, work / FINGERPRINT_FILE)
     dist_utils.barrier()  # other ranks touch work/ only once rank 0 has settled it
     return WorkDir(path=work, fingerprint=fingerprint, digest=digest, resumed=resumed, stale=stale)
-
-
-def prepare_stage_work(stage: str, work: str | Path, *, config: Mapping[str, Any], model_spec: Mapping[str, Any],
-                       checkpoint: str | Path | None, data: Mapping[str, str | Path], seed: int) -> WorkDir:
-    """:func:`prepare_work_dir` with the fingerprint of a registered stage (its operational keys left
-    out) in the current process group."""
-    from ibot.stages import get_stage
-
-    fingerprint = stage_fingerprint(stage=stage, config=config, model_spec=model_spec, checkpoint=checkpoint,
-                                    data=data, seed=seed, world_size=dist_utils.world_size(),
-                                    operational_keys=get_stage(stage).operational_keys)
-    return prepare_work_dir(work, fingerprint)

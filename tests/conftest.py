@@ -33,3 +33,14 @@ def slurm_cluster():
         os.environ.pop("SLURM_CONF", None)
         os.environ.update(saved)
         cluster.stop(keep_files=bool(os.environ.get("IBOT_SLURM_KEEP")))  # keep logs for debugging
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training tests: one intra-op thread (fast and deterministic on a loaded 2-core box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

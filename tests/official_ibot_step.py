@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from ibot.data.masking import MaskGenerator
 from ibot.loss import IBOTLoss
 from ibot.models.head import loss_patch_out_dim
-from ibot.train.pretrain import (DEFAULTS, IBOTModel, Trainer, _precision, _shared_parameters, build_models,
-                                 select_attention_kernel)
+from ibot.stages import stage_defaults
+from ibot.train.pretrain import IBOTModel, Trainer, _precision, _shared_parameters, build_models, select_attention_kernel
 from ibot.train.schedules import cosine_schedule, param_groups
 
 __all__ = ["EPOCH", "ITERS_PER_EPOCH", "GLOBAL_CROPS", "GLOBAL_SIZE", "LOCAL_SIZE", "PATCH", "step_config",
@@ -50,7 +50,7 @@ GLOBAL_CROPS, GLOBAL_SIZE, LOCAL_SIZE, PATCH = 2, 224, 96, 16
 # -- configuration and inputs (both sides) ------------------------------------------------------------
 def step_config(out_dim: int, local_crops: int, batch: int, precision: str) -> dict[str, Any]:
     """Official ViT-S/16 recipe flags (README command: shared head, no last-layer norm, block masks)."""
-    return {**DEFAULTS, "out_dim": out_dim, "patch_out_dim": out_dim, "shared_head": True,
+    return {**stage_defaults("pretrain"), "out_dim": out_dim, "patch_out_dim": out_dim, "shared_head": True,
             "norm_last_layer": False, "teacher_temp": 0.07, "local_crops_number": local_crops,
             "global_crops_number": GLOBAL_CROPS, "pred_ratio": [0.0, 0.3], "pred_ratio_var": [0.0, 0.2],
             "batch_size_per_gpu": batch, "precision": precision}

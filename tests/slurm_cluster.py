@@ -310,8 +310,9 @@ def _stdout_tail(cluster: SlurmCluster, name: str) -> str:
 
 
 # -- job-side helper ---------------------------------------------------------------------------
-def paced_pretrain(pace_s: float, attempts_file: str, **kwargs):
-    """``ibot.train.pretrain:run`` that sleeps ``pace_s`` after every epoch checkpoint but the last.
+def paced_pretrain(pace_s: float, attempts_file: str, argv: list[str]):
+    """The pretraining stage of ``python -m downstream pretrain ARGV``, run in this job
+    (:func:`ibot.run.context.run_stage`), sleeping ``pace_s`` after every epoch checkpoint but the last.
 
     The sleep only stretches wall time (so a 1-minute SLURM limit and an external requeue land
     mid-run) without extra CPU on a shared 2-core machine; the arithmetic is untouched, so the
@@ -319,6 +320,8 @@ def paced_pretrain(pace_s: float, attempts_file: str, **kwargs):
     ``<SLURM_RESTART_COUNT> <start epoch>`` to ``attempts_file`` (rank 0 only).
     """
     from ibot import distributed as dist_utils
+    from ibot.run.cli import build_parser, context_from_args
+    from ibot.run.context import run_stage
     from ibot.train import pretrain
 
     original_save, original_resume = pretrain.Trainer.save, pretrain.Trainer.resume
@@ -336,6 +339,6 @@ def paced_pretrain(pace_s: float, attempts_file: str, **kwargs):
 
     pretrain.Trainer.save, pretrain.Trainer.resume = save, resume
     try:
-        return pretrain.run(**kwargs)
+        return run_stage(context_from_args(build_parser().parse_args(["pretrain", *argv])))
     finally:
         pretrain.Trainer.save, pretrain.Trainer.resume = original_save, original_resume

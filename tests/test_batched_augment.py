@@ -257,7 +257,8 @@ def test_jpeg_dct_scaling_is_used_when_every_crop_allows_it(tmp_path):
 
 
 def test_resolved_config_selects_the_augmentation_and_the_trainer_finishes_on_its_device(jpeg_folder, tmp_path):
-    from ibot.train.pretrain import DEFAULTS, Trainer
+    from ibot.stages import stage_defaults
+    from ibot.train.pretrain import Trainer
 
     config = load_yaml(ROOT / "config" / "paper.yaml")
     assert stage_config(validate_config(load_yaml(ROOT / "config" / "paper.yaml"), base_dir=ROOT), "pretrain",
@@ -272,7 +273,7 @@ def test_resolved_config_selects_the_augmentation_and_the_trainer_finishes_on_it
     with pytest.raises(Exception, match="augmentation"):
         validate_config(bad, base_dir=ROOT)
 
-    tiny = {**DEFAULTS, "epochs": 1, "batch_size_per_gpu": 2, "global_crops_size": 32, "local_crops_size": 16,
+    tiny = {**stage_defaults("pretrain"), "epochs": 1, "batch_size_per_gpu": 2, "global_crops_size": 32, "local_crops_size": 16,
             "local_crops_number": 2, "num_workers": 0, "out_dim": 64, "patch_out_dim": 64, "warmup_epochs": 0,
             "warmup_teacher_temp_epochs": 0, "shared_head": False, "precision": "fp32",
             "augmentation": resolved["augmentation"]}

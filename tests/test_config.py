@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from ibot.config import ConfigError, check_datasets, deep_merge, load_yaml, validate_config
-from ibot.train.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
+from ibot.stages import stage_defaults
+
+PRETRAIN_DEFAULTS = stage_defaults("pretrain")
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -186,26 +188,27 @@ def test_schema_lists_come_from_the_registries():
     assert {stage.section for stage in STAGES.values()} <= set(properties)
 
 
-def test_every_registered_stage_has_a_module_with_its_defaults():
-    """Registry -> module: importable, a run entry and a CLI, DEFAULTS = its schema's defaults."""
-    import importlib
+def test_every_registered_stage_has_a_run_function_and_a_command_line():
+    """Registry -> job side: every entry's ``run(ctx)`` imports, its datasets and needs exist, and the one
+    command line has a sub-command with exactly the entry's needs; no stage module keeps defaults or a CLI."""
+    import inspect
 
-    from ibot.stages import STAGES, section_defaults, stage_defaults
+    from ibot.data.kinds import DATASET_KINDS
+    from ibot.run.cli import build_parser
+    from ibot.run.launcher import resolve_entry
+    from ibot.stages import STAGES
 
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert list(commands) == list(STAGES)
     for name, stage in STAGES.items():
-        module = importlib.import_module(stage.module if name != "pretrain" else "ibot.train.pretrain")
-        assert callable(getattr(module, "run")), name
-        if name == "pretrain":
-            assert module.DEFAULTS == stage_defaults(name)
-            continue
-        assert callable(getattr(module, "main")), name
-        expected = section_defaults(stage.section) if stage.fixed else stage_defaults(name)
-        assert module.DEFAULTS == expected, name
-        for dataset in stage.datasets:
-            from ibot.data.kinds import DATASET_KINDS
-            assert dataset in DATASET_KINDS, (name, dataset)
-        for other, _ in stage.needs.values():
-            assert other in STAGES, (name, other)
+        run = resolve_entry(stage.entry)
+        assert list(inspect.signature(run).parameters) == ["ctx"], name
+        module = inspect.getmodule(run)
+        assert not hasattr(module, "DEFAULTS") and not hasattr(module, "main"), name
+        assert set(stage.datasets) <= set(DATASET_KINDS), name
+        assert all(other in STAGES for other, _ in stage.needs.values()), name
+        flags = {a.dest for a in commands[name]._actions}
+        assert set(stage.needs) <= flags and ("checkpoint" in flags) != stage.exports_backbone, name
 
 
 def test_resolved_stage_configs_are_what_the_rules_pass(embedded_config):
@@ -241,14 +244,13 @@ def test_generated_rules_are_listed_with_logs_and_commands():
     for name, stage in STAGES.items():
         if name == "imagenet_r":  # not planned by the embedded default (no embedded ImageNet-R)
             continue
-        command = f"-m {stage.module} " if name == "pretrain" else f"-m downstream {name} "  # torch-free launcher
-        assert command in text, name
+        assert f"-m downstream {name} --data " in text, name  # the one command line, torch-free launcher
         assert f"logs/vit_tiny/{name}.log" in text, name
     assert "-m downstream occlusion --data" in text and "--head results/embedded/vit_tiny/linear/head.pth" in text
 
 
 def test_layers_precedence_and_origins_as_explain_prints_them(tmp_path):
-    """default < model recipe < config file (section, then models.<m>.overrides) < command line."""
+    """default < model recipe < run config (section, models.<m>.overrides over it) < command line."""
     from ibot.config import explain_stage, load_workflow_config, stage_config
 
     extra = tmp_path / "mine.yaml"
@@ -270,6 +272,25 @@ def test_layers_precedence_and_origins_as_explain_prints_them(tmp_path):
     seg = {row["key"]: row for row in explain_stage(config, "seg_linear", "vit_large", sources)}
     assert seg["head"]["origin"] == "stage" and seg["linear.lr"]["value"] == 2e-5
     assert seg["linear.lr"]["origin"] == "model recipe"
+
+
+def test_explain_shows_the_peak_lr_of_each_linear_scaling_rule():
+    """The lr a scaling rule derives is shown with its rule and source (derived), never applied unseen:
+    transfer lr x batch / 512 (eval_cls.py:690), pretraining lr x global batch / 256 (main_ibot.py:306)."""
+    from ibot.config import LR_SCALING, explain_stage, load_workflow_config, scaled_lr, stage_config
+
+    config, sources = load_workflow_config([ROOT / "config" / "paper.yaml"])
+    transfer = stage_config(config, "transfer_cifar10", "vit_base")
+    rows = {r["key"]: r for r in explain_stage(config, "transfer_cifar10", "vit_base", sources)}
+    assert rows["lr (peak)"]["origin"] == "derived" and "eval_cls.py:690" in rows["lr (peak)"]["where"]
+    assert rows["lr (peak)"]["value"] == transfer["lr"] * transfer["batch_size"] / 512
+    semi = {r["key"]: r for r in explain_stage(config, "semi_supervised", "vit_small", sources)}
+    assert semi["finetune.lr (peak)"]["value"] == scaled_lr("semi_supervised.finetune",
+                                                          semi["finetune.lr"]["value"], semi["finetune.batch_size"]["value"])
+    pretrain = {r["key"]: r for r in explain_stage(config, "pretrain", "vit_base", sources)}
+    assert pretrain["lr (peak)"]["value"] == pytest.approx(pretrain["lr"]["value"] * 1024 / 256)
+    assert "finetune" not in LR_SCALING  # run_class_finetuning.py uses its lr as given: no derived row
+    assert not any(r["origin"] == "derived" for r in explain_stage(config, "finetune", "vit_base", sources))
 
 
 def test_explain_command_prints_every_value_with_its_origin():

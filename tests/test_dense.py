@@ -14,14 +14,17 @@ from torch import nn
 
 from downstream.dense import detection, segmentation
 from downstream.dense.backbone import IBOTViTDense, default_out_indices
-from ibot.checkpoint import CheckpointError, export_backbone
+from helpers import run_stage
+from ibot.checkpoint import BackboneCheckpoint, CheckpointError, export_backbone
 from ibot.config import deep_merge
 from ibot.metrics import read_metrics
 from ibot.models.layer_decay import vit_layer_id
 from ibot.models.vision_transformer import build_backbone
+from ibot.stages import section_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"arch": "vit_tiny", "patch_size": 16, "depth": 2}
+DETECTION, SEGMENTATION = section_defaults("detection"), section_defaults("segmentation")
 
 
 @pytest.fixture(scope="module")
@@ -275,30 +278,30 @@ def _check_official(ours: dict, official: dict, own: dict, where: str) -> None:
 
 
 def test_detection_defaults_equal_the_official_values() -> None:
-    _check_official(detection.DEFAULTS, OFFICIAL_DETECTION, DETECTION_OWN_SETTINGS, "detection")
+    _check_official(DETECTION, OFFICIAL_DETECTION, DETECTION_OWN_SETTINGS, "detection")
 
 
 def test_segmentation_defaults_equal_the_official_values() -> None:
-    _check_official(segmentation.DEFAULTS, OFFICIAL_SEGMENTATION, SEGMENTATION_OWN_SETTINGS, "segmentation")
+    _check_official(SEGMENTATION, OFFICIAL_SEGMENTATION, SEGMENTATION_OWN_SETTINGS, "segmentation")
 
 
 @pytest.mark.parametrize("section", ["detection", "segmentation"])
 def test_schema_is_closed(section: str) -> None:
     import jsonschema
-    module = {"detection": detection, "segmentation": segmentation}[section]
+    defaults = {"detection": DETECTION, "segmentation": SEGMENTATION}[section]
     schema = yaml.safe_load((ROOT / f"workflow/schemas/{section}.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    jsonschema.validate(module.DEFAULTS, schema)
+    jsonschema.validate(defaults, schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**module.DEFAULTS, "unknown_key": 1}, schema)
+        jsonschema.validate({**defaults, "unknown_key": 1}, schema)
 
 
 def test_detection_config_applies_the_project_config(dense_data, tmp_path: Path) -> None:
     ckpt = tmp_path / "w.pth"
     export_backbone(build_backbone("vit_small", depth=2, masked_im_modeling=False), ckpt, meta={})
-    cfg = detection.build_config(detection.DEFAULTS, {"arch": "vit_small", "patch_size": 16, "depth": 2}, str(ckpt),
-                                 None, str(dense_data["coco"]), tmp_path / "work", world_size=1)
+    cfg = detection.build_config(DETECTION, {"arch": "vit_small", "patch_size": 16, "depth": 2},
+                                 BackboneCheckpoint(ckpt), str(dense_data["coco"]), tmp_path / "work", world_size=1)
     classes = [c["name"] for c in json.loads(
         (dense_data["coco"] / "annotations/instances_val2017.json").read_text())["categories"]]
     assert cfg.model.backbone.pretrained == str(ckpt) and cfg.model.backbone.drop_path_rate == 0.1
@@ -313,8 +316,8 @@ def test_detection_config_applies_the_project_config(dense_data, tmp_path: Path)
     scales = cfg.train_pipeline[3]["transforms"][0][0]["scales"]
     assert [s[1] for s in scales] == list(range(480, 801, 32)) and all(s[0] == 1333 for s in scales)
     vit_b = {"layer_decay": 0.75, "drop_path": 0.2, "batch_size": 16}  # its recipe's (config/paper/vit_base.yaml)
-    base = detection.build_config({**detection.DEFAULTS, **vit_b}, {"arch": "vit_base", "patch_size": 16, "depth": 2},
-                                  None, None, str(dense_data["coco"]), tmp_path / "w2", world_size=2)
+    base = detection.build_config({**DETECTION, **vit_b}, {"arch": "vit_base", "patch_size": 16, "depth": 2},
+                                  None, str(dense_data["coco"]), tmp_path / "w2", world_size=2)
     assert base.optim_wrapper.paramwise_cfg.layer_decay_rate == 0.75 and base.model.backbone.drop_path_rate == 0.2
     sync = "SyncBN" if torch.cuda.is_available() else "BN"  # torch's SyncBatchNorm has no CPU kernel
     assert base.train_dataloader.batch_size == 8 and base.model.backbone.norm_cfg["type"] == sync
@@ -324,8 +327,8 @@ def test_detection_config_applies_the_project_config(dense_data, tmp_path: Path)
 def test_segmentation_config_applies_the_project_config(dense_data, tmp_path: Path) -> None:
     ade = dense_data["ade20k"]
     classes = (ade / "classes.txt").read_text().split()
-    up = segmentation.build_config(segmentation.DEFAULTS, {"arch": "vit_small", "patch_size": 16, "depth": None},
-                                   None, None, str(ade), tmp_path / "work", world_size=1)
+    up = segmentation.build_config(SEGMENTATION, {"arch": "vit_small", "patch_size": 16, "depth": None},
+                                   None, str(ade), tmp_path / "work", world_size=1)
     assert up.model.decode_head.type == "UPerHead" and up.model.decode_head.channels == 384
     assert up.model.decode_head.pool_scales == (1, 2, 3, 6)
     assert up.model.auxiliary_head.in_index == 2 and up.model.auxiliary_head.loss_decode.loss_weight == 0.4
@@ -338,16 +341,16 @@ def test_segmentation_config_applies_the_project_config(dense_data, tmp_path: Pa
     assert up.train_cfg.max_iters == 160000 and up.param_scheduler[0]["end"] == 1500
     assert up.param_scheduler[1]["power"] == 1.0 and up.param_scheduler[1]["eta_min"] == 0.0
     assert up.model.backbone.final_norm is True and up.model.backbone.out_indices is None
-    lin = segmentation.build_config(deep_merge(segmentation.DEFAULTS, {"head": "linear", "linear": {"lr": 8e-4}}),
-                                    {"arch": "vit_base", "patch_size": 16, "depth": None}, None, None,
+    lin = segmentation.build_config(deep_merge(SEGMENTATION, {"head": "linear", "linear": {"lr": 8e-4}}),
+                                    {"arch": "vit_base", "patch_size": 16, "depth": None}, None,
                                     str(ade), tmp_path / "w2", world_size=1)
     assert lin.model.backbone.frozen and not lin.model.backbone.with_adaptor
     assert lin.model.decode_head.channels == 4 * 768 and lin.optim_wrapper.optimizer.lr == 8e-4
     assert "paramwise_cfg" not in lin.optim_wrapper
     (tmp_path / "real").mkdir()  # no classes.txt: the real ADE20K (150 classes, ADE20KDataset)
-    real = segmentation.build_config(deep_merge(segmentation.DEFAULTS, {"upernet": {"layer_decay": 0.65}}),
+    real = segmentation.build_config(deep_merge(SEGMENTATION, {"upernet": {"layer_decay": 0.65}}),
                                      {"arch": "vit_base", "patch_size": 16, "depth": None},
-                                     None, None, str(tmp_path / "real"), tmp_path / "w3", world_size=1)
+                                     None, str(tmp_path / "real"), tmp_path / "w3", world_size=1)
     assert real.train_dataloader.dataset.type == "ADE20KDataset" and real.model.decode_head.num_classes == 150
     assert real.model.decode_head.channels == 768 and real.optim_wrapper.paramwise_cfg.layer_decay_rate == 0.65
 
@@ -356,14 +359,14 @@ def test_segmentation_config_applies_the_project_config(dense_data, tmp_path: Pa
 
 
 def test_protocol_labels_say_what_ran() -> None:
-    assert detection.protocol_label(detection.DEFAULTS) == "cascade-mask-rcnn,1x"
-    assert detection.protocol_label({**detection.DEFAULTS, "epochs": 36, "lr_steps": [27, 33]}) == \
+    assert detection.protocol_label(DETECTION) == "cascade-mask-rcnn,1x"
+    assert detection.protocol_label({**DETECTION, "epochs": 36, "lr_steps": [27, 33]}) == \
         "cascade-mask-rcnn,36ep,steps=27/33"  # the official configs' own 3x schedule is not the paper's 1x
-    assert detection.protocol_label({**detection.DEFAULTS, "lr_steps": [9, 11]}) == "cascade-mask-rcnn,12ep,steps=9/11"
-    assert detection.protocol_label({**detection.DEFAULTS, "test_scale": 640}) == \
+    assert detection.protocol_label({**DETECTION, "lr_steps": [9, 11]}) == "cascade-mask-rcnn,12ep,steps=9/11"
+    assert detection.protocol_label({**DETECTION, "test_scale": 640}) == \
         "cascade-mask-rcnn,1x,scales=480-800/640"
     for head in ("upernet", "linear"):
-        config = {**segmentation.DEFAULTS, "head": head}
+        config = {**SEGMENTATION, "head": head}
         assert segmentation.protocol_label(config) == f"{head},160k"
         assert segmentation.protocol_label({**config, "iters": 80000}) == f"{head},80000it"
         assert segmentation.protocol_label({**config, "crop_size": 640}) == f"{head},160k,crop=640"
@@ -397,6 +400,12 @@ TINY_SEG = {"iters": 12, "warmup_iters": 3, "batch_size": 2, "crop_size": 64, "s
             "num_workers": 0, "log_interval": 4, "checkpoint_interval": 12}
 
 
+def _argv(spec: dict, weights: Path, data: Path, out: Path, config: dict) -> list[str]:
+    from ibot.models.specs import ModelSpec
+    return ["--data", str(data), "--out", str(out), "--checkpoint", str(weights), "--config", json.dumps(config),
+            "--run", "run", "--model", "tiny", *ModelSpec.of(spec).cli_args()]
+
+
 def _weights(tmp_path: Path, patch: int = 16) -> Path:
     torch.manual_seed(0)
     path = tmp_path / "teacher_backbone.pth"
@@ -409,8 +418,7 @@ def _weights(tmp_path: Path, patch: int = 16) -> Path:
 def test_tiny_detection_end_to_end(dense_data, tmp_path: Path) -> None:
     out = tmp_path / "results/run/tiny/detection/metrics.json"
     weights = _weights(tmp_path)
-    metrics = detection.run(deep_merge(detection.DEFAULTS, TINY_DET), TINY, str(weights), None,
-                            str(dense_data["coco"]), str(out), "run", "tiny", 0)
+    metrics = run_stage("detection", _argv(TINY, weights, dense_data["coco"], out, TINY_DET))
     record = read_metrics(out)
     assert record["stage"] == "detection" and record["task"] == "detection"
     assert set(record["metrics"]) == {"bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75"}
@@ -428,10 +436,8 @@ def test_tiny_detection_end_to_end(dense_data, tmp_path: Path) -> None:
 @pytest.mark.parametrize("head", ["upernet", "linear"])
 def test_tiny_segmentation_end_to_end_and_resume(dense_data, tmp_path: Path, head: str) -> None:
     out = tmp_path / f"results/run/tiny/seg_{head}/metrics.json"
-    config = deep_merge(segmentation.DEFAULTS, {**TINY_SEG, "head": head})
-    spec = {**TINY, "patch_size": 8}
-    weights = _weights(tmp_path, patch=8)
-    metrics = segmentation.run(config, spec, str(weights), None, str(dense_data["ade20k"]), str(out), "run", "tiny", 0)
+    argv = _argv({**TINY, "patch_size": 8}, _weights(tmp_path, patch=8), dense_data["ade20k"], out, TINY_SEG)
+    metrics = run_stage(f"seg_{head}", argv)
     record = read_metrics(out)
     assert record["stage"] == f"seg_{head}" and record["task"] == "semantic_seg"
     assert record["protocol"] == f"{head},12it,crop=64"  # what ran, not the paper's 160k
@@ -441,5 +447,5 @@ def test_tiny_segmentation_end_to_end_and_resume(dense_data, tmp_path: Path, hea
     # a requeued job resumes from work/last_checkpoint: nothing left to train, same numbers
     work = out.parent / "work"
     assert (work / "iter_12.pth").is_file()
-    again = segmentation.run(config, spec, str(weights), None, str(dense_data["ade20k"]), str(out), "run", "tiny", 0)
+    again = run_stage(f"seg_{head}", argv)
     assert again == pytest.approx(metrics, abs=0.02)

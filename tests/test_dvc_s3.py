@@ -27,10 +27,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import BIN, REPO, planned_rules, tiny_pretrain_snakefile
 from ibot.results.dvc_tools import DVCError, check_remote, s3_credentials_source
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 KEY_ID = "AKIAIBOTMOTOTEST0042"  # dummies, distinctive enough to grep for
 SECRET = "ibotMotoSecretMustNeverBeCommitted0042xyz"
 BUCKET, PREFIX = "ibot-ckpt", "ibot"
@@ -265,30 +264,11 @@ def relay(moto_server):
 
 
 # -- end to end -------------------------------------------------------------------------------------
-_SNAKEFILE = '''
-rule all:
-    input: "results/embedded/vit_tiny/knn/metrics.json"
-
-rule embedded_data:
-    output: "results/data/embedded/imagenet.complete"
-    shell: "echo data > {output}"
-
-rule pretrain:
-    input: "results/data/embedded/imagenet.complete"
-    output:
-        backbone="results/embedded/vit_tiny/pretrain/teacher_backbone.pth",
-        summary="results/embedded/vit_tiny/pretrain/summary.json",
-        curves="results/embedded/vit_tiny/pretrain/train_log.csv",
-    shell: "head -c 2000000 /dev/urandom > {output.backbone}; echo '{{\\"epochs\\": 1}}' > {output.summary}; printf 'iteration,loss\\\\n0,1\\\\n' > {output.curves}"
-
-rule knn:
-    input: "results/embedded/vit_tiny/pretrain/teacher_backbone.pth", "results/data/embedded/imagenet.complete"
-    output: "results/embedded/vit_tiny/knn/metrics.json"
-    shell: "echo '{{}}' > {output}"
-'''
 _GITIGNORE = "/.snakemake/\n/results/**\n!/results/**/\n!/results/**/*.dvc\n"
 PRETRAIN_DIR = "results/embedded/vit_tiny/pretrain"
-OUTPUTS = [f"{PRETRAIN_DIR}/{name}" for name in ("summary.json", "teacher_backbone.pth", "train_log.csv")]
+OUTPUTS = [f"{PRETRAIN_DIR}/{name}"
+           for name in ("heads.pth", "metrics.json", "teacher_backbone.pth", "train_log.csv")]
+BACKBONE = f"{PRETRAIN_DIR}/teacher_backbone.pth"
 
 
 def _run(cmd, cwd, env, ok=True) -> subprocess.CompletedProcess:
@@ -299,8 +279,7 @@ def _run(cmd, cwd, env, ok=True) -> subprocess.CompletedProcess:
 
 
 def _planned(cwd, env) -> set[str]:
-    out = _run([BIN / "snakemake", "-n", "--quiet", "rules"], cwd, env).stdout
-    return set(re.findall(r"^(\w+)\s+\d+$", out, flags=re.M)) - {"total", "job"}
+    return planned_rules(_run([BIN / "snakemake", "-n", "--quiet", "rules"], cwd, env).stdout)
 
 
 def _bucket(moto_url: str) -> dict[str, dict]:
@@ -337,7 +316,7 @@ def test_s3_push_interrupted_and_retried_then_fresh_clone_pulls_without_pretrain
 
     repo = tmp_path / "repo"
     repo.mkdir()
-    (repo / "Snakefile").write_text(_SNAKEFILE)
+    (repo / "Snakefile").write_text(tiny_pretrain_snakefile(2000000))
     (repo / ".gitignore").write_text(_GITIGNORE)
     _run(["git", "init", "-q"], repo, plain)
     _run([BIN / "dvc", "init", "-q"], repo, plain)
@@ -359,7 +338,7 @@ def test_s3_push_interrupted_and_retried_then_fresh_clone_pulls_without_pretrain
     assert f"dvc push with {remote} failed; rerunning the same command resumes" in failed.stderr, failed.stderr
     assert "Could not connect to the endpoint URL" in failed.stderr
     assert sorted(p.name for p in (repo / PRETRAIN_DIR).glob("*.dvc")) == [
-        "summary.json.dvc", "teacher_backbone.pth.dvc", "train_log.csv.dvc"]
+        "heads.pth.dvc", "metrics.json.dvc", "teacher_backbone.pth.dvc", "train_log.csv.dvc"]
     expected = _expected_objects(repo)
     assert _bucket(moto_server) == {}
 
@@ -405,13 +384,13 @@ def test_s3_push_interrupted_and_retried_then_fresh_clone_pulls_without_pretrain
     # 6. fresh clone (no cache, no outputs, no .snakemake): pull straight from moto, no pretraining rerun
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", repo, clone], tmp_path, plain)
-    assert not (clone / OUTPUTS[1]).exists() and not (clone / ".dvc" / "cache").exists()
+    assert not (clone / BACKBONE).exists() and not (clone / ".dvc" / "cache").exists()
     _run([BIN / "dvc", "remote", "modify", "--local", "s3", "endpointurl", moto_server], clone, plain)
     failed = _run(py + ["dvc-pull"], clone, plain, ok=False)
     assert failed.returncode == 1 and "remote 's3'" in failed.stderr and "no AWS credentials" in failed.stderr
     pulled = _run(py + ["dvc-pull"], clone, creds).stdout
     result = json.loads(pulled[pulled.index("{"):])
-    assert sorted(result["pulled"]) == sorted(OUTPUTS) and OUTPUTS[1] in result["touched"]
+    assert sorted(result["pulled"]) == sorted(OUTPUTS) and BACKBONE in result["touched"]
     for out, content in original.items():
         assert (clone / out).read_bytes() == content, out
     assert _planned(clone, plain) == {"knn", "all"}  # only the stage after pretraining is planned

@@ -35,7 +35,8 @@ from ibot.config import deep_merge
 from ibot.data.embedded import EmbeddedSizes, generate
 from ibot.models.vision_transformer import build_backbone
 from ibot.train import pretrain
-from ibot.train.pretrain import DEFAULTS, Trainer
+from ibot.stages import stage_defaults
+from ibot.train.pretrain import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "vit_tiny", "--depth", "2", "--patch-size", "8"]
@@ -54,18 +55,14 @@ def train_dir(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("faultdata"), sets=["imagenet"], sizes=sizes)["imagenet"] / "train"
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training tests: one intra-op thread (fast and deterministic on a loaded 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _summary(out: Path) -> dict:
+    """The pretraining run's summary, from its metrics.json (``extra.summary``)."""
+    return json.loads((out / "metrics.json").read_text())["extra"]["summary"]
 
 
 def _argv(data: Path, out: Path, config: dict = CONFIG) -> list[str]:
-    return ["--data", str(data), "--out-dir", str(out), *TINY, "--resources", json.dumps({"cluster": "debug"}),
-            "--config", json.dumps(config)]
+    return ["--data", f"imagenet={data}", "--out", str(out / "metrics.json"), *TINY, "--resources",
+            json.dumps({"cluster": "debug"}), "--config", json.dumps(config)]
 
 
 def _child_main(argv: list[str], log_path: str) -> None:
@@ -171,7 +168,7 @@ def test_kill_anywhere_resumes_bit_identical(train_dir, tmp_path):
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     reference_s = time.time() - started
-    summary = json.loads((reference / "summary.json").read_text())
+    summary = _summary(reference)
     total_iters = summary["epochs"] * summary["iterations_per_epoch"]
     ref_teacher, ref_rows = _teacher(reference), _log_rows(reference)
     ref_backbone = load_file(reference / "teacher_backbone.pth")["state_dict"]
@@ -208,7 +205,7 @@ def test_kill_anywhere_resumes_bit_identical(train_dir, tmp_path):
         _assert_bit_identical(load_file(out / "teacher_backbone.pth")["state_dict"], ref_backbone,
                               f"trial {trial} exported teacher_backbone.pth")
         assert _log_rows(out) == ref_rows, f"trial {trial}: train_log.jsonl differs from the reference"
-        assert json.loads((out / "summary.json").read_text())["epochs"] == CONFIG["epochs"]
+        assert _summary(out)["epochs"] == CONFIG["epochs"]
         stale = sorted(p.name for p in (out / "work").glob(".checkpoint.pth.*.tmp"))
         report.append(f"trial {trial}: complete, bit-identical; stale temp files left by kills: {len(stale)}")
         shutil.rmtree(out)  # killed writes leave ~100 MB temp files behind
@@ -221,7 +218,7 @@ def test_kill_anywhere_resumes_bit_identical(train_dir, tmp_path):
 
 def _pick_kind(rng: random.Random, out: Path, epochs: int) -> str | None:
     """A seeded kill kind that can still happen in this run (None when the run is complete)."""
-    if (out / "summary.json").is_file():
+    if (out / "metrics.json").is_file():  # the stage's last write
         return None
     checkpoint = out / "work" / "checkpoint.pth"
     kinds = {"time": 3, "iteration": 3, "checkpoint_write": 3, "export_write": 2}
@@ -232,7 +229,7 @@ def _pick_kind(rng: random.Random, out: Path, epochs: int) -> str | None:
 
 # -- bad inputs: checkpoints and training -----------------------------------------------------------
 def _cfg(**overrides) -> dict:
-    return deep_merge(DEFAULTS, {**CONFIG, **overrides}, path="pretrain")
+    return deep_merge(stage_defaults("pretrain"), {**CONFIG, **overrides}, path="pretrain")
 
 
 def _sha(path: Path) -> str:
@@ -437,14 +434,14 @@ def test_disk_full_keeps_the_previous_checkpoint(train_dir, tmp_path, one_thread
 def test_unreadable_image_fails_naming_the_file(tmp_path, damage):
     """A corrupt image inside the dataset stops pretraining with the file's path in the message."""
     from ibot.data.embedded import EmbeddedSizes, generate
-    from ibot.train.pretrain import DEFAULTS, Trainer
+    from ibot.train.pretrain import Trainer
 
     sizes = EmbeddedSizes(classes=3, train_per_class=8, val_per_class=2, c_per_class=2, a_classes=2, image_size=32)
     train = generate(tmp_path / "data", seed=0, sets=["imagenet"], sizes=sizes)["imagenet"] / "train"
     victim = sorted(train.rglob("*.JPEG"))[5]
     data = victim.read_bytes()
     victim.write_bytes(b"not an image" if damage == "garbage" else data[: len(data) // 3])
-    config = {**DEFAULTS, "epochs": 1, "batch_size_per_gpu": 24, "global_crops_size": 32, "local_crops_size": 16,
+    config = {**stage_defaults("pretrain"), "epochs": 1, "batch_size_per_gpu": 24, "global_crops_size": 32, "local_crops_size": 16,
               "local_crops_number": 0, "num_workers": 0, "out_dim": 64, "patch_out_dim": 64, "warmup_epochs": 0,
               "warmup_teacher_temp_epochs": 1, "precision": "fp32"}
     trainer = Trainer(config, {"arch": "vit_tiny", "patch_size": 8, "depth": 1}, train, tmp_path / "work")

@@ -9,14 +9,18 @@ import pytest
 import torch
 import yaml
 
-from downstream import finetune
+from downstream.engine import finetune
+from downstream.engine.data import finetune_train_transform
+from helpers import run_stage
 from ibot.metrics import read_metrics
+from ibot.stages import stage_defaults
 from ibot.models.layer_decay import vit_layer_id
 from ibot.models.vision_transformer import build_backbone
 from test_knn import TINY, make_image_folder, official_checkpoint
 from test_layer_decay import official_finetune_layer_id
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = stage_defaults("finetune")
 CONFIG = {"resize": 36, "crop": 32, "batch_size": 4, "num_workers": 0, "epochs": 2, "warmup_epochs": 1,
           "precision": "fp32"}
 
@@ -26,7 +30,7 @@ def test_layer_decay_groups_match_official(decay: float) -> None:
     depth = 3
     backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=depth, masked_im_modeling=False)
     model = finetune.ViTClassifier(backbone, num_classes=5)
-    config = {**finetune.DEFAULTS, "layer_decay": decay}
+    config = {**DEFAULTS, "layer_decay": decay}
     optimizer = finetune.build_optimizer(model, config)
     assert isinstance(optimizer, torch.optim.AdamW)
     num_layers = depth + 1  # official: model.get_num_layers() + 1 ... values for layer ids 0..num_layers
@@ -51,9 +55,9 @@ def test_layer_decay_groups_match_official(decay: float) -> None:
 def test_scheduler_warmup_cosine_per_iteration() -> None:
     backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=2, masked_im_modeling=False)
     model = finetune.ViTClassifier(backbone, num_classes=3)
-    config = {**finetune.DEFAULTS, "epochs": 10, "warmup_epochs": 2, "lr": 1e-3, "min_lr": 1e-6}
+    config = {**DEFAULTS, "epochs": 10, "warmup_epochs": 2, "lr": 1e-3, "min_lr": 1e-6}
     optimizer = finetune.build_optimizer(model, config)
-    scheduler = finetune.build_scheduler(optimizer, config, steps_per_epoch=5)
+    scheduler = finetune.iteration_scheduler(optimizer, config, steps_per_epoch=5)
     top = next(g for g in optimizer.param_groups if g["lr_scale"] == 1.0)
     low = min(optimizer.param_groups, key=lambda g: g["lr_scale"])
     lrs = []
@@ -71,10 +75,10 @@ def test_model_head_and_mixup() -> None:
     assert float(model.head.weight.detach().std()) == pytest.approx(0.02 * 0.001, rel=0.2)
     assert float(model.head.bias.detach().abs().sum()) == 0
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
-    mixup = finetune.build_mixup(finetune.DEFAULTS, num_classes=4)
+    mixup = finetune.build_mixup(DEFAULTS, num_classes=4)
     images, soft = mixup(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
     assert soft.shape == (4, 4) and torch.allclose(soft.sum(1), torch.ones(4))
-    assert finetune.build_mixup({**finetune.DEFAULTS, "mixup": 0.0, "cutmix": 0.0}, 4) is None
+    assert finetune.build_mixup({**DEFAULTS, "mixup": 0.0, "cutmix": 0.0}, 4) is None
 
 
 _RCF = "evaluation/classification_layer_decay/run_class_finetuning.py"
@@ -122,10 +126,10 @@ FINETUNE_OWN_SETTINGS = {"lrs": None}
 
 
 def test_defaults_equal_the_official_finetuning_values() -> None:
-    assert set(finetune.DEFAULTS) == set(OFFICIAL_FINETUNE_VIT_S) | set(FINETUNE_OWN_SETTINGS)
-    assert all(finetune.DEFAULTS[key] == value for key, value in FINETUNE_OWN_SETTINGS.items())
+    assert set(DEFAULTS) == set(OFFICIAL_FINETUNE_VIT_S) | set(FINETUNE_OWN_SETTINGS)
+    assert all(DEFAULTS[key] == value for key, value in FINETUNE_OWN_SETTINGS.items())
     for key, (official, source) in OFFICIAL_FINETUNE_VIT_S.items():
-        ours = finetune.DEFAULTS[key]
+        ours = DEFAULTS[key]
         assert ours == official, f"finetune.{key}: ours {ours!r}, official {official!r} ({source})"
 
 
@@ -134,7 +138,7 @@ def test_schema_is_closed_and_accepts_the_recipes() -> None:
     schema = yaml.safe_load((ROOT / "workflow/schemas/finetune.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    jsonschema.validate(finetune.DEFAULTS, schema)
+    jsonschema.validate(DEFAULTS, schema)
 
 
 def test_cli_end_to_end_and_resume_after_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,7 +149,7 @@ def test_cli_end_to_end_and_resume_after_kill(tmp_path: Path, monkeypatch: pytes
         return ["--data", str(data), "--out", str(tmp_path / name / "finetune" / "metrics.json"), "--checkpoint",
                 str(ckpt), "--config", json.dumps(CONFIG), "--resources", '{"cluster": "debug"}', *TINY]
 
-    finetune.main(argv("full"))
+    run_stage("finetune", argv("full"))
     record = read_metrics(tmp_path / "full" / "finetune" / "metrics.json")
     assert record["stage"] == "finetune" and record["task"] == "finetune" and set(record["metrics"]) == {"top1"}
     extra = record["extra"]
@@ -154,7 +158,7 @@ def test_cli_end_to_end_and_resume_after_kill(tmp_path: Path, monkeypatch: pytes
     assert (tmp_path / "full" / "finetune" / "work" / "checkpoint.pth").is_file()
 
     # kill the job during epoch 2 (after epoch 1 was checkpointed), then rerun: it resumes at epoch 2
-    real_evaluate = finetune.evaluate
+    real_evaluate = finetune.evaluate  # the loop's own reference (downstream.engine.finetune)
     calls = []
 
     def dying_evaluate(*args, **kwargs):
@@ -167,11 +171,11 @@ def test_cli_end_to_end_and_resume_after_kill(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)  # submitit's debug executor opens pdb
     monkeypatch.setattr(finetune, "evaluate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
-        finetune.main(argv("killed"))
+        run_stage("finetune", argv("killed"))
     state = torch.load(tmp_path / "killed" / "finetune" / "work" / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 1
     monkeypatch.setattr(finetune, "evaluate", real_evaluate)
-    finetune.main(argv("killed"))
+    run_stage("finetune", argv("killed"))
     resumed = read_metrics(tmp_path / "killed" / "finetune" / "metrics.json")
     assert [h["epoch"] for h in resumed["extra"]["history"]] == [1, 2]
     # same seeds per epoch and restored optimizer state: identical to the uninterrupted run
@@ -187,5 +191,5 @@ def test_randaugment_posterize_zero_bits() -> None:
     from timm.data import auto_augment
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     assert np.asarray(auto_augment.posterize(image, 0)).max() == 0
-    transform = finetune.train_transform({**finetune.DEFAULTS, "crop": 56})
+    transform = finetune_train_transform({**DEFAULTS, "crop": 56})
     assert transform(image).shape == (3, 56, 56)

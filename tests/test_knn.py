@@ -12,13 +12,16 @@ import torch
 import yaml
 from PIL import Image
 
-from downstream import knn
+from downstream.engine import knn
+from helpers import run_stage
 from ibot.checkpoint import CheckpointError
 from ibot.metrics import read_metrics
 from ibot.models.vision_transformer import build_backbone
+from ibot.stages import stage_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "vit_tiny", "--depth", "2", "--patch-size", "8"]
+DEFAULTS = stage_defaults("knn")
 SMALL_CONFIG = {"resize": 36, "crop": 32, "batch_size_per_gpu": 8, "num_workers": 0}
 
 
@@ -104,9 +107,9 @@ OFFICIAL_EVAL_KNN = {
 
 
 def test_defaults_equal_the_official_eval_knn_values() -> None:
-    assert set(knn.DEFAULTS) == set(OFFICIAL_EVAL_KNN)
+    assert set(DEFAULTS) == set(OFFICIAL_EVAL_KNN)
     for key, (official, source) in OFFICIAL_EVAL_KNN.items():
-        assert knn.DEFAULTS[key] == official, f"knn.{key}: ours {knn.DEFAULTS[key]!r}, official {official!r} ({source})"
+        assert DEFAULTS[key] == official, f"knn.{key}: ours {DEFAULTS[key]!r}, official {official!r} ({source})"
     assert knn.REPORTED_K == 20  # paper Tab.1 k-NN column; eval_knn.py:280 "20 is usually working the best"
 
 
@@ -115,15 +118,15 @@ def test_schema_is_closed_and_requires_the_reported_k() -> None:
     schema = yaml.safe_load((ROOT / "workflow/schemas/knn.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    jsonschema.validate(knn.DEFAULTS, schema)
+    jsonschema.validate(DEFAULTS, schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**knn.DEFAULTS, "nb_knn": [10]}, schema)  # the reported k=20 is required
+        jsonschema.validate({**DEFAULTS, "nb_knn": [10]}, schema)  # the reported k=20 is required
 
 
 def test_cli_end_to_end_random_init(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "imagenet")
     out = tmp_path / "results" / "knn" / "metrics.json"
-    knn.main(["--data", str(data), "--out", str(out), "--config", json.dumps(SMALL_CONFIG),
+    run_stage("knn", ["--data", str(data), "--out", str(out), "--config", json.dumps(SMALL_CONFIG),
               "--resources", '{"cluster": "debug"}', "--model", "tiny", *TINY])
     record = read_metrics(out)
     assert record["stage"] == "knn" and record["task"] == "knn" and record["model"] == "tiny"
@@ -134,14 +137,14 @@ def test_cli_end_to_end_random_init(tmp_path: Path) -> None:
 
 
 def test_registry_launcher_runs_the_same_stage_without_torch_in_the_waiting_process(tmp_path: Path) -> None:
-    """`python -m downstream knn` (what the Snakemake rules run) = `python -m downstream.knn`, through a
-    real local submitit job; the waiting process never imports torch (one torch import per job)."""
+    """`python -m downstream knn` (what the Snakemake rules run) through a real local submitit job gives what
+    it gives in-process; the waiting process never imports torch (one torch import per job)."""
     import subprocess
     import sys
 
     data = make_image_folder(tmp_path / "imagenet")
     args = ["--data", str(data), "--config", json.dumps(SMALL_CONFIG), "--model", "tiny", *TINY]
-    knn.main([*args, "--out", str(tmp_path / "module" / "metrics.json"), "--resources", '{"cluster": "debug"}'])
+    run_stage("knn", [*args, "--out", str(tmp_path / "module" / "metrics.json"), "--resources", '{"cluster": "debug"}'])
     probe = ("import runpy, sys; sys.argv = ['downstream', *sys.argv[1:]]; runpy.run_module('downstream', "
              "run_name='__main__'); assert 'torch' not in sys.modules, 'the waiting process imported torch'")
     out = tmp_path / "registry" / "metrics.json"
@@ -150,14 +153,14 @@ def test_registry_launcher_runs_the_same_stage_without_torch_in_the_waiting_proc
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert read_metrics(out)["metrics"] == read_metrics(tmp_path / "module" / "metrics.json")["metrics"]
     unknown = subprocess.run([sys.executable, "-m", "downstream", "knnn"], cwd=ROOT, capture_output=True, text=True)
-    assert unknown.returncode != 0 and "unknown stage 'knnn'" in unknown.stderr
+    assert unknown.returncode != 0 and "invalid choice: 'knnn'" in unknown.stderr
 
 
 def test_official_checkpoint_and_wrong_architecture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_image_folder(tmp_path / "imagenet", train=3, val=2)
     ckpt = official_checkpoint(tmp_path / "checkpoint.pth")
     out = tmp_path / "results" / "knn" / "metrics.json"
-    knn.main(["--data", str(data), "--out", str(out), "--config", json.dumps(SMALL_CONFIG), "--checkpoint", str(ckpt),
+    run_stage("knn", ["--data", str(data), "--out", str(out), "--config", json.dumps(SMALL_CONFIG), "--checkpoint", str(ckpt),
               "--resources", '{"cluster": "debug"}', *TINY])
     record = read_metrics(out)
     assert record["checkpoint"]["path"] == str(ckpt) and len(record["checkpoint"]["sha256"]) == 64
@@ -166,5 +169,5 @@ def test_official_checkpoint_and_wrong_architecture(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)  # submitit's debug executor opens pdb
     other = official_checkpoint(tmp_path / "small.pth", arch="vit_small")
     with pytest.raises(CheckpointError):
-        knn.main(["--data", str(data), "--out", str(tmp_path / "bad" / "metrics.json"), "--checkpoint", str(other),
+        run_stage("knn", ["--data", str(data), "--out", str(tmp_path / "bad" / "metrics.json"), "--checkpoint", str(other),
                   "--config", json.dumps(SMALL_CONFIG), "--resources", '{"cluster": "debug"}', *TINY])

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from downstream import finetune
+from downstream.engine import finetune
 from downstream.dense.backbone import IBOTViTDense
+from ibot.stages import stage_defaults
 from ibot.models.layer_decay import layer_scale, vit_layer_id
 from ibot.models.vision_transformer import build_backbone
 
@@ -91,7 +92,7 @@ def test_finetune_and_dense_optimizers_give_each_vit_parameter_the_same_lr_scale
     torch.manual_seed(0)
     classifier = finetune.ViTClassifier(
         build_backbone("vit_tiny", patch_size=8, img_size=32, depth=DEPTH, masked_im_modeling=False), 5)
-    timm_opt = finetune.build_optimizer(classifier, {**finetune.DEFAULTS, "layer_decay": decay})
+    timm_opt = finetune.build_optimizer(classifier, {**stage_defaults("finetune"), "layer_decay": decay})
     timm_scale = {id(p): g["lr_scale"] for g in timm_opt.param_groups for p in g["params"]}
     finetune_scales = {name.removeprefix("backbone."): timm_scale[id(p)]
                        for name, p in classifier.named_parameters() if name.startswith("backbone.")}

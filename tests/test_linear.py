@@ -10,14 +10,19 @@ import pytest
 import torch
 import yaml
 
-from downstream import linear
-from downstream.features import build_eval_backbone, eval_transform, image_folder
-from ibot.checkpoint import CheckpointError
+from downstream.engine import linear
+from downstream.engine.data import eval_transform, image_folder
+from downstream.engine.features import avgpool_mode, feature_dim, linear_features
+from downstream.engine.setup import build_eval_backbone
+from helpers import run_stage
+from ibot.checkpoint import BackboneCheckpoint, CheckpointError
+from ibot.stages import stage_defaults
 from ibot.metrics import read_metrics
 from ibot.models.vision_transformer import build_backbone
 from test_knn import TINY, make_image_folder, official_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = stage_defaults("linear")
 CONFIG = {"resize": 36, "crop": 32, "batch_size": 8, "num_workers": 0, "epochs": 2, "lrs": [0.01, 0.3, 3.0],
           "n_last_blocks": 2, "avgpool_patchtokens": True}
 
@@ -57,7 +62,7 @@ def test_heads_init_and_official_grid() -> None:
     # bytedance/ibot evaluation/eval_linear_multi.py:100, transcribed
     official = [base * n for base in [10 ** k for k in range(-4, 1)] for n in range(1, 10)]
     assert linear.OFFICIAL_LR_GRID == pytest.approx(official, rel=1e-12)
-    assert len(linear.OFFICIAL_LR_GRID) == 45 and linear.DEFAULTS["lrs"] is None  # None: this grid
+    assert len(linear.OFFICIAL_LR_GRID) == 45 and DEFAULTS["lrs"] is None  # None: this grid
 
 
 @pytest.mark.parametrize("n_last, avgpool, blocks", [(4, False, 4), (1, True, 2), (2, 2, 3), (1, 1, 1)])
@@ -65,11 +70,11 @@ def test_linear_features(n_last: int, avgpool, blocks: int) -> None:
     torch.manual_seed(0)
     backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=4, masked_im_modeling=False).eval()
     images = torch.randn(2, 3, 32, 32)
-    feats = linear.linear_features(backbone, images, n_last, avgpool)
-    assert feats.shape == (2, 192 * blocks) == (2, linear.feature_dim(192, n_last, avgpool))
+    feats = linear_features(backbone, images, n_last, avgpool)
+    assert feats.shape == (2, 192 * blocks) == (2, feature_dim(192, n_last, avgpool))
     with torch.no_grad():
         last = backbone(images)  # final-norm tokens of the last block
-    mode = linear._avgpool_mode(avgpool)  # True means the official mode 2 ([CLS] ⊕ patch mean), not 1
+    mode = avgpool_mode(avgpool)  # True means the official mode 2 ([CLS] ⊕ patch mean), not 1
     if mode == 1:
         assert torch.allclose(feats, last[:, 1:].mean(1), atol=1e-5)
     else:
@@ -100,11 +105,11 @@ LINEAR_OWN_SETTINGS = {"lrs", "cache_val_features"}
 
 
 def test_defaults_equal_the_official_eval_linear_values() -> None:
-    assert set(linear.DEFAULTS) == set(OFFICIAL_EVAL_LINEAR_VIT_S) | LINEAR_OWN_SETTINGS
+    assert set(DEFAULTS) == set(OFFICIAL_EVAL_LINEAR_VIT_S) | LINEAR_OWN_SETTINGS
     for key, (official, source) in OFFICIAL_EVAL_LINEAR_VIT_S.items():
-        ours = linear.DEFAULTS[key]
+        ours = DEFAULTS[key]
         if key == "avgpool_patchtokens":
-            ours = linear._avgpool_mode(ours)  # ours accepts booleans for the official 0/2 codes
+            ours = avgpool_mode(ours)  # ours accepts booleans for the official 0/2 codes
         assert ours == official, f"linear.{key}: ours {ours!r}, official {official!r} ({source})"
 
 
@@ -113,10 +118,10 @@ def test_schema_is_closed() -> None:
     schema = yaml.safe_load((ROOT / "workflow/schemas/linear.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    jsonschema.validate(linear.DEFAULTS, schema)
-    jsonschema.validate({**linear.DEFAULTS, "avgpool_patchtokens": 2, "lrs": [0.1]}, schema)
+    jsonschema.validate(DEFAULTS, schema)
+    jsonschema.validate({**DEFAULTS, "avgpool_patchtokens": 2, "lrs": [0.1]}, schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**linear.DEFAULTS, "unknown_key": 1}, schema)
+        jsonschema.validate({**DEFAULTS, "unknown_key": 1}, schema)
 
 
 def test_cli_end_to_end_head_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +130,7 @@ def test_cli_end_to_end_head_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     out = tmp_path / "results" / "linear" / "metrics.json"
     argv = ["--data", str(data), "--out", str(out), "--config", json.dumps(CONFIG), "--checkpoint", str(ckpt),
             "--resources", '{"cluster": "debug"}', *TINY]
-    linear.main(argv)
+    run_stage("linear", argv)
     record = read_metrics(out)
     assert record["stage"] == "linear" and record["task"] == "linear" and set(record["metrics"]) == {"top1"}
     extra = record["extra"]
@@ -141,7 +146,7 @@ def test_cli_end_to_end_head_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
     assert meta["classes"] == ["n00000000", "n00000001", "n00000002"] and meta["n_last_blocks"] == 2
     assert (meta["lr"], meta["epoch"], meta["resize"], meta["crop"]) == (extra["best_lr"], extra["best_epoch"], 36, 32)
     spec = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
-    classifier = linear.load_linear_classifier(spec, ckpt, None, out.parent / "head.pth")
+    classifier = linear.load_linear_classifier(spec, BackboneCheckpoint(ckpt), out.parent / "head.pth")
     assert not classifier.training
     val = image_folder(data, "val", eval_transform(meta["resize"], meta["crop"]))
     images = torch.stack([val[i][0] for i in range(len(val))])
@@ -152,14 +157,13 @@ def test_cli_end_to_end_head_and_resume(tmp_path: Path, monkeypatch: pytest.Monk
 
     # a backbone of another architecture does not fit the head
     with pytest.raises(CheckpointError):
-        linear.load_linear_classifier({"arch": "vit_small", "patch_size": 8, "depth": 2}, None, None,
-                                      out.parent / "head.pth")
+        linear.load_linear_classifier({"arch": "vit_small", "patch_size": 8, "depth": 2}, None, out.parent / "head.pth")
 
     # rerun after the outputs are removed: resumes from work/ (no training) with the same result
     out.unlink()
     (out.parent / "head.pth").unlink()
     monkeypatch.setattr(linear.LinearSweep, "train_step", lambda *a, **k: pytest.fail("retrained"))
-    linear.main(argv)
+    run_stage("linear", argv)
     assert read_metrics(out)["metrics"] == record["metrics"] and (out.parent / "head.pth").is_file()
 
 
@@ -169,11 +173,11 @@ def test_random_init_head_reloads(tmp_path: Path) -> None:
     out = tmp_path / "results" / "linear" / "metrics.json"
     config = {**CONFIG, "epochs": 1, "lrs": [1.0]}
     torch.manual_seed(123)  # global RNG state must not matter
-    linear.main(["--data", str(data), "--out", str(out), "--config", json.dumps(config), "--seed", "5",
+    run_stage("linear", ["--data", str(data), "--out", str(out), "--config", json.dumps(config), "--seed", "5",
                  "--resources", '{"cluster": "debug"}', *TINY])
     record = read_metrics(out)
     torch.manual_seed(456)
-    classifier = linear.load_linear_classifier({"arch": "vit_tiny", "patch_size": 8, "depth": 2}, None, None,
+    classifier = linear.load_linear_classifier({"arch": "vit_tiny", "patch_size": 8, "depth": 2}, None,
                                                out.parent / "head.pth")
     val = image_folder(data, "val", eval_transform(36, 32))
     images = torch.stack([val[i][0] for i in range(len(val))])
@@ -182,7 +186,7 @@ def test_random_init_head_reloads(tmp_path: Path) -> None:
         logits = classifier(images)
     assert 100.0 * float((logits.argmax(1) == labels).double().mean()) == pytest.approx(record["metrics"]["top1"])
     assert torch.load(out.parent / "head.pth", weights_only=True)["meta"]["seed"] == 5
-    torch.manual_seed(5)  # what the stage built (torch.manual_seed(seed) right before the backbone)
-    reference = build_eval_backbone({"arch": "vit_tiny", "patch_size": 8, "depth": 2}, None, None, 32)
+    torch.manual_seed(5)  # what the stage built (seed_everything(seed) right before the backbone)
+    reference = build_eval_backbone({"arch": "vit_tiny", "patch_size": 8, "depth": 2}, None, 32)
     for name, value in reference.state_dict().items():
         assert torch.equal(classifier.backbone.state_dict()[name], value), name

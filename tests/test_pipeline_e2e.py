@@ -60,18 +60,19 @@ def test_every_stage_writes_its_metrics(embedded_run):
 
 def test_pretraining_ran_to_the_end_and_exported(embedded_run):
     run_dir, _ = embedded_run
-    summary = json.loads((run_dir / "vit_tiny" / "pretrain" / "summary.json").read_text())
+    record = read_metrics(run_dir / "vit_tiny" / "pretrain" / "metrics.json")
+    summary = record["extra"]["summary"]
+    assert record["metrics"]["loss"] > 0 and record["device"]["type"] == "cpu"
     lines = (run_dir / "vit_tiny" / "pretrain" / "train_log.csv").read_text().splitlines()
     assert len(lines) - 1 == summary["epochs"] * summary["iterations_per_epoch"]
     assert (run_dir / "vit_tiny" / "pretrain" / "teacher_backbone.pth").stat().st_size > 0
 
 
-# Points (of 200 val images) by which pretraining must beat random init. Measured on this config:
-# k-NN 39.5 vs 31.5, linear 58.5 vs 41.0; the margin leaves room for platform rounding differences.
+# Points (of 200 val images) by which pretraining must beat random init (k-NN and linear; the README's
+# table has the measured values), with room for platform rounding differences.
 MIN_GAIN = 4.0
-# Embedded COCO detection (60 iterations): bbox AP50 measured 5.7-24.8 pretrained (5.7 with session 6's
-# checkpoint, pretrained with augmentation: fast; 10.4-24.8 before: every checkpoint and seed moves it by ~10
-# points), 22.5 random init; a broken stage gives 0.0, which is what this rules out.
+# Embedded COCO detection (60 iterations): bbox AP50 moves by ~10 points with every checkpoint and seed
+# (README, known limitations); a broken stage gives 0.0, which is what this rules out.
 MIN_DETECTION_AP50 = 2.0
 
 

@@ -9,11 +9,14 @@ import torch
 
 from ibot.checkpoint import load_file
 from ibot.data.embedded import EmbeddedSizes, generate
-from ibot.run.launcher import launch
-from ibot.train.pretrain import DEFAULTS, Trainer, train
+from ibot.models.specs import ModelSpec
+from helpers import run_pretrain, run_stage
+from ibot.stages import stage_defaults
+from ibot.train.pretrain import Trainer, train
 from ibot.train.schedules import clip_gradients_per_param, cosine_schedule
 from official_ibot_step import build_harnesses, official_loss
 
+DEFAULTS = stage_defaults("pretrain")
 SPEC = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
 TINY = {**DEFAULTS, "epochs": 2, "batch_size_per_gpu": 8, "global_crops_size": 32, "local_crops_size": 16,
         "local_crops_number": 2, "num_workers": 0, "out_dim": 128, "patch_out_dim": 128, "warmup_epochs": 1,
@@ -110,10 +113,11 @@ def test_two_process_ddp_equals_one_process(images, tmp_path):
     results = {}
     for tasks in (1, 2):
         out = tmp_path / f"tasks{tasks}"
-        kwargs = dict(config={**config, "batch_size_per_gpu": 8 // tasks}, model_spec=spec, data=images,
-                      out_dir=str(out), run="t", model="m", seed=0)
-        launch("ibot.train.pretrain:run", kwargs, job_dir=out / "job", name="ddp",
-               resources={"cluster": "local", "tasks_per_node": tasks, "cpus_per_task": 1, "timeout_min": 10})
+        run_stage("pretrain", ["--data", f"imagenet={images}", "--out", str(out / "metrics.json"),
+                               "--config", json.dumps({**config, "batch_size_per_gpu": 8 // tasks}),
+                               *ModelSpec.of(spec).cli_args(), "--resources",
+                               json.dumps({"cluster": "local", "tasks_per_node": tasks, "cpus_per_task": 1,
+                                           "timeout_min": 10})])
         results[tasks] = load_file(out / "work" / "checkpoint.pth")
     one, two = results[1], results[2]
     for key, value in one["teacher"].items():
@@ -125,14 +129,21 @@ def test_two_process_ddp_equals_one_process(images, tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def test_export_and_summary(images, tmp_path):
-    from ibot.train.pretrain import run
+def test_export_and_metrics(images, tmp_path):
+    """The stage exports the teacher (its native image size in the meta) and writes metrics.json like every
+    stage: the last logged losses, the run's summary and the work fingerprint."""
+    from ibot.metrics import read_metrics
 
-    summary = run({**TINY, "epochs": 1}, SPEC, images, str(tmp_path), "t", "m", 0)
+    summary = run_pretrain(images, tmp_path, {**TINY, "epochs": 1}, SPEC)
     assert summary["epochs"] == 1
     assert (tmp_path / "teacher_backbone.pth").is_file() and (tmp_path / "train_log.csv").is_file()
     exported = load_file(tmp_path / "teacher_backbone.pth")
     assert exported["meta"]["arch"] == "vit_tiny" and "masked_embed" not in exported["state_dict"]
+    assert exported["meta"]["img_size"] == 32  # the pos_embed grid: 4 x 4 patches of 8 px
+    record = read_metrics(tmp_path / "metrics.json")
+    assert (record["stage"], record["task"], record["checkpoint"]) == ("pretrain", "pretrain", None)
+    assert set(record["metrics"]) == {"loss", "cls", "patch"} and record["extra"]["summary"]["epochs"] == 1
+    assert record["extra"]["fingerprint"] == json.loads((tmp_path / "work" / "fingerprint.json").read_text())["digest"]
 
 
 def test_training_matches_the_official_iteration_over_several_steps():

@@ -95,5 +95,5 @@ def test_durations() -> None:
 
 
 def test_the_stages_use_this_helper() -> None:
-    from downstream import features
-    assert features.progress is progress
+    from downstream.engine import setup
+    assert setup.progress is progress

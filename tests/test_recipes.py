@@ -199,14 +199,10 @@ def paper() -> dict[str, Any]:
     return validate_config(load_yaml(ROOT / "config" / "paper.yaml"), base_dir=ROOT)
 
 
-def _planned(config: Mapping[str, Any], model: str) -> list[str]:
-    return ["pretrain", *planned_stages(config, model)]
-
-
 def test_every_paper_model_and_stage_runs_the_official_recipe(paper) -> None:
     problems = []
     for model in PAPER_MODELS:
-        for stage in _planned(paper, model):
+        for stage in planned_stages(paper, model):
             problems += mismatches(stage_config(paper, stage, model), official(model, stage), f"{model} x {stage}")
     assert not problems, "resolved config differs from the official recipe:\n  " + "\n  ".join(problems)
 
@@ -222,7 +218,7 @@ def test_every_stage_is_planned_or_declared_unsupported_with_a_reason(paper) -> 
     for model in MAIN_MODELS:
         paper_model = paper["models"][model]["paper_model"]
         variants = [m for m, e in paper["models"].items() if e["paper_model"] == paper_model]
-        planned = {stage for m in variants for stage in _planned(paper, m)}
+        planned = {stage for m in variants for stage in planned_stages(paper, m)}
         unsupported = paper["models"][model].get("unsupported_stages") or {}
         for stage in EVALUATION_STAGES:
             if stage in NOT_IN_PAPER:
@@ -232,7 +228,7 @@ def test_every_stage_is_planned_or_declared_unsupported_with_a_reason(paper) -> 
             if stage in unsupported:
                 assert len(unsupported[stage]) > 20, f"{model} x {stage}: say why it has no recipe"
     assert "detection" in paper["models"]["vit_large"]["unsupported_stages"]
-    assert _planned(paper, "vit_small_out1000") == ["pretrain", "unsupervised"]
+    assert planned_stages(paper, "vit_small_out1000") == ["pretrain", "unsupervised"]
 
 
 def test_the_contract_fails_on_a_changed_recipe_value(paper) -> None:

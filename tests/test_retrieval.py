@@ -16,6 +16,8 @@ import torch
 import yaml
 
 from downstream import retrieval
+from helpers import run_stage
+from ibot.stages import stage_defaults
 from ibot.data.embedded import EmbeddedSizes, generate
 from ibot.data.layouts import DatasetLayoutError, check_layout
 from ibot.data.revisitop import DATASETS, UnsafePickleError, gnd_path, load_gnd
@@ -25,6 +27,7 @@ from ibot.metrics import read_metrics
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = stage_defaults("retrieval")
 TINY = ["--arch", "vit_tiny", "--depth", "2", "--patch-size", "8"]
 TINY_SPEC = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
 SIZES = EmbeddedSizes(revisitop_landmarks=2, revisitop_per_landmark=4, revisitop_distractors=3, revisitop_queries=3,
@@ -89,9 +92,9 @@ def test_patch_crop_gives_the_official_patch_tokens() -> None:
 
 
 def test_multiscale_feature_is_the_normalised_mean_over_scales() -> None:
-    from downstream.features import build_eval_backbone
+    from downstream.engine.setup import build_eval_backbone
     torch.manual_seed(0)
-    backbone = build_eval_backbone(TINY_SPEC, None, None, 32)
+    backbone = build_eval_backbone(TINY_SPEC, None, 32)
     images = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
         ours = retrieval.retrieval_feature(backbone, images, multiscale=True)
@@ -117,12 +120,12 @@ OFFICIAL_RETRIEVAL = {
 def test_defaults_follow_run_sh_and_schema() -> None:
     schema = yaml.safe_load((ROOT / "workflow/schemas/retrieval.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
-    jsonschema.validate(retrieval.DEFAULTS, schema)
-    assert {key: retrieval.DEFAULTS[key] for key in OFFICIAL_RETRIEVAL} == \
+    jsonschema.validate(DEFAULTS, schema)
+    assert {key: DEFAULTS[key] for key in OFFICIAL_RETRIEVAL} == \
         {key: value for key, (value, _) in OFFICIAL_RETRIEVAL.items()}
-    assert retrieval.protocol_label(retrieval.DEFAULTS) == "cls,thumbnail=512,multiscale,full-query"
+    assert retrieval.protocol_label(DEFAULTS) == "cls,thumbnail=512,multiscale,full-query"
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**retrieval.DEFAULTS, "datasets": ["oxford5k"]}, schema)
+        jsonschema.validate({**DEFAULTS, "datasets": ["oxford5k"]}, schema)
 
 
 def test_the_paper_config_writes_the_paper_protocol_label() -> None:
@@ -198,7 +201,7 @@ def test_stage_end_to_end_on_the_embedded_sets(revisitop_root: Path, tmp_path: P
     """One in-process job scores both sets; its numbers equal a batch-1 (official) recomputation."""
     out = tmp_path / "retrieval" / "metrics.json"
     config = {"imsize": 32, "batch_size_per_gpu": 8, "num_workers": 0}
-    retrieval.main(["--data", str(revisitop_root), "--out", str(out), "--config", json.dumps(config),
+    run_stage("retrieval", ["--data", str(revisitop_root), "--out", str(out), "--config", json.dumps(config),
                     "--resources", '{"cluster": "debug"}', "--model", "tiny", *TINY])
     record = read_metrics(out)
     assert record["stage"] == "retrieval" and record["dataset"] == "revisitop"
@@ -207,9 +210,10 @@ def test_stage_end_to_end_on_the_embedded_sets(revisitop_root: Path, tmp_path: P
     assert maps <= set(record["metrics"]) and len(record["metrics"]) == 4 * 4  # + mP@1/5/10 each
     assert all(0.0 < record["metrics"][m] <= 100.0 for m in maps)
 
-    from downstream.features import build_eval_backbone, extract_features
+    from downstream.engine.features import extract_features
+    from downstream.engine.setup import build_eval_backbone
     torch.manual_seed(0)  # the stage seeds the random init with --seed 0
-    backbone = build_eval_backbone(TINY_SPEC, None, None, 32)
+    backbone = build_eval_backbone(TINY_SPEC, None, 32)
     for name in DATASETS:
         cfg = load_gnd(gnd_path(revisitop_root, name))
         feats = {}

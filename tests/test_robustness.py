@@ -17,16 +17,18 @@ import pytest
 import torch
 from PIL import Image
 
-from downstream.robustness import bg_challenge, imagenet_a, imagenet_c, imagenet_r, occlusion
-from downstream.linear import feature_dim, linear_features
-from downstream.robustness.common import (HeadSpec, LinearProbeModel, RobustnessError, folder_samples, load_model,
-                                          read_head)
+from downstream.engine.features import feature_dim, linear_features
+from downstream.engine.linear import LinearClassifier, LinearHead, read_head
+from downstream.robustness import bg_challenge, class_subset, imagenet_c, occlusion
+from downstream.robustness.common import RobustnessError, folder_samples, load_model
 from downstream.robustness.occlusion import logits_from_kept_tokens
-from ibot.checkpoint import export_backbone, save_atomic, sha256_file
+from helpers import run_stage
+from ibot.checkpoint import BackboneCheckpoint, CheckpointError, export_backbone, save_atomic, sha256_file
 from ibot.config import ConfigError, validate_config
 from ibot.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
 from ibot.metrics import read_metrics
 from ibot.models.vision_transformer import build_backbone
+from ibot.stages import stage_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = ["n01440764", "n02085620", "n02123045"]  # head classes, sorted (= ImageFolder order)
@@ -90,15 +92,15 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "checkpoint": root / "backbone.pth", "head": root / "head.pth"}
 
 
-def _cli(module, tiny, data: Path | str, out: Path, config: dict | None = None):
+def _cli(stage: str, tiny, data: Path | str, out: Path, config: dict | None = None):
     argv = ["--checkpoint", str(tiny["checkpoint"]), *ARCH, "--data", str(data), "--out", str(out),
             "--head", str(tiny["head"]), "--config", json.dumps(config or {}), *DEBUG, "--run", "test"]
-    return module.main(argv)
+    return run_stage(stage, argv)
 
 
-def _model(tiny, head: Path | None = None) -> LinearProbeModel:
+def _model(tiny, head: Path | None = None) -> LinearClassifier:
     spec = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
-    return load_model(spec, str(tiny["checkpoint"]), None, head or tiny["head"], device=torch.device("cpu"))
+    return load_model(spec, BackboneCheckpoint(tiny["checkpoint"]), head or tiny["head"], device=torch.device("cpu"))
 
 
 # -- ImageNet-C arithmetic -----------------------------------------------------------------------
@@ -136,13 +138,13 @@ def test_mce_hand_computed() -> None:
 # -- ImageNet-A/R class subsets and ImageNet-9 mapping --------------------------------------------
 def test_class_subset_mapping() -> None:
     head_classes = ["n03", "n01", "n04", "n02"]  # any order: the subset goes through the wnid list
-    indices = imagenet_a.subset_indices(["n01", "n02"], head_classes, what="test")
+    indices = class_subset.subset_indices(["n01", "n02"], head_classes, what="test")
     assert indices == [1, 3]
     logits = torch.tensor([[0.0, 1.0, 9.0, 2.0], [0.0, 3.0, 9.0, 2.0]])
     assert logits[:, indices].argmax(-1).tolist() == [1, 0]  # n04 (global argmax) is not a candidate
     with pytest.raises(RobustnessError, match="n09"):
-        imagenet_a.subset_indices(["n01", "n09"], head_classes, what="ImageNet-A")
-    assert imagenet_r.DEFAULTS == imagenet_a.DEFAULTS
+        class_subset.subset_indices(["n01", "n09"], head_classes, what="ImageNet-A")
+    assert stage_defaults("imagenet_r") == stage_defaults("imagenet_a")
 
 
 def test_in9_mapping_follows_official_argmax_then_map(tmp_path) -> None:
@@ -298,8 +300,11 @@ def test_token_drop_matches_unpadded_forward(tiny, tmp_path, n_last_blocks, avgp
 
 def test_head_validation(tiny, tmp_path) -> None:
     save_atomic({"state_dict": {"weight": torch.zeros(3, 192)}, "meta": {}}, tmp_path / "bad.pth")
-    with pytest.raises(RobustnessError, match="missing"):
+    with pytest.raises(CheckpointError, match="missing"):
         read_head(tmp_path / "bad.pth")
+    with pytest.raises(RobustnessError, match="missing"):  # what a robustness stage reports
+        load_model({"arch": "vit_tiny", "patch_size": 8, "depth": 2}, None, tmp_path / "bad.pth",
+                   device=torch.device("cpu"))
     _head(tmp_path / "wide.pth", n_last_blocks=1, dim=384)  # e.g. a head of another architecture
     with pytest.raises(RobustnessError, match="does not fit"):
         _model(tiny, tmp_path / "wide.pth")
@@ -307,20 +312,20 @@ def test_head_validation(tiny, tmp_path) -> None:
     with pytest.raises(RobustnessError, match="n_last_blocks"):
         _model(tiny, tmp_path / "deep.pth")
     head = read_head(tiny["head"])
-    assert isinstance(head, HeadSpec) and head.classes == WNIDS and head.num_classes == 3
+    assert isinstance(head, LinearHead) and head.classes == WNIDS and head.num_classes == 3
 
 
 def test_random_init_backbone_matches_linear_stage(tiny) -> None:
     """weights: random baselines: the backbone rebuilt here equals the one the linear stage trained on
     (downstream.linear.run: seed_everything(seed), then build_eval_backbone)."""
-    from downstream.features import build_eval_backbone, seed_everything
+    from downstream.engine.setup import build_eval_backbone, seed_everything
     from ibot.checkpoint import load_file
     spec = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
     meta = load_file(tiny["head"])["meta"]  # the linear stage records its seed and crop in the head
     seed_everything(int(meta.get("seed", 0)))
-    reference = build_eval_backbone(spec, None, None, int(meta.get("crop", 224))).state_dict()
+    reference = build_eval_backbone(spec, None, int(meta.get("crop", 224))).state_dict()
     torch.manual_seed(123)  # unrelated RNG state before loading
-    rebuilt = load_model(spec, None, None, tiny["head"], device=torch.device("cpu"), seed=3).backbone.state_dict()
+    rebuilt = load_model(spec, None, tiny["head"], device=torch.device("cpu"), seed=3).backbone.state_dict()
     assert reference.keys() == rebuilt.keys() and all(torch.equal(reference[k], rebuilt[k]) for k in reference)
 
 
@@ -332,7 +337,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_imagenet_c_stage(tiny, tmp_path) -> None:
     out = tmp_path / "imagenet_c" / "metrics.json"
-    metrics = _cli(imagenet_c, tiny, tiny["root"] / "imagenet_c", out, {"batch_size": 64, "num_workers": 0})
+    metrics = _cli("imagenet_c", tiny, tiny["root"] / "imagenet_c", out, {"batch_size": 64, "num_workers": 0})
     record = read_metrics(out)
     assert record["stage"] == "imagenet_c" and record["task"] == "robustness" and record["protocol"] == f"linear-head[{HEAD_PROTOCOL}]"
     assert set(record["metrics"]) == {"mean_error_19", "mean_error_15", "mCE_alexnet_15"} == set(metrics)
@@ -347,8 +352,8 @@ def test_imagenet_c_missing_corruptions(tiny, tmp_path) -> None:
     shutil.copytree(tiny["root"] / "imagenet_c" / "fog", root / "fog")
     out = tmp_path / "c" / "metrics.json"
     with pytest.raises(RobustnessError, match="allow_missing"):
-        _cli(imagenet_c, tiny, root, out)
-    metrics = _cli(imagenet_c, tiny, root, out, {"allow_missing": True, "num_workers": 0})
+        _cli("imagenet_c", tiny, root, out)
+    metrics = _cli("imagenet_c", tiny, root, out, {"allow_missing": True, "num_workers": 0})
     record = read_metrics(out)
     assert set(metrics) == {"mean_error_evaluated", "mCE_alexnet_evaluated"}
     assert len(record["extra"]["missing"]) == 18 * 5 and "gaussian_noise/1" in record["extra"]["missing"]
@@ -356,13 +361,13 @@ def test_imagenet_c_missing_corruptions(tiny, tmp_path) -> None:
 
 def test_imagenet_a_stage(tiny, tmp_path) -> None:
     out = tmp_path / "imagenet_a" / "metrics.json"
-    _cli(imagenet_a, tiny, tiny["root"] / "imagenet_a", out, {"num_workers": 0})
+    _cli("imagenet_a", tiny, tiny["root"] / "imagenet_a", out, {"num_workers": 0})
     record = read_metrics(out)
     assert set(record["metrics"]) == {"top1"} and record["dataset"] == "imagenet-a"
     # by hand: the same model, logits restricted to the 2 folder classes (head indices 1, 2)
     net = _model(tiny)
     from downstream.robustness.common import robustness_transform
-    transform, _ = robustness_transform(imagenet_a.DEFAULTS, net.head.meta)
+    transform, _ = robustness_transform(stage_defaults("imagenet_a"), net.head.meta)
     correct = 0
     for label, wnid in enumerate(WNIDS[1:]):
         for path in sorted((tiny["root"] / "imagenet_a" / wnid).iterdir()):
@@ -376,12 +381,12 @@ def test_imagenet_a_unknown_wnid(tiny, tmp_path) -> None:
     root = tmp_path / "a"
     _image(root / "n09999999" / "0.jpg", (32, 32), 0)
     with pytest.raises(RobustnessError, match="n09999999"):
-        _cli(imagenet_a, tiny, root, tmp_path / "out" / "metrics.json")
+        _cli("imagenet_a", tiny, root, tmp_path / "out" / "metrics.json")
 
 
 def test_bg_challenge_stage(tiny, tmp_path) -> None:
     out = tmp_path / "bg" / "metrics.json"
-    metrics = _cli(bg_challenge, tiny, tiny["root"] / "imagenet_9", out, {"num_workers": 0})
+    metrics = _cli("bg_challenge", tiny, tiny["root"] / "imagenet_9", out, {"num_workers": 0})
     record = read_metrics(out)
     assert set(record["metrics"]) == set(bg_challenge.VARIANTS) | {"bg_gap"} == set(metrics)
     assert metrics["bg_gap"] == pytest.approx(metrics["mixed_same"] - metrics["mixed_rand"])
@@ -390,7 +395,7 @@ def test_bg_challenge_stage(tiny, tmp_path) -> None:
 
 def test_occlusion_stage(tiny, tmp_path) -> None:
     out = tmp_path / "occlusion" / "metrics.json"
-    metrics = _cli(occlusion, tiny, tiny["root"] / "imagenet", out,
+    metrics = _cli("occlusion", tiny, tiny["root"] / "imagenet", out,
                    {"protocol": "self_attention", "num_workers": 0, "batch_size": 4})
     record = read_metrics(out)
     assert set(record["metrics"]) == {"clean_top1", "salient_0.5", "nonsalient_0.5", "random_0.5"} == set(metrics)
@@ -417,7 +422,7 @@ def test_occlusion_zero_pixels_mode(tiny, tmp_path) -> None:
     config = {"protocol": "self_attention", "num_workers": 0, "drop": "zero_pixels", "ratios": [0.0, 0.5],
               "modes": ["salient", "random"],
               "shuffle_grid_sizes": [], "attention_heads": 1}
-    metrics = _cli(occlusion, tiny, tiny["root"] / "imagenet", out, config)
+    metrics = _cli("occlusion", tiny, tiny["root"] / "imagenet", out, config)
     assert set(metrics) == {"clean_top1", "salient_0.5", "random_0.5"}
     rows = _rows(out.with_name("curves.csv"))
     assert float(next(r for r in rows if r["mode"] == "salient" and float(r["ratio"]) == 0)["top1"]) == \
@@ -473,10 +478,10 @@ def test_official_without_saliency_checkpoint_fails_before_any_work(tiny, tmp_pa
     out = tmp_path / "occ" / "metrics.json"
     with pytest.raises(RobustnessError, match=r"robustness\.occlusion\.saliency_model\.checkpoint.*"
                                               r"dino_deitsmall16_pretrain\.pth"):
-        _cli(occlusion, tiny, tiny["root"] / "imagenet", out, {"num_workers": 0})  # default protocol: official
+        _cli("occlusion", tiny, tiny["root"] / "imagenet", out, {"num_workers": 0})  # default protocol: official
     for bad, match in (({"drop": "tokens"}, "drop"), ({"attention_heads": 0}, "attention_heads")):
         with pytest.raises(RobustnessError, match=match):  # keys of the other protocol are not silently ignored
-            _cli(occlusion, tiny, tiny["root"] / "imagenet", out, {**_official(tiny), **bad})
+            _cli("occlusion", tiny, tiny["root"] / "imagenet", out, {**_official(tiny), **bad})
     assert not out.exists()
 
 
@@ -488,7 +493,7 @@ def test_occlusion_official_stage_by_hand(tiny, tmp_path) -> None:
     from downstream.robustness.common import robustness_transform
     out = tmp_path / "official" / "metrics.json"
     config = {**_official(tiny), "num_workers": 0, "batch_size": 4, "ratios": [0.0, 0.5, 1.0], "shuffle_grid_sizes": []}
-    metrics = _cli(occlusion, tiny, tiny["root"] / "imagenet", out, config)
+    metrics = _cli("occlusion", tiny, tiny["root"] / "imagenet", out, config)
     record = read_metrics(out)
     assert set(metrics) == {"clean_top1", "salient_0.5", "nonsalient_0.5", "random_0.5"} == set(record["metrics"])
     extra = record["extra"]
@@ -498,7 +503,7 @@ def test_occlusion_official_stage_by_hand(tiny, tmp_path) -> None:
 
     net = _model(tiny)
     saliency_model = occlusion.load_saliency_model(config["saliency_model"], 32, torch.device("cpu"))
-    transform, _ = robustness_transform(occlusion.resolve_config({**occlusion.DEFAULTS, **config}), net.head.meta)
+    transform, _ = robustness_transform(occlusion.resolve_config({**stage_defaults("occlusion"), **config}), net.head.meta)
     assert next(t for t in transform.transforms if isinstance(t, Resize)).interpolation == InterpolationMode.BILINEAR
     correct, loss = {"salient": 0, "nonsalient": 0}, {"salient": 0.0, "nonsalient": 0.0}
     for label, wnid in enumerate(WNIDS):
@@ -526,24 +531,24 @@ def test_occlusion_official_stage_by_hand(tiny, tmp_path) -> None:
 def test_occlusion_protocol_labels(tiny, tmp_path) -> None:
     """The label says what ran; the official protocol with DINO's released ViT-S/16 (by file name, layout checked
     at load) is the paper's label in results/reference/paper_protocols.csv, any other saliency model is not."""
-    from downstream import linear
+    from downstream.engine import linear
     from ibot.config import load_yaml, stage_config
     from ibot.results.aggregate import load_paper_protocols
 
     head_meta = {"protocol": HEAD_PROTOCOL}
-    self_attention = {**occlusion.DEFAULTS, "protocol": "self_attention"}
+    self_attention = {**stage_defaults("occlusion"), "protocol": "self_attention"}
     assert occlusion.protocol_label(self_attention, head_meta) == \
         f"linear-head[{HEAD_PROTOCOL}],occlusion(drop=tokens,saliency=self-attention-mean)"  # the former label
     assert occlusion.protocol_label({**self_attention, "drop": "zero_pixels", "attention_heads": 1,
                                      "interpolation": "bilinear", "crop": 32}, head_meta) == \
         f"linear-head[{HEAD_PROTOCOL}],occlusion(drop=zero_pixels,saliency=self-attention-1," \
         f"interpolation=bilinear,eval=head/32)"
-    official = {**occlusion.DEFAULTS, **_official(tiny)}
+    official = {**stage_defaults("occlusion"), **_official(tiny)}
     digest = sha256_file(tiny["checkpoint"])[:8]
     assert occlusion.protocol_label(official, head_meta) == (
         f"linear-head[{HEAD_PROTOCOL}],occlusion(protocol=official,drop=zero_pixels,"
         f"saliency=vit_tiny/8-d2:sha256={digest},head=1,interpolation=bilinear)")
-    unset = {**occlusion.DEFAULTS}
+    unset = {**stage_defaults("occlusion")}
     assert "saliency=vit_small/16:unset," in occlusion.protocol_label(unset, head_meta)
 
     config = validate_config(load_yaml(REPO / "config" / "paper.yaml"), base_dir=REPO)
@@ -571,7 +576,7 @@ def test_config_validation() -> None:
     from ibot.config import stage_config
     config = validate_config(_config(occlusion={"ratios": [0.0, 0.5, 1.0], "saliency_model": {"head": 2}}),
                              base_dir=REPO)
-    assert stage_config(config, "imagenet_c", "m") == imagenet_c.DEFAULTS  # defaults filled
+    assert stage_config(config, "imagenet_c", "m") == stage_defaults("imagenet_c")  # defaults filled
     occlusion_config = stage_config(config, "occlusion", "m")
     assert occlusion_config["ratios"] == [0.0, 0.5, 1.0] and occlusion_config["protocol"] == "official"
     assert occlusion_config["saliency_model"] == {  # a nested key merges over the nested defaults
@@ -632,7 +637,7 @@ def test_a_head_without_its_protocol_is_refused_before_evaluating(tiny, tmp_path
     save_atomic(saved, old_head)
     out = tmp_path / "out" / "metrics.json"
     with pytest.raises(RobustnessError, match="no 'protocol'.*rerun the linear stage"):
-        _cli(imagenet_a, {**tiny, "head": old_head}, tiny["root"] / "imagenet_a", out)
+        _cli("imagenet_a", {**tiny, "head": old_head}, tiny["root"] / "imagenet_a", out)
     assert not out.exists()
 
 
@@ -643,10 +648,10 @@ def test_imagenet_a_and_r_resize_bilinear_as_the_official_script(tiny) -> None:
 
     from downstream.robustness.common import robustness_transform
     net = _model(tiny)
-    self_attention = occlusion.resolve_config({**occlusion.DEFAULTS, "protocol": "self_attention"})
-    for name, config, expected in (("imagenet_a", imagenet_a.DEFAULTS, InterpolationMode.BILINEAR),
-                                   ("imagenet_r", imagenet_r.DEFAULTS, InterpolationMode.BILINEAR),
-                                   ("occlusion official (eval.py:109)", occlusion.resolve_config(occlusion.DEFAULTS),
+    self_attention = occlusion.resolve_config({**stage_defaults("occlusion"), "protocol": "self_attention"})
+    for name, config, expected in (("imagenet_a", stage_defaults("imagenet_a"), InterpolationMode.BILINEAR),
+                                   ("imagenet_r", stage_defaults("imagenet_r"), InterpolationMode.BILINEAR),
+                                   ("occlusion official (eval.py:109)", occlusion.resolve_config(stage_defaults("occlusion")),
                                     InterpolationMode.BILINEAR),
                                    ("occlusion self_attention", self_attention, InterpolationMode.BICUBIC)):
         transform, sizes = robustness_transform(config, net.head.meta)

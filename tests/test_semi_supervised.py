@@ -14,8 +14,11 @@ import torch
 import yaml
 from torchvision.datasets import ImageFolder
 
-from downstream import finetune, knn, linear
 from downstream import semi_supervised as semi
+from downstream.engine import finetune, linear
+from downstream.engine.finetune import epoch_scheduler
+from helpers import run_stage
+from ibot.stages import stage_defaults
 from ibot.data.subsets import default_subset_file, materialise_subset, read_subset_file, subset_files
 from ibot.metrics import read_metrics
 from ibot.models.head import build_head
@@ -23,6 +26,7 @@ from test_knn import TINY, make_image_folder
 from test_unsupervised import full_official_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = stage_defaults("semi_supervised")
 
 
 def _write(path: Path, names: list[str]) -> Path:
@@ -147,7 +151,7 @@ def test_epoch_schedule_is_the_official_create_scheduler() -> None:
     """eval_cls.py:787 + :860: epoch 0 at warmup_lr, epoch e at the timm value of e - 1 (step(epoch) after it)."""
     config = {"epochs": 10, "warmup_epochs": 3, "warmup_lr": 1e-6, "min_lr": 1e-5}
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
-    scheduler = semi.epoch_scheduler(optimizer, config)
+    scheduler = epoch_scheduler(optimizer, config)
     seen = []
     for epoch in range(10):
         if epoch > 0:
@@ -190,25 +194,25 @@ OFFICIAL_LOGREG = {
 
 
 def test_defaults_equal_the_official_values() -> None:
-    defaults = semi.DEFAULTS
+    defaults = DEFAULTS
     assert set(defaults["finetune"]) == set(OFFICIAL_SEMI_FINETUNE)
-    assert set(defaults["finetune"]) <= set(finetune.DEFAULTS)  # the fine-tuning stage's keys
+    assert set(defaults["finetune"]) <= set(stage_defaults("finetune"))  # the fine-tuning stage's keys
     for key, (official, source) in OFFICIAL_SEMI_FINETUNE.items():
         assert defaults["finetune"][key] == official, f"semi_supervised.finetune.{key} ({source})"
     assert set(defaults["logreg"]) == set(OFFICIAL_LOGREG)
     for key, (official, source) in OFFICIAL_LOGREG.items():
         assert defaults["logreg"][key] == official, f"semi_supervised.logreg.{key} ({source})"
     # frozen k-NN / linear: those stages' own configs (README.md:61, "just change the --data_path")
-    assert set(defaults["knn"]) == set(knn.DEFAULTS) and set(defaults["linear"]) == set(linear.DEFAULTS)
+    assert set(defaults["knn"]) == set(stage_defaults("knn")) and set(defaults["linear"]) == set(stage_defaults("linear"))
     assert all(v is None for v in (*defaults["knn"].values(), *defaults["linear"].values()))
-    assert semi.protocol_config(defaults, "knn") == knn.DEFAULTS
-    assert semi.protocol_config(defaults, "linear") == linear.DEFAULTS
+    assert semi.protocol_config(defaults, "knn") == stage_defaults("knn")
+    assert semi.protocol_config(defaults, "linear") == stage_defaults("linear")
     assert defaults["finetune_head_layer"] == 1 and defaults["subsets"] == {"1": None, "10": None}
     assert defaults["protocols"] == list(semi.PROTOCOLS)
 
 
 def test_paper_protocol_label() -> None:
-    assert semi.protocol_label(semi.DEFAULTS) == (
+    assert semi.protocol_label(DEFAULTS) == (
         "subsets=1/10%;knn[k=20,T=0.07,cls,256/224];linear[cls(last 4),sgd,100ep,lr-sweep(45),256/224];"
         "logreg[cls(last 1),l2,lambda=0.01/0.1/1,256/224];"
         "ft[1000ep,layer_decay=1,drop_path=0.1,mixup=0.8,cutmix=1,cls,224px,lr=5e-06,batch=1024];"
@@ -222,16 +226,16 @@ def test_schema_is_closed_and_preflight_checks_the_stage_configs(tmp_path: Path)
     schema = yaml.safe_load((ROOT / "workflow/schemas/semi_supervised.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    jsonschema.validate(semi.DEFAULTS, schema)
+    jsonschema.validate(DEFAULTS, schema)
     for bad in ({"finetune": {"layer_decay": 0.75, "lrs": [1e-3]}}, {"knn": {"k": 20}}, {"protocols": ["ft"]},
                 {"subsets": {"5": None}}):
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(deep_merge(semi.DEFAULTS, bad, allow_new=True), schema)
-    semi.preflight(semi.DEFAULTS)
+            jsonschema.validate(deep_merge(DEFAULTS, bad, allow_new=True), schema)
+    semi.preflight(DEFAULTS)
     with pytest.raises(ValueError, match=r"semi_supervised.knn.nb_knn: \[10\] does not contain"):  # the knn stage's rule: k=20 is reported
-        semi.preflight(deep_merge(semi.DEFAULTS, {"knn": {"nb_knn": [10]}}))
+        semi.preflight(deep_merge(DEFAULTS, {"knn": {"nb_knn": [10]}}))
     with pytest.raises(ValueError, match="semi_supervised.subsets.1: .* does not exist"):
-        semi.preflight(deep_merge(semi.DEFAULTS, {"subsets": {"1": str(tmp_path / "nope.txt")}}))
+        semi.preflight(deep_merge(DEFAULTS, {"subsets": {"1": str(tmp_path / "nope.txt")}}))
 
 
 # -- the stage end to end -------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ def test_cli_end_to_end_every_protocol_and_resume(tmp_path: Path, monkeypatch: p
     argv = ["--data", str(data), "--out", str(out), "--config", json.dumps({**CONFIG, "subsets": {"10": str(ten)}}),
             "--checkpoint", str(ckpt), "--checkpoint-key", "teacher", "--resources", '{"cluster": "debug"}',
             "--model", "tiny", *TINY]
-    semi.main(argv)
+    run_stage("semi_supervised", argv)
     record = read_metrics(out)
     assert record["stage"] == "semi_supervised" and record["task"] == "semi_supervised"
     assert set(record["metrics"]) == {f"{p}_{s}pct_top1" for p in semi.PROTOCOLS for s in ("1", "10")}
@@ -264,14 +268,13 @@ def test_cli_end_to_end_every_protocol_and_resume(tmp_path: Path, monkeypatch: p
     assert extra["heads"] == str(ckpt) and extra["runs"]["logreg_10pct"]["best_lambda"] in (0.1, 1.0)
     assert record["protocol"].startswith("subsets=1/10%;knn[k=20,T=0.07,cls,36/32];linear[cls(last 1),sgd,2ep")
     work = out.parent / "work"
-    knn_record = read_metrics(work / "knn_1pct" / "result.json")  # each protocol's own record
-    assert knn_record["extra"]["num_train"] == 3 and knn_record["metrics"]["top1_k20"] == record["metrics"]["knn_1pct_top1"]
-    assert read_metrics(work / "linear_10pct" / "result.json")["extra"]["num_train"] == 6
+    assert extra["runs"]["knn_1pct"]["metrics"]["top1_k20"] == record["metrics"]["knn_1pct_top1"]
+    assert (work / "linear_10pct" / "head.pth").is_file() and extra["runs"]["linear_10pct"]["global_batch"] == 6
     for name in ("finetune_1pct", "finetune_head_1pct"):
         history = extra["runs"][name]["history"]
         assert [h["epoch"] for h in history] == [1, 2] and extra["runs"][name]["num_train"] == 3
     # the head-layer model starts from the checkpoint's teacher head.mlp.0 (eval_cls.py:721)
-    state = torch.load(work / "finetune_head1_10pct" / "work" / "checkpoint.pth", weights_only=True)["model"]
+    state = torch.load(work / "finetune_head1_10pct" / "checkpoint.pth", weights_only=True)["model"]
     assert set(k for k in state if k.startswith("trunk.")) == {"trunk.0.weight", "trunk.0.bias"}
     assert state["head.weight"].shape == (3, HEAD_HIDDEN)
     # the stage's only metrics.json: the per-protocol records are not collected as stage results
@@ -281,7 +284,7 @@ def test_cli_end_to_end_every_protocol_and_resume(tmp_path: Path, monkeypatch: p
     out.unlink()
     monkeypatch.setattr(linear.LinearSweep, "train_step", lambda *a, **k: pytest.fail("linear retrained"))
     monkeypatch.setattr(finetune, "train_one_epoch", lambda *a, **k: pytest.fail("fine-tuning retrained"))
-    semi.main(argv)
+    run_stage("semi_supervised", argv)
     assert read_metrics(out)["metrics"] == record["metrics"]
 
 

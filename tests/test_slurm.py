@@ -31,16 +31,14 @@ import torch
 import yaml
 
 from ibot.checkpoint import load_file
-from ibot.config import deep_merge, load_yaml
+from ibot.config import load_yaml
 from ibot.data.embedded import EmbeddedSizes, generate
-from ibot.train.pretrain import DEFAULTS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 TINY = ["--arch", "vit_tiny", "--depth", "2", "--patch-size", "8"]
-SPEC = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
 #: 24 images / global batch 8 = 3 iterations per epoch. No drop path: its per-sample draws depend on
 #: how a global batch is split over processes (the only randomness not tied to the image index).
 BASE = {"out_dim": 256, "patch_out_dim": 256, "global_crops_size": 32, "local_crops_size": 16,
@@ -65,8 +63,19 @@ def _env(cluster) -> dict[str, str]:
 
 
 def _cli(data: Path, out: Path, resources: dict, config: dict, model: str) -> list[str]:
-    return [sys.executable, "-m", "ibot.train", "--data", str(data), "--out-dir", str(out), *TINY,
-            "--resources", json.dumps(resources), "--config", json.dumps(config), "--model", model]
+    return [sys.executable, "-m", "ibot.train", *_stage_args(data, out, config, model), "--resources",
+            json.dumps(resources)]
+
+
+def _stage_args(data: Path, out: Path, config: dict, model: str) -> list[str]:
+    """``python -m downstream pretrain`` arguments (without the resources)."""
+    return ["--data", f"imagenet={data}", "--out", str(out / "metrics.json"), *TINY, "--config", json.dumps(config),
+            "--model", model]
+
+
+def _summary(out: Path) -> dict:
+    """A pretraining run's summary, from its metrics.json."""
+    return json.loads((out / "metrics.json").read_text())["extra"]["summary"]
 
 
 class _Output:
@@ -170,7 +179,7 @@ def test_ddp_two_tasks_match_one_process(slurm_cluster, train_dir, tmp_path, chi
     folder = tmp_path / "ddp" / "job" / "submitit"
     assert (folder / f"{job_ids[0]}_0_result.pkl").is_file() and (folder / f"{job_ids[0]}_1_result.pkl").is_file()
     for out in ("ddp", "single"):
-        summary = json.loads((tmp_path / out / "summary.json").read_text())
+        summary = _summary(tmp_path / out)
         assert summary["global_batch"] == 8 and summary["iterations_per_epoch"] == 3
 
     ddp_teacher, single_teacher = _teacher(tmp_path / "ddp"), _teacher(tmp_path / "single")
@@ -210,8 +219,8 @@ def test_timed_out_and_preempted_job_resumes_bit_identical(slurm_cluster, train_
 
     out, attempts = tmp_path / "requeued", tmp_path / "attempts.txt"
     checkpoint = out / "work" / "checkpoint.pth"
-    kwargs = dict(pace_s=8.0, attempts_file=str(attempts), config=deep_merge(DEFAULTS, config, path="pretrain"),
-                  model_spec=SPEC, data=str(train_dir), out_dir=str(out), run="slurm-test", model="requeued", seed=0)
+    kwargs = dict(pace_s=8.0, attempts_file=str(attempts),
+                  argv=[*_stage_args(train_dir, out, config, "requeued"), "--run", "slurm-test"])
     resources = {"cluster": "slurm", "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 1,
                  "slurm_signal_delay_s": 5, "max_num_timeout": 6,
                  "slurm_additional_parameters": {"open-mode": "append"}}  # keep every attempt's log
@@ -294,7 +303,7 @@ def test_killed_caller_reattaches_to_its_job(slurm_cluster, train_dir, tmp_path,
     slurm_cluster.wait_state(job_id, {"COMPLETED"}, timeout=60)
     assert [p.name for p in (out / "job" / "submitit").glob("*_submitted.pkl")] == [f"{job_id}_submitted.pkl"]
     assert not state_file.exists(), "job.json must be removed once the job's result is collected"
-    assert (out / "teacher_backbone.pth").is_file() and json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert (out / "teacher_backbone.pth").is_file() and _summary(out)["epochs"] == 2
 
 
 def test_job_that_ends_without_a_result_fails_the_launcher(slurm_cluster, tmp_path, children):
@@ -418,7 +427,7 @@ def test_embedded_workflow_on_slurm_matches_local(slurm_cluster, tmp_path, child
         return tmp_path / name / "results" / "embedded" / "vit_tiny"
 
     for name in runs:
-        summary = json.loads((run_dir(name) / "pretrain" / "summary.json").read_text())
+        summary = _summary(run_dir(name) / "pretrain")
         assert summary["global_batch"] == 8, (name, summary)
     teachers = {name: load_file(run_dir(name) / "pretrain" / "teacher_backbone.pth")["state_dict"] for name in runs}
     assert teachers["local"].keys() == teachers["slurm"].keys()

@@ -137,7 +137,7 @@ def test_official_checkpoint_layouts_load_with_identical_outputs(official, tmp_p
 
 def test_official_linear_feature_size(official):
     """eval_linear.py:99-103 with run.sh's LINEAR_N_LAST_BLOCKS=4 for swin: 384*2 + 768*2."""
-    from downstream.linear import backbone_feature_dim, linear_features
+    from downstream.engine.features import backbone_feature_dim, linear_features
     model = build_backbone("swin_tiny", patch_size=4, masked_im_modeling=False).eval()
     assert backbone_feature_dim(model, 4, 0) == 2304
     with torch.no_grad():
@@ -156,11 +156,14 @@ def images(tmp_path_factory) -> str:
 
 
 def test_pretraining_step_and_knn_features(images, tmp_path):
-    from downstream.features import build_eval_backbone, cls_features
-    from ibot.checkpoint import load_file
-    from ibot.train.pretrain import DEFAULTS, Trainer, run
+    from downstream.engine.features import cls_features
+    from downstream.engine.setup import build_eval_backbone
+    from helpers import run_pretrain
+    from ibot.checkpoint import BackboneCheckpoint, load_file
+    from ibot.stages import stage_defaults
+    from ibot.train.pretrain import Trainer
 
-    cfg = {**DEFAULTS, "epochs": 1, "batch_size_per_gpu": 8, "global_crops_size": 64, "local_crops_size": 32,
+    cfg = {**stage_defaults("pretrain"), "epochs": 1, "batch_size_per_gpu": 8, "global_crops_size": 64, "local_crops_size": 32,
            "local_crops_number": 2, "num_workers": 0, "out_dim": 128, "patch_out_dim": 128, "head_hidden_dim": 128,
            "warmup_epochs": 0, "warmup_teacher_temp_epochs": 0, "pred_ratio": [0.0, 0.3],
            "pred_ratio_var": [0.0, 0.2], "saveckp_freq": 0, "precision": "fp32", "momentum_teacher": 0.9}
@@ -181,10 +184,10 @@ def test_pretraining_step_and_knn_features(images, tmp_path):
     assert "backbone.masked_embed" in student and "backbone.masked_embed" not in teacher
 
     out = tmp_path / "pretrain"
-    run(cfg, MINI, images, str(out), "t", "swin", 0)
+    run_pretrain(images, out, cfg, MINI)
     exported = load_file(out / "teacher_backbone.pth")
     assert exported["meta"]["arch"] == "swin_mini"
-    backbone = build_eval_backbone(MINI, out / "teacher_backbone.pth", None, 64)
+    backbone = build_eval_backbone(MINI, BackboneCheckpoint(out / "teacher_backbone.pth"), 64)
     assert torch.equal(backbone.state_dict()[name.removeprefix("backbone.")],
                        exported["state_dict"][name.removeprefix("backbone.")])
     features = cls_features(backbone, torch.randn(4, 3, 64, 64))
@@ -196,9 +199,10 @@ def test_model_spec_carries_window_size_for_swin_only():
     from ibot.config import model_spec
     config = {"models": {"swin_tiny_14": {"arch": "swin_tiny", "patch_size": 4, "window_size": 14},
                          "vit": {"arch": "vit_small", "patch_size": 16}}}
-    assert model_spec(config, "swin_tiny_14") == {"arch": "swin_tiny", "patch_size": 4, "depth": None,
-                                                  "window_size": 14}
-    assert model_spec(config, "vit") == {"arch": "vit_small", "patch_size": 16, "depth": None}
+    assert model_spec(config, "swin_tiny_14").as_dict() == {"arch": "swin_tiny", "patch_size": 4, "depth": None,
+                                                            "window_size": 14}
+    assert model_spec(config, "vit").as_dict() == {"arch": "vit_small", "patch_size": 16, "depth": None}
+    assert model_spec(config, "swin_tiny_14").cli_args()[-2:] == ["--window-size", "14"]
     from ibot.models.pretrained import build_pretrained_backbone
     backbone = build_pretrained_backbone(model_spec(config, "swin_tiny_14"), None)
     assert backbone.window_size == 14 and backbone.layers[0].blocks[1].shift_size == (7, 7)

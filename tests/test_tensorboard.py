@@ -46,15 +46,6 @@ def _assert_each_step_once(log_dir: Path, steps: list[int], tags: set[str]) -> N
             assert sorted(seen) == steps, f"{tag}: steps {sorted(seen)}, expected {steps}"
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training: one intra-op thread (2 shared cores), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- the writer -----------------------------------------------------------------------------------
 def test_kill_and_resume_keep_each_step_once(tmp_path: Path) -> None:
     tb = tmp_path / "tb"
@@ -158,7 +149,7 @@ def images(tmp_path_factory) -> str:
 
 
 def test_pretraining_killed_mid_epoch_writes_each_iteration_once(images, tmp_path, monkeypatch, one_thread) -> None:
-    from ibot.train.pretrain import run
+    from helpers import run_pretrain
     from test_pretrain import SPEC, TINY
 
     config = {**TINY, "log_every": 1}  # 24 images / batch 8: 3 iterations per epoch, 2 epochs
@@ -171,12 +162,12 @@ def test_pretraining_killed_mid_epoch_writes_each_iteration_once(images, tmp_pat
 
     monkeypatch.setattr(ScalarWriter, "add", add_then_die_at_4)
     with pytest.raises(Killed):
-        run(config, SPEC, images, str(tmp_path), "t", "m", 0)
+        run_pretrain(images, tmp_path, config, SPEC)
     tb = tmp_path / "tb"
     assert sorted(_steps(tb)["pretrain/loss"]) == [0, 1, 2, 3, 4]
     monkeypatch.setattr(ScalarWriter, "add", original_add)
 
-    summary = run(config, SPEC, images, str(tmp_path), "t", "m", 0)
+    summary = run_pretrain(images, tmp_path, config, SPEC)
     assert summary["resumed_from_epoch"] == 1
     _assert_each_step_once(tb, list(range(6)), PRETRAIN_TAGS)
     assert len(event_files(tb)) == 1 and len([p for p in (tb / SUPERSEDED_DIR).rglob("*") if p.is_file()]) == 1
@@ -191,7 +182,7 @@ def test_pretraining_killed_mid_epoch_writes_each_iteration_once(images, tmp_pat
 
 # -- linear probing: per-head accuracy curves ------------------------------------------------------
 def test_linear_sweep_writes_per_head_curves(tmp_path: Path, one_thread) -> None:
-    from downstream import linear
+    from helpers import run_stage
     from test_knn import TINY, make_image_folder, official_checkpoint
     from test_linear import CONFIG
 
@@ -199,7 +190,7 @@ def test_linear_sweep_writes_per_head_curves(tmp_path: Path, one_thread) -> None
     out = tmp_path / "results" / "linear" / "metrics.json"
     argv = ["--data", str(data), "--out", str(out), "--config", json.dumps(CONFIG), "--resources",
             '{"cluster": "debug"}', "--checkpoint", str(official_checkpoint(tmp_path / "checkpoint.pth")), *TINY]
-    linear.main(argv)
+    run_stage("linear", argv)
     tb = out.parent / "tb"
     names = [f"lr_{lr:g}" for lr in CONFIG["lrs"]]  # lr_0.01, lr_0.3, lr_3
     tags = ({f"linear/acc_top1/{n}" for n in names} | {f"linear/train_loss/{n}" for n in names}
@@ -215,14 +206,15 @@ def test_linear_sweep_writes_per_head_curves(tmp_path: Path, one_thread) -> None
     assert logged["linear/lr_factor"][0][1] == pytest.approx(1.0)  # cosine starts at the full lr
 
     out.unlink()  # a rerun resumes after the last epoch: nothing redone, nothing written twice
-    linear.main(argv)
+    run_stage("linear", argv)
     _assert_each_step_once(tb, [1, 2], tags)
 
 
 # -- fine-tuning: killed after an epoch's curves were written, before its checkpoint --------------
 def test_finetune_killed_before_the_checkpoint_writes_each_epoch_once(tmp_path: Path, monkeypatch,
                                                                       one_thread) -> None:
-    from downstream import finetune
+    from downstream.engine import finetune
+    from helpers import run_stage
     from test_finetune import CONFIG
     from test_knn import TINY, make_image_folder, official_checkpoint
 
@@ -241,11 +233,11 @@ def test_finetune_killed_before_the_checkpoint_writes_each_epoch_once(tmp_path: 
     monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)  # submitit's debug executor opens pdb
     monkeypatch.setattr(finetune, "save_training_state", die_before_saving_epoch_2)
     with pytest.raises(Killed):
-        finetune.main(argv)
+        run_stage("finetune", argv)
     tb = out.parent / "tb"
     assert sorted(_steps(tb)["finetune/train_loss"]) == [1, 2]  # epoch 2 written, not checkpointed
     monkeypatch.setattr(finetune, "save_training_state", real_save)
-    finetune.main(argv)
+    run_stage("finetune", argv)
 
     tags = {"finetune/train_loss", "finetune/lr", "finetune/val_top1", "finetune/val_top5", "finetune/val_loss"}
     _assert_each_step_once(tb, [1, 2], tags)
@@ -264,20 +256,17 @@ def test_segmentation_killed_mid_run_writes_each_logged_iteration_once(tmp_path:
                                                                           one_thread) -> None:
     from mmengine.registry import VISBACKENDS
 
-    from downstream.dense import segmentation
     from downstream.dense.common import TB_BACKEND, _register_tensorboard
-    from ibot.config import deep_merge
+    from helpers import run_stage
     from ibot.data.embedded import EmbeddedSizes, generate
-    from test_dense import TINY, _weights
+    from test_dense import TINY, _argv, _weights
 
     sizes = EmbeddedSizes(ade_train=8, ade_val=4, ade_size=64)
     ade = generate(tmp_path / "data", seed=0, sets=["ade20k"], sizes=sizes)["ade20k"]
-    config = deep_merge(segmentation.DEFAULTS, {"iters": 8, "warmup_iters": 2, "batch_size": 2, "crop_size": 64,
-                                                "slide_stride": 43, "scale": [256, 64], "num_workers": 0,
-                                                "log_interval": 2, "checkpoint_interval": 4, "head": "linear"})
-    spec, weights = {**TINY, "patch_size": 8}, _weights(tmp_path, patch=8)
+    config = {"iters": 8, "warmup_iters": 2, "batch_size": 2, "crop_size": 64, "slide_stride": 43, "scale": [256, 64],
+              "num_workers": 0, "log_interval": 2, "checkpoint_interval": 4}
     out = tmp_path / "results/run/tiny/seg_linear/metrics.json"
-    args = (config, spec, str(weights), None, str(ade), str(out), "run", "tiny", 0)
+    argv = _argv({**TINY, "patch_size": 8}, _weights(tmp_path, patch=8), ade, out, config)
 
     _register_tensorboard()
     backend = VISBACKENDS.get(TB_BACKEND)
@@ -290,15 +279,15 @@ def test_segmentation_killed_mid_run_writes_each_logged_iteration_once(tmp_path:
 
     monkeypatch.setattr(backend, "add_scalars", add_then_die_at_6)
     with pytest.raises(Killed):
-        segmentation.run(*args)
+        run_stage("seg_linear", argv)
     tb = out.parent / "tb"
     assert sorted(_steps(tb)["loss"]) == [2, 4, 6]
     monkeypatch.setattr(backend, "add_scalars", original)
 
-    metrics = segmentation.run(*args)
+    metrics = run_stage("seg_linear", argv)
     _assert_each_step_once(tb, [2, 4, 6, 8], {"loss", "lr"})
     test = read_scalars(tb / "test")
     assert test["test/mIoU"] == [(8, pytest.approx(metrics["mIoU"], abs=0.01))]
-    segmentation.run(*args)  # finished: tested again, the test curve rewritten, nothing duplicated
+    run_stage("seg_linear", argv)  # finished: tested again, the test curve rewritten, nothing duplicated
     assert [s for s, _ in read_scalars(tb / "test")["test/mIoU"]] == [8]
     _assert_each_step_once(tb, [2, 4, 6, 8], {"loss", "lr"})

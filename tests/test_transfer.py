@@ -14,7 +14,9 @@ import pytest
 import torch
 import yaml
 
-from downstream.transfer import common
+from downstream import transfer as common
+from downstream.engine import finetune
+from helpers import run_stage
 from ibot.data.embedded import EmbeddedSizes, generate
 from ibot.data.transfer_sets import TRANSFER_KINDS, read_transfer_set
 from ibot.metrics import read_metrics
@@ -96,7 +98,7 @@ def test_registry_one_stage_per_dataset() -> None:
     for kind in TRANSFER_KINDS:
         stage = STAGES[STAGE_OF[kind]]
         assert (stage.section, stage.subsection, stage.datasets) == ("transfer", kind, (kind,))
-        assert stage.module == f"downstream.transfer.{kind}" and stage.resumable
+        assert stage.entry == "downstream.transfer:run" and stage.resumable
 
 
 def test_schema_is_closed() -> None:
@@ -266,22 +268,23 @@ def test_repeated_augmentation_is_deits_rasampler(monkeypatch: pytest.MonkeyPatc
 
 def test_per_epoch_schedule_matches_the_official_loop() -> None:
     """Official: scheduler built, then per epoch train (at the current lr) and ``step(epoch)``."""
+    from ibot.config import scaled_lr
     from ibot.models.vision_transformer import build_backbone
-    from downstream.finetune import ViTClassifier, build_optimizer
+    from downstream.engine.finetune import ViTClassifier, build_optimizer, epoch_scheduler
 
     config = {**stage_defaults("transfer_cars"), "epochs": 12, "warmup_epochs": 3, "lr": 7.5e-5}
-    lr = common.scaled_lr(config, 768)
+    lr = scaled_lr("transfer", config["lr"], 768)
     assert lr == pytest.approx(7.5e-5 * 1.5)
 
     def lrs(official: bool) -> list[float]:
         backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=1, masked_im_modeling=False)
         net = ViTClassifier(backbone, 3, head_init_scale=1.0)
         optimizer = build_optimizer(net, {**config, "lr": lr, "layer_decay": 1.0})
-        scheduler = common.build_scheduler(optimizer, config)
+        scheduler = epoch_scheduler(optimizer, config)
         seen = []
         for epoch in range(config["epochs"]):
-            if not official:
-                scheduler.step(max(epoch - 1, 0))
+            if not official and epoch > 0:  # downstream.engine.finetune.fit, per-epoch schedule
+                scheduler.step(epoch - 1)
             seen.append(optimizer.param_groups[0]["lr"])
             if official:
                 scheduler.step(epoch)
@@ -297,7 +300,7 @@ def test_per_epoch_schedule_matches_the_official_loop() -> None:
 
 def test_optimizer_has_no_layer_decay_and_official_weight_decay_groups() -> None:
     from ibot.models.vision_transformer import build_backbone
-    from downstream.finetune import ViTClassifier, build_optimizer
+    from downstream.engine.finetune import ViTClassifier, build_optimizer
 
     backbone = build_backbone("vit_tiny", patch_size=8, img_size=32, depth=2, masked_im_modeling=False)
     net = ViTClassifier(backbone, 5, head_init_scale=1.0)
@@ -344,11 +347,9 @@ def _argv(tmp_path: Path, kind: str, data: Path, name: str, ckpt: Path) -> list[
 
 
 def test_cli_end_to_end_two_datasets(sets: dict[str, Path], tmp_path: Path) -> None:
-    import importlib
-
     ckpt = official_checkpoint(tmp_path / "checkpoint.pth")
     for kind in ("cifar100", "inat18"):
-        importlib.import_module(f"downstream.transfer.{kind}").main(_argv(tmp_path, kind, sets[kind], "full", ckpt))
+        run_stage(STAGE_OF[kind], _argv(tmp_path, kind, sets[kind], "full", ckpt))
         record = read_metrics(tmp_path / "full" / STAGE_OF[kind] / "metrics.json")
         assert (record["stage"], record["task"]) == (STAGE_OF[kind], "transfer")
         assert set(record["metrics"]) == {"top1"}  # 3 classes: no top-5
@@ -363,13 +364,11 @@ def test_cli_end_to_end_two_datasets(sets: dict[str, Path], tmp_path: Path) -> N
 
 def test_resume_after_kill_equals_the_uninterrupted_run(sets: dict[str, Path], tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from downstream.transfer import cars
-
     ckpt = official_checkpoint(tmp_path / "checkpoint.pth")
-    cars.main(_argv(tmp_path, "cars", sets["cars"], "full", ckpt))
+    run_stage("transfer_cars", _argv(tmp_path, "cars", sets["cars"], "full", ckpt))
     full = read_metrics(tmp_path / "full" / "transfer_cars" / "metrics.json")["extra"]["history"]
 
-    real_evaluate, calls = common.evaluate, []
+    real_evaluate, calls = finetune.evaluate, []
 
     def dying_evaluate(*args, **kwargs):
         calls.append(1)
@@ -377,13 +376,13 @@ def test_resume_after_kill_equals_the_uninterrupted_run(sets: dict[str, Path], t
             raise KeyboardInterrupt("killed")
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(common, "evaluate", dying_evaluate)
+    monkeypatch.setattr(finetune, "evaluate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
-        cars.main(_argv(tmp_path, "cars", sets["cars"], "killed", ckpt))
+        run_stage("transfer_cars", _argv(tmp_path, "cars", sets["cars"], "killed", ckpt))
     state = torch.load(tmp_path / "killed" / "transfer_cars" / "work" / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 1
-    monkeypatch.setattr(common, "evaluate", real_evaluate)
-    cars.main(_argv(tmp_path, "cars", sets["cars"], "killed", ckpt))
+    monkeypatch.setattr(finetune, "evaluate", real_evaluate)
+    run_stage("transfer_cars", _argv(tmp_path, "cars", sets["cars"], "killed", ckpt))
     resumed = read_metrics(tmp_path / "killed" / "transfer_cars" / "metrics.json")["extra"]["history"]
     assert len(resumed) == 2
     for got, want in zip(resumed, full):

@@ -16,14 +16,17 @@ import torch
 import yaml
 
 from downstream import unsupervised
-from ibot.checkpoint import (CheckpointError, build_pretrained_head, export_heads, load_backbone_weights,
-                             load_head_weights, locate_heads)
+from helpers import run_stage
+from ibot.stages import stage_defaults
+from ibot.checkpoint import (BackboneCheckpoint, CheckpointError, build_pretrained_head, export_heads,
+                             load_backbone_weights, load_head_weights, locate_heads)
 from ibot.metrics import read_metrics
 from ibot.models.head import build_head
 from ibot.models.vision_transformer import build_backbone
 from test_knn import TINY, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = stage_defaults("unsupervised")
 TINY_SPEC = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
 HEAD_CFG = {"out_dim": 16, "patch_out_dim": 16, "head_hidden_dim": 32, "shared_head": True, "norm_last_layer": False}
 
@@ -159,15 +162,14 @@ def test_heads_export_round_trip_and_backbone_only_files(tmp_path: Path) -> None
 
 def test_pretraining_exports_both_heads(tmp_path: Path) -> None:
     from ibot.data.embedded import EmbeddedSizes, generate
-    from ibot.train.pretrain import DEFAULTS, run
-
     sizes = EmbeddedSizes(classes=2, train_per_class=8, val_per_class=1, c_per_class=1, a_classes=1, image_size=32)
     images = generate(tmp_path / "data", seed=0, sets=["imagenet"], sizes=sizes)["imagenet"] / "train"
-    cfg = {**DEFAULTS, "epochs": 1, "batch_size_per_gpu": 8, "global_crops_size": 32, "local_crops_size": 16,
+    cfg = {"epochs": 1, "batch_size_per_gpu": 8, "global_crops_size": 32, "local_crops_size": 16,
            "local_crops_number": 1, "num_workers": 0, "out_dim": 32, "patch_out_dim": 32, "head_hidden_dim": 64,
            "warmup_epochs": 0, "warmup_teacher_temp_epochs": 0, "saveckp_freq": 0, "precision": "fp32",
            "shared_head": True}
-    run(cfg, TINY_SPEC, str(images), str(tmp_path / "pretrain"), "t", "m", 0)
+    run_stage("pretrain", ["--data", f"imagenet={images}", "--out", str(tmp_path / "pretrain" / "metrics.json"),
+                           "--config", json.dumps(cfg), *TINY])
     work = torch.load(tmp_path / "pretrain" / "work" / "checkpoint.pth", weights_only=True)
     for key in ("teacher", "student"):  # = the heads of the training checkpoint (official names)
         head = build_pretrained_head(tmp_path / "pretrain" / "heads.pth", key, 192)
@@ -192,15 +194,15 @@ OFFICIAL_UNSUP_CLS = {
 
 def test_defaults_and_schema() -> None:
     import jsonschema
-    assert set(unsupervised.DEFAULTS) == set(OFFICIAL_UNSUP_CLS)
+    assert set(DEFAULTS) == set(OFFICIAL_UNSUP_CLS)
     for key, (official, source) in OFFICIAL_UNSUP_CLS.items():
-        assert unsupervised.DEFAULTS[key] == official, f"unsupervised.{key} ({source})"
+        assert DEFAULTS[key] == official, f"unsupervised.{key} ({source})"
     schema = yaml.safe_load((ROOT / "workflow/schemas/unsupervised.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    jsonschema.validate(unsupervised.DEFAULTS, schema)
+    jsonschema.validate(DEFAULTS, schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**unsupervised.DEFAULTS, "out_dim": 1000}, schema)
+        jsonschema.validate({**DEFAULTS, "out_dim": 1000}, schema)
 
 
 def test_cli_end_to_end_with_an_official_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,7 +212,7 @@ def test_cli_end_to_end_with_an_official_checkpoint(tmp_path: Path, monkeypatch:
     config = {"resize": 36, "crop": 32, "batch_size_per_gpu": 5, "num_workers": 0}
     argv = ["--data", str(data), "--out", str(out), "--config", json.dumps(config), "--checkpoint", str(ckpt),
             "--checkpoint-key", "teacher", "--resources", '{"cluster": "debug"}', "--model", "tiny", *TINY]
-    unsupervised.main(argv)
+    run_stage("unsupervised", argv)
     record = read_metrics(out)
     assert record["stage"] == "unsupervised" and record["task"] == "unsup_cls" and record["dataset"] == "imagenet"
     assert set(record["metrics"]) == {"nmi", "ari", "fmi", "acc"} and record["protocol"] == (
@@ -219,8 +221,9 @@ def test_cli_end_to_end_with_an_official_checkpoint(tmp_path: Path, monkeypatch:
     assert 1 <= record["extra"]["clusters_used"] <= 12 and 0.0 <= record["metrics"]["acc"] <= 100.0
 
     # the clusters are the argmax of the teacher head on the backbone's [CLS]: recompute them here
-    from downstream.features import build_eval_backbone, eval_transform, image_folder
-    backbone = build_eval_backbone(TINY_SPEC, ckpt, "teacher", 32)
+    from downstream.engine.data import eval_transform, image_folder
+    from downstream.engine.setup import build_eval_backbone
+    backbone = build_eval_backbone(TINY_SPEC, BackboneCheckpoint(ckpt, "teacher"), 32)
     head = build_pretrained_head(ckpt, "teacher", 192).eval()
     val = image_folder(data, "val", eval_transform(36, 32))
     with torch.no_grad():
@@ -232,5 +235,5 @@ def test_cli_end_to_end_with_an_official_checkpoint(tmp_path: Path, monkeypatch:
     import pdb
     monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)  # submitit's debug executor opens pdb
     with pytest.raises(ValueError, match="needs a pretrained projection head"):  # random init: no head
-        unsupervised.main(["--data", str(data), "--out", str(tmp_path / "r" / "metrics.json"), "--config",
+        run_stage("unsupervised", ["--data", str(data), "--out", str(tmp_path / "r" / "metrics.json"), "--config",
                            json.dumps(config), "--resources", '{"cluster": "debug"}', *TINY])

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from ibot.config import ConfigError, load_yaml, planned_stages, pretrain_images, stage_config, validate_config
+from ibot.config import ConfigError, load_yaml, planned_stages, stage_config, stage_data, validate_config
 from ibot.data.embedded import EmbeddedSizes, generate
 from ibot.data.layouts import DatasetLayoutError, check_layout
 from ibot.train.pretrain import Trainer
@@ -51,9 +51,10 @@ def test_variants_resolve_their_recipe_and_data(paper) -> None:
     for model, expected in VARIANTS.items():
         resolved = stage_config(paper, "pretrain", model)
         assert {key: resolved[key] for key in expected} == expected, model
-        kind = pretrain_images(paper, model)[0]
+        kind = next(iter(stage_data(paper, "pretrain", model)))  # the registry's data_resolver picks it
         assert kind == ("imagenet22k" if model.endswith("in22k") else "imagenet"), model
-    assert pretrain_images(paper, "vit_base_in22k")[1] == paper["data"]["imagenet22k"]  # no train/ split
+    assert stage_data(paper, "pretrain", "vit_base_in22k") == {"imagenet22k": paper["data"]["imagenet22k"]}  # no train/
+    assert stage_data(paper, "pretrain", "vit_small") == {"imagenet": f"{paper['data']['imagenet']}/train"}
     assert paper["models"]["vit_base_in22k"]["pretrain_data"] == "IN-22K"
     assert paper["models"]["vit_small_no_multicrop"]["paper_variant"] == "no multi-crop"
     ft512 = paper["models"]["vit_large_in22k_ft512"]
@@ -107,9 +108,9 @@ def test_the_paper_dag_plans_every_variant_and_ft512_waits_for_its_pretraining()
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for model in VARIANTS:
-        assert f"--out-dir results/paper/{model}/pretrain" in out, model
-    assert "--data /datasets/imagenet22k --out-dir results/paper/vit_large_in22k/pretrain" in out
+        assert f"--out results/paper/{model}/pretrain/metrics.json" in out, model
+    assert "--data imagenet22k=/datasets/imagenet22k --out results/paper/vit_large_in22k/pretrain/metrics.json" in out
     assert "--checkpoint results/paper/vit_large_in22k/pretrain/teacher_backbone.pth" in out
     assert '"crop": 512' in out
     for model, window in SWIN.items():  # the Swin window reaches the pretraining command
-        assert f"--patch-size 4 --run paper --model {model} --seed 0 --window-size {window}" in out, model
+        assert f"--patch-size 4 --window-size {window} --run paper --model {model} --seed 0" in out, model

@@ -15,12 +15,15 @@ import yaml
 from PIL import Image
 
 from downstream import video_segmentation as vs
+from helpers import run_stage
+from ibot.stages import stage_defaults
 from downstream.davis_metrics import boundary_f_measure, evaluate_sequence, region_similarity, seg2bmap, summarize
 from ibot.data.layouts import DatasetLayoutError, check_layout
 from ibot.metrics import read_metrics
 from test_knn import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = stage_defaults("video_segmentation")
 # pycocotools 2.0.x under numpy 2 warns on every decode (the embedded shapes are rasterised with it)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -160,12 +163,12 @@ def test_frame_sizing_and_defaults_are_official() -> None:
     assert vs.target_size(854, 480, 480) == (832, 480)
     official = {**{key: value for key, (value, _) in OFFICIAL_VIDEO_SEGMENTATION.items()}, "precision": "fp32",
                 "save_masks": True}
-    assert vs.DEFAULTS == official
-    assert vs.protocol_label(vs.DEFAULTS) == "label-propagation,last-layer,480px,n_last_frames=7,nbhd=12,topk=5,T=0.1"
+    assert DEFAULTS == official
+    assert vs.protocol_label(DEFAULTS) == "label-propagation,last-layer,480px,n_last_frames=7,nbhd=12,topk=5,T=0.1"
     schema = yaml.safe_load((ROOT / "workflow/schemas/video_segmentation.schema.yaml").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**vs.DEFAULTS, "n_last_frames": 0}, schema)  # Queue(0) is unbounded officially
+        jsonschema.validate({**DEFAULTS, "n_last_frames": 0}, schema)  # Queue(0) is unbounded officially
 
 
 # -- data and end to end ------------------------------------------------------------------------------
@@ -203,7 +206,7 @@ def test_layout_check_names_the_missing_path(davis_root: Path, tmp_path: Path) -
 def test_cli_end_to_end_on_the_embedded_set(davis_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "video_segmentation" / "metrics.json"
     config = {"scale_size": 64, "size_mask_neighborhood": 2}
-    vs.main(["--data", str(davis_root), "--out", str(out), "--config", json.dumps(config),
+    run_stage("video_segmentation", ["--data", str(davis_root), "--out", str(out), "--config", json.dumps(config),
              "--resources", '{"cluster": "debug"}', "--model", "tiny", *TINY])
     record = read_metrics(out)  # schema-validated
     assert record["stage"] == "video_segmentation" and record["task"] == "video_seg" and record["dataset"] == "davis"
@@ -227,5 +230,5 @@ def test_cli_end_to_end_on_the_embedded_set(davis_root: Path, tmp_path: Path, mo
     import pdb
     monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)  # submitit's debug executor opens pdb
     with pytest.raises(DatasetLayoutError, match=r"data\.davis: .*ImageSets/2017/val\.txt"):  # checked first
-        vs.main(["--data", str(tmp_path), "--out", str(tmp_path / "bad" / "metrics.json"),
+        run_stage("video_segmentation", ["--data", str(tmp_path), "--out", str(tmp_path / "bad" / "metrics.json"),
                  "--resources", '{"cluster": "debug"}', *TINY])

@@ -18,7 +18,7 @@ SPEC = {"arch": "vit_tiny", "patch_size": 16, "depth": 2}
 
 def _fingerprint(data: Path, **config) -> dict:
     return stage_fingerprint(stage="linear", config={"epochs": 2, "lr": 0.1, "log_every": 5, **config},
-                             model_spec=SPEC, checkpoint=None, data={"imagenet": data}, seed=0, world_size=1,
+                             model_spec=SPEC, checkpoint_sha256=None, data={"imagenet": data}, seed=0, world_size=1,
                              operational_keys=("log_every",))
 
 
@@ -63,27 +63,40 @@ def test_changed_config_moves_the_work_aside_and_starts_fresh(tmp_path: Path, da
 
 
 def test_each_ingredient_changes_the_fingerprint(tmp_path: Path, data: Path) -> None:
-    base = _fingerprint(data)
-    ckpt = tmp_path / "w.pth"
-    ckpt.write_bytes(b"weights")
+    """What a stage context fingerprints (ibot.run.context.StageContext.fingerprint): stage, config, model,
+    the checkpoint's and every config-named input file's content, dataset, seed; and the process count."""
+    from dataclasses import replace
+
+    from ibot.checkpoint import BackboneCheckpoint
+    from ibot.models.specs import ModelSpec
+    from ibot.run.context import StageContext
+    from ibot.stages import stage_defaults
+
+    import torch
+
+    ckpt, heads = tmp_path / "w.pth", tmp_path / "heads.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 4)}, ckpt)
+    heads.write_bytes(b"heads")
+    base = StageContext(stage="semi_supervised", config=stage_defaults("semi_supervised"), model=ModelSpec.of(SPEC),
+                        out=tmp_path / "semi_supervised" / "metrics.json", data={"imagenet": data})
+    fingerprint = base.fingerprint()
     variants = [
-        stage_fingerprint(stage="finetune", config=base["config"], model_spec=SPEC, checkpoint=None,
-                          data={"imagenet": data}, seed=0, world_size=1),
-        stage_fingerprint(stage="linear", config=base["config"], model_spec={**SPEC, "depth": 3}, checkpoint=None,
-                          data={"imagenet": data}, seed=0, world_size=1),
-        stage_fingerprint(stage="linear", config=base["config"], model_spec=SPEC, checkpoint=ckpt,
-                          data={"imagenet": data}, seed=0, world_size=1),
-        stage_fingerprint(stage="linear", config=base["config"], model_spec=SPEC, checkpoint=None,
-                          data={"imagenet": data}, seed=1, world_size=1),
-        stage_fingerprint(stage="linear", config=base["config"], model_spec=SPEC, checkpoint=None,
-                          data={"imagenet": data}, seed=0, world_size=2),
+        replace(base, stage="finetune"),
+        replace(base, config={**base.config, "finetune_head_layer": 2}),
+        replace(base, model=ModelSpec.of({**SPEC, "depth": 3})),
+        replace(base, checkpoint=BackboneCheckpoint(ckpt)),
+        replace(base, config={**base.config, "heads": str(heads)}),  # a file_keys file: by content
+        replace(base, seed=1),
     ]
     for variant in variants:
-        assert variant != base
-    with_ckpt = variants[2]["checkpoint_sha256"]
-    ckpt.write_bytes(b"other weights")  # same path, other content: another fingerprint
-    assert stage_fingerprint(stage="linear", config=base["config"], model_spec=SPEC, checkpoint=ckpt,
-                             data={"imagenet": data}, seed=0, world_size=1)["checkpoint_sha256"] != with_ckpt
+        assert variant.fingerprint() != fingerprint, variant
+    assert stage_fingerprint(**{**{k: fingerprint[k] for k in ("stage", "config", "seed")}, "model_spec": SPEC,
+                                "checkpoint_sha256": None, "data": {"imagenet": data}, "world_size": 2}) != fingerprint
+    with_ckpt, with_heads = variants[3].fingerprint()["checkpoint_sha256"], variants[4].fingerprint()["files"]
+    torch.save({"cls_token": torch.ones(1, 1, 4)}, ckpt)  # same path, other content: another fingerprint
+    heads.write_bytes(b"other heads")
+    assert replace(base, checkpoint=BackboneCheckpoint(ckpt)).fingerprint()["checkpoint_sha256"] != with_ckpt
+    assert replace(base, config={**base.config, "heads": str(heads)}).fingerprint()["files"] != with_heads
 
 
 def test_dataset_identity_follows_the_files(data: Path) -> None:

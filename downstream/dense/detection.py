@@ -1,9 +1,9 @@
 """COCO object detection + instance segmentation: Cascade Mask R-CNN (FPN, 4conv1fc GIoU box heads)
 on our ViT with the multi-scale adaptor, trained with mmdet and evaluated with its CocoMetric.
 
-``python -m downstream.dense.detection --data <coco root> --out results/<run>/<model>/detection/metrics.json
+``python -m downstream detection --data <coco root> --out results/<run>/<model>/detection/metrics.json
 [--checkpoint W] [--arch vit_small] [--config JSON]``. mmdet's work dir (logs, checkpoints, the
-resolved config) is ``<out dir>/work``; a requeued job resumes from its last checkpoint. Live
+resolved config) is the stage's ``work/``; a requeued job resumes from its last checkpoint. Live
 TensorBoard curves (mmdet's logged scalars, then the test metrics) in ``<out dir>/tb/``.
 
 Reported (percent): ``bbox_AP, bbox_AP50, bbox_AP75, segm_AP, segm_AP50, segm_AP75``; one CocoMetric
@@ -14,22 +14,18 @@ says the schedule actually run (``cascade-mask-rcnn,1x`` only for the official o
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from downstream.cli import stage_main
 from downstream.dense.common import (CONFIG_DIR, configure_runtime, enable_tensorboard, env_world_size, norm_cfg,
                                      per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
-from ibot.stages import stage_defaults
+from ibot.checkpoint import BackboneCheckpoint
+from ibot.models.specs import ModelSpec
+from ibot.run.context import StageContext
 
-__all__ = ["DEFAULTS", "COCO_METRICS", "build_config", "protocol_label", "coco_metrics", "run", "main"]
+__all__ = ["COCO_METRICS", "build_config", "protocol_label", "coco_metrics", "run"]
 
-STAGE = "detection"
 BASE_CONFIG = CONFIG_DIR / "cascade_mask_rcnn_vit_fpn_coco.py"
-
-#: Official 1x recipe: workflow/schemas/detection.schema.yaml, the one source of default values.
-DEFAULTS: dict[str, Any] = stage_defaults("detection")
 
 
 def coco_categories(data_root: Path) -> list[str]:
@@ -46,14 +42,15 @@ def _scales(short_sides: Sequence[int], max_size: int) -> list[tuple[int, int]]:
     return [(int(max_size), int(s)) for s in short_sides]
 
 
-def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-                 checkpoint_key: str | None, data: str, work_dir: str | Path, seed: int = 0,
+def build_config(config: Mapping[str, Any], model_spec: ModelSpec | Mapping[str, Any],
+                 checkpoint: BackboneCheckpoint | None, data: str | Path, work_dir: str | Path, seed: int = 0,
                  world_size: int | None = None):
     """The mmengine Config of this run: the base config file with the project config applied."""
     from mmengine.config import Config
 
     world_size = world_size or env_world_size()
-    arch = model_spec["arch"]
+    model_spec = ModelSpec.of(model_spec)
+    arch = model_spec.arch
     data_root = Path(data)
     cfg = Config.fromfile(str(BASE_CONFIG))
 
@@ -64,10 +61,10 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     embed_dim = ARCHITECTURES[arch].embed_dim
     norm = norm_cfg(world_size)
     cfg.model.backbone.update(
-        arch=arch, patch_size=int(model_spec.get("patch_size") or 16), depth=model_spec.get("depth"),
+        arch=arch, patch_size=model_spec.patch_size, depth=model_spec.depth,
         drop_path_rate=float(config["drop_path"]),
         out_indices=config["out_indices"], final_norm=bool(config["final_norm"]), norm_cfg=norm,
-        pretrained=str(checkpoint) if checkpoint else None, checkpoint_key=checkpoint_key)
+        pretrained=str(checkpoint.path) if checkpoint else None, checkpoint_key=checkpoint.key if checkpoint else None)
     cfg.model.neck.in_channels = [embed_dim] * 4
 
     # -- classes ----------------------------------------------------------------------------------
@@ -130,7 +127,7 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     metainfo = dict(classes=tuple(classes))
     batch_size = int(config["batch_size"])
     train = cfg.train_dataloader
-    train.batch_size = per_gpu_batch(batch_size, world_size, STAGE)
+    train.batch_size = per_gpu_batch(batch_size, world_size, "detection")
     train.dataset.update(data_root=str(data_root), metainfo=metainfo, pipeline=cfg.train_pipeline)
     set_dataloader_workers(train, config["num_workers"])
     test = cfg.test_dataloader
@@ -158,7 +155,7 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     cfg.auto_scale_lr = dict(enable=False, base_batch_size=batch_size)
     cfg.default_hooks.checkpoint.interval = int(config["checkpoint_interval"])
 
-    configure_runtime(cfg, stage=STAGE, work_dir=Path(work_dir), seed=seed, amp=bool(config["amp"]),
+    configure_runtime(cfg, stage="detection", work_dir=Path(work_dir), seed=seed, amp=bool(config["amp"]),
                       log_interval=int(config["log_interval"]), val_interval=int(config["val_interval"]),
                       world_size=world_size)
     return cfg
@@ -229,40 +226,19 @@ def coco_metrics(raw: Mapping[str, Any]) -> tuple[dict[str, float | None], dict[
     return metrics, reasons
 
 
-def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float | None]:
-    from ibot.distributed import init_distributed, is_main
-    from ibot.metrics import write_metrics
-    from ibot.workdir import prepare_stage_work
-
-    init_distributed()
-    start = time.time()
-    out = Path(out)
-    work = prepare_stage_work(STAGE, out.parent / "work", config=config, model_spec=model_spec,
-                              checkpoint=checkpoint, data={"coco": data}, seed=seed)
-    cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, work.path, seed)
-    enable_tensorboard(cfg, out.parent / "tb")
+def run(ctx: StageContext) -> dict[str, float | None]:
+    """Train and test in mmdet (resuming from ``work/``), write metrics.json."""
+    cfg = build_config(ctx.config, ctx.model, ctx.checkpoint, ctx.data_root, ctx.work.path, ctx.seed)
+    enable_tensorboard(cfg, ctx.tb_dir)
     raw = train_and_test(cfg)
     missing = sorted(v for v in COCO_METRICS.values() if v not in raw)
     metrics, null_reasons = coco_metrics(raw)
-    if is_main():
-        write_metrics(out, run=run, model=model, stage=STAGE, task="detection", dataset="coco",
-                      protocol=protocol_label(config), metrics=metrics, config=config,
-                      wall_time_s=time.time() - start, checkpoint=checkpoint, null_reasons=null_reasons,
-                      extra={"toolbox_metrics": raw, "missing_toolbox_metrics": missing,
-                             "work_dir": str(work.path), "fingerprint": work.digest,
+    ctx.write_metrics(task="detection", dataset="coco", protocol=protocol_label(ctx.config), metrics=metrics,
+                      null_reasons=null_reasons,
+                      extra={"toolbox_metrics": raw, "missing_toolbox_metrics": missing, "work_dir": str(ctx.work.path),
                              "num_classes": cfg.model.roi_head.mask_head.num_classes,
                              "layer_decay": cfg.optim_wrapper.paramwise_cfg.layer_decay_rate,
                              "drop_path": cfg.model.backbone.drop_path_rate,
                              "batch_size": cfg.auto_scale_lr.base_batch_size,
                              "out_indices": resolved_out_indices(cfg.model.backbone)})
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_main(STAGE, "downstream.dense.detection:run", DEFAULTS, argv,
-                      description="COCO detection + instance segmentation (Cascade Mask R-CNN, mmdet)")
-
-
-if __name__ == "__main__":
-    main()

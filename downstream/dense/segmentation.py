@@ -1,9 +1,10 @@
 """ADE20K semantic segmentation with mmseg: UperNet (+ auxiliary FCN head) on our ViT with the
 multi-scale adaptor, or a linear head on the frozen ViT; evaluated with mmseg's IoUMetric.
 
-``python -m downstream.dense.segmentation --data <ADEChallengeData2016> --out .../seg_upernet/metrics.json
---config '{"head": "upernet"}'`` (or ``"linear"``). mmseg's work dir is ``<out dir>/work``; a
-requeued job resumes from its last checkpoint. Live TensorBoard curves in ``<out dir>/tb/``.
+``python -m downstream seg_upernet --data <ADEChallengeData2016> --out .../seg_upernet/metrics.json`` (or
+``seg_linear``: the two stages share the ``segmentation`` section, each fixes its ``head``). mmseg's work
+dir is the stage's ``work/``; a requeued job resumes from its last checkpoint. Live TensorBoard curves
+in ``<out dir>/tb/``.
 
 Classes: ``<data>/classes.txt`` (one name per line, line i = label i, 0 = ignore: the embedded
 set) gives the class list; without it the dataset is the real ADE20K (150 classes, mmseg's
@@ -14,22 +15,19 @@ Reported (percent): ``mIoU, mAcc`` (and ``aAcc`` in extra).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from downstream.cli import stage_main
 from downstream.dense.common import (CONFIG_DIR, configure_runtime, enable_tensorboard, env_world_size, norm_cfg,
                                      per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
-from ibot.stages import section_defaults
+from ibot.checkpoint import BackboneCheckpoint
+from ibot.models.specs import ModelSpec
+from ibot.run.context import StageContext
 
-__all__ = ["DEFAULTS", "HEADS", "build_config", "protocol_label", "run", "main"]
+__all__ = ["HEADS", "build_config", "protocol_label", "run"]
 
 HEADS = {"upernet": CONFIG_DIR / "upernet_vit_ade20k.py", "linear": CONFIG_DIR / "linear_vit_ade20k.py"}
 ADE20K_NUM_CLASSES = 150
-
-#: Official 160k recipe, both heads: workflow/schemas/segmentation.schema.yaml, the one source.
-DEFAULTS: dict[str, Any] = section_defaults("segmentation")
 
 
 def read_classes(data_root: Path) -> list[str] | None:
@@ -42,8 +40,8 @@ def read_classes(data_root: Path) -> list[str] | None:
     return names
 
 
-def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-                 checkpoint_key: str | None, data: str, work_dir: str | Path, seed: int = 0,
+def build_config(config: Mapping[str, Any], model_spec: ModelSpec | Mapping[str, Any],
+                 checkpoint: BackboneCheckpoint | None, data: str | Path, work_dir: str | Path, seed: int = 0,
                  world_size: int | None = None):
     """The mmengine Config of this run: the head's base config file with the project config applied."""
     from mmengine.config import Config
@@ -54,7 +52,8 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
     if head not in HEADS:
         raise ValueError(f"segmentation.head: {head!r} is not one of {sorted(HEADS)}")
     world_size = world_size or env_world_size()
-    arch = model_spec["arch"]
+    model_spec = ModelSpec.of(model_spec)
+    arch = model_spec.arch
     if arch not in ARCHITECTURES:
         raise ValueError(f"segmentation: unknown arch {arch!r}")
     embed_dim = ARCHITECTURES[arch].embed_dim
@@ -65,9 +64,10 @@ def build_config(config: Mapping[str, Any], model_spec: Mapping[str, Any], check
 
     # -- backbone -------------------------------------------------------------------------------
     backbone = cfg.model.backbone
-    backbone.update(arch=arch, patch_size=int(model_spec.get("patch_size") or 16), depth=model_spec.get("depth"),
+    backbone.update(arch=arch, patch_size=model_spec.patch_size, depth=model_spec.depth,
                     out_indices=sub["out_indices"], final_norm=bool(sub["final_norm"]),
-                    pretrained=str(checkpoint) if checkpoint else None, checkpoint_key=checkpoint_key)
+                    pretrained=str(checkpoint.path) if checkpoint else None,
+                    checkpoint_key=checkpoint.key if checkpoint else None)
     if head == "upernet":
         backbone.update(drop_path_rate=float(sub["drop_path"]), norm_cfg=norm)
 
@@ -173,42 +173,20 @@ def protocol_label(config: Mapping[str, Any]) -> str:
     return label if crop == OFFICIAL_CROP else f"{label},crop={crop}"
 
 
-def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int) -> dict[str, float]:
-    from ibot.distributed import init_distributed, is_main
-    from ibot.metrics import write_metrics
-    from ibot.workdir import prepare_stage_work
-
-    init_distributed()
-    start = time.time()
-    out = Path(out)
-    head = config["head"]
-    work = prepare_stage_work(f"seg_{head}", out.parent / "work", config=config, model_spec=model_spec,
-                              checkpoint=checkpoint, data={"ade20k": data}, seed=seed)
-    cfg = build_config(config, model_spec, checkpoint, checkpoint_key, data, work.path, seed)
-    enable_tensorboard(cfg, out.parent / "tb")
+def run(ctx: StageContext) -> dict[str, float]:
+    """Train and test in mmseg (resuming from ``work/``), write metrics.json."""
+    cfg = build_config(ctx.config, ctx.model, ctx.checkpoint, ctx.data_root, ctx.work.path, ctx.seed)
+    enable_tensorboard(cfg, ctx.tb_dir)
     raw = train_and_test(cfg)
     missing = [k for k in ("mIoU", "mAcc") if k not in raw]
     if missing:
         raise RuntimeError(f"segmentation: IoUMetric returned no {missing} (got {sorted(raw)})")
     metrics = {"mIoU": raw["mIoU"], "mAcc": raw["mAcc"]}  # IoUMetric reports percent
-    if is_main():
-        write_metrics(out, run=run, model=model, stage=f"seg_{head}", task="semantic_seg", dataset="ade20k",
-                      protocol=protocol_label(config), metrics=metrics, config=config,
-                      wall_time_s=time.time() - start, checkpoint=checkpoint,
-                      extra={"toolbox_metrics": raw, "work_dir": str(work.path), "fingerprint": work.digest,
+    ctx.write_metrics(task="semantic_seg", dataset="ade20k", protocol=protocol_label(ctx.config), metrics=metrics,
+                      extra={"toolbox_metrics": raw, "work_dir": str(ctx.work.path),
                              "num_classes": cfg.model.decode_head.num_classes,
                              "lr": cfg.optim_wrapper.optimizer.lr,
                              "layer_decay": (cfg.optim_wrapper.get("paramwise_cfg") or {}).get("layer_decay_rate"),
                              "iters": cfg.train_cfg.max_iters,
                              "out_indices": resolved_out_indices(cfg.model.backbone)})
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_main("segmentation", "downstream.dense.segmentation:run", DEFAULTS, argv,
-                      description="ADE20K semantic segmentation (UperNet or linear head, mmseg)")
-
-
-if __name__ == "__main__":
-    main()

@@ -18,29 +18,24 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from downstream.features import log
-from downstream.cli import stage_main
+from downstream.engine.setup import log
 from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate, class_folders, common_extra,
                                           folder_samples, percent, prepare, shard_loader, write_robustness_metrics)
 from ibot.data.imagenet9 import IN9_CLASSES, IN9_VARIANTS
-from ibot.distributed import barrier, init_distributed, is_main
-from ibot.stages import stage_defaults
+from ibot.distributed import is_main
+from ibot.run.context import StageContext
 
-__all__ = ["DEFAULTS", "VARIANTS", "NUM_IN9", "load_in9_map", "map_to_in9", "in9_label", "run", "main"]
+__all__ = ["VARIANTS", "NUM_IN9", "load_in9_map", "map_to_in9", "in9_label", "run"]
 
 VARIANTS: tuple[str, ...] = IN9_VARIANTS  # the one list: ibot.data.imagenet9
 NUM_IN9 = len(IN9_CLASSES)
 _FOLDER = re.compile(r"^(\d+)_")
-
-#: Official protocol: workflow/schemas/robustness.schema.yaml (bg_challenge), the one source.
-DEFAULTS: dict[str, Any] = stage_defaults("bg_challenge")
 
 
 def load_in9_map(path: str | Path, num_classes: int) -> Tensor:
@@ -90,15 +85,12 @@ def _samples(root: Path, variants: Sequence[str], max_per_class: int | None) -> 
     return samples
 
 
-def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int,
-        head: str) -> dict[str, float]:
-    init_distributed()
-    started = time.time()
-    root = Path(data)
+def run(ctx: StageContext) -> dict[str, float]:
+    """Top-1 per ImageNet-9 variant (and the background gap), metrics.json."""
+    config, root = ctx.config, ctx.data_root
     variants = list(config["variants"])
     samples = _samples(root, variants, config["max_images_per_class"])
-    net, transform, sizes, device = prepare(config, model_spec, checkpoint, checkpoint_key, head, seed)
+    net, transform, sizes, device = prepare(ctx)
     mapping_file = Path(config["mapping_file"] or root / "in_to_in9.json")
     lut = load_in9_map(mapping_file, net.num_classes).to(device)
     dataset = LabelledImages(samples, transform)
@@ -113,30 +105,18 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
 
     counts = accumulate(shard_loader(dataset, config["batch_size"], config["num_workers"]), step,
                         {"correct": len(variants), "total": len(variants)}, device=device, desc="bg_challenge")
-    metrics: dict[str, float] = {}
-    if is_main():
-        for index, variant in enumerate(variants):
-            metrics[variant] = percent(counts["correct"][index], counts["total"][index])
-        if "mixed_same" in variants and "mixed_rand" in variants:
-            metrics["bg_gap"] = metrics["mixed_same"] - metrics["mixed_rand"]
-        extra = common_extra(net, sizes, device)
-        extra.update({
-            "num_images": {v: int(counts["total"][i]) for i, v in enumerate(variants)},
-            "mapping_file": str(mapping_file), "head_classes_mapped": int((lut >= 0).sum()),
-            "scoring": "argmax over all head classes, then in_to_in9 (unmapped = wrong), as the official eval_model",
-            "bg_gap": "mixed_same - mixed_rand (top-1 %)",
-        })
-        write_robustness_metrics(out, run=run, model=model, stage="bg_challenge", dataset="imagenet-9",
-                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra,
-                                 head_meta=net.head.meta)
-    barrier()
+    if not is_main():
+        return {}
+    metrics = {variant: percent(counts["correct"][index], counts["total"][index])
+               for index, variant in enumerate(variants)}
+    if "mixed_same" in variants and "mixed_rand" in variants:
+        metrics["bg_gap"] = metrics["mixed_same"] - metrics["mixed_rand"]
+    extra = common_extra(net, sizes, device)
+    extra.update({
+        "num_images": {v: int(counts["total"][i]) for i, v in enumerate(variants)},
+        "mapping_file": str(mapping_file), "head_classes_mapped": int((lut >= 0).sum()),
+        "scoring": "argmax over all head classes, then in_to_in9 (unmapped = wrong), as the official eval_model",
+        "bg_gap": "mixed_same - mixed_rand (top-1 %)",
+    })
+    write_robustness_metrics(ctx, dataset="imagenet-9", metrics=metrics, extra=extra, head_meta=net.head.meta)
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_main("bg_challenge", "downstream.robustness.bg_challenge:run", DEFAULTS, argv,
-                     description="Backgrounds challenge (ImageNet-9) top-1 per variant of backbone + linear head.")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,9 +6,10 @@ The linear-probing stage saves its best head as ``results/<run>/<model>/linear/h
      'meta': {'n_last_blocks', 'avgpool_patchtokens', 'num_classes', 'classes': [wnid, ...],
               'resize', 'crop', 'lr', 'epoch', ...}}
 
-:func:`load_model` rebuilds the classifier with the linear stage's own loader
-(``downstream.linear.load_linear_classifier``) and exposes the pieces the occlusion stage needs:
-the backbone, the ``nn.Linear`` head and the feature function (``downstream.linear.linear_features``).
+:func:`load_model` rebuilds the classifier with the linear probe's own loader
+(:func:`downstream.engine.linear.load_linear_classifier`) and exposes the pieces the occlusion stage
+needs: the backbone, the ``nn.Linear`` head and the feature function
+(:func:`downstream.engine.features.linear_features`).
 
 Also here: the evaluation transform (head meta ``resize``/``crop``, bicubic, ImageNet
 normalisation), folder datasets with a wnid → head-class remap (listed by torchvision's
@@ -19,131 +20,46 @@ normalisation), folder datasets with a wnid → head-class remap (listed by torc
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets.folder import make_dataset, pil_loader
 
-from downstream.features import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, eval_transform, log, pick_device, progress
-from ibot.checkpoint import CheckpointError, load_file, sha256_file
+from downstream.engine.data import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, eval_transform
+from downstream.engine.linear import LinearClassifier, load_linear_classifier
+from downstream.engine.setup import log, pick_device, progress
+from ibot.checkpoint import BackboneCheckpoint, CheckpointError, sha256_file
 from ibot.data import folders
 from ibot.distributed import all_reduce_sum, rank, world_size
 from ibot.io import write_csv_atomic
-from ibot.metrics import write_metrics
+from ibot.models.specs import ModelSpec
+from ibot.run.context import StageContext
 
-__all__ = ["RobustnessError", "robustness_protocol", "HEAD_META_KEYS", "HeadSpec", "read_head", "LinearProbeModel", "load_model",
-           "robustness_transform", "LabelledImages", "class_folders", "folder_samples",
-           "head_class_index", "shard_loader", "accumulate", "percent", "write_csv", "write_robustness_metrics",
-           "common_extra"]
-
-HEAD_META_KEYS = ("n_last_blocks", "avgpool_patchtokens", "classes", "resize", "crop")
+__all__ = ["RobustnessError", "robustness_protocol", "load_model", "robustness_transform", "LabelledImages",
+           "class_folders", "folder_samples", "head_class_index", "shard_loader", "accumulate", "percent", "write_csv",
+           "write_robustness_metrics", "common_extra", "prepare"]
 
 
 class RobustnessError(ValueError):
     """A robustness input (head, dataset layout, class mapping) that cannot be used as asked."""
 
 
-# -- the linear head -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HeadSpec:
-    weight: Tensor
-    bias: Tensor
-    meta: dict[str, Any]
-    path: str
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.weight.shape[0])
-
-
-def read_head(path: str | Path) -> HeadSpec:
-    """Load and check ``head.pth`` (the linear-probing stage's best head)."""
-    try:
-        obj = load_file(path)
-    except CheckpointError as error:
-        raise RobustnessError(f"linear head {path}: {error}") from error
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping) \
-            or not isinstance(obj.get("meta"), Mapping):
-        raise RobustnessError(f"linear head {path}: expected {{'state_dict': {{weight, bias}}, 'meta': {{...}}}} "
-                              f"as written by the linear stage; got keys "
-                              f"{sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__}")
-    state, meta = obj["state_dict"], dict(obj["meta"])
-    missing = [k for k in ("weight", "bias") if k not in state] + [k for k in HEAD_META_KEYS if k not in meta]
-    if missing:
-        raise RobustnessError(f"linear head {path}: missing {missing} (state_dict keys {sorted(state)}, "
-                              f"meta keys {sorted(meta)})")
-    weight, bias = state["weight"], state["bias"]
-    if weight.dim() != 2 or bias.shape != (weight.shape[0],):
-        raise RobustnessError(f"linear head {path}: weight {tuple(weight.shape)} / bias {tuple(bias.shape)} "
-                              f"are not a linear layer")
-    classes = list(meta["classes"])
-    if len(classes) != weight.shape[0] or int(meta.get("num_classes", len(classes))) != weight.shape[0]:
-        raise RobustnessError(f"linear head {path}: {weight.shape[0]} outputs but meta lists {len(classes)} classes "
-                              f"(num_classes {meta.get('num_classes')})")
-    if len(set(classes)) != len(classes):
-        raise RobustnessError(f"linear head {path}: duplicate class names in meta['classes']")
-    return HeadSpec(weight=weight.float(), bias=bias.float(), meta=meta, path=str(path))
-
-
-class LinearProbeModel(nn.Module):
-    """images → logits of the linear probe (``downstream.linear.LinearClassifier``), plus the pieces
-    the occlusion stage needs to run it on reduced token sets (backbone, linear layer, feature fn)."""
-
-    def __init__(self, classifier: nn.Module, head: HeadSpec, feature_fn: Callable[..., Tensor]) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.head = head
-        self.feature_fn = feature_fn
-        self.n_last_blocks = int(classifier.n_last_blocks)
-        self.avgpool = classifier.avgpool_patchtokens
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.classifier.backbone
-
-    @property
-    def linear(self) -> nn.Linear:
-        return self.classifier.linear
-
-    @property
-    def classes(self) -> list[str]:
-        return self.head.classes
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.num_classes
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.classifier(images)
-
-
-def load_model(model_spec: Mapping[str, Any], checkpoint: str | None, checkpoint_key: str | None,
-               head_path: str | Path, *, device: torch.device, seed: int = 0) -> LinearProbeModel:
+# -- the model: backbone + the linear stage's head ---------------------------------------------------
+def load_model(model_spec: ModelSpec, checkpoint: BackboneCheckpoint | None, head_path: str | Path, *,
+               device: torch.device, seed: int = 0) -> LinearClassifier:
     """The evaluated model: backbone (``checkpoint``) + linear head (``head_path``), eval mode, frozen,
-    built by ``downstream.linear.load_linear_classifier`` (the linear stage's own loader)."""
-    from downstream import linear
-
-    head = read_head(head_path)
+    built by :func:`downstream.engine.linear.load_linear_classifier` (the linear probe's own loader)."""
     torch.manual_seed(seed)  # a random-init backbone (no checkpoint) is then reproducible
     try:
-        classifier = linear.load_linear_classifier(dict(model_spec), checkpoint, checkpoint_key, str(head_path))
+        return load_linear_classifier(model_spec, checkpoint, head_path).to(device)
     except CheckpointError as error:
         raise RobustnessError(str(error)) from error
     except ValueError as error:  # the head's feature recipe does not fit this backbone (e.g. n_last_blocks)
         raise RobustnessError(f"linear head {head_path}: {error}") from error
-    model = LinearProbeModel(classifier, head, linear.linear_features)
-    model.eval().requires_grad_(False)
-    return model.to(device)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -272,13 +188,13 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequ
     write_csv_atomic(path, rows, columns)
 
 
-def common_extra(model: LinearProbeModel, sizes: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+def common_extra(model: LinearClassifier, sizes: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     head = model.head
     keep = ("n_last_blocks", "avgpool_patchtokens", "num_classes", "lr", "epoch", "resize", "crop")
     return {
         "head": {"path": head.path, "sha256": sha256_file(head.path),
                  "meta": {k: head.meta[k] for k in keep if k in head.meta}},
-        "model": "downstream.linear.load_linear_classifier", "transform": dict(sizes), "device": str(device),
+        "model": "downstream.engine.linear.load_linear_classifier", "transform": dict(sizes), "device": str(device),
         "world_size": world_size(), "units": "percent",
     }
 
@@ -292,27 +208,19 @@ def robustness_protocol(head_meta: Mapping[str, Any]) -> str:
     return f"linear-head[{head_meta['protocol']}]"
 
 
-def write_robustness_metrics(out: str | Path, *, run: str, model: str, stage: str, dataset: str,
-                             metrics: Mapping[str, float], config: Mapping[str, Any], started: float,
-                             checkpoint: str | None, extra: Mapping[str, Any], head_meta: Mapping[str, Any],
-                             protocol: str | None = None) -> dict[str, Any]:
+def write_robustness_metrics(ctx: StageContext, *, dataset: str, metrics: Mapping[str, float],
+                             extra: Mapping[str, Any], head_meta: Mapping[str, Any],
+                             protocol: str | None = None) -> dict[str, Any] | None:
     """Write a robustness stage's metrics file; the protocol names the linear head's (or ``protocol``)."""
-    record = write_metrics(out, run=run, model=model, stage=stage, task="robustness", dataset=dataset,
-                           protocol=protocol or robustness_protocol(head_meta), metrics=metrics, config=config,
-                           wall_time_s=time.time() - started, checkpoint=checkpoint, extra=extra)
-    log(f"[{stage}] " + ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()))
-    log(f"[{stage}] wrote {out}")
-    return record
+    log(f"[{ctx.stage}] " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    return ctx.write_metrics(task="robustness", dataset=dataset, protocol=protocol or robustness_protocol(head_meta),
+                             metrics=metrics, extra=extra)
 
 
-# -- stage plumbing --------------------------------------------------------------------------------
-def prepare(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-            checkpoint_key: str | None, head: str, seed: int) -> tuple[LinearProbeModel, Callable, dict, torch.device]:
-    """Model on the device, eval transform and its resolved sizes (call after ``init_distributed``)."""
+def prepare(ctx: StageContext) -> tuple[LinearClassifier, Callable, dict, torch.device]:
+    """Model on the device (the backbone + the linear stage's head), eval transform and its resolved sizes."""
     device = pick_device()
-    model = load_model(model_spec, checkpoint, checkpoint_key, head, device=device, seed=seed)
+    model = load_model(ctx.model, ctx.checkpoint, ctx.inputs["head"], device=device, seed=ctx.seed)
     robustness_protocol(model.head.meta)  # a head without its protocol fails before any evaluation
-    transform, sizes = robustness_transform(config, model.head.meta)
+    transform, sizes = robustness_transform(ctx.config, model.head.meta)
     return model, transform, sizes, device
-
-

@@ -23,22 +23,20 @@ Per corruption x severity top-1: ``per_corruption.csv`` beside metrics.json.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
-from downstream.features import log
-from downstream.cli import stage_main
+from downstream.engine.setup import log
 from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate, common_extra,
                                           folder_samples, head_class_index, percent, prepare, shard_loader,
                                           write_csv, write_robustness_metrics)
 from ibot.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
-from ibot.distributed import barrier, init_distributed, is_main
-from ibot.stages import stage_defaults
+from ibot.distributed import is_main
+from ibot.run.context import StageContext
 
-__all__ = ["DEFAULTS", "ALL_CORRUPTIONS", "ALEXNET_ERRORS", "SEVERITIES", "summarise", "run", "main"]
+__all__ = ["ALL_CORRUPTIONS", "ALEXNET_ERRORS", "SEVERITIES", "summarise", "run"]
 
 ALL_CORRUPTIONS: tuple[str, ...] = tuple(BENCHMARK_CORRUPTIONS) + tuple(EXTRA_CORRUPTIONS)
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -50,9 +48,6 @@ ALEXNET_ERRORS: dict[str, float] = {
     "snow": 0.866816, "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592,
     "contrast": 0.853204, "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
 }
-
-#: Official protocol: workflow/schemas/robustness.schema.yaml (imagenet_c), the one source.
-DEFAULTS: dict[str, Any] = stage_defaults("imagenet_c")
 
 
 def summarise(errors: Mapping[str, Mapping[int, float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -103,14 +98,11 @@ def _groups(root: Path, config: Mapping[str, Any]) -> tuple[list[tuple[str, int]
     return present, missing_names
 
 
-def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int,
-        head: str) -> dict[str, float]:
-    init_distributed()
-    started = time.time()
-    root = Path(data)
+def run(ctx: StageContext) -> dict[str, float]:
+    """Top-1 of every corruption x severity folder, the summaries, per_corruption.csv and metrics.json."""
+    config, root = ctx.config, ctx.data_root
     groups, missing = _groups(root, config)
-    net, transform, sizes, device = prepare(config, model_spec, checkpoint, checkpoint_key, head, seed)
+    net, transform, sizes, device = prepare(ctx)
     labels = head_class_index(net.classes)
     n_groups = len(groups)
     counts = {"correct": torch.zeros(n_groups, dtype=torch.float64), "total": torch.zeros(n_groups, dtype=torch.float64)}
@@ -139,42 +131,30 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
         for key in counts:
             counts[key] += result[key]
 
-    metrics: dict[str, float] = {}
-    if is_main():
-        rows, errors = [], {}
-        for index, (corruption, severity) in enumerate(groups):
-            top1 = percent(counts["correct"][index], counts["total"][index])
-            errors.setdefault(corruption, {})[severity] = 1.0 - top1 / 100.0
-            rows.append({"corruption": corruption, "severity": severity, "n_images": int(counts["total"][index]),
-                         "top1": round(top1, 4), "error": round(100.0 - top1, 4),
-                         "set": "benchmark" if corruption in BENCHMARK_CORRUPTIONS else "extra"})
-        metrics, per_corruption = summarise(errors)
-        table = Path(out).with_name("per_corruption.csv")
-        write_csv(table, rows, ["corruption", "severity", "set", "n_images", "top1", "error"])
-        extra = common_extra(net, sizes, device)
-        extra.update({
-            "reported": "mean_error_19",
-            "definitions": {
-                "mean_error_19": "unnormalised mean top-1 error (%) over 19 corruptions x 5 severities "
-                                 "(iBOT Tab.8 'mCE', note R3)",
-                "mean_error_15": "unnormalised mean top-1 error (%) over the 15 benchmark corruptions",
-                "mCE_alexnet_15": "AlexNet-normalised mCE (%) over the 15 benchmark corruptions "
-                                  "(Hendrycks & Dietterich 2019)",
-            },
-            "per_corruption_mean_error": per_corruption, "missing": missing, "num_images": num_images,
-            "per_corruption_csv": table.name, "alexnet_errors": ALEXNET_ERRORS,
-        })
-        write_robustness_metrics(out, run=run, model=model, stage="imagenet_c", dataset="imagenet-c",
-                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra,
-                                 head_meta=net.head.meta)
-    barrier()
+    if not is_main():
+        return {}
+    rows, errors = [], {}
+    for index, (corruption, severity) in enumerate(groups):
+        top1 = percent(counts["correct"][index], counts["total"][index])
+        errors.setdefault(corruption, {})[severity] = 1.0 - top1 / 100.0
+        rows.append({"corruption": corruption, "severity": severity, "n_images": int(counts["total"][index]),
+                     "top1": round(top1, 4), "error": round(100.0 - top1, 4),
+                     "set": "benchmark" if corruption in BENCHMARK_CORRUPTIONS else "extra"})
+    metrics, per_corruption = summarise(errors)
+    table = ctx.dir / "per_corruption.csv"
+    write_csv(table, rows, ["corruption", "severity", "set", "n_images", "top1", "error"])
+    extra = common_extra(net, sizes, device)
+    extra.update({
+        "reported": "mean_error_19",
+        "definitions": {
+            "mean_error_19": "unnormalised mean top-1 error (%) over 19 corruptions x 5 severities "
+                             "(iBOT Tab.8 'mCE', note R3)",
+            "mean_error_15": "unnormalised mean top-1 error (%) over the 15 benchmark corruptions",
+            "mCE_alexnet_15": "AlexNet-normalised mCE (%) over the 15 benchmark corruptions "
+                              "(Hendrycks & Dietterich 2019)",
+        },
+        "per_corruption_mean_error": per_corruption, "missing": missing, "num_images": num_images,
+        "per_corruption_csv": table.name, "alexnet_errors": ALEXNET_ERRORS,
+    })
+    write_robustness_metrics(ctx, dataset="imagenet-c", metrics=metrics, extra=extra, head_meta=net.head.meta)
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_main("imagenet_c", "downstream.robustness.imagenet_c:run", DEFAULTS, argv,
-                     description="ImageNet-C robustness of backbone + linear head (mean error, AlexNet mCE).")
-
-
-if __name__ == "__main__":
-    main()

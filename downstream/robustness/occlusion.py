@@ -56,28 +56,29 @@ dropped = information loss), ``shuffle.csv`` and ``occlusion.png``. Metrics (per
 from __future__ import annotations
 
 import math
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from downstream.features import build_eval_backbone, log
-from downstream.cli import stage_main
-from downstream.robustness.common import (LabelledImages, LinearProbeModel, RobustnessError, accumulate,
+from downstream.engine.features import linear_features
+from downstream.engine.linear import LinearClassifier
+from downstream.engine.setup import build_eval_backbone, log
+from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate,
                                           common_extra, folder_samples, head_class_index, percent, prepare,
                                           shard_loader, robustness_protocol, write_csv, write_robustness_metrics)
-from ibot.checkpoint import CheckpointError, load_file, sha256_file
-from ibot.distributed import barrier, init_distributed, is_main
+from ibot.checkpoint import BackboneCheckpoint, CheckpointError, load_file, sha256_file
+from ibot.distributed import is_main
 from ibot.io import atomic_write
-from ibot.models.vision_transformer import ARCHITECTURES
-from ibot.stages import stage_defaults
+from ibot.models.specs import ARCHITECTURES, ModelSpec
+from ibot.run.context import StageContext
 
-__all__ = ["DEFAULTS", "MODES", "PROTOCOLS", "REPORTED_RATIO", "DINO_VITS16_FILE", "resolve_config",
+__all__ = ["MODES", "PROTOCOLS", "REPORTED_RATIO", "DINO_VITS16_FILE", "resolve_config",
            "saliency_model_label", "protocol_label", "load_saliency_model", "head_attention",
            "official_salient_mask", "saliency", "salient_drop", "nonsalient_drop", "random_drop",
-           "shuffle_patches", "zero_patches", "grid_sizes", "logits_from_kept_tokens", "run", "main"]
+           "shuffle_patches", "zero_patches", "grid_sizes", "logits_from_kept_tokens", "preflight", "run"]
 
 MODES: tuple[str, ...] = ("salient", "nonsalient", "random")
 PROTOCOLS: tuple[str, ...] = ("official", "self_attention")
@@ -87,9 +88,6 @@ _SALT = {"random": 1, "shuffle": 2}
 #: (no hash in the name, none in DINO's hubconf), so it is recognised by file name + released layout.
 DINO_VITS16_FILE = "dino_deitsmall16_pretrain.pth"
 _SALIENCY_KEY = "robustness.occlusion.saliency_model.checkpoint"
-
-#: Defaults: workflow/schemas/robustness.schema.yaml (occlusion), the one source.
-DEFAULTS: dict[str, Any] = stage_defaults("occlusion")
 
 
 # -- protocol ----------------------------------------------------------------------------------------
@@ -185,9 +183,9 @@ def load_saliency_model(spec: Mapping[str, Any], img_size: int, device: torch.de
     """The separate saliency ViT (eval mode, frozen) through the one checkpoint loader, built at the
     checkpoint's native size (other crops interpolate the position table, as DINO's forward does)."""
     path = spec["checkpoint"]
-    model_spec = {"arch": spec["arch"], "patch_size": int(spec["patch_size"]), "depth": spec["depth"]}
     try:
-        backbone = build_eval_backbone(model_spec, path, spec["checkpoint_key"], img_size)
+        backbone = build_eval_backbone(ModelSpec.of(spec), BackboneCheckpoint(Path(path), spec["checkpoint_key"]),
+                                       img_size)
     except (CheckpointError, ValueError) as error:  # unreadable file, another model, unknown arch
         raise RobustnessError(f"{_SALIENCY_KEY} ({spec['arch']}, patch {spec['patch_size']}): {error}") from error
     if Path(path).name == DINO_VITS16_FILE and spec["checkpoint_key"] is None:
@@ -325,7 +323,7 @@ class _PrecomputedLayers:
         return getattr(self._backbone, name)
 
 
-def logits_from_kept_tokens(model: LinearProbeModel, images: Tensor, keep: Tensor) -> Tensor:
+def logits_from_kept_tokens(model: LinearClassifier, images: Tensor, keep: Tensor) -> Tensor:
     """Logits when only the patch tokens with ``keep`` [B, N] (bool) enter the transformer.
 
     Dropped tokens are *removed* from the sequence after patch + position embedding ([CLS] always
@@ -333,7 +331,7 @@ def logits_from_kept_tokens(model: LinearProbeModel, images: Tensor, keep: Tenso
     tokens are packed first, padding keys are masked out of every attention, and padded positions
     of the block outputs are set to the mean of the kept patch tokens (the [CLS] output when none
     is kept) so that any patch-average in the feature function sees exactly the kept tokens. The
-    features are assembled by the linear stage's own feature function (``model.feature_fn``), so
+    features are assembled by the linear stage's own feature function (:func:`linear_features`), so
     they match the head's training features exactly.
     """
     backbone = model.backbone
@@ -366,12 +364,13 @@ def logits_from_kept_tokens(model: LinearProbeModel, images: Tensor, keep: Tenso
                 mean = torch.where((counts > 0).unsqueeze(-1), mean, out[:, 0])
                 out = torch.cat((out[:, :1], torch.where(valid.unsqueeze(-1), patch, mean.unsqueeze(1))), dim=1)
             outputs[index] = out
-    features = model.feature_fn(_PrecomputedLayers(backbone, outputs), images, model.n_last_blocks, model.avgpool)
+    features = linear_features(_PrecomputedLayers(backbone, outputs), images, model.n_last_blocks,
+                               model.avgpool_patchtokens)
     return model.linear(features.float())
 
 
 # -- stage -----------------------------------------------------------------------------------------
-def _drop_logits(net: LinearProbeModel, images: Tensor, drop: Tensor, mode: str) -> Tensor:
+def _drop_logits(net: LinearClassifier, images: Tensor, drop: Tensor, mode: str) -> Tensor:
     if mode == "tokens":
         return logits_from_kept_tokens(net, images, ~drop.to(images.device))
     return net(zero_patches(images, drop.to(images.device), int(net.backbone.patch_size)))
@@ -439,11 +438,10 @@ def preflight(config: Mapping[str, Any]) -> None:
         _require_saliency_checkpoint(config)
 
 
-def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: str | None,
-        checkpoint_key: str | None, data: str, out: str, run: str, model: str, seed: int,
-        head: str) -> dict[str, float]:
-    started = time.time()
-    config = resolve_config(config)  # protocol keys checked before any work
+def run(ctx: StageContext) -> dict[str, float]:
+    """Clean, occluded and shuffled top-1 of backbone + linear head; curves, plot and metrics.json."""
+    ctx = replace(ctx, config=resolve_config(ctx.config))  # protocol keys checked before any work; recorded resolved
+    config, seed = ctx.config, ctx.seed
     official = config["protocol"] == "official"
     saliency_path = _require_saliency_checkpoint(config) if official else None
     modes = list(config["modes"])
@@ -453,8 +451,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     ratios = sorted({float(r) for r in config["ratios"]} | {REPORTED_RATIO})
     if any(not 0.0 <= r <= 1.0 for r in ratios):
         raise RobustnessError(f"occlusion.ratios: {ratios} must lie in [0, 1]")
-    init_distributed()
-    net, transform, sizes, device = prepare(config, model_spec, checkpoint, checkpoint_key, head, seed)
+    net, transform, sizes, device = prepare(ctx)
     crop = sizes["crop"]
     spec = config["saliency_model"]
     if official:
@@ -467,7 +464,7 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     grid = crop // patch
     num_patches = grid * grid
     grids = grid_sizes(config["shuffle_grid_sizes"], crop)
-    folder = Path(data) / config["split"]
+    folder = ctx.data_root / config["split"]
     dataset = LabelledImages(folder_samples(folder, head_class_index(net.classes), what=f"ImageNet {folder}",
                                             max_per_class=config["max_images_per_class"]), transform)
     log(f"[occlusion] protocol {config['protocol']}, {len(dataset)} images, {num_patches} patches, modes {modes} x "
@@ -505,56 +502,43 @@ def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], checkpoint: st
     counts = accumulate(shard_loader(dataset, config["batch_size"], config["num_workers"]), step, zeros,
                         device=device, desc="occlusion")
 
-    metrics: dict[str, float] = {}
-    if is_main():
-        total = counts["total"][0]
-        clean = percent(counts["clean"][0], total)
-        metrics["clean_top1"] = clean
-        rows, curves, loss = [], {}, {}
-        definitions = _ratio_definitions(config["protocol"])
-        for mode in modes:
-            curves[mode] = [percent(c, total) for c in counts[f"{mode}/correct"]]
-            loss[mode] = [round(float(d / total), 6) for d in counts[f"{mode}/dropped"]]
-            for i, ratio in enumerate(ratios):
-                rows.append({"mode": mode, "ratio": ratio, "top1": round(curves[mode][i], 4),
-                             "dropped_patch_fraction": loss[mode][i], "ratio_definition": definitions[mode]})
-            metrics[f"{mode}_{REPORTED_RATIO}"] = curves[mode][ratios.index(REPORTED_RATIO)]
-        shuffle = [(g, percent(counts["shuffle"][i], total)) for i, g in enumerate(grids)]
-        out_dir = Path(out).parent
-        write_csv(out_dir / "curves.csv", rows, ["mode", "ratio", "top1", "dropped_patch_fraction", "ratio_definition"])
-        write_csv(out_dir / "shuffle.csv", [{"grid": g, "tile_px": crop // g, "top1": round(v, 4)} for g, v in shuffle],
-                  ["grid", "tile_px", "top1"])
-        _plot(out_dir / "occlusion.png", ratios, curves, clean, shuffle,
-              f"{model}: occlusion ({config['protocol']}, {config['drop']})",
-              "lambda (salient attention mass)" if official else "information loss ratio")
-        extra = common_extra(net, sizes, device)
-        extra.update({
-            "protocol": config["protocol"], "num_images": int(total), "num_patches": num_patches, "ratios": ratios,
-            "curves": curves, "shuffle": {str(g): v for g, v in shuffle}, "drop": config["drop"],
-            "information_loss": loss,  # fraction of pixels (official) / patch tokens removed, per ratio
-            f"information_loss_{REPORTED_RATIO}": {m: loss[m][ratios.index(REPORTED_RATIO)] for m in modes},
-            "ratio_definition": definitions,
-            "outputs": ["curves.csv", "shuffle.csv", "occlusion.png"],
-        })
-        if official:
-            extra["saliency"] = f"separate model's last-block [CLS] attention, head {sal_head}"
-            extra["saliency_model"] = {**spec, "sha256": sha256_file(saliency_path),
-                                       "num_heads": int(sal_model.num_heads)}
-        else:
-            extra["saliency"] = f"model's own last-block [CLS] attention ({config['attention_heads']} head(s))"
-        write_robustness_metrics(out, run=run, model=model, stage="occlusion", dataset="imagenet-val",
-                                 metrics=metrics, config=config, started=started, checkpoint=checkpoint, extra=extra,
-                                 head_meta=net.head.meta, protocol=protocol_label(config, net.head.meta))
-    barrier()
+    if not is_main():
+        return {}
+    total = counts["total"][0]
+    clean = percent(counts["clean"][0], total)
+    metrics: dict[str, float] = {"clean_top1": clean}
+    rows, curves, loss = [], {}, {}
+    definitions = _ratio_definitions(config["protocol"])
+    for mode in modes:
+        curves[mode] = [percent(c, total) for c in counts[f"{mode}/correct"]]
+        loss[mode] = [round(float(d / total), 6) for d in counts[f"{mode}/dropped"]]
+        for i, ratio in enumerate(ratios):
+            rows.append({"mode": mode, "ratio": ratio, "top1": round(curves[mode][i], 4),
+                         "dropped_patch_fraction": loss[mode][i], "ratio_definition": definitions[mode]})
+        metrics[f"{mode}_{REPORTED_RATIO}"] = curves[mode][ratios.index(REPORTED_RATIO)]
+    shuffle = [(g, percent(counts["shuffle"][i], total)) for i, g in enumerate(grids)]
+    out_dir = ctx.dir
+    write_csv(out_dir / "curves.csv", rows, ["mode", "ratio", "top1", "dropped_patch_fraction", "ratio_definition"])
+    write_csv(out_dir / "shuffle.csv", [{"grid": g, "tile_px": crop // g, "top1": round(v, 4)} for g, v in shuffle],
+              ["grid", "tile_px", "top1"])
+    _plot(out_dir / "occlusion.png", ratios, curves, clean, shuffle,
+          f"{ctx.name}: occlusion ({config['protocol']}, {config['drop']})",
+          "lambda (salient attention mass)" if official else "information loss ratio")
+    extra = common_extra(net, sizes, device)
+    extra.update({
+        "protocol": config["protocol"], "num_images": int(total), "num_patches": num_patches, "ratios": ratios,
+        "curves": curves, "shuffle": {str(g): v for g, v in shuffle}, "drop": config["drop"],
+        "information_loss": loss,  # fraction of pixels (official) / patch tokens removed, per ratio
+        f"information_loss_{REPORTED_RATIO}": {m: loss[m][ratios.index(REPORTED_RATIO)] for m in modes},
+        "ratio_definition": definitions,
+        "outputs": ["curves.csv", "shuffle.csv", "occlusion.png"],
+    })
+    if official:
+        extra["saliency"] = f"separate model's last-block [CLS] attention, head {sal_head}"
+        extra["saliency_model"] = {**spec, "sha256": sha256_file(saliency_path),
+                                   "num_heads": int(sal_model.num_heads)}
+    else:
+        extra["saliency"] = f"model's own last-block [CLS] attention ({config['attention_heads']} head(s))"
+    write_robustness_metrics(ctx, dataset="imagenet-val", metrics=metrics, extra=extra, head_meta=net.head.meta,
+                             protocol=protocol_label(config, net.head.meta))
     return metrics
-
-
-def main(argv: Sequence[str] | None = None) -> Any:
-    return stage_main("occlusion", "downstream.robustness.occlusion:run", DEFAULTS, argv,
-                     description="Occlusion (salient / non-salient / random patch drop; official protocol: "
-                                 "DINO ViT-S/16 saliency, zeroed pixels) and patch shuffle robustness of "
-                                 "backbone + linear head.")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,8 +9,9 @@ parses the Snakefile; importing the model code (torch, timm, torchvision) there 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
-__all__ = ["ArchSpec", "SwinSpec", "VIT_ARCHITECTURES", "SWIN_ARCHITECTURES", "ARCHITECTURES"]
+__all__ = ["ArchSpec", "SwinSpec", "ModelSpec", "VIT_ARCHITECTURES", "SWIN_ARCHITECTURES", "ARCHITECTURES"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +63,56 @@ SWIN_ARCHITECTURES: dict[str, SwinSpec] = {
 
 #: Every backbone by name (ViT and Swin sizes share one enum and one builder, build_backbone).
 ARCHITECTURES: dict[str, ArchSpec | SwinSpec] = {**VIT_ARCHITECTURES, **SWIN_ARCHITECTURES}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What defines a backbone: ``models.<name>``'s ``arch``, ``patch_size``, ``depth``, ``window_size``.
+
+    The one typed value every stage, fingerprint, CLI and result label derives from. ``as_dict`` leaves
+    ``window_size`` out when unset, so ViT specs (and the work-dir fingerprints made from them) stay
+    those of the keys that define a ViT.
+    """
+
+    arch: str
+    patch_size: int = 16
+    depth: int | None = None          # ViT block count override (embedded models)
+    window_size: int | None = None    # Swin attention window (None: the size's default)
+
+    @classmethod
+    def of(cls, value: "ModelSpec | Mapping[str, Any]") -> "ModelSpec":
+        """A spec from a spec or a mapping with its keys (a ``models.<name>`` entry, a head's meta)."""
+        if isinstance(value, cls):
+            return value
+        return cls(arch=str(value["arch"]), patch_size=int(value.get("patch_size") or 16),
+                   depth=None if value.get("depth") is None else int(value["depth"]),
+                   window_size=None if value.get("window_size") is None else int(value["window_size"]))
+
+    def as_dict(self) -> dict[str, Any]:
+        spec = {"arch": self.arch, "patch_size": self.patch_size, "depth": self.depth}
+        return {**spec, "window_size": self.window_size} if self.window_size is not None else spec
+
+    def cli_args(self) -> list[str]:
+        """The backbone flags of the stage command line (``add_arguments`` reads them back)."""
+        args = ["--arch", self.arch, "--patch-size", str(self.patch_size)]
+        args += ["--depth", str(self.depth)] if self.depth is not None else []
+        return args + (["--window-size", str(self.window_size)] if self.window_size is not None else [])
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--arch", default="vit_small", choices=sorted(ARCHITECTURES), help="backbone architecture")
+        parser.add_argument("--patch-size", type=int, default=16)
+        parser.add_argument("--depth", type=int, default=None, help="override the ViT block count (embedded models)")
+        parser.add_argument("--window-size", type=int, default=None, help="Swin attention window (swin_* archs)")
+
+    @classmethod
+    def from_args(cls, args) -> "ModelSpec":
+        return cls(arch=args.arch, patch_size=args.patch_size, depth=args.depth, window_size=args.window_size)
+
+    @property
+    def size(self) -> ArchSpec | SwinSpec:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.depth or self.size.depth

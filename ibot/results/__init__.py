@@ -6,8 +6,10 @@
 - :mod:`ibot.results.tables` — classification / dense / robustness tables (Markdown, CSV, LaTeX, HTML);
 - :mod:`ibot.results.plots` and :mod:`ibot.results.attention` — matplotlib figures (Agg);
 - :mod:`ibot.results.compare` — run vs run, run vs paper;
+- :mod:`ibot.results.readme` — a run's figures written into README.md between markers;
 - :mod:`ibot.results.dvc_tools` — DVC tracking of the pretraining outputs, push/pull, and the
   post-pull ``snakemake --touch`` that keeps a pulled checkpoint from triggering a rerun.
 
-CLI: ``python -m ibot.results {summary,tables,plots,attention,compare,dvc-track,dvc-push,dvc-pull}``.
+CLI: ``python -m ibot.results {summary,coverage,plan,tables,plots,attention,readme,compare,dvc-track,dvc-push,
+dvc-pull}``.
 """

@@ -6,6 +6,7 @@
   tables      summary.csv of one or more runs/seeds -> paper-style tables (md, csv, tex, html)
   plots       figures of a run (pretraining curves, linear sweep, robustness, ours vs paper)
   attention   [CLS] attention maps of the last block for a few validation images
+  readme      fill README.md's block of a run with its figures (paper-table metrics per model, device, date)
   compare     RUN_A RUN_B (each "run" or "run1,run2" pooled), or RUN_A --paper
   dvc-track   dvc add every output of the pretraining jobs (+ --push)
   dvc-push    dvc push
@@ -24,6 +25,9 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+
+from ibot.models.specs import ModelSpec
+from ibot.stages import BACKBONE_STAGE
 
 
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -72,8 +76,7 @@ def _attention(args) -> None:
     from ibot.results.attention import attention_figure, find_images
 
     images = find_images(args.images, args.num_images)
-    spec = {"arch": args.arch, "patch_size": args.patch_size, "depth": args.depth}
-    attention_figure(spec, args.checkpoint, images, args.out, checkpoint_key=args.checkpoint_key,
+    attention_figure(ModelSpec.from_args(args), args.checkpoint, images, args.out, checkpoint_key=args.checkpoint_key,
                      img_size=args.img_size, title=args.title)
     print(f"[results] attention maps of {len(images)} images: {args.out}")
 
@@ -136,7 +139,18 @@ def _coverage(args) -> None:
     report = format_coverage(coverage(config, planned_outputs(args.configfile)), args.configfile)
     if args.out:
         write_text_atomic(args.out, report)
-    print(report.split("\n\n| table |")[0])
+    headline = report.split("\n\n| table |")[0]
+    if args.readme:
+        from ibot.results.readme import replace_block
+
+        write_text_atomic(args.readme, replace_block(Path(args.readme).read_text(), "coverage", headline))
+    print(headline)
+
+
+def _readme(args) -> None:
+    from ibot.results.readme import write_readme_block
+
+    print(write_readme_block(args.run_dir, args.readme, args.block))
 
 
 def _plan(args) -> None:
@@ -188,9 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attention", help="[CLS] attention maps (last block)")
     p.add_argument("--checkpoint", default=None, help="backbone weights (none: random init)")
     p.add_argument("--checkpoint-key", default=None)
-    p.add_argument("--arch", required=True)
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--depth", type=int, default=None)
+    ModelSpec.add_arguments(p)
     p.add_argument("--images", required=True, help="ImageFolder root (val/<class>/...) or a folder of images")
     p.add_argument("--num-images", type=int, default=4)
     p.add_argument("--img-size", type=int, default=224)
@@ -201,7 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coverage", help="which of the paper's iBOT numbers a config's plan produces, and why not")
     p.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
     p.add_argument("--out", default=None, help="also write the Markdown report here")
+    p.add_argument("--readme", default=None, help="also fill this file's <!-- coverage:start/end --> block")
     p.set_defaults(func=_coverage)
+
+    p = sub.add_parser("readme", help="fill README.md's block of a run with its figures, from its results")
+    p.add_argument("--run-dir", required=True, help="results/<run> of a finished run (its summary.csv, metrics)")
+    p.add_argument("--readme", default="README.md")
+    p.add_argument("--block", default=None, help="marker name (default: the run name, <!-- embedded:start -->)")
+    p.set_defaults(func=_readme)
 
     p = sub.add_parser("plan", help="estimated device-hours and wall time of every job, before launching")
     p.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
@@ -251,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         from ibot.results.dvc_tools import DVCError
 
         if getattr(args, "rule", "unset") is None:
-            args.rule = ["pretrain"]
+            args.rule = [BACKBONE_STAGE.name]
         try:
             args.func(args, smk)
         except DVCError as error:  # the message says what failed and how to fix it: no traceback

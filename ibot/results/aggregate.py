@@ -308,14 +308,15 @@ def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataF
 
 # -- model info ---------------------------------------------------------------------------------------
 def models_info_from_config(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{model: {paper_model, arch, patch_size, depth, weights, pretrain_note}}`` from a (validated)
+    """``{model: {paper_model, <ModelSpec fields>, weights, pretrain_note}}`` from a (validated)
     workflow config (``paper_model``: the model's paper label, :func:`paper_label`); ``pretrain_note`` says when the model is pretrained with another global batch
     than its recipe's (``pretrain.batch_rescale``), which the tables mark."""
+    from ibot.models.specs import ModelSpec
+
     out = {}
     for name, entry in (config.get("models") or {}).items():
         label = paper_label(entry.get("paper_model"), entry.get("pretrain_data"), entry.get("paper_variant"))
-        out[name] = {"paper_model": label, "arch": entry.get("arch"),
-                     "patch_size": entry.get("patch_size", 16), "depth": entry.get("depth"),
+        out[name] = {"paper_model": label, **ModelSpec.of(entry).as_dict(),
                      "weights": entry.get("weights", "pretrain"), "pretrain_note": pretrain_note(config, name)}
     return out
 

@@ -42,11 +42,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
+from ibot.stages import BACKBONE_STAGE
+
 __all__ = ["DVCError", "Remote", "repo_root", "dvc_lock", "run_dvc", "run_snakemake", "snakemake_summary",
            "rule_outputs", "tracked_outputs", "remote_config", "check_remote", "s3_credentials_source", "track",
            "push", "pull", "mark_up_to_date", "PRETRAIN_RULES", "SECRET_OPTIONS"]
 
-PRETRAIN_RULES = ("pretrain",)
+#: The rules whose outputs are tracked: the stage that makes the backbone (pretraining).
+PRETRAIN_RULES = (BACKBONE_STAGE.name,)
 #: Remote options that are secrets: allowed in ``.dvc/config.local`` (git-ignored), never in ``.dvc/config``.
 SECRET_OPTIONS = ("access_key_id", "secret_access_key", "session_token", "sse_customer_key", "password",
                   "key_secret", "account_key", "sas_token", "connection_string", "gdrive_client_secret")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ibot.models.specs import ARCHITECTURES, ArchSpec, SwinSpec
+from ibot.stages import BACKBONE_STAGE
 
 __all__ = ["DATASET_IMAGES", "Job", "vit_forward_flops", "backbone_forward_flops", "job_work", "plan", "load_rates",
            "format_plan", "DEFAULT_RATES"]
@@ -99,7 +100,7 @@ def _imagenet_train(config: Mapping[str, Any], model: str) -> int:
 def _stage_passes(stage: str, cfg: Mapping[str, Any], config: Mapping[str, Any], model: str) -> tuple[Passes, str]:
     """The (images, size, factor) of one stage from its resolved config, and a short description."""
     n_train, n_val = DATASET_IMAGES["imagenet_train"], DATASET_IMAGES["imagenet_val"]
-    if stage == "pretrain":
+    if stage == BACKBONE_STAGE.name:
         images = cfg["epochs"] * _imagenet_train(config, model)
         g, gs = cfg["global_crops_number"], cfg["global_crops_size"]
         l, ls = cfg["local_crops_number"], cfg["local_crops_size"]
@@ -192,18 +193,18 @@ def plan(config: Mapping[str, Any], rates: Mapping[str, Any], kind: str) -> list
     from ibot.config import planned_stages, stage_config, stage_resources
 
     from ibot.stages import STAGES
-    from ibot.sweep import sweep_values, value_label
+    from ibot.sweep import run_config, sweep_values, value_label
 
     rate, _ = effective_flops_per_s(rates, kind)
     jobs = []
-    for model, entry in config["models"].items():
-        stages = (["pretrain"] if entry.get("weights") == "pretrain" else []) + planned_stages(config, model)
-        for stage in stages:
+    for model in config["models"]:
+        for stage in planned_stages(config, model):
             resources = stage_resources(config, stage, model)
             gpus = max(1, int(resources.get("nodes") or 1) * int(resources.get("gpus_per_node") or 1))
             cfg = stage_config(config, stage, model)
-            sweep = getattr(STAGES.get(stage), "sweep", None)  # a swept stage runs one job per value
-            runs = [(f"{stage}[{sweep[1]}={value_label(v)}]", {**cfg, sweep[1]: v})
+            entry = STAGES[stage]
+            sweep = entry.sweep  # a swept stage runs one job per value
+            runs = [(f"{stage}[{sweep[1]}={value_label(v)}]", run_config(entry, cfg, v))
                     for v in sweep_values(cfg, sweep[0], sweep[1])] if sweep else [(stage, cfg)]
             for name, run_cfg in runs:
                 flops, what = job_work(stage, run_cfg, config, model)
@@ -220,7 +221,7 @@ def format_plan(jobs: list[Job], kind: str, device: Mapping[str, Any]) -> str:
         lines.append(f"{job.model:<24} {job.stage:<22} {job.gpus:>4} {job.work_flops / 1e15:>9.0f} "
                      f"{job.device_hours:>9.1f} {job.wall_hours:>8.1f}  {job.what}")
     total = sum(j.device_hours for j in jobs)
-    pretrain = sum(j.device_hours for j in jobs if j.stage == "pretrain")
+    pretrain = sum(j.device_hours for j in jobs if j.stage == BACKBONE_STAGE.name)
     serial = sum(j.wall_hours for j in jobs)
     lines.append(f"total: {len(jobs)} compute jobs (the DAG's other jobs, attention maps, sweep selection and "
                  "tables, take minutes), "

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 
 from ibot.io import atomic_write
+from ibot.stages import BACKBONE_STAGE
 
 __all__ = ["PLOT_FILES", "CURVE_SETS", "curve_outputs", "plot_outputs", "make_plots", "plot_pretrain", "plot_linear_lr", "plot_robustness",
            "plot_ours_vs_paper", "write_curves_csv", "read_train_log"]
@@ -283,11 +284,11 @@ def plot_ours_vs_paper(agg: pd.DataFrame, out: str | Path) -> Path:
 
 # -- all of a run -----------------------------------------------------------------------------------
 def _model_dirs(run_dir: Path) -> list[str]:
-    """Model folders of a run: those holding a stage folder (with metrics.json) or pretrain/."""
+    """Model folders of a run: those holding a stage folder (with metrics.json) or a pretraining folder."""
     if not run_dir.is_dir():
         return []
     return sorted(p.name for p in run_dir.iterdir() if p.is_dir() and any(
-        q.is_dir() and (q.name == "pretrain" or (q / "metrics.json").is_file()) for q in p.iterdir()))
+        q.is_dir() and (q.name == BACKBONE_STAGE.name or (q / "metrics.json").is_file()) for q in p.iterdir()))
 
 
 def make_plots(run_dirs: Sequence[str | Path], agg: pd.DataFrame, out_dir: str | Path,
@@ -304,8 +305,8 @@ def make_plots(run_dirs: Sequence[str | Path], agg: pd.DataFrame, out_dir: str |
         for model in names:
             label = f"{run_dir.name}/{model}" if several else model
             base = run_dir / model
-            log = next((p for p in (base / "pretrain" / "train_log.csv", base / "pretrain" / "train_log.jsonl")
-                        if p.is_file()), None)
+            pretrain = base / BACKBONE_STAGE.name
+            log = next((p for p in (pretrain / "train_log.csv", pretrain / "train_log.jsonl") if p.is_file()), None)
             if log is not None:
                 logs[label] = log
                 if curves_dir is not None:

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -150,9 +150,16 @@ def _slurm_alive(job_id: str) -> bool:
     return state in _SLURM_ALIVE
 
 
+def _plain(value: Any) -> Any:
+    """JSON form of a call argument: dataclasses (a stage context) by their fields, the rest as text."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in fields(value)}
+    return str(value)
+
+
 def call_digest(entry: str, kwargs: Mapping[str, Any]) -> str:
     """Identity of a call (entry + arguments): a running job is re-attached only for the same call."""
-    return hashlib.sha256(json.dumps([entry, kwargs], sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([entry, kwargs], sort_keys=True, default=_plain).encode()).hexdigest()
 
 
 def _reattach(state_file: Path, resources: Resources, digest: str) -> submitit.Job | None:

@@ -30,19 +30,16 @@ from ibot.checkpoint import (HEAD_SETTINGS, CheckpointError, check_state_dict, e
                              load_file, save_atomic)
 from ibot.data.multicrop import MultiCropMaskedDataset, PendingViews, collate_multicrop
 from ibot.loss import IBOTLoss
-from ibot.io import write_csv_atomic, write_json_atomic, write_text_atomic
+from ibot.run.context import StageContext
+from ibot.io import write_csv_atomic, write_text_atomic
 from ibot.models.head import build_head, loss_patch_out_dim
+from ibot.config import scaled_lr
+from ibot.models.specs import ModelSpec
 from ibot.models.vision_transformer import build_backbone
-from ibot.stages import stage_defaults
 from ibot.train.schedules import (cancel_last_layer_gradients, clip_gradients_per_param, cosine_schedule,
                                   param_groups)
-from ibot.workdir import prepare_stage_work
 
-__all__ = ["DEFAULTS", "IBOTModel", "GlobalBatchSampler", "run", "select_attention_kernel", "train"]
-
-#: Every flag of the official main_ibot.py (same names and defaults) plus reproduction settings;
-#: the values and their meaning live in workflow/schemas/pretrain.schema.yaml (the one source).
-DEFAULTS: dict[str, Any] = stage_defaults("pretrain")
+__all__ = ["IBOTModel", "GlobalBatchSampler", "run", "select_attention_kernel", "train"]
 
 
 class IBOTModel(nn.Module):
@@ -150,13 +147,14 @@ def select_attention_kernel(models: tuple[nn.Module, ...], device: torch.device,
         model.backbone.set_fused_attention(fused)
 
 
-def build_models(cfg: Mapping[str, Any], spec: Mapping[str, Any]) -> tuple[IBOTModel, IBOTModel]:
+def build_models(cfg: Mapping[str, Any], spec: ModelSpec | Mapping[str, Any]) -> tuple[IBOTModel, IBOTModel]:
     """Student (drop path, mask token) and teacher (same weights, no drop path, no grad)."""
-    kwargs = dict(patch_size=spec["patch_size"], img_size=cfg["global_crops_size"], depth=spec.get("depth"),
-                  window_size=spec.get("window_size"))
-    student_backbone = build_backbone(spec["arch"], drop_path_rate=cfg["drop_path"],
+    spec = ModelSpec.of(spec)
+    kwargs = dict(patch_size=spec.patch_size, img_size=cfg["global_crops_size"], depth=spec.depth,
+                  window_size=spec.window_size)
+    student_backbone = build_backbone(spec.arch, drop_path_rate=cfg["drop_path"],
                                       masked_im_modeling=cfg["use_masked_im_modeling"], **kwargs)
-    teacher_backbone = build_backbone(spec["arch"], masked_im_modeling=False, **kwargs)
+    teacher_backbone = build_backbone(spec.arch, masked_im_modeling=False, **kwargs)
     student = IBOTModel(student_backbone, build_head(student_backbone.embed_dim, cfg, teacher=False))
     teacher = IBOTModel(teacher_backbone, build_head(teacher_backbone.embed_dim, cfg, teacher=True))
     teacher.load_state_dict(student.state_dict(), strict=False)  # official: shared names only
@@ -222,7 +220,8 @@ class Trainer:
         # fused AdamW on CUDA: one kernel for all parameters (same update; the default is foreach)
         self.optimizer = torch.optim.AdamW(param_groups(self.student), fused=self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.lr_schedule = cosine_schedule(self.cfg["lr"] * self.global_batch / 256.0, self.cfg["min_lr"], epochs,
+        peak_lr = scaled_lr("pretrain", self.cfg["lr"], self.global_batch)  # lr x batch / 256 (main_ibot.py:306)
+        self.lr_schedule = cosine_schedule(peak_lr, self.cfg["min_lr"], epochs,
                                            iters, warmup_epochs=self.cfg["warmup_epochs"])
         self.wd_schedule = cosine_schedule(self.cfg["weight_decay"], self.cfg["weight_decay_end"], epochs, iters)
         self.momentum_schedule = cosine_schedule(self.cfg["momentum_teacher"], 1.0, epochs, iters)
@@ -415,7 +414,7 @@ class Trainer:
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
         return {"epochs": epochs, "iterations_per_epoch": self.iters_per_epoch, "global_batch": self.global_batch,
                 "recipe_global_batch": self.cfg["global_batch_size"], "batch_rescaled": self.batch_rescaled,
-                "peak_lr": self.cfg["lr"] * self.global_batch / 256.0, "precision": precision,
+                "peak_lr": scaled_lr("pretrain", self.cfg["lr"], self.global_batch), "precision": precision,
                 "train_time_s": time.time() - started, "resumed_from_epoch": self.start_epoch}
 
 
@@ -452,34 +451,44 @@ def train(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: str | Path, wor
     return trainer
 
 
-def run(config: Mapping[str, Any], model_spec: Mapping[str, Any], data: str, out_dir: str, run: str, model: str,
-        seed: int) -> dict[str, Any]:
-    """Pretraining stage entry (inside the launched job): train, then export the teacher backbone and
-    both projection heads (``heads.pth``: official ``head.*`` key names, loaded by
+def run(ctx: StageContext) -> dict[str, Any]:
+    """The pretraining stage (registry ``pretrain``): train in ``work/`` (resuming), then export the teacher
+    backbone, both projection heads (``heads.pth``: official ``head.*`` key names, loaded by
     ``ibot.checkpoint.build_pretrained_head`` for unsupervised classification and semi-supervised
-    fine-tuning from a head layer)."""
-    dist_utils.init_distributed()
-    cfg = {**config, "seed": seed}
-    out = Path(out_dir)
-    work = prepare_stage_work("pretrain", out / "work", config=cfg, model_spec=model_spec,
-                              checkpoint=cfg["load_from"], data={"train": data}, seed=seed)
-    trainer = train(cfg, model_spec, data, work.path, tb_dir=out / "tb")
-    summary = {"run": run, "model": model, **trainer.summary, "arch": model_spec["arch"],
-               "patch_size": model_spec["patch_size"], "depth": trainer.teacher.backbone.depth,
-               "fingerprint": work.digest}
-    if dist_utils.is_main():
-        meta = {"arch": model_spec["arch"], "patch_size": model_spec["patch_size"],
-                "depth": trainer.teacher.backbone.depth, "epochs": cfg["epochs"], "source": "ibot-repro teacher",
-                "fingerprint": work.digest}
-        export_backbone(trainer.teacher.backbone, out / "teacher_backbone.pth", meta)
-        export_heads({"teacher": trainer.teacher.head, "student": trainer.student.head}, out / "heads.pth",
-                     {**meta, **{k: cfg[k] for k in HEAD_SETTINGS if k in cfg},
-                      "embed_dim": trainer.teacher.backbone.embed_dim})
-        export_log_csv(out / "work" / "train_log.jsonl", out / "train_log.csv")
-        write_json_atomic(summary, out / "summary.json")
+    fine-tuning from a head layer), the training curves and ``metrics.json`` (the last logged losses, the
+    run's summary in ``extra``)."""
+    cfg = {**ctx.config, "seed": ctx.seed}
+    out, spec = ctx.dir, ctx.model
+    trainer = train(cfg, spec.as_dict(), ctx.data_root, ctx.work.path, tb_dir=ctx.tb_dir)
+    summary = {**trainer.summary, "arch": spec.arch, "patch_size": spec.patch_size,
+               "depth": trainer.teacher.backbone.depth}
+    if not dist_utils.is_main():
+        return summary
+    meta = {"arch": spec.arch, "patch_size": spec.patch_size, "depth": trainer.teacher.backbone.depth,
+            "epochs": cfg["epochs"], "source": "ibot-repro teacher", "fingerprint": ctx.work.digest}
+    export_backbone(trainer.teacher.backbone, out / "teacher_backbone.pth", meta)
+    export_heads({"teacher": trainer.teacher.head, "student": trainer.student.head}, out / "heads.pth",
+                 {**meta, **{k: cfg[k] for k in HEAD_SETTINGS if k in cfg},
+                  "embed_dim": trainer.teacher.backbone.embed_dim})
+    rows = export_log_csv(ctx.work.path / "train_log.jsonl", out / "train_log.csv")
+    last = rows[-1] if rows else {}
+    classes = len(getattr(trainer.dataset.dataset, "classes", []))
+    ctx.write_metrics(task="pretrain", dataset=_dataset_label(ctx, classes),
+                      protocol=f"ibot,{cfg['epochs']}ep,batch={trainer.global_batch}",
+                      metrics={key: float(last[key]) for key in ("loss", "cls", "patch") if key in last},
+                      extra={"summary": summary, "last_logged_iteration": last.get("iteration")})
     return summary
 
 
-def export_log_csv(jsonl: Path, csv_path: Path) -> None:
+def _dataset_label(ctx: StageContext, num_classes: int) -> str:
+    """``imagenet-1k`` / ``imagenet-22k`` for the real sets (by class count), else the data folder's name."""
+    kind, root = next(iter(ctx.data.items()))
+    official = {("imagenet", 1000): "imagenet-1k", ("imagenet22k", 21841): "imagenet-22k"}.get((kind, num_classes))
+    return official or (root.parent if root.name == "train" else root).resolve().name
+
+
+def export_log_csv(jsonl: Path, csv_path: Path) -> list[dict[str, Any]]:
+    """``train_log.jsonl`` as CSV (the results' curves); returns its rows."""
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     write_csv_atomic(csv_path, rows, list(rows[0]) if rows else ["epoch"])
+    return rows

@@ -2,9 +2,9 @@
 import json
 import sys
 
-from ibot.config import model_spec, planned_stages, pretrain_images, stage_config, stage_resources
+from ibot.config import model_spec, planned_stages, stage_config, stage_data, stage_resources
 from ibot.data.kinds import DATASET_KINDS
-from ibot.stages import STAGES as REGISTRY
+from ibot.stages import BACKBONE_STAGE, STAGES as REGISTRY
 
 # Rules run `{PYTHON} -m ...`: the interpreter running Snakemake, so an unactivated venv works.
 PYTHON = sys.executable
@@ -30,25 +30,28 @@ def weights_source(model):
 
 def pretrained_models():
     """Models pretrained by this workflow (they have training curves and an exported teacher)."""
-    return [m for m in MODELS if weights_source(m) == "pretrain"]
+    return [m for m in MODELS if weights_source(m) in BACKBONE_STAGE.weights]
 
 
 def backbone_checkpoint(wildcards):
-    """Weights every stage evaluates (an input): our exported teacher, an external file, or none."""
+    """Weights every stage evaluates (an input): the backbone stage's export (this model's, or with
+    weights_from another model's of this run), an external file, or none (random init)."""
+    exported = BACKBONE_STAGE.outputs["backbone"]
     source = weights_source(wildcards.model)
-    if source == "pretrain":
-        return f"{stage_dir('pretrain', wildcards.model)}/{REGISTRY['pretrain'].outputs['backbone']}"
+    if source in BACKBONE_STAGE.weights:
+        return f"{stage_dir(BACKBONE_STAGE.name, wildcards.model)}/{exported}"
     if source == "checkpoint":
         other = config["models"][wildcards.model].get("weights_from")  # another model's pretraining, this run
         if other:
-            return f"{stage_dir('pretrain', other)}/{REGISTRY['pretrain'].outputs['backbone']}"
+            return f"{stage_dir(BACKBONE_STAGE.name, other)}/{exported}"
         return config["models"][wildcards.model]["checkpoint"]
     return []
 
 
 def checkpoint_args(wildcards):
     path = backbone_checkpoint(wildcards)
-    return ["--checkpoint", path] if path else []
+    key = config["models"][wildcards.model].get("checkpoint_key") if weights_source(wildcards.model) == "checkpoint" else None
+    return (["--checkpoint", path] if path else []) + (["--checkpoint-key", key] if key else [])
 
 
 def dataset(kind):
@@ -66,6 +69,11 @@ def dataset_ready(*kinds):
     if not EMBEDDED["generate"]:
         return []
     return [f"{EMBEDDED['root']}/{kind}.complete" for kind in kinds if DATASET_KINDS[kind].embedded]
+
+
+def data_kinds(stage, model):
+    """The dataset kinds a stage reads for a model (its registry data_resolver picks among them)."""
+    return list(stage_data(config, stage.name, model)) if stage.data_resolver else list(stage.datasets)
 
 
 def stage_json(stage):
@@ -89,23 +97,14 @@ def stage_threads(stage):
 
 
 def model_args(wildcards):
-    """Backbone CLI arguments shared by every stage (values are schema-validated; quoted by :q)."""
+    """Backbone, weights and run identity arguments of a stage's command line (quoted by :q)."""
     return checkpoint_args(wildcards) + arch_args(wildcards)
 
 
 def arch_args(wildcards):
-    """Architecture and run identity arguments (also used by pretraining)."""
-    spec = model_spec(config, wildcards.model)
-    args = ["--arch", spec["arch"], "--patch-size", str(spec["patch_size"]), "--run", RUN,
-            "--model", wildcards.model, "--seed", str(config["seed"])]
-    if spec.get("depth"):
-        args += ["--depth", str(spec["depth"])]
-    if spec.get("window_size"):
-        args += ["--window-size", str(spec["window_size"])]
-    key = config["models"][wildcards.model].get("checkpoint_key")
-    if key and weights_source(wildcards.model) == "checkpoint":
-        args += ["--checkpoint-key", key]
-    return args
+    """Backbone and run identity arguments (ibot.models.specs.ModelSpec.cli_args)."""
+    return model_spec(config, wildcards.model).cli_args() + ["--run", RUN, "--model", wildcards.model,
+                                                             "--seed", str(config["seed"])]
 
 
 def stage_dir(stage, model="{model}"):
@@ -118,8 +117,8 @@ def stage_target(stage, model):
 
 
 def model_stages(model):
-    """Evaluation stages of a model: its own list, or the top-level one without the stages its recipe
-    declares unsupported (ibot.config.planned_stages)."""
+    """Stages of a model: the backbone stage if it is pretrained here, then its evaluation stages (its own
+    list, or the top-level one without those its recipe declares unsupported: ibot.config.planned_stages)."""
     return planned_stages(config, model)
 
 

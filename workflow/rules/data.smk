@@ -37,9 +37,7 @@ def _external_datasets():
     needed = {"imagenet"}  # the results' attention maps read ImageNet val images for every model
     for model in MODELS:
         for name in model_stages(model):
-            needed |= set(REGISTRY[name].datasets)
-        if weights_source(model) == "pretrain":
-            needed.add(pretrain_images(config, model)[0])  # ImageNet-1K or -22K
+            needed |= set(data_kinds(REGISTRY[name], model))
     if EMBEDDED["generate"]:
         needed = {kind for kind in needed if not DATASET_KINDS[kind].embedded}
     return sorted(needed)

@@ -30,7 +30,7 @@ def has_cls_attention(model):
     """[CLS] attention maps are a ViT figure: a Swin has no [CLS] token (its "CLS" is a token average)."""
     from ibot.models.specs import SWIN_ARCHITECTURES
 
-    return model_spec(config, model)["arch"] not in SWIN_ARCHITECTURES
+    return model_spec(config, model).arch not in SWIN_ARCHITECTURES
 
 
 # Every target of `rule all` that is not a stage's metrics: the results of the run.
@@ -57,14 +57,7 @@ def models_json():
 
 
 def attention_args(wildcards):
-    spec = model_spec(config, wildcards.model)
-    args = checkpoint_args(wildcards) + ["--arch", spec["arch"], "--patch-size", str(spec["patch_size"])]
-    if spec.get("depth"):
-        args += ["--depth", str(spec["depth"])]
-    key = config["models"][wildcards.model].get("checkpoint_key")
-    if key and weights_source(wildcards.model) == "checkpoint":
-        args += ["--checkpoint-key", key]
-    return args
+    return checkpoint_args(wildcards) + model_spec(config, wildcards.model).cli_args()
 
 
 rule summary:
@@ -115,7 +108,8 @@ rule tables:
 rule plots:
     input:
         summary=rules.summary.output.summary,
-        logs=lambda wildcards: [f"{run_dir(m)}/pretrain/train_log.csv" for m in pretrained_models()],
+        logs=lambda wildcards: [f"{stage_dir(BACKBONE_STAGE.name, m)}/{BACKBONE_STAGE.outputs['curves']}"
+                                for m in pretrained_models()],
     output:
         loss=report(f"{RESULT_DIR}/plots/pretrain_loss.png", caption="../report/pretrain_loss.rst",
                     category="Pretraining", labels={"figure": "losses"}),

@@ -1,13 +1,13 @@
-# One rule per evaluation stage, generated from the stage registry (ibot/stages.py): k-NN, linear
-# probing, fine-tuning, COCO detection, ADE20K segmentation (UperNet, linear), robustness. Every
-# rule runs the stage's CLI through the common launcher: `python -m downstream <stage>`, the same
-# command line as `python -m <module>` but torch-free in the waiting process. Its config is a param
-# (the resolved stage config as JSON), so editing it reruns only that stage. Outputs: metrics.json +
-# the registry's extra files. Resumable work (<stage>/work, fingerprinted by ibot.workdir) is never
-# an output, so Snakemake never deletes it.
+# One rule per stage of the registry (ibot/stages.py): pretraining, k-NN, linear probing, fine-tuning
+# (lr sweep), semi-supervised, unsupervised classification, transfer learning, COCO detection, ADE20K
+# segmentation, robustness, image retrieval, DAVIS video segmentation. Every rule runs the one stage
+# command line, `python -m downstream <stage>` (ibot.run.cli; torch-free in the waiting process), which
+# launches the stage's job through submitit. Its config is a param (the resolved stage config as JSON),
+# so editing it reruns only that stage. Outputs: metrics.json + the registry's extra files. Resumable
+# work (<stage>/work, fingerprinted by ibot.workdir) is never an output, so Snakemake never deletes it.
 # A swept stage (registry `sweep`, e.g. the fine-tuning lr) runs one job per value into
 # <stage>/sweep/<key>_<value>/ and a last rule writes the best run's record (ibot.sweep).
-from ibot.sweep import SWEEP_DIR, run_metrics_path, sweep_values, value_label
+from ibot.sweep import SWEEP_DIR, run_config, run_metrics_path, sweep_values
 
 
 def _config_file(resolved, dotted):
@@ -18,11 +18,13 @@ def _config_file(resolved, dotted):
 
 
 def _stage_inputs(stage):
-    """Backbone weights, the embedded datasets it waits for, outputs of other stages it needs, and
-    files its config names (registry file_keys, e.g. the occlusion saliency model's checkpoint:
-    a file another rule makes is then built first)."""
+    """Backbone weights (unless it makes them), the embedded datasets it waits for, outputs of other
+    stages it needs, and files its config names (registry file_keys, e.g. the occlusion saliency
+    model's checkpoint: a file another rule makes is then built first)."""
     def inputs(wildcards):
-        files = {"checkpoint": backbone_checkpoint(wildcards), "data": dataset_ready(*stage.datasets)}
+        files = {"data": dataset_ready(*data_kinds(stage, wildcards.model))}
+        if not stage.exports_backbone:
+            files["checkpoint"] = backbone_checkpoint(wildcards)
         for flag, (other, name) in stage.needs.items():
             files[flag] = f"{stage_dir(other, wildcards.model)}/{name}"
         resolved = stage_config(config, stage.name, wildcards.model)
@@ -35,9 +37,10 @@ def _stage_inputs(stage):
 
 
 def _stage_args(stage):
-    """CLI arguments for the files it needs from other stages (e.g. --head linear/head.pth)."""
+    """Command-line arguments of the model (backbone, weights, run identity) and of the files it needs
+    from other stages (e.g. --head linear/head.pth)."""
     def args(wildcards):
-        out = []
+        out = model_args(wildcards) if not stage.exports_backbone else arch_args(wildcards)
         for flag, (other, name) in stage.needs.items():
             out += [f"--{flag}", f"{stage_dir(other, wildcards.model)}/{name}"]
         return out
@@ -45,8 +48,9 @@ def _stage_args(stage):
 
 
 def _stage_data(stage):
-    """Root of the dataset it reads (--data), resolved when the job runs: unset keys fail then."""
-    return lambda wildcards: dataset(stage.datasets[0])
+    """`--data KIND=ROOT` of every dataset it reads, resolved when the job runs: unset keys fail then."""
+    return lambda wildcards: [arg for kind, root in stage_data(config, stage.name, wildcards.model).items()
+                              for arg in ("--data", f"{kind}={root}")]
 
 
 def _sweep_runs(stage):
@@ -59,19 +63,14 @@ def _sweep_runs(stage):
 
 
 def _sweep_run_json(stage):
-    """Config of one run of a sweep: the stage config with the value set and no list (so adding a value
-    to the list never changes, hence never reruns, the other runs)."""
-    list_key, value_key, _ = stage.sweep
+    """Config of one run of a sweep (ibot.sweep.run_config: the value set, the list dropped)."""
     def run_json(wildcards):
         resolved = stage_config(config, stage.name, wildcards.model)
-        values = {value_label(v): v for v in sweep_values(resolved, list_key, value_key)}
-        if wildcards.value not in values:
-            raise ValueError(f"{stage.name}: {value_key} {wildcards.value} is not in {stage.config_path}.{list_key}")
-        return json.dumps({**resolved, list_key: None, value_key: values[wildcards.value]}, sort_keys=True)
+        return json.dumps(run_config(stage, resolved, wildcards.value), sort_keys=True)
     return run_json
 
 
-for _stage in (REGISTRY[name] for name in REGISTRY if name != "pretrain"):
+for _stage in REGISTRY.values():
     # a swept stage's job writes one run of the sweep; the stage's metrics.json is the best run's
     _job_out = (f"{stage_dir(_stage.name)}/{SWEEP_DIR}/{_stage.sweep[1]}_{{value}}/metrics.json" if _stage.sweep
                 else f"{stage_dir(_stage.name)}/metrics.json")
@@ -89,8 +88,7 @@ for _stage in (REGISTRY[name] for name in REGISTRY if name != "pretrain"):
             config=_sweep_run_json(_stage) if _stage.sweep else stage_json(_stage.name),
             resources=resources_json(_stage.name),
             data=_stage_data(_stage),
-            model_args=model_args,
-            needs=_stage_args(_stage),
+            args=_stage_args(_stage),
         log:
             f"{RESULTS}/{RUN}/logs/{{model}}/{_job_name}" + ("_{value}" if _stage.sweep else "") + ".log",
         benchmark:
@@ -99,9 +97,8 @@ for _stage in (REGISTRY[name] for name in REGISTRY if name != "pretrain"):
         priority: _stage.priority  # longest first, so short jobs fill the gaps (registry: ibot/stages.py)
         localrule: True  # submits itself through ibot.run.launcher (submitit); Snakemake only waits
         shell:
-            "{PYTHON:q} -m downstream {params.stage} --data {params.data:q} --out {output.metrics:q} "
-            "--config {params.config:q} --resources {params.resources:q} {params.model_args:q} "
-            "{params.needs:q} > {log:q} 2>&1"
+            "{PYTHON:q} -m downstream {params.stage} {params.data:q} --out {output.metrics:q} "
+            "--config {params.config:q} --resources {params.resources:q} {params.args:q} > {log:q} 2>&1"
 
     if _stage.sweep:
 

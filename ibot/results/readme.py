@@ -1,0 +1,76 @@
+"""README figures of a run, written from its results between markers (``<!-- NAME:start -->`` ...
+``<!-- NAME:end -->``), so no number in the README is typed by hand or outlives the run it came from.
+
+``python -m ibot.results readme --run-dir results/embedded --readme README.md`` writes, from the run's
+``summary.csv`` (every stage's metrics.json) and its metrics files: one row per metric the paper tables
+report (``results/reference/metric_map.csv``, in its order), one column per model; and where the numbers
+come from (the device and precision recorded in the metrics files, the date, the stage jobs' span).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from ibot.io import write_text_atomic
+from ibot.stages import BACKBONE_STAGE
+
+__all__ = ["replace_block", "run_figures", "write_readme_block"]
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """``text`` with the lines between its ``<!-- name:start -->`` / ``<!-- name:end -->`` markers replaced."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no {start} ... {end} block to fill")
+    return pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text, count=1)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("*/*/metrics.json"))]
+
+
+def _provenance(run_dir: Path, records: list[dict]) -> str:
+    """Device, precision, date and the span of the stage jobs (first start to last record)."""
+    def device(info: dict) -> str:
+        bf16 = "native bf16" if info.get("bf16_native") else "no native bf16"
+        return f"{info.get('name')} ({bf16})" if info.get("type") == "cpu" else str(info.get("name"))
+
+    devices = sorted({device(r["device"]) for r in records if r.get("device")})
+    precisions = sorted({str((r.get("extra") or {}).get("summary", {}).get("precision"))
+                         for r in records if r["stage"] == BACKBONE_STAGE.name})
+    ends = [datetime.fromisoformat(r["created"]) for r in records if r.get("created")]
+    starts = [datetime.fromisoformat(r["created"]).timestamp() - float(r["wall_time_s"]) for r in records
+              if r.get("created")]
+    span = (max(ends).timestamp() - min(starts)) / 60 if ends else float("nan")
+    return (f"Measured by `snakemake` (run `{run_dir.name}`, {len(records)} metrics files) on "
+            f"{', '.join(devices) or 'an unrecorded device'}; pretraining precision {', '.join(precisions) or 'n/a'}; "
+            f"{max(ends).date() if ends else 'n/a'}; stage jobs span {span:.1f} min (first start to last record).")
+
+
+def run_figures(run_dir: str | Path) -> str:
+    """The Markdown block of a run: the paper-table metrics per model, then their provenance."""
+    run_dir = Path(run_dir)
+    summary = pd.read_csv(run_dir / "summary.csv")
+    mapped = summary[summary["column"].notna()].copy()
+    mapped["row"] = mapped["group"] + ": " + mapped["column"] + " (" + mapped["stage"] + ")"
+    models = list(dict.fromkeys(mapped["model"]))
+    table = mapped.pivot_table(index="row", columns="model", values="value", aggfunc="first", sort=False)
+    lines = ["| metric (stage) | " + " | ".join(f"`{m}`" for m in models) + " |",
+             "|:--|" + "--:|" * len(models)]
+    for row, values in table.iterrows():
+        cells = ["" if pd.isna(values.get(m)) else f"{values[m]:.1f}" for m in models]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + _provenance(run_dir, _records(run_dir))
+
+
+def write_readme_block(run_dir: str | Path, readme: str | Path, name: str | None = None) -> str:
+    """Fill the README's block named after the run (or ``name``) with :func:`run_figures`; returns it."""
+    readme, body = Path(readme), run_figures(run_dir)
+    write_text_atomic(readme, replace_block(readme.read_text(), name or Path(run_dir).name, body))
+    return body
