@@ -9,7 +9,6 @@ that `snakemake --report` of the run reads right in a real (headless) browser.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

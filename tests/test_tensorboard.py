@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from ibot import tensorboard
 from ibot.tensorboard import SUPERSEDED_DIR, ScalarWriter, event_files, read_scalars

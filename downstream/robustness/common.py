@@ -35,12 +35,11 @@ from downstream.engine.setup import log, pick_device, progress
 from ibot.checkpoint import BackboneCheckpoint, CheckpointError, sha256_file
 from ibot.data import folders
 from ibot.distributed import all_reduce_sum, rank, world_size
-from ibot.io import write_csv_atomic
 from ibot.models.specs import ModelSpec
 from ibot.run.context import StageContext
 
 __all__ = ["RobustnessError", "robustness_protocol", "load_model", "robustness_transform", "LabelledImages",
-           "class_folders", "folder_samples", "head_class_index", "shard_loader", "accumulate", "percent", "write_csv",
+           "class_folders", "folder_samples", "head_class_index", "shard_loader", "accumulate", "percent",
            "write_robustness_metrics", "common_extra", "prepare"]
 
 
@@ -181,11 +180,6 @@ def accumulate(loader: Iterable, step: Callable[[Tensor, Tensor, Tensor], Mappin
 def percent(correct: float | Tensor, total: float | Tensor) -> float:
     correct, total = float(correct), float(total)
     return 100.0 * correct / total if total else math.nan
-
-
-def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    """Atomic CSV write (header ``columns``)."""
-    write_csv_atomic(path, rows, columns)
 
 
 def common_extra(model: LinearClassifier, sizes: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

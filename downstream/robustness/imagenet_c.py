@@ -31,9 +31,10 @@ import torch
 from downstream.engine.setup import log
 from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate, common_extra,
                                           folder_samples, head_class_index, percent, prepare, shard_loader,
-                                          write_csv, write_robustness_metrics)
+                                          write_robustness_metrics)
 from ibot.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
 from ibot.distributed import is_main
+from ibot.io import write_csv_atomic
 from ibot.run.context import StageContext
 
 __all__ = ["ALL_CORRUPTIONS", "ALEXNET_ERRORS", "SEVERITIES", "summarise", "run"]
@@ -142,7 +143,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                      "set": "benchmark" if corruption in BENCHMARK_CORRUPTIONS else "extra"})
     metrics, per_corruption = summarise(errors)
     table = ctx.dir / "per_corruption.csv"
-    write_csv(table, rows, ["corruption", "severity", "set", "n_images", "top1", "error"])
+    write_csv_atomic(table, rows, ["corruption", "severity", "set", "n_images", "top1", "error"])
     extra = common_extra(net, sizes, device)
     extra.update({
         "reported": "mean_error_19",

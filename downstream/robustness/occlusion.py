@@ -68,10 +68,10 @@ from downstream.engine.linear import LinearClassifier
 from downstream.engine.setup import build_eval_backbone, log
 from downstream.robustness.common import (LabelledImages, RobustnessError, accumulate,
                                           common_extra, folder_samples, head_class_index, percent, prepare,
-                                          shard_loader, robustness_protocol, write_csv, write_robustness_metrics)
+                                          shard_loader, robustness_protocol, write_robustness_metrics)
 from ibot.checkpoint import BackboneCheckpoint, CheckpointError, load_file, sha256_file
 from ibot.distributed import is_main
-from ibot.io import atomic_write
+from ibot.io import atomic_write, write_csv_atomic
 from ibot.models.specs import ARCHITECTURES, ModelSpec
 from ibot.run.context import StageContext
 
@@ -518,8 +518,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         metrics[f"{mode}_{REPORTED_RATIO}"] = curves[mode][ratios.index(REPORTED_RATIO)]
     shuffle = [(g, percent(counts["shuffle"][i], total)) for i, g in enumerate(grids)]
     out_dir = ctx.dir
-    write_csv(out_dir / "curves.csv", rows, ["mode", "ratio", "top1", "dropped_patch_fraction", "ratio_definition"])
-    write_csv(out_dir / "shuffle.csv", [{"grid": g, "tile_px": crop // g, "top1": round(v, 4)} for g, v in shuffle],
+    write_csv_atomic(out_dir / "curves.csv", rows, ["mode", "ratio", "top1", "dropped_patch_fraction", "ratio_definition"])
+    write_csv_atomic(out_dir / "shuffle.csv", [{"grid": g, "tile_px": crop // g, "top1": round(v, 4)} for g, v in shuffle],
               ["grid", "tile_px", "top1"])
     _plot(out_dir / "occlusion.png", ratios, curves, clean, shuffle,
           f"{ctx.name}: occlusion ({config['protocol']}, {config['drop']})",

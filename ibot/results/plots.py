@@ -53,6 +53,18 @@ def _no_data(ax, text: str) -> None:
     ax.set_yticks([])
 
 
+def _finish(ax, drawn: bool, empty: str, title: str, xlabel: str | None = None, ylabel: str | None = None) -> None:
+    """A panel's title, axis labels and legend when something was drawn, else its ``empty`` note."""
+    if not drawn:
+        return _no_data(ax, empty)
+    ax.set_title(title)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
 def _save(fig, path: str | Path) -> Path:
     plt = _pyplot()
     path = Path(path)
@@ -136,12 +148,7 @@ def _plot_columns(axes, frames: Mapping[str, Any], columns, *, smooth: bool) -> 
             else:
                 ax.plot(frame["iteration"], frame[column], lw=1.2, label=label)
             drawn = True
-        if drawn:
-            ax.set_title(title)
-            ax.set_xlabel("iteration")
-            ax.legend(fontsize=7)
-        else:
-            _no_data(ax, f"{title}: no data")
+        _finish(ax, drawn, f"{title}: no data", title, "iteration")
 
 
 # -- linear probe -----------------------------------------------------------------------------------
@@ -166,12 +173,8 @@ def plot_linear_lr(per_head: Mapping[str, str | Path], out: str | Path) -> Path:
             drawn = True
     if drawn:
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate (per head)")
-        ax.set_ylabel("best top-1 (%)")
-        ax.set_title("linear probe sweep")
-        ax.legend(fontsize=7)
-    else:
-        _no_data(ax, "linear probe: no per_head.csv")
+    _finish(ax, drawn, "linear probe: no per_head.csv", "linear probe sweep", "learning rate (per head)",
+            "best top-1 (%)")
     return _save(fig, out)
 
 
@@ -227,13 +230,8 @@ def plot_robustness(occlusion: Mapping[str, str | Path], imagenet_c: Mapping[str
             sub = sub.sort_values("x")
             ax_occ.plot(sub["x"], sub["y"], marker="o", label=f"{label}: {series}")
             drawn = True
-    if drawn:
-        ax_occ.set_xlabel("information loss (fraction of patches dropped)")
-        ax_occ.set_ylabel("top-1 (%)")
-        ax_occ.set_title("occlusion")
-        ax_occ.legend(fontsize=7)
-    else:
-        _no_data(ax_occ, "occlusion: no curves.csv")
+    _finish(ax_occ, drawn, "occlusion: no curves.csv", "occlusion", "information loss (fraction of patches dropped)",
+            "top-1 (%)")
 
     per_model = {}
     for label, paths in imagenet_c.items():
@@ -248,11 +246,8 @@ def plot_robustness(occlusion: Mapping[str, str | Path], imagenet_c: Mapping[str
             ax_c.bar([p + i * width for p in positions], table[label].values, width=width, label=label)
         ax_c.set_xticks([p + 0.4 - width / 2 for p in positions])
         ax_c.set_xticklabels(table.index, rotation=60, ha="right", fontsize=7)
-        ax_c.set_ylabel("top-1 error (%), mean over severities")
-        ax_c.set_title("ImageNet-C per corruption")
-        ax_c.legend(fontsize=7)
-    else:
-        _no_data(ax_c, "ImageNet-C: no per-corruption CSV")
+    _finish(ax_c, bool(per_model), "ImageNet-C: no per-corruption CSV", "ImageNet-C per corruption",
+            ylabel="top-1 error (%), mean over severities")
     return _save(fig, out)
 
 
@@ -274,11 +269,8 @@ def plot_ours_vs_paper(agg: pd.DataFrame, out: str | Path) -> Path:
         ax.set_yticks(ys)
         ax.set_yticklabels(labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("%")
-        ax.set_title("ours vs paper (iBOT rows of the paper's tables)")
-        ax.legend(fontsize=7)
-    else:
-        _no_data(ax, "no metric with a paper counterpart\n(models without paper_model, or stages not run)")
+    _finish(ax, bool(len(rows)), "no metric with a paper counterpart\n(models without paper_model, or stages not run)",
+            "ours vs paper (iBOT rows of the paper's tables)", "%")
     return _save(fig, out)
 
 
