@@ -26,10 +26,10 @@ model, AdamW groups, timm transforms, mixup/cutmix, the epoch loop, resume, eval
 values (``workflow/schemas/semi_supervised.schema.yaml``): lr scaled by global batch / 512
 (eval_cls.py:782, :data:`ibot.config.LR_SCALING`), per-epoch cosine schedule with warmup (timm
 ``create_scheduler``, eval_cls.py:787, stepped after every epoch, :860), no layer decay, classifier init
-trunc_normal(0.02) (:717), val after every epoch and the best epoch reported (:861-879). Not reproduced: DeiT's repeated
-augmentation sampler (``RASampler``, 3 repeats, eval_cls.py:430-481, :641-644): every epoch sees each
-subset image once; the model EMA (:766-773) is kept but never evaluated by the official script, so it is
-left out.
+trunc_normal(0.02) (:717), DeiT's repeated augmentation (``repeated_aug``, default on: :126-127,
+``RASampler`` :430-481, :641-644; timm's ``RepeatAugSampler``), val after every epoch and the best epoch
+reported (:861-879). Not reproduced: the model EMA (:766-773), kept but never evaluated by the official
+script.
 
 Outputs: ``metrics.json`` with ``<protocol>_<p>pct_top1`` for every protocol and subset; each run's
 state (the linear head, the fine-tuning checkpoints) under ``<stage>/work/<protocol>_<p>pct/``. The
@@ -47,11 +47,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from downstream.engine import finetune as ft
 from downstream.engine import knn, linear
 from downstream.engine.data import (dataset_label, eval_transform, finetune_train_transform, image_folder,
-                                    make_loader, train_val_folders)
+                                    make_loader, train_sampler, train_val_folders)
 from downstream.engine.features import extract_features, linear_features
 from downstream.engine.metrics import best_and_last
 from downstream.engine.setup import build_eval_backbone, log, pick_device, resolve_precision, seed_everything
@@ -122,7 +123,8 @@ def protocol_label(config: Mapping[str, Any]) -> str:
             parts.append(f"logreg[{_logreg_label(cfg)}]")
         else:
             name = "ft" if protocol == "finetune" else f"ft-head{int(config['finetune_head_layer'])}"
-            parts.append(f"{name}[{ft.protocol_label(cfg)},lr={float(cfg['lr']):g},batch={int(cfg['batch_size'])}]")
+            parts.append(f"{name}[{ft.protocol_label(cfg)},lr={float(cfg['lr']):g},batch={int(cfg['batch_size'])},"
+                         f"{'ra' if cfg['repeated_aug'] else 'no-ra'}]")
     return ";".join(parts)
 
 
@@ -223,8 +225,8 @@ def finetune_on_subset(ctx: StageContext, cfg: Mapping[str, Any], data: Path, fo
                                            eval_transform(cfg["resize"], cfg["crop"], cfg["eval_interpolation"]))
     num_classes = len(train_set.classes)
     mixup_fn = ft.build_mixup(cfg, num_classes)
-    plan = ft.plan_batches(int(cfg["batch_size"]), 1, len(train_set) // world_size(), mixup=mixup_fn is not None,
-                           tag=tag)
+    sampler = train_sampler(train_set, bool(cfg["repeated_aug"]), ctx.seed)
+    plan = ft.plan_batches(int(cfg["batch_size"]), 1, len(sampler), mixup=mixup_fn is not None, tag=tag)
     lr = scaled_lr("semi_supervised.finetune", cfg["lr"], plan.global_batch)
     net: ft.ViTClassifier = ft.build_model(ctx.model, ctx.checkpoint, num_classes, cfg)
     if head_layer:
@@ -236,19 +238,22 @@ def finetune_on_subset(ctx: StageContext, cfg: Mapping[str, Any], data: Path, fo
         trunk, width = head_trunk(head, head_layer)
         net = HeadLayerClassifier(net.backbone, trunk, width, num_classes)
     net = net.to(device)
-    train_loader = make_loader(train_set, plan.per_process, shuffle=True, seed=ctx.seed, drop_last=True,
-                               num_workers=int(cfg["num_workers"]))
+    train_loader = DataLoader(train_set, batch_size=plan.per_process, sampler=sampler, drop_last=True,
+                              num_workers=int(cfg["num_workers"]), pin_memory=torch.cuda.is_available())
     val_batch = max(1, -(-3 * int(cfg["batch_size"]) // (2 * world_size())))  # eval_cls.py:672: 1.5 x the batch
     val_loader = make_loader(val_set, val_batch, shuffle=False, num_workers=int(cfg["num_workers"]))
     log(f"[{tag}] {len(train_set)} train / {len(val_set)} val images, {num_classes} classes; head layer "
-        f"{head_layer}; global batch {plan.global_batch}, lr {lr:g}; {cfg['epochs']} epochs; {device}, {precision}")
+        f"{head_layer}; {len(sampler)} samples per process and epoch"
+        f"{' (repeated augmentation)' if cfg['repeated_aug'] else ''}; global batch {plan.global_batch}, lr {lr:g}; "
+        f"{cfg['epochs']} epochs; {device}, {precision}")
     history = ft.fit(net, train_loader, val_loader, config=cfg, plan=plan, mixup_fn=mixup_fn, num_classes=num_classes,
                      num_val=len(val_set), lr=lr, layer_decay=float(cfg["layer_decay"]), per_epoch_schedule=True,
                      precision=precision, device=device, seed=ctx.seed, state_file=folder / "checkpoint.pth",
                      fingerprint=ctx.work.digest, tb_dir=ctx.tb_dir / folder.name, tb_prefix="finetune", tag=tag)
     best, last = best_and_last(history)
     return {"top1": best["top1"], "best_epoch": best["epoch"], "last_top1": last["top1"], "history": history,
-            "global_batch": plan.global_batch, "scaled_lr": lr, "precision": precision, "num_train": len(train_set)}
+            "global_batch": plan.global_batch, "scaled_lr": lr, "precision": precision, "num_train": len(train_set),
+            "samples_per_epoch": len(sampler) * world_size()}
 
 
 # -- the stage --------------------------------------------------------------------------------------

@@ -48,16 +48,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from downstream.engine.data import (IMAGENET_MEAN, IMAGENET_STD, Indexed, eval_transform as resize_crop_transform,
-                                    finetune_train_transform, make_loader)
+                                    finetune_train_transform, make_loader, train_sampler)
 from downstream.engine.finetune import build_mixup, build_model, fit, plan_batches
 from downstream.engine.metrics import best_and_last
 from downstream.engine.setup import log, pick_device, resolve_precision, seed_everything
 from ibot.config import scaled_lr
 from ibot.data.transfer_sets import read_transfer_set
-from ibot.distributed import rank, world_size
+from ibot.distributed import world_size
 from ibot.run.context import StageContext
 
-__all__ = ["OFFICIAL_SETS", "eval_transform", "train_sampler", "dataset_label", "protocol_label", "run"]
+__all__ = ["OFFICIAL_SETS", "eval_transform", "dataset_label", "protocol_label", "run"]
 
 #: The real sets: (label, classes, train images, val/test images). A run on anything else is labelled
 #: by its folder name, so it is never joined to the paper's numbers.
@@ -78,17 +78,6 @@ def eval_transform(config: Mapping[str, Any]) -> transforms.Compose:
     if crop <= 32:
         return transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return resize_crop_transform(int(256 / 224 * crop), crop, "bicubic")
-
-
-def train_sampler(dataset: Dataset, config: Mapping[str, Any], seed: int):
-    """Repeated-augmentation sampler (timm ``RepeatAugSampler`` = DeiT ``RASampler``), or a shuffling
-    ``DistributedSampler`` when ``repeated_aug`` is off (eval_cls.py:559-566)."""
-    from timm.data.distributed_sampler import RepeatAugSampler
-    from torch.utils.data import DistributedSampler
-
-    if config["repeated_aug"]:
-        return RepeatAugSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True)
-    return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
 
 
 def dataset_label(kind: str, data: str | Path, num_classes: int, num_train: int, num_val: int) -> str:
@@ -128,7 +117,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     train, val = Indexed(train_set), Indexed(val_set)
 
     mixup_fn = build_mixup(config, num_classes)
-    sampler = train_sampler(train, config, ctx.seed)
+    sampler = train_sampler(train, bool(config["repeated_aug"]), ctx.seed)
     plan = plan_batches(int(config["batch_size"]), 1, len(sampler), mixup=mixup_fn is not None, tag=stage)
     lr = scaled_lr("transfer", config["lr"], plan.global_batch)
     net = build_model(ctx.model, ctx.checkpoint, num_classes, config).to(device)

@@ -253,7 +253,8 @@ OFFICIAL_SEGMENTATION = {
     },
     "linear": {
         "lr": (3e-5, f"{_SEG}/linear/vit_small_512_ade20k_160k.py:64 (ViT-S/16; no README command)"),
-        "final_norm": (True, "evaluation/README.md:103 model.backbone.out_with_norm=true"),
+        "final_norm": (False, "semantic_segmentation/mmcv_custom/register_backbone.py:24, :37-38 out_with_norm=False "
+                              "(no ViT-S/16 linear command; ViT-B/16's is README.md:103)"),
         "with_bn": (False, f"{_SEG}/linear/vit_base_512_ade20k_160k.py:42-51 FCNHead num_convs=0: no norm layer"),
     },
 }
@@ -340,7 +341,7 @@ def test_segmentation_config_applies_the_project_config(dense_data, tmp_path: Pa
     assert up.model.test_cfg == dict(mode="slide", crop_size=(512, 512), stride=(341, 341))
     assert up.train_cfg.max_iters == 160000 and up.param_scheduler[0]["end"] == 1500
     assert up.param_scheduler[1]["power"] == 1.0 and up.param_scheduler[1]["eta_min"] == 0.0
-    assert up.model.backbone.final_norm is True and up.model.backbone.out_indices is None
+    assert up.model.backbone.final_norm is True and up.model.backbone.out_indices is None  # README.md:95
     lin = segmentation.build_config(deep_merge(SEGMENTATION, {"head": "linear", "linear": {"lr": 8e-4}}),
                                     {"arch": "vit_base", "patch_size": 16, "depth": None}, None,
                                     str(ade), tmp_path / "w2", world_size=1)

@@ -36,6 +36,8 @@ PAPER_MODELS = ("vit_small", "vit_base", "vit_large", "vit_small_out1000")
 MAIN_MODELS = ("vit_small", "vit_base", "vit_large")
 
 _README = "README.md"      # bytedance/ibot README.md
+_NO_NORM = ("evaluation/semantic_segmentation/mmcv_custom/register_backbone.py:24, :37-38 out_with_norm=False "
+            "(no README command sets it for this model and head)")
 _EVAL = "evaluation/README.md"
 _SEG = "evaluation/semantic_segmentation/configs"
 _ARGS_B = "vitb_16/args.txt (README.md:168; released arguments, outside the repository tree)"
@@ -116,7 +118,8 @@ PER_MODEL: dict[str, dict[str, dict[str, Any]]] = {
                          "upernet": {"lr": (8e-5, f"{_EVAL}:112"),
                                      "layer_decay": (0.65, f"{_SEG}/upernet/vit_base_512_ade20k_160k.py:56"),
                                      "drop_path": (0.1, f"{_SEG}/upernet/vit_base_512_ade20k_160k.py:33")},
-                         "linear": {"lr": (8e-4, f"{_EVAL}:104")}},
+                         "linear": {"lr": (8e-4, f"{_EVAL}:104"),
+                                    "final_norm": (True, f"{_EVAL}:103 model.backbone.out_with_norm=true")}},
     },
     "vit_large": {
         "pretrain": {**_args(_PRETRAIN_VIT_B_L_COMMON, _ARGS_L),
@@ -131,9 +134,11 @@ PER_MODEL: dict[str, dict[str, dict[str, Any]]] = {
         "segmentation": {"upernet": {"lr": (2e-5, f"{_SEG}/upernet/vit_large_512_ade20k_160k.py:54"),
                                      "layer_decay": (0.95, f"{_SEG}/upernet/vit_large_512_ade20k_160k.py:56"),
                                      "drop_path": (0.2, f"{_SEG}/upernet/vit_large_512_ade20k_160k.py:33"),
-                                     "out_indices": ([7, 11, 15, 23], f"{_SEG}/upernet/vit_large_512_ade20k_160k.py:34")},
+                                     "out_indices": ([7, 11, 15, 23], f"{_SEG}/upernet/vit_large_512_ade20k_160k.py:34"),
+                                     "final_norm": (False, _NO_NORM)},
                          "linear": {"lr": (2e-5, f"{_SEG}/linear/vit_large_512_ade20k_160k.py:64"),
-                                    "out_indices": ([7, 11, 15, 23], f"{_SEG}/linear/vit_large_512_ade20k_160k.py:39")}},
+                                    "out_indices": ([7, 11, 15, 23], f"{_SEG}/linear/vit_large_512_ade20k_160k.py:39"),
+                                    "final_norm": (False, _NO_NORM)}},
     },
 }
 

@@ -182,6 +182,7 @@ OFFICIAL_SEMI_FINETUNE = {
     "mixup": (0.8, "eval_cls.py:140"), "cutmix": (1.0, "eval_cls.py:142"), "mixup_prob": (1.0, "eval_cls.py:146"),
     "mixup_switch_prob": (0.5, "eval_cls.py:148"), "mixup_mode": ("batch", "eval_cls.py:150"),
     "smoothing": (0.1, "eval_cls.py:121"), "head_init_scale": (1.0, "eval_cls.py:166"),
+    "repeated_aug": (True, "eval_cls.py:126-127 (RASampler :641-644)"),
     "precision": ("fp16", "eval_cls.py:557"), "val_freq": (1, "eval_cls.py:861"), "num_workers": (10, "eval_cls.py:189"),
 }
 #: evaluation/eval_logistic_regression.py via run.sh imagenet_reg (run.sh:91-117).
@@ -196,7 +197,8 @@ OFFICIAL_LOGREG = {
 def test_defaults_equal_the_official_values() -> None:
     defaults = DEFAULTS
     assert set(defaults["finetune"]) == set(OFFICIAL_SEMI_FINETUNE)
-    assert set(defaults["finetune"]) <= set(stage_defaults("finetune"))  # the fine-tuning stage's keys
+    # the fine-tuning stage's keys, and eval_cls.py's training sampler (run_class_finetuning.py has none)
+    assert set(defaults["finetune"]) <= set(stage_defaults("finetune")) | {"repeated_aug"}
     for key, (official, source) in OFFICIAL_SEMI_FINETUNE.items():
         assert defaults["finetune"][key] == official, f"semi_supervised.finetune.{key} ({source})"
     assert set(defaults["logreg"]) == set(OFFICIAL_LOGREG)
@@ -215,8 +217,10 @@ def test_paper_protocol_label() -> None:
     assert semi.protocol_label(DEFAULTS) == (
         "subsets=1/10%;knn[k=20,T=0.07,cls,256/224];linear[cls(last 4),sgd,100ep,lr-sweep(45),256/224];"
         "logreg[cls(last 1),l2,lambda=0.01/0.1/1,256/224];"
-        "ft[1000ep,layer_decay=1,drop_path=0.1,mixup=0.8,cutmix=1,cls,224px,lr=5e-06,batch=1024];"
-        "ft-head1[1000ep,layer_decay=1,drop_path=0.1,mixup=0.8,cutmix=1,cls,224px,lr=5e-06,batch=1024]")
+        "ft[1000ep,layer_decay=1,drop_path=0.1,mixup=0.8,cutmix=1,cls,224px,lr=5e-06,batch=1024,ra];"
+        "ft-head1[1000ep,layer_decay=1,drop_path=0.1,mixup=0.8,cutmix=1,cls,224px,lr=5e-06,batch=1024,ra]")
+    no_ra = {**DEFAULTS, "finetune": {**DEFAULTS["finetune"], "repeated_aug": False}}
+    assert semi.protocol_label(no_ra).endswith(",batch=1024,no-ra]")  # never joined to the paper's number
 
 
 def test_schema_is_closed_and_preflight_checks_the_stage_configs(tmp_path: Path) -> None:
@@ -273,6 +277,8 @@ def test_cli_end_to_end_every_protocol_and_resume(tmp_path: Path, monkeypatch: p
     for name in ("finetune_1pct", "finetune_head_1pct"):
         history = extra["runs"][name]["history"]
         assert [h["epoch"] for h in history] == [1, 2] and extra["runs"][name]["num_train"] == 3
+        # repeated augmentation (eval_cls.py:641-644): timm's RepeatAugSampler, < 256 images: ceil(3 / 1) a epoch
+        assert extra["runs"][name]["samples_per_epoch"] == 3
     # the head-layer model starts from the checkpoint's teacher head.mlp.0 (eval_cls.py:721)
     state = torch.load(work / "finetune_head1_10pct" / "checkpoint.pth", weights_only=True)["model"]
     assert set(k for k in state if k.startswith("trunk.")) == {"trunk.0.weight", "trunk.0.bias"}

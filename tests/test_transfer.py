@@ -252,18 +252,21 @@ def _deit_rasampler(n: int, num_replicas: int, rank: int, epoch: int) -> list[in
 
 
 def test_repeated_augmentation_is_deits_rasampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler transfer and semi-supervised fine-tuning share (downstream.engine.data.train_sampler)."""
+    from downstream.engine import data
+
     dataset = list(range(600))
     for replicas in (1, 2):
-        monkeypatch.setattr(common, "world_size", lambda: replicas)
+        monkeypatch.setattr(data, "world_size", lambda: replicas)
         for rank in range(replicas):
-            monkeypatch.setattr(common, "rank", lambda: rank)
-            sampler = common.train_sampler(dataset, {"repeated_aug": True}, seed=0)
+            monkeypatch.setattr(data, "rank", lambda: rank)
+            sampler = data.train_sampler(dataset, True, seed=0)
             for epoch in (0, 3):
                 sampler.set_epoch(epoch)
                 assert list(sampler) == _deit_rasampler(600, replicas, rank, epoch)
-    monkeypatch.setattr(common, "world_size", lambda: 1)
-    monkeypatch.setattr(common, "rank", lambda: 0)
-    assert len(common.train_sampler(list(range(40)), {"repeated_aug": True}, seed=0)) == 40  # < 256: all, repeated
+    monkeypatch.setattr(data, "world_size", lambda: 1)
+    monkeypatch.setattr(data, "rank", lambda: 0)
+    assert len(data.train_sampler(list(range(40)), True, seed=0)) == 40  # < 256: all, repeated
 
 
 def test_per_epoch_schedule_matches_the_official_loop() -> None:

@@ -16,7 +16,7 @@ from ibot.distributed import rank, world_size
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "eval_transform", "linear_train_transform",
            "finetune_train_transform", "IndexedImageFolder", "Indexed", "image_folder", "train_val_folders",
-           "make_loader", "dataset_label"]
+           "make_loader", "train_sampler", "dataset_label"]
 
 IMAGENET_MEAN: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)  # (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)  # (0.229, 0.224, 0.225)
@@ -121,6 +121,18 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=False)
+
+
+def train_sampler(dataset: Dataset, repeated_aug: bool, seed: int):
+    """The training sampler of the DeiT recipe (eval_cls.py:559-566 transfer, semi_supervised/eval_cls.py:641-648):
+    repeated augmentation (timm ``RepeatAugSampler`` = DeiT ``RASampler``: each image 3 times per epoch,
+    ``len // 256 x 256`` samples per epoch over all processes; order seeded by the epoch only), or a
+    shuffling ``DistributedSampler`` seeded by ``seed``."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+
+    if repeated_aug:
+        return RepeatAugSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True)
+    return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
 
 
 def dataset_label(data: str | Path, num_classes: int) -> str:
