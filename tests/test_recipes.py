@@ -60,6 +60,8 @@ OFFICIAL_ROBUSTNESS = {
     },
     "occlusion": {
         "protocol": ("official", "analysis/occlusion/eval.py:167-194 (--dino): saliency of a separate DINO ViT-S/16"),
+        "shuffle_grid_sizes": ("official", "analysis/eval_shuffle.sh:5-6 (h, w) = (2,2) (2,4) (4,4) (4,8) (8,8) "
+                                           "(14,14) (16,16)"),
         "saliency_model": {
             "arch": ("vit_small", "analysis/occlusion/eval.py:62 dino.dino_small(pretrained=True)"),
             "patch_size": (16, "analysis/occlusion/eval.py:62, :292 --patch_size default 16"),

@@ -212,12 +212,17 @@ def test_random_drop_and_shuffle_are_per_image() -> None:
     assert torch.equal(occlusion.random_drop(16, 0.5, indices[1:], seed=0)[0], drop[1])  # batch-independent
     assert (occlusion.random_drop(16, 0.75, indices, seed=0) >= drop).all()  # nested in the ratio
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
-    shuffled = occlusion.shuffle_patches(images, 4, indices, seed=0)
+    shuffled = occlusion.shuffle_patches(images, (2, 4), indices, seed=0)  # 2 rows x 4 columns of 4x2 px tiles
     assert not torch.equal(shuffled, images)
-    tiles = lambda x: sorted(map(tuple, x.reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, -1)[0].tolist()))
-    assert tiles(shuffled) == tiles(images)  # a permutation of whole tiles
-    assert occlusion.grid_sizes("auto", 224) == [2, 4, 7, 8, 14, 16]
-    assert occlusion.grid_sizes("auto", 32) == [2, 4, 8, 16]
+
+    def tiles(x):  # eval.py:147: 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)' with h=2, w=4, p1=4, p2=2
+        return sorted(map(tuple, x.reshape(2, 3, 2, 4, 4, 2).permute(0, 2, 4, 3, 5, 1).reshape(2, 8, -1)[0].tolist()))
+
+    assert tiles(shuffled) == tiles(images)  # a permutation of whole 4x2 tiles
+    # analysis/eval_shuffle.sh:5-6: --shuffle_h 2 2 4 4 8 14 16 --shuffle_w 2 4 4 8 8 14 16
+    assert occlusion.grid_sizes("official", 224) == ([(2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (14, 14), (16, 16)], [])
+    assert occlusion.grid_sizes("official", 32) == ([(2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (16, 16)], ["14x14"])
+    assert occlusion.grid_sizes([4, [2, 8]], 32) == ([(4, 4), (2, 8)], [])
     with pytest.raises(RobustnessError):
         occlusion.grid_sizes([3], 32)
 
@@ -410,7 +415,8 @@ def test_occlusion_stage(tiny, tmp_path) -> None:
     # ratio 1: [CLS] only -> one constant prediction for every image -> accuracy = its class's share (3/9)
     for mode in occlusion.MODES:
         assert float(at[mode, 1.0]["top1"]) == pytest.approx(100 / 3, abs=1e-3)
-    assert [int(r["grid"]) for r in _rows(out.with_name("shuffle.csv"))] == [2, 4, 8, 16]
+    assert [r["grid"] for r in _rows(out.with_name("shuffle.csv"))] == ["2x2", "2x4", "4x4", "4x8", "8x8", "16x16"]
+    assert record["extra"]["shuffle_skipped"] == ["14x14"]  # does not divide the 32 px crop
     assert out.with_name("occlusion.png").stat().st_size > 1000
     assert record["extra"]["num_patches"] == 16 and record["extra"]["drop"] == "tokens"
     assert record["protocol"] == f"linear-head[{HEAD_PROTOCOL}],occlusion(drop=tokens,saliency=self-attention-mean)"

@@ -44,9 +44,12 @@ Keys per protocol: ``saliency_model`` applies to ``official`` only (ignored othe
 ``zero_pixels`` for ``drop``, is an error, never silently ignored); ``interpolation`` to both (null =
 the protocol's own).
 
-Both: patch shuffle cuts the crop into ``g × g`` tiles that are randomly permuted, for every grid
-size ``g`` in 2..16 dividing the crop (``shuffle_grid_sizes: auto``). Randomness is per image
-(seed, image index), independent of batching and of the process count.
+Both: patch shuffle cuts the crop into ``h × w`` tiles (``h`` rows) that are randomly permuted, for the
+official grids (``shuffle_grid_sizes: official``: (2,2), (2,4), (4,4), (4,8), (8,8), (14,14), (16,16) of
+``analysis/eval_shuffle.sh:5-6`` as ``analysis/occlusion/eval.py:140-161`` cuts them; a grid that does not
+divide the crop is skipped and recorded) or an explicit list. Randomness is per image (seed, image
+index), independent of batching and of the process count (the official script draws one permutation per
+batch of 1024 shuffled images).
 
 Outputs beside metrics.json: ``curves.csv`` (mode, ratio, top-1, mean fraction of patches
 dropped = information loss), ``shuffle.csv`` and ``occlusion.png``. Metrics (percent):
@@ -78,7 +81,8 @@ from ibot.run.context import StageContext
 __all__ = ["MODES", "PROTOCOLS", "REPORTED_RATIO", "DINO_VITS16_FILE", "resolve_config",
            "saliency_model_label", "protocol_label", "load_saliency_model", "head_attention",
            "official_salient_mask", "saliency", "salient_drop", "nonsalient_drop", "random_drop",
-           "shuffle_patches", "zero_patches", "grid_sizes", "logits_from_kept_tokens", "preflight", "run"]
+           "shuffle_patches", "zero_patches", "OFFICIAL_SHUFFLE_GRIDS", "grid_sizes", "logits_from_kept_tokens",
+           "preflight", "run"]
 
 MODES: tuple[str, ...] = ("salient", "nonsalient", "random")
 PROTOCOLS: tuple[str, ...] = ("official", "self_attention")
@@ -269,18 +273,20 @@ def random_drop(num_patches: int, ratio: float, indices: Tensor, seed: int, *, f
     return drop
 
 
-def shuffle_patches(images: Tensor, grid: int, indices: Tensor, seed: int) -> Tensor:
-    """Cut each image into ``grid × grid`` tiles and permute them (per-image permutation)."""
+def shuffle_patches(images: Tensor, grid: tuple[int, int], indices: Tensor, seed: int) -> Tensor:
+    """Cut each image into ``h × w`` tiles (``grid = (h, w)``: rows, columns) and permute them per image
+    (analysis/occlusion/eval.py:147-158's ``b c (h p1) (w p2) -> b (h w) (p1 p2 c)`` and back)."""
     batch, channels, height, width = images.shape
-    if height % grid or width % grid:
-        raise RobustnessError(f"patch shuffle: grid {grid} does not divide the {height}x{width} crop")
-    th, tw = height // grid, width // grid
-    tiles = images.reshape(batch, channels, grid, th, grid, tw).permute(0, 2, 4, 1, 3, 5).reshape(
-        batch, grid * grid, channels, th, tw)
-    perms = torch.stack([torch.randperm(grid * grid, generator=_generator(seed, _SALT["shuffle"] + grid, i))
+    gh, gw = grid
+    if height % gh or width % gw:
+        raise RobustnessError(f"patch shuffle: grid {gh}x{gw} does not divide the {height}x{width} crop")
+    th, tw = height // gh, width // gw
+    tiles = images.reshape(batch, channels, gh, th, gw, tw).permute(0, 2, 4, 1, 3, 5).reshape(
+        batch, gh * gw, channels, th, tw)
+    perms = torch.stack([torch.randperm(gh * gw, generator=_generator(seed, _SALT["shuffle"] + 100 * gh + gw, i))
                          for i in indices.tolist()]).to(images.device)
     tiles = torch.gather(tiles, 1, perms[:, :, None, None, None].expand_as(tiles))
-    return tiles.reshape(batch, grid, grid, channels, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(
+    return tiles.reshape(batch, gh, gw, channels, th, tw).permute(0, 3, 1, 4, 2, 5).reshape(
         batch, channels, height, width)
 
 
@@ -294,14 +300,25 @@ def zero_patches(images: Tensor, drop: Tensor, patch_size: int) -> Tensor:
     return images * (1.0 - mask.to(images.device))
 
 
-def grid_sizes(setting: str | Sequence[int], crop: int) -> list[int]:
-    if setting == "auto":
-        return [g for g in range(2, 17) if crop % g == 0]
-    sizes = [int(g) for g in setting]
-    bad = [g for g in sizes if g < 1 or crop % g]
+#: The official shuffle grids (h, w): analysis/eval_shuffle.sh:5-6 ``--shuffle_h 2 2 4 4 8 14 16
+#: --shuffle_w 2 4 4 8 8 14 16``.
+OFFICIAL_SHUFFLE_GRIDS: tuple[tuple[int, int], ...] = ((2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (14, 14), (16, 16))
+
+
+def grid_sizes(setting: str | Sequence[int | Sequence[int]], crop: int
+               ) -> tuple[list[tuple[int, int]], list[str]]:
+    """The (h, w) shuffle grids to evaluate and the official ones skipped because they do not divide the crop.
+
+    ``official``: :data:`OFFICIAL_SHUFFLE_GRIDS`; else a list of ``[h, w]`` pairs or ``g`` (``g x g``), each of
+    which must divide the crop."""
+    if setting == "official":
+        grids = [grid for grid in OFFICIAL_SHUFFLE_GRIDS if crop % grid[0] == 0 and crop % grid[1] == 0]
+        return grids, [f"{h}x{w}" for h, w in OFFICIAL_SHUFFLE_GRIDS if (h, w) not in grids]
+    grids = [(int(g), int(g)) if isinstance(g, int) else (int(g[0]), int(g[1])) for g in setting]
+    bad = [f"{h}x{w}" for h, w in grids if min(h, w) < 1 or crop % h or crop % w]
     if bad:
         raise RobustnessError(f"occlusion.shuffle_grid_sizes: {bad} do not divide the crop ({crop} px)")
-    return sizes
+    return grids, []
 
 
 # -- token dropping --------------------------------------------------------------------------------
@@ -377,7 +394,7 @@ def _drop_logits(net: LinearClassifier, images: Tensor, drop: Tensor, mode: str)
 
 
 def _plot(path: Path, ratios: list[float], curves: dict[str, list[float]], clean: float,
-          shuffle: list[tuple[int, float]], title: str, xlabel: str) -> None:
+          shuffle: list[tuple[tuple[int, int], float]], title: str, xlabel: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -391,9 +408,9 @@ def _plot(path: Path, ratios: list[float], curves: dict[str, list[float]], clean
     axes[0].set_title("patch drop")
     axes[0].legend()
     if shuffle:
-        axes[1].plot([g * g for g, _ in shuffle], [v for _, v in shuffle], marker="o")
+        axes[1].plot([h * w for (h, w), _ in shuffle], [v for _, v in shuffle], marker="o")
         axes[1].set_xscale("log", base=2)
-        axes[1].set_xticks([g * g for g, _ in shuffle], [f"{g}x{g}" for g, _ in shuffle])
+        axes[1].set_xticks([h * w for (h, w), _ in shuffle], [f"{h}x{w}" for (h, w), _ in shuffle])
     axes[1].axhline(clean, color="grey", linestyle="--", linewidth=1)
     axes[1].set_xlabel("shuffle grid")
     axes[1].set_ylabel("top-1 (%)")
@@ -463,12 +480,13 @@ def run(ctx: StageContext) -> dict[str, float]:
         raise RobustnessError(f"occlusion: crop {crop} px is not a multiple of the patch size {patch}")
     grid = crop // patch
     num_patches = grid * grid
-    grids = grid_sizes(config["shuffle_grid_sizes"], crop)
+    grids, skipped_grids = grid_sizes(config["shuffle_grid_sizes"], crop)
     folder = ctx.data_root / config["split"]
     dataset = LabelledImages(folder_samples(folder, head_class_index(net.classes), what=f"ImageNet {folder}",
                                             max_per_class=config["max_images_per_class"]), transform)
     log(f"[occlusion] protocol {config['protocol']}, {len(dataset)} images, {num_patches} patches, modes {modes} x "
-        f"{len(ratios)} ratios, shuffle grids {grids}, drop={config['drop']}, device {device}")
+        f"{len(ratios)} ratios, shuffle grids {grids} (skipped: {skipped_grids}), drop={config['drop']}, "
+        f"device {device}")
     n_ratios = len(ratios)
     ranked = bool({"salient", "nonsalient"} & set(modes))
 
@@ -519,15 +537,17 @@ def run(ctx: StageContext) -> dict[str, float]:
     shuffle = [(g, percent(counts["shuffle"][i], total)) for i, g in enumerate(grids)]
     out_dir = ctx.dir
     write_csv_atomic(out_dir / "curves.csv", rows, ["mode", "ratio", "top1", "dropped_patch_fraction", "ratio_definition"])
-    write_csv_atomic(out_dir / "shuffle.csv", [{"grid": g, "tile_px": crop // g, "top1": round(v, 4)} for g, v in shuffle],
-              ["grid", "tile_px", "top1"])
+    write_csv_atomic(out_dir / "shuffle.csv", [{"grid": f"{h}x{w}", "tile_px": f"{crop // h}x{crop // w}",
+                                                "top1": round(v, 4)} for (h, w), v in shuffle],
+                     ["grid", "tile_px", "top1"])
     _plot(out_dir / "occlusion.png", ratios, curves, clean, shuffle,
           f"{ctx.name}: occlusion ({config['protocol']}, {config['drop']})",
           "lambda (salient attention mass)" if official else "information loss ratio")
     extra = common_extra(net, sizes, device)
     extra.update({
         "protocol": config["protocol"], "num_images": int(total), "num_patches": num_patches, "ratios": ratios,
-        "curves": curves, "shuffle": {str(g): v for g, v in shuffle}, "drop": config["drop"],
+        "curves": curves, "shuffle": {f"{h}x{w}": v for (h, w), v in shuffle}, "shuffle_skipped": skipped_grids,
+        "drop": config["drop"],
         "information_loss": loss,  # fraction of pixels (official) / patch tokens removed, per ratio
         f"information_loss_{REPORTED_RATIO}": {m: loss[m][ratios.index(REPORTED_RATIO)] for m in modes},
         "ratio_definition": definitions,
