@@ -17,8 +17,15 @@ is one line):
 - J mean, F mean over all objects of all sequences; J&F mean = (J mean + F mean) / 2
   (``evaluation_method.py``: ``final_mean``). Here in percent, as the paper reports them.
 
-Objects are the ids 1..max of the first ground-truth frame (``davis.py:get_all_masks``: 255 → 0,
-``num_objects = max(masks[0])``); its void mask is then empty, so void pixels play no part.
+Objects are the ids 1..max of the first ground-truth frame (``davis.py:get_all_masks``: void 255 → 0,
+``num_objects = max(masks[0])``); ground-truth void pixels are background, as there.
+
+Deviation, only where the official evaluation stops: a result holding an id above the objects ends it
+(``evaluation.py``: "an index higher than the number of objects"). Label propagation from a first
+annotation with void pixels propagates 255 as a label of its own (``to_one_hot`` over 0..255 in
+``eval_video_segmentation.py:167-179``); here a predicted 255 is void, scored as background like the
+ground truth's, so such a sequence is evaluated instead of ending the stage. Any other id above the
+objects still raises.
 """
 
 from __future__ import annotations
@@ -28,11 +35,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["BOUND_TH", "region_similarity", "seg2bmap", "disk", "boundary_f_measure", "object_masks",
+__all__ = ["BOUND_TH", "VOID", "region_similarity", "seg2bmap", "disk", "boundary_f_measure", "object_masks",
            "evaluate_sequence", "summarize"]
 
 #: Boundary tolerance as a fraction of the image diagonal (metrics.py: ``bound_th=0.008``).
 BOUND_TH = 0.008
+#: The DAVIS void label (``davis.py:get_all_masks``).
+VOID = 255
 
 
 def region_similarity(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -93,7 +102,7 @@ def boundary_f_measure(gt: np.ndarray, pred: np.ndarray, bound_th: float = BOUND
 
 def object_masks(labels: np.ndarray, num_objects: int) -> np.ndarray:
     """[num_objects, H, W] bool masks of ids 1..num_objects of a label map (255 = void counts as background)."""
-    labels = np.where(np.asarray(labels) == 255, 0, np.asarray(labels))
+    labels = np.where(np.asarray(labels) == VOID, 0, np.asarray(labels))
     return labels[None] == np.arange(1, num_objects + 1)[:, None, None]
 
 
@@ -109,15 +118,15 @@ def evaluate_sequence(gt_frames: Sequence[np.ndarray], pred_frames: Sequence[np.
     if len(gt_frames) < 3:
         raise ValueError(f"{len(gt_frames)} annotated frames: the evaluation leaves out the first and last, "
                          f"at least 3 are needed")
-    num_objects = int(np.max(np.where(gt_frames[0] == 255, 0, gt_frames[0])))
+    num_objects = int(np.max(np.where(gt_frames[0] == VOID, 0, gt_frames[0])))
     if num_objects == 0:
         raise ValueError("the first annotated frame has no object")
     j = np.zeros((num_objects, len(gt_frames) - 2))
     f = np.zeros_like(j)
     for t, (gt, pred) in enumerate(zip(gt_frames[1:-1], pred_frames[1:-1])):
-        if int(np.max(pred)) > num_objects:  # evaluation.py: "an index higher than the number of objects"
-            raise ValueError(f"prediction has object id {int(np.max(pred))} > the {num_objects} objects of the "
-                             f"first frame")
+        highest = int(np.max(np.where(pred == VOID, 0, pred)))
+        if highest > num_objects:  # evaluation.py: "an index higher than the number of objects"
+            raise ValueError(f"prediction has object id {highest} > the {num_objects} objects of the first frame")
         gt_objects, pred_objects = object_masks(gt, num_objects), object_masks(pred, num_objects)
         for k in range(num_objects):
             j[k, t] = region_similarity(gt_objects[k], pred_objects[k])

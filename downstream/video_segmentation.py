@@ -16,15 +16,20 @@ DINO), followed step by step; line numbers below are that file's.
   (:76-90, :122-126), only each target patch's ``topk`` (5) largest over all context frames kept
   (:128-131), normalised per target patch (:133); the labels are the affinity-weighted sum (:135-140).
 - Output (:64-73): the soft labels upsampled ×patch_size (bilinear), each channel min-max normalised
-  (:93-101), argmax, resized (nearest) to the original frame size and written as a palette PNG.
+  (:93-101), argmax, resized (nearest) to the original frame size and written as a palette PNG. As
+  there, a channel that is constant and positive over the frame normalises to 0/0 = NaN and wins every
+  pixel (followed, not repaired: it is what produced the paper's numbers; :func:`labels_to_mask`).
 
 Metrics: the DAVIS 2017 semi-supervised evaluation (:mod:`downstream.davis_metrics`, a port of the
 official ``davis2017-evaluation``): J and F per object, mean over frames but the first and last,
 then J mean, F mean and J&F mean over the objects, in percent. ``extra.first_frame_copy`` scores the
-trivial baseline that repeats the first annotation in every frame.
+trivial baseline that repeats the first annotation in every frame (its void pixels, 255, as background:
+the evaluation reads ground-truth void so).
 
 Deviation, only for square frames: the official code sizes the frame (:194-202) and the first
-annotation (:218-226) by two different rules when height == width; here both use the frame's.
+annotation (:218-226) by two different rules when height == width; here both use the frame's. A
+predicted void label (propagated from void pixels of a first annotation) is scored as background where
+the official evaluation stops (:mod:`downstream.davis_metrics`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from downstream.davis_metrics import evaluate_sequence, summarize
+from downstream.davis_metrics import VOID, evaluate_sequence, summarize
 from downstream.engine.setup import autocast, build_eval_backbone, log, pick_device
 from ibot.data.layouts import check_layout
 from ibot.distributed import is_main
@@ -128,15 +133,19 @@ def label_propagation(feat_tar: Tensor, feat_sources: Sequence[Tensor], segs: Se
 
 def labels_to_mask(soft: Tensor, patch_size: int, size: tuple[int, int]) -> np.ndarray:
     """Label map (uint8, original ``size`` (height, width)) of soft labels [1, C, h, w] (:64-71):
-    bilinear ×patch_size, per-channel min-max normalisation (norm_mask, :93-101), argmax, nearest resize."""
+    bilinear ×patch_size, per-channel min-max normalisation (norm_mask, :93-101), argmax, nearest resize.
+
+    As norm_mask, channels with max <= 0 are left as they are and a constant positive channel becomes
+    0/0 = NaN, which ``torch.max`` returns over any number: every pixel then takes the first such channel.
+    Soft labels sum to 1 per pixel, so a constant channel of 1 is the only label anyway; a constant one
+    below 1 wins too, as in the official code (followed so that the paper's numbers are reproducible).
+    """
     up = F.interpolate(soft, scale_factor=patch_size, mode="bilinear", align_corners=False,
                        recompute_scale_factor=False)[0]
-    low = up.amin(dim=(1, 2), keepdim=True)
-    peak = (up - low).amax(dim=(1, 2), keepdim=True)
-    # norm_mask leaves channels with max <= 0 as they are; a constant positive channel (0/0 there) becomes 0
     positive = up.amax(dim=(1, 2), keepdim=True) > 0
-    up = torch.where(positive, (up - low) / torch.where(peak > 0, peak, torch.ones_like(peak)), up)
-    labels = up.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    shifted = up - up.amin(dim=(1, 2), keepdim=True)
+    up = torch.where(positive, shifted / shifted.amax(dim=(1, 2), keepdim=True), up)
+    labels = torch.max(up, dim=0).indices.to(torch.uint8).cpu().numpy()
     return np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.Resampling.NEAREST))
 
 
@@ -221,7 +230,8 @@ def run(ctx: StageContext) -> dict[str, float]:
                 for frame, labels in zip(frames, predicted):
                     _save_indexed(masks_dir / video / f"{frame.stem}.png", labels, palette)
             j, f = evaluate_sequence(gt, [by_name[a.stem] for a in annotations], float(config["bound_th"]))
-            j0, f0 = evaluate_sequence(gt, [gt[0]] * len(gt), float(config["bound_th"]))
+            first_copy = np.where(gt[0] == VOID, 0, gt[0])  # void is background to the evaluation (davis.py)
+            j0, f0 = evaluate_sequence(gt, [first_copy] * len(gt), float(config["bound_th"]))
             for k in range(len(j)):
                 per_object[f"{video}_{k + 1}"] = (float(j[k]), float(f[k]))
                 baseline[f"{video}_{k + 1}"] = (float(j0[k]), float(f0[k]))

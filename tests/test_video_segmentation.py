@@ -145,6 +145,51 @@ def test_labels_to_mask_upsamples_to_the_frame() -> None:
     assert labels[0, 0] == 1 and labels[-1, -1] == 0
 
 
+def official_norm_mask_argmax(soft: torch.Tensor) -> torch.Tensor:
+    """eval_video_segmentation.py:68-69 with norm_mask (:93-101), verbatim but for names."""
+    mask = soft.clone()
+    for cnt in range(mask.shape[0]):
+        channel = mask[cnt, :, :]
+        if channel.max() > 0:
+            channel = channel - channel.min()
+            channel = channel / channel.max()
+            mask[cnt, :, :] = channel
+    return torch.max(mask, dim=0)[1]
+
+
+@pytest.mark.parametrize("case", ["random", "constant-positive", "two-constant", "non-positive"])
+def test_labels_to_mask_is_the_official_norm_mask(case: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    soft = torch.rand(1, 4, 3, 5, generator=generator)
+    soft = soft / soft.sum(dim=1, keepdim=True)
+    if case == "constant-positive":  # 0/0 in norm_mask: NaN, which wins torch.max everywhere
+        soft[0, 2] = 0.3
+    elif case == "two-constant":  # the first NaN channel wins
+        soft[0, 1], soft[0, 3] = 0.25, 0.5
+    elif case == "non-positive":  # left unnormalised
+        soft[0, 0] = -0.5
+    up = torch.nn.functional.interpolate(soft, scale_factor=4, mode="bilinear", align_corners=False,
+                                         recompute_scale_factor=False)[0]
+    expected = official_norm_mask_argmax(up).to(torch.uint8).numpy()
+    labels = vs.labels_to_mask(soft, 4, (12, 20))
+    assert np.array_equal(labels, expected)
+    if case != "random":
+        assert len(np.unique(labels)) == 1 if case != "non-positive" else (labels != 0).all()
+
+
+def test_predicted_void_is_background_and_other_extra_ids_raise() -> None:
+    gt = [np.zeros((20, 20), dtype=np.uint8) for _ in range(3)]
+    for frame in gt:
+        frame[5:15, 5:15] = 1
+    pred = [frame.copy() for frame in gt]
+    pred[1][0:3, 0:3] = 255  # propagated void, away from the object
+    j, f = evaluate_sequence(gt, pred)
+    assert j.tolist() == [1.0] and f.tolist() == [1.0]
+    pred[1][0, 0] = 2
+    with pytest.raises(ValueError, match="object id 2 > the 1 objects"):
+        evaluate_sequence(gt, pred)
+
+
 #: The official DAVIS protocol (eval_video_segmentation.py, davis2017-evaluation): key -> (value, source).
 #: tests/test_recipes.py holds the paper config to it.
 OFFICIAL_VIDEO_SEGMENTATION = {
@@ -204,6 +249,15 @@ def test_layout_check_names_the_missing_path(davis_root: Path, tmp_path: Path) -
 
 
 def test_cli_end_to_end_on_the_embedded_set(davis_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # video01's first annotation gets a void (255) border, as DAVIS annotations may have
+    davis_root = shutil.copytree(davis_root, tmp_path / "davis")
+    first = davis_root / "Annotations" / "480p" / "video01" / "00000.png"
+    image = Image.open(first)
+    labels = np.asarray(image).copy()
+    labels[:2], labels[:, :2] = 255, 255
+    voided = Image.fromarray(labels)
+    voided.putpalette(image.getpalette())  # L -> P
+    voided.save(first)
     out = tmp_path / "video_segmentation" / "metrics.json"
     config = {"scale_size": 64, "size_mask_neighborhood": 2}
     run_stage("video_segmentation", ["--data", str(davis_root), "--out", str(out), "--config", json.dumps(config),
@@ -217,15 +271,18 @@ def test_cli_end_to_end_on_the_embedded_set(davis_root: Path, tmp_path: Path, mo
     assert record["extra"]["num_objects"] == 3 and set(record["extra"]["per_object"]) == {
         "video00_1", "video01_1", "video01_2"}
     # the written masks are the scored ones: rescore them from disk
-    per_object = {}
+    per_object, copied = {}, {}
     for video in ("video00", "video01"):
         annotations = sorted((davis_root / "Annotations" / "480p" / video).glob("*.png"))
         written = [Image.open(out.parent / "segmentations" / video / a.name) for a in annotations]
         assert all(image.mode == "P" for image in written)
-        j, f = evaluate_sequence([np.asarray(Image.open(a)) for a in annotations], [np.asarray(w) for w in written])
+        gt = [np.asarray(Image.open(a)) for a in annotations]
+        j, f = evaluate_sequence(gt, [np.asarray(w) for w in written])
         per_object.update({f"{video}_{k + 1}": (j[k], f[k]) for k in range(len(j))})
+        j, f = evaluate_sequence(gt, [np.where(gt[0] == 255, 0, gt[0])] * len(gt))  # void read as background
+        copied.update({f"{video}_{k + 1}": (j[k], f[k]) for k in range(len(j))})
     assert summarize(per_object) == pytest.approx(metrics)
-    assert 0.0 <= record["extra"]["first_frame_copy"]["jf_mean"] <= 100.0
+    assert record["extra"]["first_frame_copy"] == pytest.approx(summarize(copied))
 
     import pdb
     monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)  # submitit's debug executor opens pdb
