@@ -234,7 +234,7 @@ def finetune_on_subset(ctx: StageContext, cfg: Mapping[str, Any], data: Path, fo
             from ibot.models.head import build_head
             head = build_head(net.backbone.embed_dim, {}, teacher=True)
         else:
-            head = build_pretrained_head(heads, ctx.checkpoint.key if ctx.checkpoint else None, net.backbone.embed_dim)
+            head = build_pretrained_head(heads, ctx.checkpoint.network if ctx.checkpoint else None, net.backbone.embed_dim)
         trunk, width = head_trunk(head, head_layer)
         net = HeadLayerClassifier(net.backbone, trunk, width, num_classes)
     net = net.to(device)
@@ -301,7 +301,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     checkpoint = ctx.checkpoint.path if ctx.checkpoint else None
     heads = locate_heads(config["heads"], checkpoint) if "finetune_head" in config["protocols"] else None
     if heads is not None:  # fail before hours of other protocols, not when fine-tuning from the head starts
-        extract_head_state(load_file(heads), ctx.checkpoint.key if ctx.checkpoint else None,
+        extract_head_state(load_file(heads), ctx.checkpoint.network if ctx.checkpoint else None,
                            source=f"semi_supervised heads {heads}")
     metrics: dict[str, float] = {}
     runs: dict[str, dict[str, Any]] = {}

@@ -78,7 +78,7 @@ def clustering_metrics(labels: np.ndarray, clusters: np.ndarray) -> dict[str, fl
 def run(ctx: StageContext) -> dict[str, float]:
     """Cluster every val image, score, write metrics.json."""
     config, data = ctx.config, ctx.data_root
-    key = ctx.checkpoint.key if ctx.checkpoint else None
+    key = ctx.checkpoint.network if ctx.checkpoint else None  # the head of the network the backbone is
     heads = locate_heads(config["heads"], ctx.checkpoint.path if ctx.checkpoint else None)
     if heads is None:
         raise ValueError("unsupervised: the cluster assignment needs a pretrained projection head; got no checkpoint "

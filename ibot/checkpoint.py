@@ -42,6 +42,8 @@ __all__ = ["CheckpointError", "BackboneCheckpoint", "save_atomic", "load_file", 
 #: Keys that may be absent on either side: the mask token exists only in iBOT student weights
 #: (teachers, DINO and supervised weights have none) and is unused outside masked pretraining.
 OPTIONAL_BACKBONE_KEYS = frozenset({"masked_embed"})
+#: The two networks of an iBOT pretraining (main_ibot.py); either backbone can be the evaluated one.
+NETWORKS = ("teacher", "student")
 _CONTAINER_KEYS = ("teacher", "state_dict", "model", "student", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
 
@@ -167,6 +169,15 @@ class BackboneCheckpoint:
     @property
     def meta(self) -> dict[str, Any]:
         return self._content[2]
+
+    @property
+    def network(self) -> str:
+        """The pretraining network (``teacher``/``student``) these weights are, so that a stage pairs them
+        with that network's projection head: the key of a full checkpoint, else our export's
+        ``meta['network']``, else ``teacher`` (released ``checkpoint_teacher.pth`` files)."""
+        if self.key in NETWORKS:
+            return self.key
+        return str(self.meta.get("network", "teacher"))
 
     def native_img_size(self, patch_size: int, default: int) -> int:
         """Image size whose patch grid is the weights' ``pos_embed`` grid (our exports record it as

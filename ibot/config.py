@@ -250,6 +250,9 @@ def _weights_problems(config: Mapping[str, Any], model: str) -> list[str]:
     pretraining in this run (``weights_from``, a model with ``weights: pretrain``)."""
     entry = config["models"][model]
     source, other = entry.get("checkpoint"), entry.get("weights_from")
+    if entry.get("network", "teacher") != "teacher" and (entry["weights"] == "random" or source):
+        return [f"config key models.{model}.network: {entry['network']!r} picks a backbone this workflow's "
+                f"pretraining exports (weights: pretrain or weights_from); for an external file use checkpoint_key"]
     if entry["weights"] != "checkpoint":
         return [f"config key models.{model}.{key}: set, but weights is {entry['weights']!r} (use weights: "
                 f"checkpoint)" for key, value in (("weights_from", other),) if value]

@@ -84,8 +84,9 @@ TRANSFER_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "inat18", "inat19",
 
 _REGISTRY: tuple[Stage, ...] = (
     Stage("pretrain", "ibot.train.pretrain:run", "pretrain", ("imagenet", "imagenet22k"),
-          "iBOT pretraining (main_ibot.py); exports the teacher backbone and both heads",
-          outputs={"backbone": "teacher_backbone.pth", "heads": "heads.pth", "curves": "train_log.csv"},
+          "iBOT pretraining (main_ibot.py); exports the teacher and student backbones and both heads",
+          outputs={"backbone": "teacher_backbone.pth", "student_backbone": "student_backbone.pth",
+                   "heads": "heads.pth", "curves": "train_log.csv"},
           weights=("pretrain",), resumable=True, operational_keys=("num_workers", "log_every", "saveckp_freq"),
           file_keys=("load_from",), data_resolver="ibot.config:pretrain_data",
           priority=10),  # the critical path: before the random-init baselines, which need no pretraining

@@ -130,8 +130,9 @@ def test_two_process_ddp_equals_one_process(images, tmp_path):
 
 
 def test_export_and_metrics(images, tmp_path):
-    """The stage exports the teacher (its native image size in the meta) and writes metrics.json like every
-    stage: the last logged losses, the run's summary and the work fingerprint."""
+    """The stage exports the teacher and the student (its native image size and network in the meta) and
+    writes metrics.json like every stage: the last logged losses, the run's summary and the work fingerprint."""
+    from ibot.checkpoint import BackboneCheckpoint, extract_backbone_state
     from ibot.metrics import read_metrics
 
     summary = run_pretrain(images, tmp_path, {**TINY, "epochs": 1}, SPEC)
@@ -140,6 +141,17 @@ def test_export_and_metrics(images, tmp_path):
     exported = load_file(tmp_path / "teacher_backbone.pth")
     assert exported["meta"]["arch"] == "vit_tiny" and "masked_embed" not in exported["state_dict"]
     assert exported["meta"]["img_size"] == 32  # the pos_embed grid: 4 x 4 patches of 8 px
+    # each export is that network's backbone of the final checkpoint (README.md:111: backbone (t) / (s))
+    final = load_file(tmp_path / "work" / "checkpoint.pth")
+    for network in ("teacher", "student"):
+        path = tmp_path / f"{network}_backbone.pth"
+        expected = extract_backbone_state(final, network)
+        state = load_file(path)["state_dict"]
+        assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in state), network
+        assert BackboneCheckpoint(path).network == network
+    student = load_file(tmp_path / "student_backbone.pth")["state_dict"]
+    assert "masked_embed" in student and not torch.equal(student["blocks.0.attn.qkv.weight"],
+                                                          exported["state_dict"]["blocks.0.attn.qkv.weight"])
     record = read_metrics(tmp_path / "metrics.json")
     assert (record["stage"], record["task"], record["checkpoint"]) == ("pretrain", "pretrain", None)
     assert set(record["metrics"]) == {"loss", "cls", "patch"} and record["extra"]["summary"]["epochs"] == 1

@@ -97,11 +97,25 @@ def test_checkpoint_weights_need_exactly_one_source() -> None:
     not_pretrained["models"]["vit_large_in22k_ft512"]["weights_from"] = "vit_large_in22k_ft384"
     with pytest.raises(ConfigError, match=r"weights_from: 'vit_large_in22k_ft384' is not a model with weights: pretrain"):
         validate_config(not_pretrained, base_dir=ROOT)
+    external = copy.deepcopy(config)
+    external["models"]["vit_large_in22k_ft512"].update(weights_from=None, checkpoint="/w/checkpoint.pth")
+    with pytest.raises(ConfigError, match=r"models.vit_large_in22k_ft512.network: 'student' .* use checkpoint_key"):
+        validate_config(external, base_dir=ROOT)
+
+
+def test_in22k_models_evaluate_the_released_network() -> None:
+    """README.md:111, :235, :249: the IN-22K releases are the student backbone; the IN-1K ones the teacher."""
+    config = validate_config(load_yaml(ROOT / "config" / "paper.yaml"), base_dir=ROOT)
+    networks = {name: entry["network"] for name, entry in config["models"].items()}
+    assert {name for name, network in networks.items() if network == "student"} == {
+        "vit_base_in22k", "vit_large_in22k", "vit_large_in22k_ft512", "vit_large_in22k_ft384"}
 
 
 def test_the_paper_dag_plans_every_variant_and_ft512_waits_for_its_pretraining() -> None:
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p",
                              "results/paper/vit_large_in22k_ft512/finetune/metrics.json",
+                             "results/paper/vit_base_in22k/knn/metrics.json",
+                             "results/paper/vit_small_in22k/knn/metrics.json",
                              *[f"results/paper/{m}/pretrain/teacher_backbone.pth" for m in [*VARIANTS, *SWIN]],
                              "--configfile", "config/paper.yaml"],  # last: --configfile takes several files
                             cwd=ROOT, capture_output=True, text=True)
@@ -110,7 +124,11 @@ def test_the_paper_dag_plans_every_variant_and_ft512_waits_for_its_pretraining()
     for model in VARIANTS:
         assert f"--out results/paper/{model}/pretrain/metrics.json" in out, model
     assert "--data imagenet22k=/datasets/imagenet22k --out results/paper/vit_large_in22k/pretrain/metrics.json" in out
-    assert "--checkpoint results/paper/vit_large_in22k/pretrain/teacher_backbone.pth" in out
+    # the IN-22K student where it is the released backbone (FT 512 through weights_from), else the teacher
+    assert "--checkpoint results/paper/vit_large_in22k/pretrain/student_backbone.pth" in out
+    assert "--checkpoint results/paper/vit_base_in22k/pretrain/student_backbone.pth" in out
+    assert "--checkpoint results/paper/vit_small_in22k/pretrain/teacher_backbone.pth" in out
+    assert "vit_large_in22k/pretrain/teacher_backbone.pth --" not in out
     assert '"crop": 512' in out
     for model, window in SWIN.items():  # the Swin window reaches the pretraining command
         assert f"--patch-size 4 --window-size {window} --run paper --model {model} --seed 0" in out, model

@@ -3,7 +3,7 @@
     python -m ibot.train --data imagenet=/data/imagenet/train --out results/myrun/vit_small/pretrain/metrics.json \
         --arch vit_small --resources '{"cluster": "slurm", "nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8}'
 
-Outputs beside ``--out``: ``teacher_backbone.pth`` (released-weights layout), ``heads.pth``,
+Outputs beside ``--out``: ``teacher_backbone.pth``, ``student_backbone.pth`` (released-weights layout), ``heads.pth``,
 ``train_log.csv`` and ``metrics.json``; the resumable state lives in ``work/`` (rerun the same command
 to resume).
 """

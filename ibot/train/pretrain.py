@@ -453,7 +453,7 @@ def train(cfg: Mapping[str, Any], spec: Mapping[str, Any], data: str | Path, wor
 
 def run(ctx: StageContext) -> dict[str, Any]:
     """The pretraining stage (registry ``pretrain``): train in ``work/`` (resuming), then export the teacher
-    backbone, both projection heads (``heads.pth``: official ``head.*`` key names, loaded by
+    and the student backbone, both projection heads (``heads.pth``: official ``head.*`` key names, loaded by
     ``ibot.checkpoint.build_pretrained_head`` for unsupervised classification and semi-supervised
     fine-tuning from a head layer), the training curves and ``metrics.json`` (the last logged losses, the
     run's summary in ``extra``)."""
@@ -465,8 +465,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not dist_utils.is_main():
         return summary
     meta = {"arch": spec.arch, "patch_size": spec.patch_size, "depth": trainer.teacher.backbone.depth,
-            "epochs": cfg["epochs"], "source": "ibot-repro teacher", "fingerprint": ctx.work.digest}
-    export_backbone(trainer.teacher.backbone, out / "teacher_backbone.pth", meta)
+            "epochs": cfg["epochs"], "fingerprint": ctx.work.digest}
+    # both backbones, as the official release (checkpoint_teacher.pth / checkpoint_student.pth): models pick one
+    for network, model in (("teacher", trainer.teacher), ("student", trainer.student)):
+        export_backbone(model.backbone, out / f"{network}_backbone.pth",
+                        {**meta, "network": network, "source": f"ibot-repro {network}"})
     export_heads({"teacher": trainer.teacher.head, "student": trainer.student.head}, out / "heads.pth",
                  {**meta, **{k: cfg[k] for k in HEAD_SETTINGS if k in cfg},
                   "embed_dim": trainer.teacher.backbone.embed_dim})
