@@ -164,18 +164,22 @@ def _format_error(error) -> str:
 
 def _apply_recipe(name: str, entry: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     """A model entry with its recipe file merged under it (entry keys win); the recipe's
-    ``overrides`` are kept apart as ``recipe_overrides``, the lowest layer above the defaults."""
-    if entry.get("recipe_overrides") and not entry.get("recipe"):
-        raise ConfigError(f"config key models.{name}.recipe_overrides: set from the recipe file, not by hand; "
-                          f"use models.{name}.overrides")
+    ``overrides`` are kept apart as ``recipe_overrides``, the lowest layer above the defaults, and its
+    ``unverified`` marks as ``recipe_unverified`` (:func:`unverified_values`)."""
+    for key, own in (("recipe_overrides", "overrides"), ("recipe_unverified", "unverified")):
+        if entry.get(key) and not entry.get("recipe"):
+            raise ConfigError(f"config key models.{name}.{key}: set from the recipe file, not by hand; "
+                              f"use models.{name}.{own}")
     if not entry.get("recipe"):
         return entry
     recipe = load_yaml(base_dir / entry["recipe"])
     recipe_overrides = recipe.pop("overrides", None) or {}
+    recipe_unverified = recipe.pop("unverified", None) or {}
     if "recipe" in recipe:
         raise ConfigError(f"recipe {entry['recipe']}: a recipe cannot name another recipe")
     merged = deep_merge(recipe, entry, allow_new=True)
     merged["recipe_overrides"] = recipe_overrides
+    merged["recipe_unverified"] = recipe_unverified
     return merged
 
 
@@ -235,6 +239,7 @@ def validate_config(config: dict[str, Any], *, base_dir: str | Path = ".") -> di
     for name in models:
         problems += _unsupported_stage_problems(config, name)
         problems += _weights_problems(config, name)
+        problems += _unverified_problems(config, name)
         if models[name]["weights"] == "pretrain":
             try:
                 global_batch(config, name)
@@ -283,6 +288,70 @@ def _unsupported_stage_problems(config: Mapping[str, Any], model: str) -> list[s
     unsupported = entry.get("unsupported_stages") or {}
     return [f"config key models.{model}.stages: {stage!r} has no recipe for this model ({unsupported[stage]}); "
             f"remove it from models.{model}.stages" for stage in entry.get("stages") or [] if stage in unsupported]
+
+
+def unverified_values(config: Mapping[str, Any], model: str, stage: str | None = None) -> dict[str, str]:
+    """Recipe values of ``model`` no source readable offline confirms: ``{"<section>.<key>" or model key:
+    what would verify it}``. The recipe file's marks hold except on keys the model's own ``overrides``
+    set; the model entry's ``unverified`` adds to them.
+
+    With ``stage``: only the marks that shape that stage's number: the model keys, the pretraining it
+    evaluates (its own, or that of its ``weights_from`` model) and the stage's own section (its
+    sub-section, its segmentation head).
+    """
+    from ibot.stages import BACKBONE_STAGE, STAGES
+
+    entry = config["models"][model]
+    own = entry.get("overrides") or {}
+    marks = {key: why for key, why in (entry.get("recipe_unverified") or {}).items()
+             if not _has_path(own, tuple(key.split(".")))}
+    marks.update(entry.get("unverified") or {})
+    if stage is None:
+        return marks
+    spec = STAGES[stage]
+    sections = {STAGES[name].section for name in STAGES}
+    scope = (spec.section, spec.subsection) if spec.subsection else (spec.section,)
+    head = spec.fixed.get("head")
+    relevant = {}
+    for key, why in marks.items():
+        path = tuple(key.split("."))
+        if path[0] not in sections:  # a model key (network, ...)
+            relevant[key] = why
+        elif path[:len(scope)] == scope and not (head and len(path) > 2 and path[1] in _SEG_HEADS and path[1] != head):
+            relevant[key] = why
+        elif path[0] == BACKBONE_STAGE.section and entry["weights"] in BACKBONE_STAGE.weights:
+            relevant[key] = why
+    source = entry.get("weights_from")
+    if source and stage != BACKBONE_STAGE.name:  # the pretraining it evaluates is another model's
+        relevant.update({key: f"{why} ({source}'s pretraining)"
+                         for key, why in unverified_values(config, source, BACKBONE_STAGE.name).items()
+                         if key.split(".")[0] == BACKBONE_STAGE.section})
+    return relevant
+
+
+#: The segmentation section's per-head sub-sections (a seg stage's marks are those of its own head).
+_SEG_HEADS = ("upernet", "linear")
+
+
+def _unverified_problems(config: Mapping[str, Any], model: str) -> list[str]:
+    """Every mark must name a value: a model key, or ``<section>.<key>`` of a stage section's schema."""
+    from ibot.stages import STAGES, section_schema
+
+    model_keys = set(_schema()["properties"]["models"]["additionalProperties"]["properties"])
+    sections = {STAGES[name].section for name in STAGES}
+    entry = config["models"][model]
+    problems = []
+    for key in {**(entry.get("recipe_unverified") or {}), **(entry.get("unverified") or {})}:
+        path = key.split(".")
+        node: Any = section_schema(path[0]) if path[0] in sections else None
+        for part in path[1:] if node is not None else []:
+            node = (node.get("properties") or {}).get(part) if isinstance(node, Mapping) else None
+        if not (node is not None or (len(path) == 1 and key in model_keys)):
+            where = f"{entry['recipe']}: unverified" if key in (entry.get("recipe_unverified") or {}) else \
+                f"config key models.{model}.unverified"
+            problems.append(f"{where}: {key!r} names no config value (a model key, or <section>.<key> of "
+                            f"workflow/schemas/<section>.schema.yaml)")
+    return problems
 
 
 def planned_stages(config: Mapping[str, Any], model: str) -> list[str]:
@@ -507,13 +576,16 @@ def explain_stage(config: Mapping[str, Any], stage: str, model: str,
             origins[path] = (label, place)
     prefix = (spec.subsection,) if spec and spec.subsection else ()
     resolved = stage_config(config, stage, model)
+    marks = unverified_values(config, model, stage) if spec else {}
     rows = []
     for path, value in _leaves(resolved):
         if spec and len(path) == 1 and path[0] in spec.fixed:
             origin, where = ORIGIN_STAGE, f"ibot/stages.py: {stage}.fixed"
         else:
             origin, where = origins[prefix + path]
-        rows.append({"key": ".".join(path), "value": value, "origin": origin, "where": where})
+        mark = ".".join((section, *prefix, *path))
+        rows.append({"key": ".".join(path), "value": value, "origin": origin, "where": where,
+                     "unverified": {"key": mark, "why": marks[mark]} if mark in marks else None})
     return rows + _derived_rows(config, stage, model, resolved)
 
 
@@ -623,8 +695,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {args.stage} for {args.model}: {len(rows)} values (origin: default < model recipe < config file "
           f"< command line; stage = fixed by the stage; derived = computed from the others)")
     for row, value in zip(rows, values):
-        print(f"{row['key']:<{width}}  {value:<{vwidth}}  {row['origin']:<12}  {row['where']}")
+        mark = f"  UNVERIFIED: {row['unverified']['why']}" if row.get("unverified") else ""
+        print(f"{row['key']:<{width}}  {value:<{vwidth}}  {row['origin']:<12}  {row['where']}{mark}")
+    marks = unverified_values(config, args.model, args.stage) if args.stage in _stage_names() else {}
+    shown = {r["unverified"]["key"] for r in rows if r.get("unverified")}
+    others = {key: why for key, why in marks.items() if key not in shown}
+    if others:
+        print(f"# other unverified values this stage's number depends on ({len(others)}):")
+        for key, why in sorted(others.items()):
+            print(f"#   {key}: {why}")
     return 0
+
+
+def _stage_names() -> set[str]:
+    from ibot.stages import STAGES
+
+    return set(STAGES)
 
 
 def check_stage_configs(config: Mapping[str, Any]) -> None:
