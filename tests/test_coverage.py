@@ -44,6 +44,17 @@ def test_coverage_claims_only_planned_jobs_and_says_why_not():
     assert linear_seg["job"].tolist() == [""]
     assert linear_seg["reason"].tolist() == ["vit_base does not run seg_linear in this config"]
     assert len(partial[partial["job"] != ""]) == len(covered) - 3  # Tab.6 + Tab.14 mIoU, Tab.14 mAcc
+    # each planned number lists the unverified recipe values its job runs with (none for ViT-S/16)
+    from ibot.config import planned_stages
+
+    plan = coverage(config, {f"results/paper/{m}/{s}/metrics.json" for m in config["models"]
+                             for s in planned_stages(config, m)})
+    vit_s = plan[plan["job"].str.startswith("results/paper/vit_small/")]
+    assert len(vit_s) > 40 and (vit_s["unverified"] == "").all()
+    unsup = plan[plan["job"].str.contains("vit_small_out1000/unsupervised")]
+    assert len(unsup) and (unsup["unverified"] == "pretrain.epochs").all()
+    assert "pretrain.lr" in row["unverified"] and "pretrain.use_fp16" in ft512["unverified"]
+    assert (full[full["job"] == ""]["unverified"] == "").all()
 
 
 def test_coverage_cli_reads_the_snakemake_plan(tmp_path):
@@ -51,5 +62,7 @@ def test_coverage_cli_reads_the_snakemake_plan(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ibot.results", "coverage", "--configfile", "config/paper.yaml",
                              "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"\*\*\d+ of 119 iBOT numbers", result.stdout)
+    split = re.search(r"\*\*(\d+) of 119 iBOT numbers .*: (\d+) with every recipe value cited, (\d+) with "
+                      r"unverified values", result.stdout)
+    assert split and int(split[1]) == int(split[2]) + int(split[3]) and int(split[3]) > 0, result.stdout[:500]
     assert "results/paper/vit_large/knn/metrics.json (top1_k20)" in out.read_text()

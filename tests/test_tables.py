@@ -134,6 +134,28 @@ def test_a_rescaled_pretraining_is_marked_in_summary_and_tables():
     assert "‡" in to_markdown(table)
 
 
+def test_unverified_recipe_values_are_marked_in_summary_and_tables():
+    """A number computed with recipe values no offline source confirms carries them (per stage) in the
+    summary, and its table row a § with the keys below."""
+    from ibot.config import load_yaml, validate_config
+    from ibot.results.aggregate import models_info_from_config
+
+    info = models_info_from_config(validate_config(load_yaml(REPO / "config" / "paper.yaml"), base_dir=REPO))
+    assert info["vit_small"]["unverified"] == {}
+    assert "pretrain.pred_ratio" in info["vit_base_rand_mask"]["unverified"]["knn"]
+    assert info["vit_small_in22k"]["unverified"] == {"pretrain": "network", "knn": "network", "linear": "network"}
+    marks = {"knn": "pretrain.lr, pretrain.min_lr", "linear": "pretrain.lr, pretrain.min_lr"}
+    summary = build_summary(find_metrics_files(FIXTURES / "seed0"), {**INFO, "vit_small": {
+        **INFO["vit_small"], "unverified": marks}})
+    rows = summary[summary["model"] == "vit_small"].set_index("stage")
+    assert rows.loc["knn", "unverified"].iloc[0] == "pretrain.lr, pretrain.min_lr"
+    table = group_table(aggregate(summary), "classification")
+    _row(table, "ours: vit_small §")
+    assert any("vit_small: pretrain.lr, pretrain.min_lr" in note for note in table.attrs["notes"])
+    plain = group_table(aggregate(build_summary(find_metrics_files(FIXTURES / "seed0"), INFO)), "classification")
+    _row(plain, "ours: vit_small")
+
+
 def test_null_metrics_need_a_reason_and_show_as_n_a(tmp_path):
     base = dict(run="r", model="vit_small", stage="detection", task="detection", dataset="coco",
                 protocol="cascade-mask-rcnn,1x", config={}, wall_time_s=1.0)

@@ -42,7 +42,7 @@ METRIC_MAP_CSV = REFERENCE_DIR / "metric_map.csv"
 PAPER_PROTOCOLS_CSV = REFERENCE_DIR / "paper_protocols.csv"
 
 SUMMARY_COLUMNS = [
-    "run", "model", "paper_model", "arch", "pretrain_note", "stage", "task", "dataset", "protocol", "metric", "value",
+    "run", "model", "paper_model", "arch", "pretrain_note", "unverified", "stage", "task", "dataset", "protocol", "metric", "value",
     "null_reason", "seed", "paper_dataset", "paper_protocol", "is_paper_protocol", "paper_value", "delta",
     "higher_is_better", "group", "column", "paper_table", "paper_source", "paper_note", "checkpoint_sha256",
     "wall_time_s", "created", "metrics_file",
@@ -215,6 +215,8 @@ def build_summary(paths: Sequence[str | Path], models_info: Mapping[str, Mapping
     frame["arch"] = pd.Series([info(m, "arch") for m in frame["model"]], index=frame.index, dtype=object)
     frame["pretrain_note"] = pd.Series([info(m, "pretrain_note") or "" for m in frame["model"]], index=frame.index,
                                        dtype=object)
+    frame["unverified"] = pd.Series([(info(m, "unverified") or {}).get(s, "") for m, s in zip(frame["model"], frame["stage"])],
+                                    index=frame.index, dtype=object)
 
     # table placement: the first standard line of a (stage, metric); paper value: the first line of the
     # model's pretraining data and variant that has one (e.g. Tab.15 for an IN-22K ViT-B/16, absent from Tab.1)
@@ -263,9 +265,10 @@ def read_summaries(paths: Iterable[str | Path]) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype={"run": str, "model": str, "paper_model": str, "stage": str, "metric": str,
                                          "dataset": str, "protocol": str, "paper_dataset": str, "paper_protocol": str,
                                          "null_reason": str, "checkpoint_sha256": str, "paper_table": str})
-        if "pretrain_note" not in frame.columns:  # summaries written before the column existed
-            frame["pretrain_note"] = ""
-        frame["pretrain_note"] = frame["pretrain_note"].astype(object).where(frame["pretrain_note"].notna(), "")
+        for note in ("pretrain_note", "unverified"):
+            if note not in frame.columns:  # summaries written before the column existed
+                frame[note] = ""
+            frame[note] = frame[note].astype(object).where(frame[note].notna(), "")
         missing = [c for c in SUMMARY_COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"summary {path}: missing columns {missing} (rebuild it with `ibot.results summary`)")
@@ -290,9 +293,10 @@ def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataF
     keys = list(keys)
     if summary.empty:
         return pd.DataFrame(columns=keys + ["mean", "std", "n", "runs", "seeds", "paper_model", "arch", "pretrain_note",
+                                            "unverified",
                                             "paper_value", "delta", "higher_is_better", "group", "column",
                                             "paper_table", "paper_protocol", "is_paper_protocol", "null_reason"])
-    first = [c for c in ("paper_model", "arch", "pretrain_note", "paper_value", "higher_is_better", "group", "column", "paper_table",
+    first = [c for c in ("paper_model", "arch", "pretrain_note", "unverified", "paper_value", "higher_is_better", "group", "column", "paper_table",
                          "paper_protocol", "null_reason") if c not in keys]
     grouped = summary.groupby(keys, dropna=False, sort=False)
     out = grouped["value"].agg(mean="mean", std="std", n="count").reset_index()
@@ -308,16 +312,22 @@ def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataF
 
 # -- model info ---------------------------------------------------------------------------------------
 def models_info_from_config(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{model: {paper_model, <ModelSpec fields>, weights, pretrain_note}}`` from a (validated)
-    workflow config (``paper_model``: the model's paper label, :func:`paper_label`); ``pretrain_note`` says when the model is pretrained with another global batch
-    than its recipe's (``pretrain.batch_rescale``), which the tables mark."""
+    """``{model: {paper_model, <ModelSpec fields>, weights, pretrain_note, unverified}}`` from a (validated)
+    workflow config (``paper_model``: the model's paper label, :func:`paper_label`); ``pretrain_note`` says
+    when the model is pretrained with another global batch than its recipe's (``pretrain.batch_rescale``),
+    ``unverified`` ``{stage: "key, key"}`` which recipe values of a stage's number no offline source
+    confirms (:func:`ibot.config.unverified_values`); the tables mark both."""
+    from ibot.config import planned_stages, unverified_values
     from ibot.models.specs import ModelSpec
 
     out = {}
     for name, entry in (config.get("models") or {}).items():
         label = paper_label(entry.get("paper_model"), entry.get("pretrain_data"), entry.get("paper_variant"))
+        marks = {stage: ", ".join(sorted(keys)) for stage in planned_stages(config, name)
+                 if (keys := unverified_values(config, name, stage))}
         out[name] = {"paper_model": label, **ModelSpec.of(entry).as_dict(),
-                     "weights": entry.get("weights", "pretrain"), "pretrain_note": pretrain_note(config, name)}
+                     "weights": entry.get("weights", "pretrain"), "pretrain_note": pretrain_note(config, name),
+                     "unverified": marks}
     return out
 
 

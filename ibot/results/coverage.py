@@ -8,7 +8,8 @@ model of the config whose ``paper_model`` is the row's model, and that model's
 ``<stage>/metrics.json`` **in the Snakemake plan of the config** (``snakemake --summary``): nothing
 is claimed that the DAG does not run. A model reproduces a row only with the mapping lines of its
 pretraining data (``models.<m>.pretrain_data``) and variant (``models.<m>.paper_variant``, the lines'
-``variant``). A row without such a job gets the reason.
+``variant``). A row without such a job gets the reason. A planned row lists the recipe values its job
+runs with that no source readable offline confirms (``unverified``: :func:`ibot.config.unverified_values`).
 
 ``python -m ibot.results coverage [--configfile config/paper.yaml]``
 """
@@ -27,7 +28,7 @@ from ibot.results.aggregate import REPO_ROOT, load_metric_map, load_reference
 __all__ = ["COVERAGE_COLUMNS", "ibot_rows", "planned_outputs", "coverage", "format_coverage"]
 
 COVERAGE_COLUMNS = ["table", "model", "pretrain_data", "task", "dataset", "protocol", "metric", "value", "job",
-                    "reason"]
+                    "unverified", "reason"]
 _ROW_KEY = ("task", "dataset", "protocol", "metric", "pretrain_data")
 _MAP_KEY = ("paper_task", "paper_dataset", "paper_protocol", "paper_metric", "paper_pretrain_data")
 #: Paper tasks no stage of the registry evaluates yet, with where they are planned.
@@ -92,6 +93,8 @@ def coverage(config: Mapping[str, Any], planned: Iterable[str], *, reference: pd
         producer = (line.stage, line.metric, line.variant)
         if producer not in by_key.setdefault(key, []):  # several tables print one number
             by_key[key].append(producer)
+    from ibot.config import unverified_values
+
     identities = {name: _identity(entry) for name, entry in config["models"].items()}
     root = f"{config['results_dir']}/{config['run']}"
     out = []
@@ -100,32 +103,43 @@ def coverage(config: Mapping[str, Any], planned: Iterable[str], *, reference: pd
         ours = [(name, stage, metric) for name, (paper_model, data, variant) in identities.items()
                 if paper_model == row.model and data == row.pretrain_data
                 for stage, metric, line_variant in producers if line_variant == variant]
-        job = ""
+        job, unverified = "", ""
         if not producers:
             reason = _reason_without_mapping(row)
         elif not ours:
             reason = _no_model_reason(row, {variant for _, _, variant in producers})
         else:
-            job = "; ".join(f"{root}/{model}/{stage}/metrics.json ({metric})" for model, stage, metric in ours
-                            if f"{root}/{model}/{stage}/metrics.json" in planned)
+            jobs = [(model, stage, metric) for model, stage, metric in ours
+                    if f"{root}/{model}/{stage}/metrics.json" in planned]
+            job = "; ".join(f"{root}/{model}/{stage}/metrics.json ({metric})" for model, stage, metric in jobs)
+            unverified = ", ".join(sorted({key for model, stage, _ in jobs
+                                           for key in unverified_values(config, model, stage)}))
             reason = "" if job else _not_run_reason(sorted({s for _, s, _ in ours}),
                                                      list(dict.fromkeys(m for m, _, _ in ours)), config)
-        out.append({**{c: getattr(row, c) for c in COVERAGE_COLUMNS if c not in ("job", "reason")},
-                    "job": job, "reason": reason})
+        out.append({**{c: getattr(row, c) for c in COVERAGE_COLUMNS if c not in ("job", "unverified", "reason")},
+                    "job": job, "unverified": unverified, "reason": reason})
     return pd.DataFrame(out, columns=COVERAGE_COLUMNS)
 
 
 def format_coverage(frame: pd.DataFrame, configfiles: Sequence[str | Path] = ()) -> str:
     """Markdown: the covered fraction, the uncovered rows grouped by reason, then every row."""
-    covered = int((frame["job"] != "").sum())
+    planned = frame["job"] != ""
+    covered = int(planned.sum())
+    unverified = planned & (frame["unverified"] != "")
     source = ", ".join(map(str, configfiles)) or "config/config.yaml"
     text = [f"# Paper coverage of {source}", "",
             f"**{covered} of {len(frame)} iBOT numbers of results/reference/ ({100 * covered / max(len(frame), 1):.0f}%)"
-            " are produced by a planned job.**", "", "| not covered because | rows |", "|---|---|"]
-    for reason, count in frame[frame["job"] == ""]["reason"].value_counts().items():
+            f" are produced by a planned job: {covered - int(unverified.sum())} with every recipe value cited, "
+            f"{int(unverified.sum())} with unverified values.**", "", "| not covered because | rows |", "|---|---|"]
+    for reason, count in frame[~planned]["reason"].value_counts().items():
         text.append(f"| {reason} | {count} |")
+    text += ["", "| planned with unverified recipe values (`ibot.config explain` says what verifies each) | rows |",
+             "|---|---|"]
+    for keys, count in frame[unverified]["unverified"].value_counts().items():
+        text.append(f"| {keys} | {count} |")
     text += ["", "| table | model | task | dataset | protocol | metric | paper | job or reason |", "|---|---|---|---|---|---|---|---|"]
     for row in frame.itertuples(index=False):
+        mark = f" (unverified: {row.unverified})" if row.unverified else ""
         text.append(f"| {row.table} | {row.model} | {row.task} | {row.dataset} | {row.protocol} | {row.metric} | "
-                    f"{row.value} | {row.job or row.reason} |")
+                    f"{row.value} | {row.job or row.reason}{mark} |")
     return "\n".join(text) + "\n"

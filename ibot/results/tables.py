@@ -45,6 +45,10 @@ NULL_NOTE = "n/a: the stage ran but its evaluator produced no value (reason: `nu
 RESCALED = "‡"
 RESCALED_NOTE = (f"{RESCALED} pretrained with another global batch than the recipe's, peak lr rescaled linearly "
                  "(pretrain.batch_rescale): ")
+#: Marks ours whose recipe has values no offline source confirms (models.<m>.unverified, a recipe's unverified).
+UNVERIFIED = "§"
+UNVERIFIED_NOTE = (f"{UNVERIFIED} run with recipe values no source readable offline confirms (`python -m ibot.config "
+                   "explain` says what would verify each): ")
 
 
 def _cell(mean: Any, std: Any = None, n: Any = None, off_protocol: bool = False) -> dict[str, Any]:
@@ -98,7 +102,7 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
         wanted.append(p)
     paper = paper_values(reference, lines, wanted)
 
-    values, on_protocol = {}, {}
+    values, on_protocol, unverified = {}, {}, {}
     if len(agg):
         cells = lines[["stage", "metric", "column"]].drop_duplicates()
         merged = agg.merge(cells, on=["stage", "metric"], suffixes=("_agg", ""))
@@ -108,6 +112,8 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
                              f"{several[['model', 'column', 'dataset', 'protocol']].values.tolist()}; "
                              "pool only runs of one protocol into a table")
         for row in merged.itertuples(index=False):
+            if _text(getattr(row, "unverified", "")):
+                unverified.setdefault(row.model, set()).update(_text(row.unverified).split(", "))
             paper_run = bool(row.is_paper_protocol)
             off = bool(paper_model_of.get(row.model)) and bool(_text(row.paper_protocol)) and not paper_run
             values[(row.model, row.column)] = _cell(row.mean, row.std, row.n, off_protocol=off)
@@ -128,7 +134,8 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
             note = _text(info.at[model, "pretrain_note"]) if model in info.index and "pretrain_note" in info.columns else ""
             if note:
                 rescaled[model] = note
-            row = {"Method": f"ours: {model}" + (f" {RESCALED}" if note else ""), "Arch": p or arch_of[model],
+            marks = (f" {RESCALED}" if note else "") + (f" {UNVERIFIED}" if model in unverified else "")
+            row = {"Method": f"ours: {model}" + marks, "Arch": p or arch_of[model],
                    "Source": f"run {runs}" if runs else ""}
             row.update({c: values.get((model, c), _cell(None)) for c in columns})
             rows.append(row)
@@ -145,7 +152,9 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
     cells = [frame.at[i, c] for i in frame.index for c in columns]
     notes = ([OFF_PROTOCOL_NOTE] if any(cell.get("off_protocol") for cell in cells) else []) + \
         ([NULL_NOTE] if any(_is_null(cell) for cell in cells) else []) + \
-        ([RESCALED_NOTE + "; ".join(f"{m}: {n}" for m, n in rescaled.items())] if rescaled else [])
+        ([RESCALED_NOTE + "; ".join(f"{m}: {n}" for m, n in rescaled.items())] if rescaled else []) + \
+        ([UNVERIFIED_NOTE + "; ".join(f"{m}: {', '.join(sorted(k))}" for m, k in unverified.items())]
+         if unverified else [])
     frame.attrs.update(group=group, title=GROUP_TITLES.get(group, group), columns=columns, pooled=pooled, notes=notes)
     return frame
 

@@ -50,7 +50,7 @@ def stage_metrics(wildcards=None):
 
 
 def models_json():
-    """Per-model info the summary joins on (paper_model, arch, pretrain_note): a params entry."""
+    """Per-model info the summary joins on (paper_model, arch, pretrain_note, unverified): a params entry."""
     from ibot.results.aggregate import models_info_from_config
 
     return json.dumps(models_info_from_config(config), sort_keys=True)
