@@ -234,7 +234,8 @@ def finetune_on_subset(ctx: StageContext, cfg: Mapping[str, Any], data: Path, fo
             from ibot.models.head import build_head
             head = build_head(net.backbone.embed_dim, {}, teacher=True)
         else:
-            head = build_pretrained_head(heads, ctx.checkpoint.network if ctx.checkpoint else None, net.backbone.embed_dim)
+            network = ctx.checkpoint.network if ctx.checkpoint else None
+            head = build_pretrained_head(heads, network, net.backbone.embed_dim)
         trunk, width = head_trunk(head, head_layer)
         net = HeadLayerClassifier(net.backbone, trunk, width, num_classes)
     net = net.to(device)

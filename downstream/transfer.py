@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from downstream.engine.data import (IMAGENET_MEAN, IMAGENET_STD, Indexed, eval_transform as resize_crop_transform,

@@ -134,6 +134,7 @@ def _schema() -> dict[str, Any]:
     model = properties["models"]["additionalProperties"]["properties"]
     model["stages"]["items"] = stage_enum
     model["unsupported_stages"]["propertyNames"] = stage_enum
+    model["unreported_stages"]["propertyNames"] = stage_enum
     model["arch"] = {"enum": list(ARCHITECTURES), "description": "backbone (ibot.models.specs.ARCHITECTURES)"}
     data = properties["data"]["properties"]
     for kind, spec in DATASET_KINDS.items():
@@ -358,15 +359,16 @@ def planned_stages(config: Mapping[str, Any], model: str) -> list[str]:
     """The stages a model runs: the backbone stage (pretraining) for the models it applies to, then its own
     ``stages`` list, else the top-level ``stages`` without those its recipe declares unsupported (the
     top-level list is for every model that has a recipe for the stage; a model's own list is taken as
-    written and checked)."""
+    written and checked) and without its ``unreported_stages`` (no paper number) unless ``extra_stages``."""
     from ibot.stages import BACKBONE_STAGE
 
     entry = config["models"][model]
     first = [BACKBONE_STAGE.name] if entry["weights"] in BACKBONE_STAGE.weights else []
     if entry.get("stages"):
         return first + list(entry["stages"])
-    unsupported = entry.get("unsupported_stages") or {}
-    return first + [stage for stage in config.get("stages") or [] if stage not in unsupported]
+    skipped = {**(entry.get("unsupported_stages") or {}),
+               **({} if config.get("extra_stages") else entry.get("unreported_stages") or {})}
+    return first + [stage for stage in config.get("stages") or [] if stage not in skipped]
 
 
 def model_spec(config: Mapping[str, Any], model: str) -> ModelSpec:

@@ -41,8 +41,14 @@ def test_plan_costs_every_compute_job_of_the_paper_dag_from_its_resolved_config(
     config, _ = load_workflow_config(PAPER)
     rates = load_rates()
     jobs = {(j.model, j.stage): j for j in plan(config, rates, "nvidia-h200")}
-    # 109 Snakemake jobs = 83 compute jobs + 13 attention maps + 9 sweep selections + 4 result rules
-    assert len(jobs) == 83
+    # 98 Snakemake jobs = 72 compute jobs + 13 attention maps + 9 sweep selections + 4 result rules
+    assert len(jobs) == 72
+    # extra_stages: the 11 evaluations with an official recipe but no paper number, ~49 GPU-hours
+    extra = {(j.model, j.stage): j for j in plan({**config, "extra_stages": True}, rates, "nvidia-h200")}
+    added = set(extra) - set(jobs)
+    assert set(jobs) < set(extra) and len(added) == 11 and ("vit_large", "seg_upernet") in added
+    assert {m for m, _ in added} == {"vit_small", "vit_base", "vit_large"}
+    assert 40 < sum(extra[key].device_hours for key in added) < 60
     pretrain = jobs["vit_small", "pretrain"]
     measured = rates["devices"]["nvidia-h200"]["pretrain"]["images_per_s"]
     assert pretrain.device_hours == pytest.approx(800 * 1_281_167 / measured / 3600, rel=1e-6)  # the calibration
@@ -70,4 +76,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
     result = subprocess.run([sys.executable, "-m", "ibot.results", "plan", "--configfile", *PAPER, "--json", str(out)],
                             capture_output=True, text=True, cwd=ROOT, check=True)
     assert "vit_small" in result.stdout and "GPU-hours" in result.stdout
-    assert len(json.loads(out.read_text())["jobs"]) == 83
+    assert len(json.loads(out.read_text())["jobs"]) == 72
+    extra = subprocess.run([sys.executable, "-m", "ibot.results", "plan", "--configfile", *PAPER, "--config",
+                            "extra_stages=true"], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert "total: 83 compute jobs" in extra.stdout and "vit_large                seg_upernet" in extra.stdout

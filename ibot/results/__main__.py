@@ -156,7 +156,7 @@ def _readme(args) -> None:
 def _plan(args) -> None:
     from ibot.results.plan import main_plan
 
-    main_plan(args.configfile, args.device_kind, args.rates, args.json)
+    main_plan(args.configfile, args.device_kind, args.rates, args.json, overrides=args.config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="estimated device-hours and wall time of every job, before launching")
     p.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
+    p.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="as snakemake's --config, e.g. extra_stages=true")
     p.add_argument("--device-kind", default="nvidia-h200", help="a device of bench/measured_rates.json")
     p.add_argument("--rates", default=str(Path(__file__).resolve().parents[2] / "bench" / "measured_rates.json"))
     p.add_argument("--json", default=None, help="also write the jobs and their costs here")

@@ -42,7 +42,8 @@ METRIC_MAP_CSV = REFERENCE_DIR / "metric_map.csv"
 PAPER_PROTOCOLS_CSV = REFERENCE_DIR / "paper_protocols.csv"
 
 SUMMARY_COLUMNS = [
-    "run", "model", "paper_model", "arch", "pretrain_note", "unverified", "stage", "task", "dataset", "protocol", "metric", "value",
+    "run", "model", "paper_model", "arch", "pretrain_note", "unverified", "stage", "task", "dataset", "protocol", "metric",
+    "value",
     "null_reason", "seed", "paper_dataset", "paper_protocol", "is_paper_protocol", "paper_value", "delta",
     "higher_is_better", "group", "column", "paper_table", "paper_source", "paper_note", "checkpoint_sha256",
     "wall_time_s", "created", "metrics_file",
@@ -215,8 +216,8 @@ def build_summary(paths: Sequence[str | Path], models_info: Mapping[str, Mapping
     frame["arch"] = pd.Series([info(m, "arch") for m in frame["model"]], index=frame.index, dtype=object)
     frame["pretrain_note"] = pd.Series([info(m, "pretrain_note") or "" for m in frame["model"]], index=frame.index,
                                        dtype=object)
-    frame["unverified"] = pd.Series([(info(m, "unverified") or {}).get(s, "") for m, s in zip(frame["model"], frame["stage"])],
-                                    index=frame.index, dtype=object)
+    frame["unverified"] = pd.Series([(info(m, "unverified") or {}).get(s, "")
+                                     for m, s in zip(frame["model"], frame["stage"])], index=frame.index, dtype=object)
 
     # table placement: the first standard line of a (stage, metric); paper value: the first line of the
     # model's pretraining data and variant that has one (e.g. Tab.15 for an IN-22K ViT-B/16, absent from Tab.1)

@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ibot.models.specs import ARCHITECTURES, ArchSpec, SwinSpec
 from ibot.stages import BACKBONE_STAGE
@@ -232,12 +232,13 @@ def format_plan(jobs: list[Job], kind: str, device: Mapping[str, Any]) -> str:
 
 
 def main_plan(configfiles: list[str], kind: str, rates_path: str | Path, as_json: str | None,
-              printer: Callable[[str], Any] = print) -> list[Job]:
-    """The ``plan`` command: the workflow's config (as Snakemake loads and validates it), costed."""
+              printer: Callable[[str], Any] = print, overrides: Sequence[str] = ()) -> list[Job]:
+    """The ``plan`` command: the workflow's config (as Snakemake loads and validates it, ``overrides`` as
+    its ``--config KEY=VALUE``), costed."""
     from ibot.config import load_workflow_config
     from ibot.io import write_json_atomic
 
-    config, _ = load_workflow_config(configfiles)
+    config, _ = load_workflow_config(configfiles, list(overrides))
     rates = load_rates(rates_path)
     jobs = plan(config, rates, kind)
     printer(format_plan(jobs, kind, rates["devices"][kind]))
