@@ -130,9 +130,10 @@ def format_coverage(frame: pd.DataFrame, configfiles: Sequence[str | Path] = ())
     text = [f"# Paper coverage of {source}", "",
             f"**{covered} of {len(frame)} iBOT numbers of results/reference/ ({100 * covered / max(len(frame), 1):.0f}%)"
             f" are produced by a planned job: {covered - int(unverified.sum())} with every recipe value cited, "
-            f"{int(unverified.sum())} with unverified values.**", "", "| not covered because | rows |", "|---|---|"]
-    for reason, count in frame[~planned]["reason"].value_counts().items():
-        text.append(f"| {reason} | {count} |")
+            f"{int(unverified.sum())} with unverified values.**"]
+    if (~planned).any():
+        text += ["", "| not covered because | rows |", "|---|---|"]
+        text += [f"| {reason} | {count} |" for reason, count in frame[~planned]["reason"].value_counts().items()]
     text += ["", "| planned with unverified recipe values (`ibot.config explain` says what verifies each) | rows |",
              "|---|---|"]
     for keys, count in frame[unverified]["unverified"].value_counts().items():
