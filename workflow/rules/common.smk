@@ -36,7 +36,7 @@ def pretrained_models():
 def backbone_checkpoint(wildcards):
     """Weights every stage evaluates (an input): the backbone stage's export (this model's, or with
     weights_from another model's of this run), an external file, or none (random init)."""
-    network = config["models"][wildcards.model]["network"]  # teacher or student (config schema)
+    network = config["models"][wildcards.model].get("network", "teacher")  # or student (config schema)
     exported = BACKBONE_STAGE.outputs["backbone" if network == "teacher" else f"{network}_backbone"]
     source = weights_source(wildcards.model)
     if source in BACKBONE_STAGE.weights:
