@@ -4,7 +4,12 @@
 
     {"schema": "ibot-metrics/1", "run", "model", "stage", "task", "dataset", "protocol",
      "metrics": {name: number}, "checkpoint": {"path", "sha256"} | null, "config": {...},
-     "wall_time_s", "software": {package: version}, "created", "host", "device", "extra": {...}}
+     "wall_time_s", "software": {package: version}, "created", "host", "device", "extra": {...},
+     "intervals": {name: {"low", "high", "method", "n", "confidence"}},
+     "baselines": {name: {"value", "kind"}}}
+
+``intervals`` and ``baselines`` (:mod:`ibot.uncertainty`) say what a number means on its data: its 95 %
+interval over the evaluation items and what a model that learned nothing scores on the same items.
 
 ``metrics`` holds only scalars (the table values); anything larger (curves, per-head results)
 goes to ``extra`` or a sibling file. A metric the evaluator did not produce is never a made-up number:
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ibot.io import write_json_atomic
+from ibot.uncertainty import check_evidence
 
 if TYPE_CHECKING:
     from ibot.checkpoint import BackboneCheckpoint
@@ -99,7 +105,9 @@ def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: s
                   protocol: str, metrics: Mapping[str, float | None], config: Mapping[str, Any],
                   wall_time_s: float, checkpoint: BackboneCheckpoint | str | Path | None = None,
                   extra: Mapping[str, Any] | None = None,
-                  null_reasons: Mapping[str, str] | None = None) -> dict[str, Any]:
+                  null_reasons: Mapping[str, str] | None = None,
+                  intervals: Mapping[str, Mapping[str, Any]] | None = None,
+                  baselines: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Validate and atomically write one stage's metrics file; returns the record.
 
     A metric may be ``None`` (written as JSON ``null``) only with its reason in ``null_reasons``
@@ -124,6 +132,8 @@ def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: s
         raise ValueError(f"stage {stage!r}: pass null reasons as null_reasons=, not in extra")
     null_reasons = dict(null_reasons or {})
     values = check_metric_values(metrics, null_reasons, f"stage {stage!r}")
+    intervals, baselines = dict(intervals or {}), dict(baselines or {})
+    check_evidence(values, intervals, baselines, f"stage {stage!r}")
     if null_reasons:
         extra[NULL_REASONS] = null_reasons
     record = {
@@ -133,7 +143,7 @@ def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: s
         "config": dict(config), "wall_time_s": round(float(wall_time_s), 3), "software": software_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
         "device": device_info(),
-        "extra": extra,
+        "extra": extra, "intervals": intervals, "baselines": baselines,
     }
     write_json_atomic(record, path)
     return record
@@ -150,5 +160,7 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     if missing or record.get("schema") != SCHEMA:
         raise ValueError(f"metrics file {path}: not a {SCHEMA} record (missing fields {missing}, "
                          f"schema {record.get('schema')!r})")
-    check_metric_values(record["metrics"], (record.get("extra") or {}).get(NULL_REASONS) or {}, f"metrics file {path}")
+    where = f"metrics file {path}"
+    values = check_metric_values(record["metrics"], (record.get("extra") or {}).get(NULL_REASONS) or {}, where)
+    check_evidence(values, record.get("intervals") or {}, record.get("baselines") or {}, where)
     return record

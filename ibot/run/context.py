@@ -85,10 +85,12 @@ class StageContext:
 
     def write_metrics(self, *, task: str, dataset: str, protocol: str, metrics: Mapping[str, float | None],
                       extra: Mapping[str, Any] | None = None, null_reasons: Mapping[str, str] | None = None,
+                      intervals: Mapping[str, Any] | None = None, baselines: Mapping[str, Any] | None = None,
                       ) -> dict[str, Any] | None:
         """Write its ``metrics.json`` (main process only; others get None): the record of
         :func:`ibot.metrics.write_metrics` with everything the context knows filled in, and the work
-        fingerprint in ``extra['fingerprint']`` when it keeps a work directory."""
+        fingerprint in ``extra['fingerprint']`` when it keeps a work directory; ``intervals`` and ``baselines``
+        as :mod:`ibot.uncertainty` builds them."""
         from ibot.distributed import is_main
         from ibot.metrics import write_metrics
 
@@ -98,7 +100,7 @@ class StageContext:
         record = write_metrics(self.out, run=self.run, model=self.name, stage=self.stage, task=task, dataset=dataset,
                                protocol=protocol, metrics=metrics, config=self.config,
                                wall_time_s=time.time() - (self.started or time.time()), checkpoint=self.checkpoint,
-                               extra=extra, null_reasons=null_reasons)
+                               extra=extra, null_reasons=null_reasons, intervals=intervals, baselines=baselines)
         print(f"[{self.stage}] wrote {self.out}", flush=True)
         return record
 
