@@ -31,6 +31,7 @@ from downstream.engine.metrics import best_and_last
 from downstream.engine.setup import log, pick_device, resolve_precision, seed_everything
 from ibot.distributed import world_size
 from ibot.run.context import StageContext
+from ibot.uncertainty import accuracy_evidence
 
 __all__ = ["run"]
 
@@ -61,8 +62,10 @@ def run(ctx: StageContext) -> dict[str, float]:
                   tb_prefix="finetune", tag="finetune")
     best, last = best_and_last(history)  # earliest best epoch on ties (official "Max accuracy")
     metrics = {"top1": best["top1"], **({"top5": best["top5"]} if num_classes >= 5 else {})}
+    intervals, baselines = accuracy_evidence(metrics, val_set.targets, num_classes)
     ctx.write_metrics(
         task="finetune", dataset=dataset_label(data, num_classes), protocol=protocol_label(config), metrics=metrics,
+        intervals=intervals, baselines=baselines,
         extra={"best_epoch": best["epoch"], "best_top1": best["top1"], "best_top5": best["top5"],
                "last_epoch": last["epoch"], "last_top1": last["top1"], "last_top5": last["top5"],
                "history": history, "global_batch": plan.global_batch, "steps_per_epoch": plan.steps_per_epoch,

@@ -16,6 +16,7 @@ from downstream.engine.data import dataset_label
 from downstream.engine.knn import REPORTED_K, knn_on_folder, protocol_label
 from downstream.engine.setup import build_eval_backbone, log, pick_device
 from ibot.run.context import StageContext
+from ibot.uncertainty import accuracy_evidence
 
 __all__ = ["run"]
 
@@ -30,9 +31,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     for k, (top1, top5) in result.accuracy.items():
         log(f"[knn] {k}-NN (k used {min(k, result.num_train)}): top-1 {top1:.2f}"
             + (f", top-5 {top5:.2f}" if top5 is not None else ""))
+    intervals, baselines = accuracy_evidence(result.metrics(), result.val_labels, result.num_classes)
     ctx.write_metrics(
         task="knn", dataset=dataset_label(ctx.data_root, result.num_classes), protocol=protocol_label(config),
-        metrics=result.metrics(),
+        metrics=result.metrics(), intervals=intervals, baselines=baselines,
         extra={"reported": f"top1_k{REPORTED_K}", "num_train": result.num_train, "num_val": result.num_val,
                "num_classes": result.num_classes,
                "effective_k": {str(k): min(k, result.num_train) for k in result.accuracy},

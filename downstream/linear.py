@@ -16,6 +16,7 @@ from downstream.engine.data import dataset_label
 from downstream.engine.linear import protocol_label, save_probe, train_probe
 from downstream.engine.setup import build_eval_backbone, log, pick_device, seed_everything
 from ibot.run.context import StageContext
+from ibot.uncertainty import accuracy_evidence
 
 __all__ = ["run"]
 
@@ -29,9 +30,10 @@ def run(ctx: StageContext) -> dict[str, float]:
                          state_file=ctx.work.path / "linear_state.pth", fingerprint=ctx.work.digest, tb_dir=ctx.tb_dir)
     save_probe(result, ctx.dir, config, ctx.model, ctx.seed)
     best = result.best
+    intervals, baselines = accuracy_evidence(result.metrics(), result.val_labels, result.num_classes)
     ctx.write_metrics(
         task="linear", dataset=dataset_label(ctx.data_root, result.num_classes), protocol=protocol_label(config),
-        metrics=result.metrics(),
+        metrics=result.metrics(), intervals=intervals, baselines=baselines,
         extra={"best_lr": best["lr"], "best_scaled_lr": best["scaled_lr"], "best_epoch": best["epoch"],
                "best_head": best["head"], "global_batch": result.global_batch, "feature_dim": result.feature_dim,
                "num_classes": result.num_classes, "num_train": result.num_train, "num_val": result.num_val,

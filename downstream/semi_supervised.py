@@ -62,6 +62,7 @@ from ibot.data.subsets import default_subset_file, materialise_subset, read_subs
 from ibot.distributed import barrier, is_main, world_size
 from ibot.run.context import StageContext
 from ibot.stages import section_schema, stage_defaults
+from ibot.uncertainty import accuracy_evidence
 
 __all__ = ["PROTOCOLS", "protocol_config", "protocol_label", "preflight", "logistic_regression",
            "logistic_regression_sweep", "head_trunk", "HeadLayerClassifier", "finetune_on_subset", "run"]
@@ -326,9 +327,11 @@ def run(ctx: StageContext) -> dict[str, float]:
                 runs[f"{protocol}_{label}pct"] = {**detail, "wall_time_s": round(time.time() - begun, 3)}
                 log(f"[semi_supervised] {name}: top-1 {float(top1):.2f}")
             barrier()
+    val = image_folder(data, "val", None)  # every protocol is evaluated on the full val set
+    intervals, baselines = accuracy_evidence(metrics, val.targets, len(val.classes))
     ctx.write_metrics(
-        task="semi_supervised", dataset=dataset_label(data, sum(p.is_dir() for p in (Path(data) / "train").iterdir())),
-        protocol=protocol_label(config), metrics=metrics,
+        task="semi_supervised", dataset=dataset_label(data, len(val.classes)),
+        protocol=protocol_label(config), metrics=metrics, intervals=intervals, baselines=baselines,
         extra={"subsets": subsets, "runs": runs, "heads": str(heads) if heads else None,
                "finetune_head_layer": int(config["finetune_head_layer"]),
                "reported": {"Tab.4": [f"finetune_head_{label}pct_top1" for label in config["subsets"]]}})

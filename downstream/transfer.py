@@ -56,6 +56,7 @@ from ibot.config import scaled_lr
 from ibot.data.transfer_sets import read_transfer_set
 from ibot.distributed import world_size
 from ibot.run.context import StageContext
+from ibot.uncertainty import accuracy_evidence
 
 __all__ = ["OFFICIAL_SETS", "eval_transform", "dataset_label", "protocol_label", "run"]
 
@@ -135,8 +136,9 @@ def run(ctx: StageContext) -> dict[str, float]:
                   fingerprint=ctx.work.digest, tb_dir=ctx.tb_dir, tb_prefix=stage, tag=stage)
     best, last = best_and_last(history)  # earliest best epoch on ties (official "Max accuracy")
     metrics = {"top1": best["top1"], **({"top5": best["top5"]} if num_classes >= 5 else {})}
+    intervals, baselines = accuracy_evidence(metrics, val_set.targets, num_classes)
     ctx.write_metrics(
-        task="transfer", dataset=dataset_label(kind, data, num_classes, len(train), len(val)),
+        task="transfer", intervals=intervals, baselines=baselines, dataset=dataset_label(kind, data, num_classes, len(train), len(val)),
         protocol=protocol_label(config, plan.global_batch), metrics=metrics,
         extra={"dataset_kind": kind, "best_epoch": best["epoch"], "best_top1": best["top1"],
                "best_top5": best["top5"], "last_epoch": last["epoch"], "last_top1": last["top1"],

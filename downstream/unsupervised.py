@@ -19,7 +19,14 @@ counts as an error. With as many clusters as classes it is the official matching
 ``|cluster| - count`` differs from ``-count`` by a constant over any perfect matching).
 
 Heads: our pretraining's ``heads.pth`` beside the backbone, or an official full ``checkpoint.pth``
-(:func:`ibot.checkpoint.locate_heads`, :func:`ibot.checkpoint.build_pretrained_head`: strict).
+(:func:`ibot.checkpoint.locate_heads`, :func:`ibot.checkpoint.build_pretrained_head`: strict). A
+random-init model (no checkpoint) clusters with a random-init head of the official shape (the
+random-init row of the tables).
+
+Evidence (:mod:`ibot.uncertainty`): the Wilson interval of ACC (:func:`clustering_evidence` says why
+NMI/ARI/FMI have none); the baseline is the same cluster sizes assigned independently of the images
+(the clusters shuffled over the images, mean of :data:`SHUFFLES` draws), which is far from 0 for NMI
+and ACC with many clusters on few images.
 """
 
 from __future__ import annotations
@@ -35,8 +42,12 @@ from downstream.engine.setup import build_eval_backbone, log, pick_device
 from ibot.checkpoint import build_pretrained_head, locate_heads
 from ibot.distributed import is_main
 from ibot.run.context import StageContext
+from ibot.uncertainty import accuracy_interval, baseline
 
-__all__ = ["protocol_label", "cluster_accuracy", "clustering_metrics", "run"]
+__all__ = ["SHUFFLES", "protocol_label", "cluster_accuracy", "clustering_metrics", "clustering_evidence", "run"]
+
+#: Draws of the shuffled-clusters baseline.
+SHUFFLES = 20
 
 
 def protocol_label(config: Mapping[str, Any], out_dim: int) -> str:
@@ -75,19 +86,38 @@ def clustering_metrics(labels: np.ndarray, clusters: np.ndarray) -> dict[str, fl
             "acc": 100.0 * acc}
 
 
+def clustering_evidence(labels: np.ndarray, clusters: np.ndarray, seed: int = 0
+                        ) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The Wilson interval of ACC over the images and the shuffled-clusters baseline of every metric.
+
+    NMI, ARI and FMI get no interval: a bootstrap duplicates images, and duplicates raise them (NMI of
+    a resample lies above the estimate in nearly every draw, so neither the percentile nor the BCa
+    interval is valid); ACC is a count of correctly matched images.
+    """
+    metrics = clustering_metrics(labels, clusters)
+    intervals = {"acc": accuracy_interval(metrics["acc"], len(labels))}
+    rng = np.random.default_rng(seed)
+    shuffled = [clustering_metrics(labels, rng.permutation(clusters)) for _ in range(SHUFFLES)]
+    baselines = {name: baseline(float(np.mean([m[name] for m in shuffled])), "clusters shuffled over the images")
+                 for name in metrics}
+    return intervals, baselines
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     """Cluster every val image, score, write metrics.json."""
     config, data = ctx.config, ctx.data_root
     key = ctx.checkpoint.network if ctx.checkpoint else None  # the head of the network the backbone is
     heads = locate_heads(config["heads"], ctx.checkpoint.path if ctx.checkpoint else None)
-    if heads is None:
-        raise ValueError("unsupervised: the cluster assignment needs a pretrained projection head; got no checkpoint "
-                         "(random init)")
     device = pick_device()
     val_set = image_folder(data, "val", eval_transform(config["resize"], config["crop"]))
     torch.manual_seed(ctx.seed)
     backbone = build_eval_backbone(ctx.model, ctx.checkpoint, int(config["crop"])).to(device)
-    head = build_pretrained_head(heads, key, backbone.embed_dim).to(device).eval()
+    if heads is None:  # random init: a random-init head of the official shape (seeded above)
+        from ibot.models.head import build_head
+        head = build_head(backbone.embed_dim, {}, teacher=True)
+    else:
+        head = build_pretrained_head(heads, key, backbone.embed_dim)
+    head = head.to(device).eval()
     out_dim = int(head.out_dim)
     log(f"[unsupervised] {len(val_set)} val images, {len(val_set.classes)} classes; {key or 'teacher'} "
         f"head of {heads}: {out_dim} clusters; device {device}")
@@ -105,10 +135,11 @@ def run(ctx: StageContext) -> dict[str, float]:
     used = np.unique(clusters_np)
     log(f"[unsupervised] NMI {metrics['nmi']:.2f}, ARI {metrics['ari']:.2f}, FMI {metrics['fmi']:.2f}, "
         f"ACC {metrics['acc']:.2f} ({len(used)} of {out_dim} clusters used)")
+    intervals, baselines = clustering_evidence(labels_np, clusters_np, seed=ctx.seed)
     ctx.write_metrics(
         task="unsup_cls", dataset=dataset_label(data, len(val_set.classes)), protocol=protocol_label(config, out_dim),
-        metrics=metrics,
-        extra={"heads": str(heads), "head_key": key or "teacher", "out_dim": out_dim,
+        metrics=metrics, intervals=intervals, baselines=baselines,
+        extra={"heads": str(heads) if heads else "random init", "head_key": key or "teacher", "out_dim": out_dim,
                "num_classes": len(val_set.classes), "num_val": len(val_set), "clusters_used": int(len(used)),
                "assignment": "one-to-one Hungarian (scipy linear_sum_assignment) over the occurring clusters x "
                              "classes; rectangular when they differ, images of unmatched clusters count as errors"})

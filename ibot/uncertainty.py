@@ -9,8 +9,8 @@ broken one; with them the tables and the end-to-end test can (``interval exclude
 - Accuracies over ``n`` items: Wilson score interval (``scipy.stats.binomtest(...).proportion_ci``),
   well-behaved near 0 and 100 % where the normal approximation is not.
 - Anything else (mAP over queries, J&F over objects, NMI/ARI over images, mIoU and AP over images):
-  percentile bootstrap over the evaluation items (``scipy.stats.bootstrap``, fixed seed, so a rerun
-  writes the same interval).
+  bootstrap over the evaluation items (``scipy.stats.bootstrap``, percentile or BCa, fixed seed, so a
+  rerun writes the same interval).
 
 All values are in the metric's own unit (percent for accuracies).
 """
@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 __all__ = ["CONFIDENCE", "BOOTSTRAP_RESAMPLES", "interval", "baseline", "wilson", "accuracy_interval",
-           "bootstrap", "chance_topk", "majority_accuracy", "check_evidence"]
+           "bootstrap", "chance_topk", "majority_accuracy", "accuracy_evidence", "check_evidence"]
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 1000
@@ -54,26 +54,35 @@ def accuracy_interval(accuracy_percent: float, n: int) -> dict[str, Any]:
     return wilson(round(accuracy_percent * n / 100.0), n)
 
 
-def bootstrap(statistic: Callable[..., float], *samples: Sequence | np.ndarray, n: int | None = None,
-              seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
-    """Percentile bootstrap interval of ``statistic(*samples)``, resampling the items (rows) of all
-    ``samples`` together (paired). ``statistic`` takes the resampled arrays and returns a float."""
+def bootstrap(statistic: Callable[..., Mapping[str, float]], *samples: Sequence | np.ndarray,
+              seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES, method: str = "percentile"
+              ) -> dict[str, dict[str, Any]]:
+    """Bootstrap intervals of the metrics ``statistic(*samples)`` returns (``{name: value}``), resampling
+    the items (rows) of all ``samples`` together: one evaluation per resample serves every metric.
+    Returns ``{name: interval}``. ``method="BCa"`` corrects a statistic that resampling biases (NMI
+    rises with the duplicated items; costs one extra evaluation per item, the jackknife)."""
     from scipy.stats import bootstrap as scipy_bootstrap
 
     arrays = [np.asarray(s) for s in samples]
     items = len(arrays[0])
     if items < 2:
         raise ValueError(f"bootstrap: need at least 2 items, got {items}")
-    # scipy resamples 1-D samples: resample item indices and index every array with them
-    index = np.arange(items)
-    result = scipy_bootstrap((index,), lambda i: statistic(*(a[i.astype(int)] for a in arrays)),
-                             vectorized=False, paired=False, confidence_level=CONFIDENCE, n_resamples=resamples,
-                             method="percentile", rng=np.random.default_rng(seed))
-    low, high = result.confidence_interval
-    if not (math.isfinite(low) and math.isfinite(high)):  # degenerate (constant) statistic
-        value = float(statistic(*arrays))
-        low, high = value, value
-    return interval(low, high, "bootstrap-percentile", n if n is not None else items)
+    names = list(statistic(*arrays))
+
+    def vector(index: np.ndarray) -> np.ndarray:  # scipy resamples the item indices; every array follows them
+        values = statistic(*(a[index.astype(int)] for a in arrays))
+        return np.array([values[name] for name in names], dtype=float)
+
+    result = scipy_bootstrap((np.arange(items),), vector, vectorized=False, paired=False,
+                             confidence_level=CONFIDENCE, n_resamples=resamples, method=method,
+                             rng=np.random.default_rng(seed))
+    out = {}
+    for name, low, high in zip(names, np.atleast_1d(result.confidence_interval.low),
+                               np.atleast_1d(result.confidence_interval.high)):
+        if not (math.isfinite(low) and math.isfinite(high)):  # a constant statistic: no spread
+            low = high = float(statistic(*arrays)[name])
+        out[name] = interval(low, high, f"bootstrap-{method}", items)
+    return out
 
 
 def chance_topk(num_classes: int, k: int = 1) -> float:
@@ -86,6 +95,30 @@ def majority_accuracy(labels: Sequence[int] | np.ndarray) -> float:
     accuracy, equal to chance on a balanced set and above it on an unbalanced one."""
     labels = np.asarray(labels)
     return 100.0 * float(np.bincount(labels).max()) / len(labels)
+
+
+def accuracy_evidence(metrics: Mapping[str, float | None], labels: Sequence[int] | np.ndarray,
+                      num_classes: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(intervals, baselines)`` of accuracies in percent over the items with true ``labels``.
+
+    Interval: Wilson over ``len(labels)``. Baseline: the top-k share of the k most frequent labels
+    (k = 5 for a metric named ``*top5*``, else 1): what a model that always predicts the commonest
+    classes scores; named chance when the classes are balanced (then it is k / classes).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=num_classes or 0)
+    ranked = np.sort(counts)[::-1]
+    balanced = ranked[0] == ranked[-1]
+    intervals, baselines = {}, {}
+    for name, value in metrics.items():
+        if value is None:
+            continue
+        k = 5 if "top5" in name else 1
+        intervals[name] = accuracy_interval(value, len(labels))
+        kind = (f"chance ({k}/{len(counts)} balanced classes)" if balanced
+                else "majority class" if k == 1 else f"{k} most frequent classes")
+        baselines[name] = baseline(100.0 * ranked[:k].sum() / len(labels), kind)
+    return intervals, baselines
 
 
 def check_evidence(metrics: Mapping[str, float | None], intervals: Mapping[str, Any],

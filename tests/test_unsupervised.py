@@ -18,7 +18,7 @@ import yaml
 from downstream import unsupervised
 from helpers import run_stage
 from ibot.stages import stage_defaults
-from ibot.checkpoint import (BackboneCheckpoint, CheckpointError, build_pretrained_head, export_heads,
+from ibot.checkpoint import (BackboneCheckpoint, CheckpointError, build_pretrained_head, export_heads, load_file,
                              load_backbone_weights, load_head_weights, locate_heads)
 from ibot.metrics import read_metrics
 from ibot.models.head import build_head
@@ -107,7 +107,7 @@ def test_square_case_equals_the_official_matching() -> None:
 # -- heads: export and loading --------------------------------------------------------------------------
 def test_official_full_checkpoint_heads_load_strictly(tmp_path: Path) -> None:
     path = full_official_checkpoint(tmp_path / "checkpoint.pth")
-    saved = torch.load(path, weights_only=True)
+    saved = load_file(path)  # torch.load(weights_only=True) with the globals official checkpoints pickle
     for key, prefix in (("teacher", "head."), ("student", "module.head.")):
         head = build_pretrained_head(path, key, 192)
         expected = {k[len(prefix):]: v for k, v in saved[key].items() if k.startswith(prefix)}
@@ -205,7 +205,7 @@ def test_defaults_and_schema() -> None:
         jsonschema.validate({**DEFAULTS, "out_dim": 1000}, schema)
 
 
-def test_cli_end_to_end_with_an_official_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_end_to_end_with_an_official_checkpoint(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "imagenet", train=2, val=4)
     ckpt = full_official_checkpoint(tmp_path / "checkpoint.pth")
     out = tmp_path / "results" / "unsupervised" / "metrics.json"
@@ -232,8 +232,15 @@ def test_cli_end_to_end_with_an_official_checkpoint(tmp_path: Path, monkeypatch:
     labels = np.array([val[i][1] for i in range(len(val))])
     assert record["metrics"] == pytest.approx(unsupervised.clustering_metrics(labels, clusters))
 
-    import pdb
-    monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)  # submitit's debug executor opens pdb
-    with pytest.raises(ValueError, match="needs a pretrained projection head"):  # random init: no head
-        run_stage("unsupervised", ["--data", str(data), "--out", str(tmp_path / "r" / "metrics.json"), "--config",
-                           json.dumps(config), "--resources", '{"cluster": "debug"}', *TINY])
+    # evidence: Wilson interval of ACC over the 12 images, the shuffled-clusters baseline of every metric
+    assert record["intervals"]["acc"]["n"] == 12 and record["intervals"]["acc"]["method"] == "wilson"
+    assert record["intervals"]["acc"]["low"] <= record["metrics"]["acc"] <= record["intervals"]["acc"]["high"]
+    assert set(record["baselines"]) == {"nmi", "ari", "fmi", "acc"}
+    assert record["baselines"]["acc"]["value"] >= 100.0 / 3  # 3 classes: a shuffle still matches a third
+
+    # random init (no checkpoint): a random-init head of the official shape clusters (the baseline row)
+    random_out = tmp_path / "r" / "metrics.json"
+    run_stage("unsupervised", ["--data", str(data), "--out", str(random_out), "--config", json.dumps(config),
+                               "--resources", '{"cluster": "debug"}', *TINY])
+    random_record = read_metrics(random_out)
+    assert random_record["extra"]["heads"] == "random init" and random_record["extra"]["out_dim"] == 8192

@@ -69,6 +69,7 @@ class KnnResult:
     num_train: int
     num_val: int
     num_classes: int
+    val_labels: list[int]  # the true classes of val, in order (the interval and baseline of its accuracies)
 
     def metrics(self) -> dict[str, float]:
         """``top1_k<k>`` (and ``top5_k<k>`` with at least 5 classes) for every k."""
@@ -102,4 +103,4 @@ def knn_on_folder(backbone: nn.Module, data: str | Path, config: Mapping[str, An
         accuracy = knn_classifier(*features["train"], *features["val"], ks=config["nb_knn"],
                                   temperature=float(config["temperature"]), num_classes=len(train_set.classes),
                                   chunk_size=int(config["chunk_size"]))
-    return KnnResult(accuracy, len(train_set), len(val_set), len(train_set.classes))
+    return KnnResult(accuracy, len(train_set), len(val_set), len(train_set.classes), list(val_set.targets))

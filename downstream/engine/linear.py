@@ -241,6 +241,7 @@ class ProbeResult:
     global_batch: int
     num_train: int
     num_val: int
+    val_labels: list[int]           # true classes of val, in order (interval and baseline of the accuracies)
 
     @property
     def num_classes(self) -> int:
@@ -348,7 +349,8 @@ def train_probe(backbone: nn.Module, data: str | Path, config: Mapping[str, Any]
         barrier()
     tb.close()
     return ProbeResult(best=best, history=history, classes=list(train_set.classes), feature_dim=dim,
-                       global_batch=global_batch, num_train=len(train_set), num_val=len(val_set))
+                       global_batch=global_batch, num_train=len(train_set), num_val=len(val_set),
+                       val_labels=list(val_set.targets))
 
 
 def save_probe(result: ProbeResult, folder: Path, config: Mapping[str, Any], model: ModelSpec, seed: int) -> None:

@@ -30,6 +30,7 @@ from downstream.robustness.common import (LabelledImages, RobustnessError, accum
 from ibot.data.imagenet9 import IN9_CLASSES, IN9_VARIANTS
 from ibot.distributed import is_main
 from ibot.run.context import StageContext
+from ibot.uncertainty import accuracy_evidence, baseline
 
 __all__ = ["VARIANTS", "NUM_IN9", "load_in9_map", "map_to_in9", "in9_label", "run"]
 
@@ -118,5 +119,14 @@ def run(ctx: StageContext) -> dict[str, float]:
         "scoring": "argmax over all head classes, then in_to_in9 (unmapped = wrong), as the official eval_model",
         "bg_gap": "mixed_same - mixed_rand (top-1 %)",
     })
-    write_robustness_metrics(ctx, dataset="imagenet-9", metrics=metrics, extra=extra, head_meta=net.head.meta)
+    intervals, baselines = {}, {}
+    for index, variant in enumerate(variants):  # each variant's accuracy over its own images, 9 classes
+        labels = dataset.labels[dataset.groups == index].numpy()
+        interval, base = accuracy_evidence({variant: metrics[variant]}, labels, NUM_IN9)
+        intervals.update(interval)
+        baselines.update(base)
+    if "bg_gap" in metrics:  # a model that ignores the background has no gap; no interval for a difference
+        baselines["bg_gap"] = baseline(0.0, "a classifier that ignores the background")
+    write_robustness_metrics(ctx, dataset="imagenet-9", metrics=metrics, extra=extra, head_meta=net.head.meta,
+                             intervals=intervals, baselines=baselines)
     return metrics

@@ -24,6 +24,7 @@ from downstream.robustness.common import (LabelledImages, RobustnessError, accum
 from ibot.data.kinds import DATASET_KINDS
 from ibot.distributed import is_main
 from ibot.run.context import StageContext
+from ibot.uncertainty import accuracy_evidence
 
 __all__ = ["subset_indices", "run"]
 
@@ -63,5 +64,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     extra = common_extra(net, sizes, device)
     extra.update({"reported": "top1", "num_images": len(dataset), "num_classes": len(wnids),
                   "scoring": "argmax over the logits of the dataset's classes only (official eval.py)"})
-    write_robustness_metrics(ctx, dataset=name.lower(), metrics=metrics, extra=extra, head_meta=net.head.meta)
+    intervals, baselines = accuracy_evidence(metrics, dataset.labels.numpy(), len(wnids))
+    write_robustness_metrics(ctx, dataset=name.lower(), metrics=metrics, extra=extra, head_meta=net.head.meta,
+                             intervals=intervals, baselines=baselines)
     return metrics

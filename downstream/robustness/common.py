@@ -204,11 +204,12 @@ def robustness_protocol(head_meta: Mapping[str, Any]) -> str:
 
 def write_robustness_metrics(ctx: StageContext, *, dataset: str, metrics: Mapping[str, float],
                              extra: Mapping[str, Any], head_meta: Mapping[str, Any],
-                             protocol: str | None = None) -> dict[str, Any] | None:
+                             protocol: str | None = None, intervals: Mapping[str, Any] | None = None,
+                             baselines: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """Write a robustness stage's metrics file; the protocol names the linear head's (or ``protocol``)."""
     log(f"[{ctx.stage}] " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     return ctx.write_metrics(task="robustness", dataset=dataset, protocol=protocol or robustness_protocol(head_meta),
-                             metrics=metrics, extra=extra)
+                             metrics=metrics, extra=extra, intervals=intervals, baselines=baselines)
 
 
 def prepare(ctx: StageContext) -> tuple[LinearClassifier, Callable, dict, torch.device]:

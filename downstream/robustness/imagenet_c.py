@@ -24,7 +24,7 @@ Per corruption x severity top-1: ``per_corruption.csv`` beside metrics.json.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -36,6 +36,7 @@ from ibot.data.corruptions import BENCHMARK_CORRUPTIONS, EXTRA_CORRUPTIONS
 from ibot.distributed import is_main
 from ibot.io import write_csv_atomic
 from ibot.run.context import StageContext
+from ibot.uncertainty import baseline, wilson
 
 __all__ = ["ALL_CORRUPTIONS", "ALEXNET_ERRORS", "SEVERITIES", "summarise", "run"]
 
@@ -72,6 +73,27 @@ def summarise(errors: Mapping[str, Mapping[int, float]]) -> tuple[dict[str, floa
             metrics["mCE_alexnet_evaluated"] = 100.0 * sum(mean_error[c] / ALEXNET_ERRORS[c]
                                                            for c in normalisable) / len(normalisable)
     return metrics, {c: 100.0 * e for c, e in mean_error.items()}
+
+
+def corruption_evidence(metrics: Mapping[str, float], groups: Sequence[tuple[str, int]],
+                        counts: Mapping[str, Any], num_classes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Baselines: every metric of a uniform guess over the head's classes (error ``1 - 1/classes`` in
+    every folder, through :func:`summarise`). Intervals: Wilson of the mean errors over the images they
+    pool (exact when every corruption x severity folder holds the same number of images, as ImageNet-C
+    does); the AlexNet-normalised mCE, a weighted sum of 15 error rates, has none."""
+    guess = 1.0 - 1.0 / num_classes
+    uniform, _ = summarise({name: {severity: guess for n, severity in groups if n == name} for name, _ in groups})
+    baselines = {name: baseline(value, f"uniform guess over {num_classes} classes") for name, value in uniform.items()
+                 if name in metrics}
+    pools = {"mean_error_19": ALL_CORRUPTIONS, "mean_error_15": BENCHMARK_CORRUPTIONS,
+             "mean_error_evaluated": tuple(name for name, _ in groups)}
+    intervals = {}
+    for name, corruptions in pools.items():
+        if name in metrics:
+            index = [i for i, (corruption, _) in enumerate(groups) if corruption in corruptions]
+            wrong = sum(float(counts["total"][i] - counts["correct"][i]) for i in index)
+            intervals[name] = wilson(round(wrong), round(sum(float(counts["total"][i]) for i in index)))
+    return intervals, baselines
 
 
 def _groups(root: Path, config: Mapping[str, Any]) -> tuple[list[tuple[str, int]], list[str]]:
@@ -157,5 +179,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         "per_corruption_mean_error": per_corruption, "missing": missing, "num_images": num_images,
         "per_corruption_csv": table.name, "alexnet_errors": ALEXNET_ERRORS,
     })
-    write_robustness_metrics(ctx, dataset="imagenet-c", metrics=metrics, extra=extra, head_meta=net.head.meta)
+    intervals, baselines = corruption_evidence(metrics, groups, counts, net.num_classes)
+    write_robustness_metrics(ctx, dataset="imagenet-c", metrics=metrics, extra=extra, head_meta=net.head.meta,
+                             intervals=intervals, baselines=baselines)
     return metrics

@@ -77,6 +77,7 @@ from ibot.distributed import is_main
 from ibot.io import atomic_write, write_csv_atomic
 from ibot.models.specs import ARCHITECTURES, ModelSpec
 from ibot.run.context import StageContext
+from ibot.uncertainty import accuracy_evidence
 
 __all__ = ["MODES", "PROTOCOLS", "REPORTED_RATIO", "DINO_VITS16_FILE", "resolve_config",
            "saliency_model_label", "protocol_label", "load_saliency_model", "head_attention",
@@ -559,6 +560,7 @@ def run(ctx: StageContext) -> dict[str, float]:
                                    "num_heads": int(sal_model.num_heads)}
     else:
         extra["saliency"] = f"model's own last-block [CLS] attention ({config['attention_heads']} head(s))"
+    intervals, baselines = accuracy_evidence(metrics, dataset.labels.numpy(), net.num_classes)
     write_robustness_metrics(ctx, dataset="imagenet-val", metrics=metrics, extra=extra, head_meta=net.head.meta,
-                             protocol=protocol_label(config, net.head.meta))
+                             protocol=protocol_label(config, net.head.meta), intervals=intervals, baselines=baselines)
     return metrics
