@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -391,6 +393,99 @@ def test_coco_metrics_are_null_with_a_reason_when_cocometric_produced_none() -> 
         detection.coco_metrics({k: v for k, v in full.items() if k.startswith("coco/segm")})
 
 
+# -- intervals and baselines ------------------------------------------------------------------------------
+
+def _toy_coco(boxes: list[list[float]], size: int = 100) -> Any:
+    """A pycocotools ground truth of one category: image i (id i + 1) holds one box ``boxes[i]``."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    gt = COCO()
+    gt.dataset = {"images": [{"id": i + 1, "width": size, "height": size} for i in range(len(boxes))],
+                  "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": box,
+                                   "area": box[2] * box[3], "iscrowd": 0} for i, box in enumerate(boxes)],
+                  "categories": [{"id": 1, "name": "a"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _toy_eval(gt: Any, detections: list[dict]) -> Any:
+    """COCOeval of ``detections`` as mmdet's CocoMetric sets it up (maxDets 100/300/1000)."""
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval = COCOeval(gt, gt.loadRes(detections), "bbox")
+        coco_eval.params.maxDets = [100, 300, 1000]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return coco_eval
+
+
+def test_detection_interval_resamples_the_val_images() -> None:
+    from downstream.dense import evidence
+    box = [10.0, 10.0, 40.0, 40.0]
+    # image 1 perfectly detected, image 2 missed: AP = 51/101 (recall 0..0.5 at precision 1);
+    # resamples of image 1 twice score 100, of image 2 twice 0 (a quarter of them each)
+    coco_eval = _toy_eval(_toy_coco([box, box]), [{"image_id": 1, "category_id": 1, "bbox": box, "score": 0.9}])
+    assert evidence.coco_stats(coco_eval) == pytest.approx({k: 100 * coco_eval.stats[i] for k, i in
+                                                            evidence.COCO_STATS.items()})
+    assert evidence.coco_stats(coco_eval)["AP"] == pytest.approx(100 * 51 / 101)
+    resampled = evidence.coco_resampler(coco_eval)
+    assert resampled(np.array([0, 1])) == pytest.approx(evidence.coco_stats(coco_eval))  # identity
+    assert resampled(np.array([0, 0]))["AP"] == pytest.approx(100.0)
+    assert resampled(np.array([1, 1]))["AP"] == 0.0
+    drawn = evidence.coco_bootstrap(coco_eval, 200)
+    assert {name: (i["low"], i["high"], i["n"]) for name, i in drawn.items()} == {
+        name: (0.0, 100.0, 2) for name in ("AP", "AP50", "AP75")}
+    # a duplicated image counts twice: the resample [0, 0, 2] is the set of those three images
+    boxes = [box, box, [50.0, 50.0, 30.0, 30.0]]
+    dets = [{"image_id": 1, "category_id": 1, "bbox": box, "score": 0.9},
+            {"image_id": 2, "category_id": 1, "bbox": [55.0, 5.0, 40.0, 40.0], "score": 0.8},
+            {"image_id": 3, "category_id": 1, "bbox": [50.0, 50.0, 30.0, 28.0], "score": 0.3}]
+    three = _toy_eval(_toy_coco(boxes), dets)
+    same = _toy_eval(_toy_coco([box, box, boxes[2]]),
+                     [{**dets[0], "image_id": 1}, {**dets[0], "image_id": 2}, {**dets[2], "image_id": 3}])
+    assert evidence.coco_resampler(three)(np.array([0, 0, 2])) == pytest.approx(evidence.coco_stats(same))
+    assert evidence.coco_stats(same) != pytest.approx(evidence.coco_stats(three))
+    interval = evidence.coco_bootstrap(three, 200)["AP"]
+    assert interval["low"] <= evidence.coco_stats(three)["AP"] <= interval["high"]
+
+
+def test_detection_baseline_is_random_boxes_from_the_training_priors(tmp_path: Path) -> None:
+    from downstream.dense import evidence
+    gt = _toy_coco([[0.0, 0.0, 100.0, 100.0], [0.0, 0.0, 100.0, 100.0]])  # each val object fills its image
+
+    def train_with(relative: float) -> Path:
+        path = tmp_path / f"train_{relative}.json"
+        path.write_text(json.dumps({
+            "images": [{"id": 7, "width": 200, "height": 50}], "categories": [{"id": 1, "name": "a"}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "iscrowd": 0,
+                             "bbox": [0.0, 0.0, 200.0 * relative, 50.0 * relative]}]}))
+        return path
+
+    like = _toy_eval(gt, [{"image_id": 1, "category_id": 1, "bbox": [0.0, 0.0, 100.0, 100.0], "score": 0.5}])
+    # training boxes fill their image: one random box per image is the whole image, every object found
+    whole = evidence.prior_detections(gt, train_with(1.0), [1], per_image=1, seed=0)
+    assert [d["bbox"] for d in whole] == [pytest.approx([0.0, 0.0, 100.0, 100.0])] * 2
+    assert evidence.coco_baseline(like, whole) == pytest.approx({"AP": 100.0, "AP50": 100.0, "AP75": 100.0})
+    # training boxes a tenth of their image's sides: no random box reaches IoU 0.5 with a whole image
+    tenth = evidence.prior_detections(gt, train_with(0.1), [1], per_image=100, seed=0)
+    assert len(tenth) == 200 and all(d["bbox"][2:] == pytest.approx([10.0, 10.0]) for d in tenth)
+    assert evidence.coco_baseline(like, tenth) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    # and as the stage writes them: every reported AP gets an interval and a baseline
+    class Recorded:
+        evaluated = {"bbox": like}
+    intervals, baselines = detection.detection_evidence(
+        Recorded(), {"bbox_AP": 100.0, "bbox_AP50": 100.0, "bbox_AP75": None}, train_with(0.1))
+    assert set(intervals) == set(baselines) == {"bbox_AP", "bbox_AP50"}
+    assert baselines["bbox_AP"]["value"] == 0.0 and "random boxes" in baselines["bbox_AP"]["kind"]
+
+
 # -- end to end (tiny) -------------------------------------------------------------------------------------
 
 TINY_DET = {"epochs": 1, "lr_steps": [1], "warmup_iters": 2, "batch_size": 2, "train_scales": [64], "max_size": 107,
@@ -428,6 +523,12 @@ def test_tiny_detection_end_to_end(dense_data, tmp_path: Path) -> None:
     assert record["protocol"] == "cascade-mask-rcnn,1ep,steps=1,scales=64-64/64,no-crop-aug"
     raw = record["extra"]["toolbox_metrics"]  # computed by mmdet's CocoMetric (not defaulted)
     assert "coco/bbox_mAP" in raw and "coco/segm_mAP" in raw and record["extra"]["missing_toolbox_metrics"] == []
+    # every AP with its bootstrap interval over the 6 val images and the random-box baseline
+    assert set(record["intervals"]) == set(record["baselines"]) == set(metrics)
+    for name, interval in record["intervals"].items():
+        assert 0.0 <= interval["low"] <= interval["high"] <= 100.0 and interval["n"] == 6, (name, interval)
+        assert 0.0 <= record["baselines"][name]["value"] <= 100.0
+    assert "random boxes" in record["baselines"]["segm_AP"]["kind"]
     assert record["checkpoint"]["path"] == str(weights)
     assert (out.parent / "work" / "last_checkpoint").is_file()
 

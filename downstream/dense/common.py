@@ -207,8 +207,9 @@ def trust_work_dir(work_dir: str | Path) -> None:
     CheckpointLoader.register_scheme(prefixes="", loader=_load_local_checkpoint, force=True)
 
 
-def train_and_test(cfg) -> dict[str, float]:
-    """Build the runner, train (resuming from work_dir if possible), then test; returns the metrics."""
+def train_and_test(cfg) -> tuple[dict[str, float], list[Any]]:
+    """Build the runner, train (resuming from work_dir if possible), then test; returns the metrics and
+    the test evaluator's metric objects (what they keep of the evaluation: :mod:`downstream.dense.evidence`)."""
     from mmengine.runner import Runner
 
     from downstream.dense import registry  # noqa: F401  (registers our modules before building)
@@ -220,7 +221,8 @@ def train_and_test(cfg) -> dict[str, float]:
     metrics = runner.test()
     logging.getLogger(__name__).info("test metrics: %s", metrics)
     # IoUMetric returns float32 values rounded to 2 decimals: keep them at that precision
-    return {k: round(float(v), 4) for k, v in (metrics or {}).items() if _is_scalar(v)}
+    scalars = {k: round(float(v), 4) for k, v in (metrics or {}).items() if _is_scalar(v)}
+    return scalars, list(runner.test_loop.evaluator.metrics)
 
 
 def _is_scalar(value: Any) -> bool:

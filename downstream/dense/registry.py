@@ -1,6 +1,7 @@
 """Importing this module registers everything the dense configs name (``custom_imports``):
 the backbone ``IBOTViTDense`` (mmdet and mmseg MODELS), the head ``IBOTLinearSegHead`` (mmseg
-MODELS) and ``IBOTLayerDecayOptimWrapperConstructor`` (mmengine OPTIM_WRAPPER_CONSTRUCTORS)."""
+MODELS), ``IBOTLayerDecayOptimWrapperConstructor`` (mmengine OPTIM_WRAPPER_CONSTRUCTORS) and the
+metrics ``EvidenceCocoMetric`` / ``EvidenceIoUMetric`` (mmdet / mmseg METRICS)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from downstream.dense.backbone import IBOTViTDense, register as _register_backbo
 
 
 def register_all() -> None:
+    from downstream.dense.evidence import register as register_metrics
+
     _register_backbone()
+    register_metrics()
     from mmseg.registry import MODELS as MMSEG_MODELS
 
     from downstream.dense.linear_head import IBOTLinearSegHead
