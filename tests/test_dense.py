@@ -486,6 +486,51 @@ def test_detection_baseline_is_random_boxes_from_the_training_priors(tmp_path: P
     assert baselines["bbox_AP"]["value"] == 0.0 and "random boxes" in baselines["bbox_AP"]["kind"]
 
 
+def _iou_metric(labels: list[np.ndarray], preds: list[np.ndarray], classes: int = 3) -> Any:
+    """An EvidenceIoUMetric that evaluated ``preds`` against ``labels`` (255 ignored) through mmseg."""
+    from downstream.dense.evidence import EvidenceIoUMetric
+    metric = EvidenceIoUMetric(iou_metrics=["mIoU"])
+    metric.dataset_meta = {"classes": tuple("abcdefgh"[:classes])}
+    for label, pred in zip(labels, preds):
+        metric.results.append(metric.intersect_and_union(torch.as_tensor(pred), torch.as_tensor(label), classes, 255))
+    return metric
+
+
+def test_segmentation_interval_and_majority_class_baseline(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from downstream.dense import evidence
+    # image 1: 6 px of class 0, 2 of class 1; image 2: 2 of class 0, 2 of class 1, 4 of class 2
+    labels = [np.array([[0, 0, 0, 0], [0, 0, 1, 1]]), np.array([[0, 0, 1, 1], [2, 2, 2, 2]])]
+    # image 1 segmented perfectly, image 2 wholly wrong (class 0 <-> 2, 1 -> 0) and one ignored pixel
+    preds = [labels[0].copy(), np.array([[2, 2, 0, 0], [0, 0, 0, 0]])]
+    labels[1][0, 0] = 255
+    metric = _iou_metric(labels, preds)
+    official = metric.compute_metrics(list(metric.results))
+    assert evidence.iou_summary(metric.areas, metric) == pytest.approx(
+        {k: float(v) for k, v in official.items()}, abs=0.005)  # IoUMetric rounds to 2 decimals
+    drawn = evidence.iou_bootstrap(metric, 200)
+    assert evidence.iou_summary(metric.areas[[0, 0]], metric)["mIoU"] == 100.0  # class 2 absent: NaN, skipped
+    assert drawn["aAcc"]["low"] == 0.0 and drawn["aAcc"]["high"] == 100.0 and drawn["mIoU"]["n"] == 2
+    # class 0 predicted everywhere: label areas [7, 4, 4] (1 px ignored) -> IoU [7/15, 0, 0], Acc [1, 0, 0]
+    constant = evidence.iou_summary(evidence.constant_prediction_areas(metric.areas[:, 3], 0), metric)
+    assert constant == pytest.approx({"aAcc": 100 * 7 / 15, "mIoU": 100 * 7 / 15 / 3, "mAcc": 100 / 3})
+    # the same areas as mmseg computes for a constant prediction (ignored pixels left out)
+    same = _iou_metric(labels, [np.zeros_like(label) for label in labels])
+    same.compute_metrics(list(same.results))
+    assert np.array_equal(evidence.constant_prediction_areas(metric.areas[:, 3], 0), same.areas)
+    # the stage's baseline: the training maps' majority (label 3 = class 2 once zero is reduced)
+    maps = []
+    for i, values in enumerate(([3, 3, 3, 1], [0, 0, 0, 3])):
+        maps.append(tmp_path / f"train_{i}.png")
+        Image.fromarray(np.array([values], dtype=np.uint8)).save(maps[-1])
+    assert list(evidence.label_counts(maps, 3, reduce_zero_label=True)) == [1, 0, 4]
+    intervals, baselines = segmentation.segmentation_evidence(metric, maps, reduce_zero_label=True, resamples=200)
+    assert set(intervals) == set(baselines) == {"aAcc", "mIoU", "mAcc"}
+    assert baselines["aAcc"]["value"] == pytest.approx(100 * 4 / 15) and "'c'" in baselines["aAcc"]["kind"]
+    assert baselines["mIoU"]["value"] == pytest.approx(100 * 4 / 15 / 3)
+
+
 # -- end to end (tiny) -------------------------------------------------------------------------------------
 
 TINY_DET = {"epochs": 1, "lr_steps": [1], "warmup_iters": 2, "batch_size": 2, "train_scales": [64], "max_size": 107,
@@ -546,6 +591,12 @@ def test_tiny_segmentation_end_to_end_and_resume(dense_data, tmp_path: Path, hea
     assert set(record["metrics"]) == {"mIoU", "mAcc"}
     assert all(math.isfinite(v) and 0.0 <= v <= 100.0 for v in metrics.values())
     assert "aAcc" in record["extra"]["toolbox_metrics"]  # mmseg's IoUMetric
+    # bootstrap intervals over the 6 val images, the majority training class as baseline
+    assert set(record["intervals"]) == set(record["baselines"]) == {"mIoU", "mAcc"}
+    for name, interval in record["intervals"].items():
+        assert 0.0 <= interval["low"] <= interval["high"] <= 100.0 and interval["n"] == 6, (name, interval)
+        assert "majority training class" in record["baselines"][name]["kind"]
+    assert record["extra"]["aAcc_evidence"]["interval"]["n"] == 6
     # a requeued job resumes from work/last_checkpoint: nothing left to train, same numbers
     work = out.parent / "work"
     assert (work / "iter_12.pth").is_file()

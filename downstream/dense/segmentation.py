@@ -10,21 +10,27 @@ Classes: ``<data>/classes.txt`` (one name per line, line i = label i, 0 = ignore
 set) gives the class list; without it the dataset is the real ADE20K (150 classes, mmseg's
 ``ADE20KDataset``). Labels are read with ``reduce_zero_label=True`` either way.
 
-Reported (percent): ``mIoU, mAcc`` (and ``aAcc`` in extra).
+Reported (percent): ``mIoU, mAcc`` (and ``aAcc`` in extra), each with its percentile-bootstrap interval
+over the val images and the score of the training set's majority class predicted at every pixel
+(:func:`segmentation_evidence`; aAcc's in ``extra["aAcc_evidence"]``).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from downstream.dense.common import (CONFIG_DIR, configure_runtime, enable_tensorboard, env_world_size, norm_cfg,
                                      per_gpu_batch, resolved_out_indices, set_dataloader_workers, train_and_test)
 from ibot.checkpoint import BackboneCheckpoint
 from ibot.models.specs import ModelSpec
 from ibot.run.context import StageContext
+from ibot.uncertainty import baseline
 
-__all__ = ["HEADS", "build_config", "protocol_label", "run"]
+__all__ = ["HEADS", "build_config", "protocol_label", "segmentation_evidence", "run"]
 
 HEADS = {"upernet": CONFIG_DIR / "upernet_vit_ade20k.py", "linear": CONFIG_DIR / "linear_vit_ade20k.py"}
 ADE20K_NUM_CLASSES = 150
@@ -130,7 +136,7 @@ def build_config(config: Mapping[str, Any], model_spec: ModelSpec | Mapping[str,
     set_dataloader_workers(test, config["num_workers"])
     cfg.val_dataloader = test.copy()
     cfg.val_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
-    cfg.test_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
+    cfg.test_evaluator = dict(type="EvidenceIoUMetric", iou_metrics=["mIoU"])  # IoUMetric keeping per-image areas
 
     # -- schedule and optimizer ---------------------------------------------------------------------------
     iters, warmup = int(config["iters"]), int(config["warmup_iters"])
@@ -173,17 +179,61 @@ def protocol_label(config: Mapping[str, Any]) -> str:
     return label if crop == OFFICIAL_CROP else f"{label},crop={crop}"
 
 
+#: Bootstrap resamples of the val images (a resample sums per-image class areas: milliseconds).
+SEGMENTATION_RESAMPLES = 1000
+
+
+def segmentation_evidence(metric: Any, train_seg_maps: Sequence[str | Path], reduce_zero_label: bool,
+                          resamples: int = SEGMENTATION_RESAMPLES, seed: int = 0
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(intervals, baselines)`` of aAcc, mIoU, mAcc from the per-image areas an
+    :class:`downstream.dense.evidence.EvidenceIoUMetric` kept (none: nothing, e.g. off the main process).
+
+    Interval: percentile bootstrap over the val images (summed areas, mmseg's formulas). Baseline: the
+    most frequent class of the training label maps (read as the dataset reads them) predicted at every
+    evaluated val pixel, scored by the same formulas: the model that learned only the class prior.
+    Training rather than val labels, so the baseline knows nothing of the images it is scored on.
+    """
+    from downstream.dense.evidence import constant_prediction_areas, iou_bootstrap, iou_summary, label_counts
+
+    areas = getattr(metric, "areas", None)
+    if areas is None:
+        return {}, {}
+    intervals = iou_bootstrap(metric, resamples, seed) if len(areas) > 1 else {}
+    counts = label_counts(train_seg_maps, areas.shape[-1], reduce_zero_label)
+    if not counts.any():
+        raise ValueError(f"segmentation: the {len(train_seg_maps)} training label maps hold no labelled pixel")
+    majority = int(np.argmax(counts))
+    name = metric.dataset_meta["classes"][majority]
+    constant = iou_summary(constant_prediction_areas(areas[:, 3], majority), metric)
+    baselines = {key: baseline(value, f"majority training class ({name!r}) at every pixel")
+                 for key, value in constant.items()}
+    return intervals, baselines
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     """Train and test in mmseg (resuming from ``work/``), write metrics.json."""
     cfg = build_config(ctx.config, ctx.model, ctx.checkpoint, ctx.data_root, ctx.work.path, ctx.seed)
     enable_tensorboard(cfg, ctx.tb_dir)
-    raw = train_and_test(cfg)
+    raw, evaluators = train_and_test(cfg)
     missing = [k for k in ("mIoU", "mAcc") if k not in raw]
     if missing:
         raise RuntimeError(f"segmentation: IoUMetric returned no {missing} (got {sorted(raw)})")
     metrics = {"mIoU": raw["mIoU"], "mAcc": raw["mAcc"]}  # IoUMetric reports percent
+    train, started = cfg.train_dataloader.dataset, time.time()
+    train_maps = sorted((Path(train.data_root) / train.data_prefix["seg_map_path"]).rglob(
+        f"*{train.get('seg_map_suffix', '.png')}"))
+    intervals, baselines = {}, {}
+    for metric in evaluators:
+        found = segmentation_evidence(metric, train_maps, bool(train.reduce_zero_label))
+        intervals.update(found[0])
+        baselines.update(found[1])
+    print(f"[seg] intervals and baselines in {time.time() - started:.1f} s", flush=True)
     ctx.write_metrics(task="semantic_seg", dataset="ade20k", protocol=protocol_label(ctx.config), metrics=metrics,
+                      intervals={k: v for k, v in intervals.items() if k in metrics},
+                      baselines={k: v for k, v in baselines.items() if k in metrics},
                       extra={"toolbox_metrics": raw, "work_dir": str(ctx.work.path),
+                             "aAcc_evidence": {"interval": intervals.get("aAcc"), "baseline": baselines.get("aAcc")},
                              "num_classes": cfg.model.decode_head.num_classes,
                              "lr": cfg.optim_wrapper.optimizer.lr,
                              "layer_decay": (cfg.optim_wrapper.get("paramwise_cfg") or {}).get("layer_decay_rate"),
