@@ -19,6 +19,9 @@ Official protocol: bytedance/ibot@da316d8 ``evaluation/eval_image_retrieval.py``
 - Scores (:201-221): revisitop's ``compute_map`` (utils.py:787-891) for the Medium protocol (positives
   easy+hard, junk ignored) and the Hard protocol (positives hard, junk+easy ignored), mAP and mP@k for
   k in 1, 5, 10, in percent.
+- Evidence (:func:`ranking_evidence`): each metric's percentile-bootstrap interval over the queries
+  (their per-query AP / precision@k) and its baseline, the expected score of a random ranking (the mean
+  over :data:`RANDOM_RANKINGS` random permutations of the database per query, same scoring code).
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from downstream.engine.setup import build_eval_backbone, log, pick_device
 from ibot.data.revisitop import DATASETS, gnd_path, image_path, load_gnd, validate_gnd
 from ibot.distributed import is_main, world_size
 from ibot.run.context import StageContext
+from ibot.uncertainty import baseline, bootstrap
 
 __all__ = ["KS", "SCALES", "PROTOCOLS", "RevisitopImages", "protocol_label", "dataset_name",
            "protocol_gnd", "compute_ap", "compute_map", "size_batches", "image_loader", "patch_crop",
-           "retrieval_feature", "rank_database", "evaluate_ranks", "run"]
+           "retrieval_feature", "rank_database", "evaluate_ranks", "ranking_evidence", "run"]
 
 #: The k of mP@k (eval_image_retrieval.py:203).
 KS: tuple[int, ...] = (1, 5, 10)
@@ -233,6 +237,39 @@ def evaluate_ranks(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], prefix: 
     return metrics
 
 
+#: Random rankings whose mean score is the baseline (its Monte-Carlo error is below 1/10 of the spread
+#: of one random ranking's mAP).
+RANDOM_RANKINGS = 100
+
+
+def ranking_evidence(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], prefix: str,
+                     rankings: int = RANDOM_RANKINGS, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(intervals, baselines)`` of :func:`evaluate_ranks`' metrics (percent).
+
+    Interval: percentile bootstrap over the scored queries (those with a positive) of the mean of their
+    AP / precision@k. Baseline: what a model that learned nothing scores, a random ranking: the mean over
+    ``rankings`` independent uniform permutations of the database per query, scored by :func:`compute_map`.
+    """
+    ranks = np.asarray(ranks)
+    rng = np.random.default_rng(seed)
+    shuffled = [rng.permuted(np.broadcast_to(np.arange(ranks.shape[0])[:, None], ranks.shape), axis=0)
+                for _ in range(rankings)]
+    intervals: dict[str, Any] = {}
+    baselines: dict[str, Any] = {}
+    for protocol in PROTOCOLS:
+        positives = protocol_gnd(gnd, protocol)
+        _, aps, _, prs = compute_map(ranks, positives, KS)
+        names = [f"{prefix}_{protocol}_map", *(f"{prefix}_{protocol}_mp{k}" for k in KS)]
+        scored = np.column_stack([aps, prs])[~np.isnan(aps)]  # [query, (AP, P@k...)]
+        if len(scored) > 1:
+            intervals.update(bootstrap(lambda rows: dict(zip(names, 100.0 * rows.mean(axis=0))), scored))
+        random = np.mean([[mean_ap, *mean_pr] for mean_ap, _, mean_pr, _ in
+                          (compute_map(r, positives, KS) for r in shuffled)], axis=0)
+        baselines.update({name: baseline(100.0 * value, f"random ranking (mean of {rankings})")
+                          for name, value in zip(names, random)})
+    return intervals, baselines
+
+
 # -- stage -----------------------------------------------------------------------------------------
 def _load_sets(data: str, names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Every set's ground truth, checked before any image is read (clear error naming the file)."""
@@ -262,6 +299,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         return retrieval_feature(backbone, images, multiscale)
 
     metrics: dict[str, float] = {}
+    intervals: dict[str, Any] = {}
+    baselines: dict[str, Any] = {}
     sizes: dict[str, tuple[int, int]] = {}
     for name in names:
         cfg = cfgs[name]
@@ -273,12 +312,17 @@ def run(ctx: StageContext) -> dict[str, float]:
                                                precision=config["precision"], desc=f"retrieval {name} {split}")
         sizes[name] = (len(cfg["imlist"]), len(cfg["qimlist"]))
         if is_main():
-            ours = evaluate_ranks(rank_database(feats["database"], feats["query"]), cfg["gnd"], name)
+            ranks = rank_database(feats["database"], feats["query"])
+            ours = evaluate_ranks(ranks, cfg["gnd"], name)
             metrics.update(ours)
+            found = ranking_evidence(ranks, cfg["gnd"], name)
+            intervals.update(found[0])
+            baselines.update(found[1])
             log(f"[retrieval] {name}: {sizes[name][0]} database / {sizes[name][1]} query images; mAP medium "
                 f"{ours[f'{name}_medium_map']:.2f}, hard {ours[f'{name}_hard_map']:.2f}")
     ctx.write_metrics(
         task="retrieval", dataset=dataset_name(data, sizes), protocol=protocol_label(config), metrics=metrics,
+        intervals=intervals, baselines=baselines,
         extra={"sets": {name: {"database": db, "queries": nq} for name, (db, nq) in sizes.items()},
                "ks": list(KS), "scales": list(SCALES) if multiscale else [1.0],
                "scoring": "revisitop compute_map (utils.py:822-891); medium: ok=easy+hard, junk=junk; "

@@ -70,6 +70,24 @@ def test_compute_map_against_hand_computed_values() -> None:
         retrieval.compute_map(RANKS[:, 1:2], [{"ok": [], "junk": []}])
 
 
+def test_ranking_evidence_intervals_over_queries_and_random_ranking_baseline() -> None:
+    intervals, baselines = retrieval.ranking_evidence(RANKS, GND, "roxford5k")
+    assert set(intervals) == set(baselines) == set(retrieval.evaluate_ranks(RANKS, GND, "roxford5k"))
+    # medium APs 5/12, 1, 1: the worst resample draws query 0 thrice (1/27 > 2.5 %), the best never (8/27)
+    medium = intervals["roxford5k_medium_map"]
+    assert (medium["low"], medium["high"], medium["n"]) == (pytest.approx(100 * 5 / 12), 100.0, 3)
+    hard = intervals["roxford5k_hard_map"]  # query 1 has no hard positive: 2 queries, APs 1/4 and 1
+    assert (hard["low"], hard["high"], hard["n"]) == (pytest.approx(25.0), 100.0, 2)
+    # a random ranking of 3 images with 1 positive puts it 1st, 2nd or 3rd: AP 1, 1/4 or 1/6 (mean 17/36);
+    # P@1 1/3, P@5 = P@10 = 1/p at position p (kq = p): 1/3 * (1 + 1/2 + 1/3) = 11/18
+    gnd = [{"easy": [], "hard": [2], "junk": []}] * 10
+    _, baselines = retrieval.ranking_evidence(np.tile(np.arange(3)[:, None], (1, 10)), gnd, "x", rankings=1000)
+    assert baselines["x_medium_map"]["value"] == pytest.approx(100 * 17 / 36, abs=1.5)
+    assert baselines["x_medium_mp1"]["value"] == pytest.approx(100 / 3, abs=1.5)
+    assert baselines["x_medium_mp5"]["value"] == pytest.approx(100 * 11 / 18, abs=1.5)
+    assert "random ranking" in baselines["x_medium_map"]["kind"]
+
+
 def test_protocols_and_ranking() -> None:
     medium, hard = (retrieval.protocol_gnd(GND, p) for p in ("medium", "hard"))
     assert sorted(medium[0]["ok"]) == [0, 1] and list(medium[0]["junk"]) == [5]
@@ -209,6 +227,8 @@ def test_stage_end_to_end_on_the_embedded_sets(revisitop_root: Path, tmp_path: P
     maps = {f"{name}_{p}_map" for name in DATASETS for p in ("medium", "hard")}
     assert maps <= set(record["metrics"]) and len(record["metrics"]) == 4 * 4  # + mP@1/5/10 each
     assert all(0.0 < record["metrics"][m] <= 100.0 for m in maps)
+    assert set(record["intervals"]) == set(record["baselines"]) == set(record["metrics"])
+    assert all(0.0 <= i["low"] <= i["high"] <= 100.0 and i["n"] >= 2 for i in record["intervals"].values())
 
     from downstream.engine.features import extract_features
     from downstream.engine.setup import build_eval_backbone
