@@ -17,6 +17,10 @@ is one line):
 - J mean, F mean over all objects of all sequences; J&F mean = (J mean + F mean) / 2
   (``evaluation_method.py``: ``final_mean``). Here in percent, as the paper reports them.
 
+Evidence (:func:`summary_evidence`): a percentile-bootstrap interval of each mean over the objects
+(pairs of an object's J and F resampled together), and the trivial baseline the DAVIS benchmark
+compares against, the first-frame mask copied to every frame, scored by the same code.
+
 Objects are the ids 1..max of the first ground-truth frame (``davis.py:get_all_masks``: void 255 → 0,
 ``num_objects = max(masks[0])``); ground-truth void pixels are background, as there.
 
@@ -31,12 +35,14 @@ objects still raises.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ibot.uncertainty import baseline, bootstrap
+
 __all__ = ["BOUND_TH", "VOID", "region_similarity", "seg2bmap", "disk", "boundary_f_measure", "object_masks",
-           "evaluate_sequence", "summarize"]
+           "evaluate_sequence", "summarize", "summary_evidence"]
 
 #: Boundary tolerance as a fraction of the image diagonal (metrics.py: ``bound_th=0.008``).
 BOUND_TH = 0.008
@@ -138,6 +144,23 @@ def summarize(per_object: Mapping[str, tuple[float, float]]) -> dict[str, float]
     """``jf_mean``, ``j_mean``, ``f_mean`` in percent over objects (``{"<seq>_<k>": (J, F)}`` fractions)."""
     if not per_object:
         raise ValueError("no objects to summarize")
-    j_mean = 100.0 * float(np.mean([jf[0] for jf in per_object.values()]))
-    f_mean = 100.0 * float(np.mean([jf[1] for jf in per_object.values()]))
+    return _means(np.array(list(per_object.values()), dtype=np.float64))
+
+
+def _means(scores: np.ndarray) -> dict[str, float]:
+    """``jf_mean``, ``j_mean``, ``f_mean`` in percent of per-object (J, F) rows [object, 2]."""
+    j_mean, f_mean = (100.0 * float(np.mean(scores[:, i])) for i in (0, 1))
     return {"jf_mean": (j_mean + f_mean) / 2, "j_mean": j_mean, "f_mean": f_mean}
+
+
+def summary_evidence(per_object: Mapping[str, tuple[float, float]],
+                     first_frame_copy: Mapping[str, tuple[float, float]], seed: int = 0
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(intervals, baselines)`` of :func:`summarize`'s metrics: percentile bootstrap over the objects
+    (each object's J and F drawn together; none for a single object) and the scores of the first-frame
+    mask copied to every frame (``first_frame_copy``, per object as ``per_object``)."""
+    scores = np.array(list(per_object.values()), dtype=np.float64)
+    intervals = bootstrap(_means, scores, seed=seed) if len(scores) > 1 else {}
+    baselines = {name: baseline(value, "first-frame mask copied to every frame")
+                 for name, value in summarize(first_frame_copy).items()}
+    return intervals, baselines

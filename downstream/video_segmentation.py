@@ -22,9 +22,9 @@ DINO), followed step by step; line numbers below are that file's.
 
 Metrics: the DAVIS 2017 semi-supervised evaluation (:mod:`downstream.davis_metrics`, a port of the
 official ``davis2017-evaluation``): J and F per object, mean over frames but the first and last,
-then J mean, F mean and J&F mean over the objects, in percent. ``extra.first_frame_copy`` scores the
-trivial baseline that repeats the first annotation in every frame (its void pixels, 255, as background:
-the evaluation reads ground-truth void so).
+then J mean, F mean and J&F mean over the objects, in percent, each with its bootstrap interval over the
+objects and its baseline: the first annotation repeated in every frame (its void pixels, 255, as
+background: the evaluation reads ground-truth void so), also in ``extra.first_frame_copy``.
 
 Deviation, only for square frames: the official code sizes the frame (:194-202) and the first
 annotation (:218-226) by two different rules when height == width; here both use the frame's. A
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from downstream.davis_metrics import VOID, evaluate_sequence, summarize
+from downstream.davis_metrics import VOID, evaluate_sequence, summarize, summary_evidence
 from downstream.engine.setup import autocast, build_eval_backbone, log, pick_device
 from ibot.data.layouts import check_layout
 from ibot.distributed import is_main
@@ -239,11 +239,13 @@ def run(ctx: StageContext) -> dict[str, float]:
                 f"F {100 * f.mean():.1f} (first-frame copy J {100 * j0.mean():.1f} F {100 * f0.mean():.1f})")
         metrics = summarize(per_object)
         trivial = summarize(baseline)
+        intervals, baselines = summary_evidence(per_object, baseline)
         log(f"[video_segmentation] J&F {metrics['jf_mean']:.2f}, J {metrics['j_mean']:.2f}, F {metrics['f_mean']:.2f} "
             f"(first-frame copy J&F {trivial['jf_mean']:.2f})")
         dataset = "davis-2017-val" if len(videos) == DAVIS_2017_VAL_SEQUENCES else root.resolve().name
         ctx.write_metrics(
             task="video_seg", dataset=dataset, protocol=protocol_label(config), metrics=metrics,
+            intervals=intervals, baselines=baselines,
             extra={"num_videos": len(videos), "num_objects": len(per_object), "patch_size": patch_size,
                    "per_object": {name: {"J": 100 * jf[0], "F": 100 * jf[1]} for name, jf in per_object.items()},
                    "first_frame_copy": trivial,

@@ -17,7 +17,8 @@ from PIL import Image
 from downstream import video_segmentation as vs
 from helpers import run_stage
 from ibot.stages import stage_defaults
-from downstream.davis_metrics import boundary_f_measure, evaluate_sequence, region_similarity, seg2bmap, summarize
+from downstream.davis_metrics import (boundary_f_measure, evaluate_sequence, region_similarity, seg2bmap, summarize,
+                                      summary_evidence)
 from ibot.data.layouts import DatasetLayoutError, check_layout
 from ibot.metrics import read_metrics
 from test_knn import TINY
@@ -79,6 +80,32 @@ def test_sequence_evaluation_leaves_out_first_and_last_frame() -> None:
         evaluate_sequence(gt, [g + (g > 0) for g in gt])
     with pytest.raises(ValueError, match="at least 3"):
         evaluate_sequence(gt[:2], pred[:2])
+
+
+def test_first_frame_copy_baseline_and_interval_over_objects() -> None:
+    static = [np.zeros((40, 60), np.uint8) for _ in range(5)]
+    for frame in static:
+        frame[square((40, 60), (10, 20), (10, 20))] = 1
+    moving = [f.copy() for f in static]  # object 1 still, object 2 moves 5 px right per frame
+    for t, frame in enumerate(moving):
+        frame[square((40, 60), (25, 35), (20 + 5 * t, 30 + 5 * t))] = 2
+    copied = {}
+    for name, gt in (("still", static), ("moving", moving)):
+        j, f = evaluate_sequence(gt, [gt[0]] * len(gt))
+        copied.update({f"{name}_{k + 1}": (j[k], f[k]) for k in range(len(j))})
+    # a static video is its first frame: J = F = 1; the moving square overlaps its first position by
+    # 50, 0, 0 of 150, 200, 200 pixels in the evaluated frames 1..3 -> J = (1/3 + 0 + 0) / 3
+    assert copied["still_1"] == (1.0, 1.0) and copied["moving_1"] == (1.0, 1.0)
+    assert copied["moving_2"][0] == pytest.approx(1 / 9)
+    per_object = {"a_1": (1.0, 1.0), "a_2": (0.0, 0.0), "b_1": (1.0, 0.5)}
+    intervals, baselines = summary_evidence(per_object, copied)
+    assert set(intervals) == set(baselines) == {"jf_mean", "j_mean", "f_mean"}
+    assert {k: b["value"] for k, b in baselines.items()} == pytest.approx(summarize(copied))
+    assert baselines["j_mean"]["value"] == pytest.approx(100 * (2 + 1 / 9) / 3)  # still_1, moving_1, moving_2
+    assert "first-frame mask" in baselines["j_mean"]["kind"]
+    # 3 objects: all-zero resamples (1/27 > 2.5 %) give 0, all-perfect ones (1/27) 100 J
+    assert (intervals["j_mean"]["low"], intervals["j_mean"]["high"], intervals["j_mean"]["n"]) == (0.0, 100.0, 3)
+    assert intervals["f_mean"]["high"] == 100.0 and intervals["jf_mean"]["low"] == 0.0
 
 
 # -- propagation --------------------------------------------------------------------------------------
@@ -283,6 +310,9 @@ def test_cli_end_to_end_on_the_embedded_set(davis_root: Path, tmp_path: Path, mo
         copied.update({f"{video}_{k + 1}": (j[k], f[k]) for k in range(len(j))})
     assert summarize(per_object) == pytest.approx(metrics)
     assert record["extra"]["first_frame_copy"] == pytest.approx(summarize(copied))
+    assert {k: b["value"] for k, b in record["baselines"].items()} == pytest.approx(summarize(copied))
+    assert set(record["intervals"]) == set(metrics) and all(
+        i["n"] == 3 and 0.0 <= i["low"] <= i["high"] <= 100.0 for i in record["intervals"].values())
 
     import pdb
     monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: None)  # submitit's debug executor opens pdb
