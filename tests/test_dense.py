@@ -454,6 +454,14 @@ def test_detection_interval_resamples_the_val_images() -> None:
     assert evidence.coco_stats(same) != pytest.approx(evidence.coco_stats(three))
     interval = evidence.coco_bootstrap(three, 200)["AP"]
     assert interval["low"] <= evidence.coco_stats(three)["AP"] <= interval["high"]
+    # 150 detections on image 1, its object found by the 120th: counted by AP50 (1000 detections), not AP (100)
+    crowded = [{"image_id": 1, "category_id": 1, "bbox": [60.0, 60.0, 10.0, 10.0], "score": 1.0 - i / 200}
+               for i in range(150)]
+    crowded[119]["bbox"] = box
+    many = _toy_eval(_toy_coco([box, box]), crowded + [{**dets[0], "image_id": 2}])
+    expected = {k: 100 * many.stats[i] for k, i in evidence.COCO_STATS.items()}
+    assert expected["AP"] < expected["AP50"] and evidence.coco_stats(many) == pytest.approx(expected)
+    assert evidence.coco_resampler(many)(np.array([0, 1])) == pytest.approx(expected)
 
 
 def test_detection_baseline_is_random_boxes_from_the_training_priors(tmp_path: Path) -> None:

@@ -89,12 +89,13 @@ def register() -> None:
 
 
 # -- detection -----------------------------------------------------------------------------------------
-def coco_stats(coco_eval: Any) -> dict[str, float]:
+def coco_stats(coco_eval: Any, accumulated_as: Mapping[int, int] | None = None) -> dict[str, float]:
     """AP, AP50, AP75 (percent) of an evaluated ``COCOeval`` after ``accumulate()``, as ``summarize`` computes
     them (cocoeval.py ``_summarize``/``_summarizeDets``): the mean precision over IoU thresholds (or at IoU
     0.5 / 0.75), recall thresholds and categories, ignoring -1 (nothing to evaluate), in the ``all`` area
     range, at 100 detections for AP and at ``maxDets[2]`` for AP50/AP75 (mmdet passes 100, 300, 1000);
-    -1 when nothing is left. Reads the parameters ``accumulate`` stored with its precision."""
+    -1 when nothing is left. ``accumulated_as`` names, for a maxDets value, the one accumulated in its
+    place (same truncation)."""
     params = coco_eval.eval["params"]
     precision = coco_eval.eval["precision"][:, :, :, params.areaRngLbl.index("all")]  # [iou, recall, class, maxDet]
     ious = np.asarray(params.iouThrs)
@@ -104,8 +105,8 @@ def coco_stats(coco_eval: Any) -> dict[str, float]:
         return 100.0 * float(np.mean(values)) if values.size else -1.0
 
     def at(max_dets: int) -> np.ndarray:
-        index = [i for i, m in enumerate(params.maxDets) if m == max_dets]
-        return precision[..., index]
+        max_dets = (accumulated_as or {}).get(max_dets, max_dets)
+        return precision[..., [i for i, m in enumerate(params.maxDets) if m == max_dets]]
 
     most = coco_eval.params.maxDets[2]
     return {"AP": mean(at(100)), "AP50": mean(at(most)[np.flatnonzero(ious == 0.5)]),
@@ -117,15 +118,18 @@ def coco_resampler(coco_eval: Any) -> Callable[[np.ndarray], dict[str, float]]:
     in ``params.imgIds``; an image drawn twice counts twice).
 
     ``evalImgs`` is re-indexed for the drawn images, renumbered 0..n-1, and accumulated for what the
-    three APs read only: the ``all`` area range, 100 and ``maxDets[2]`` detections (``_paramsEval``
-    keeps the layout of ``evalImgs``, cocoeval.py ``accumulate``). The identity resample gives the
-    toolbox's values.
+    three APs read only: the ``all`` area range, 100 and ``maxDets[2]`` detections, once when both keep
+    every detection of every image (``_paramsEval`` keeps the layout of ``evalImgs``, cocoeval.py
+    ``accumulate``). The identity resample gives the toolbox's values.
     """
     evaluated = coco_eval._paramsEval
     table = np.empty(len(coco_eval.evalImgs), dtype=object)
     table[:] = coco_eval.evalImgs
     table = table.reshape(-1, len(evaluated.areaRng), len(evaluated.imgIds))  # [category, area range, image]
     keep = coco_eval.params.areaRngLbl.index("all")
+    # truncating to m >= the most detections an image holds keeps them all: such m accumulate alike
+    most = max([len(e["dtScores"]) for e in coco_eval.evalImgs if e is not None] + [1])
+    accumulated_as = {m: min(m, most) for m in {100, coco_eval.params.maxDets[2]}}
 
     def resampled(index: np.ndarray) -> dict[str, float]:
         drawn = copy.copy(coco_eval)
@@ -133,10 +137,11 @@ def coco_resampler(coco_eval: Any) -> Callable[[np.ndarray], dict[str, float]]:
         drawn._paramsEval, params = copy.copy(evaluated), copy.copy(coco_eval.params)
         drawn._paramsEval.imgIds = params.imgIds = list(range(len(index)))
         params.areaRng, params.areaRngLbl = [params.areaRng[keep]], ["all"]
-        params.maxDets = sorted({m for m in params.maxDets if m == 100} | {params.maxDets[2]})
+        # (accumulate takes the maxDets of params found in _paramsEval; evalImgs' layout ignores maxDets)
+        params.maxDets = drawn._paramsEval.maxDets = sorted(set(accumulated_as.values()))
         with contextlib.redirect_stdout(io.StringIO()):
             drawn.accumulate(params)
-        return coco_stats(drawn)
+        return coco_stats(drawn, accumulated_as)
 
     return resampled
 
