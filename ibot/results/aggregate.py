@@ -43,7 +43,7 @@ PAPER_PROTOCOLS_CSV = REFERENCE_DIR / "paper_protocols.csv"
 
 SUMMARY_COLUMNS = [
     "run", "model", "paper_model", "arch", "pretrain_note", "unverified", "stage", "task", "dataset", "protocol", "metric",
-    "value",
+    "value", "ci_low", "ci_high", "ci_method", "baseline", "baseline_kind",
     "null_reason", "seed", "paper_dataset", "paper_protocol", "is_paper_protocol", "paper_value", "delta",
     "higher_is_better", "group", "column", "paper_table", "paper_source", "paper_note", "checkpoint_sha256",
     "wall_time_s", "created", "metrics_file",
@@ -182,17 +182,22 @@ def _records_frame(paths: Sequence[str | Path], default_seed: int | None) -> pd.
         record = read_metrics(path)  # checks values: numbers, or null with a reason
         checkpoint = record.get("checkpoint") or {}
         reasons = (record.get("extra") or {}).get(NULL_REASONS) or {}
+        intervals, baselines = record.get("intervals") or {}, record.get("baselines") or {}
         for name, value in record["metrics"].items():
+            interval, baseline = intervals.get(name) or {}, baselines.get(name) or {}
             rows.append({
                 "run": record["run"], "model": record["model"], "stage": record["stage"], "task": record["task"],
                 "dataset": record["dataset"], "protocol": record["protocol"], "metric": name,
-                "value": math.nan if value is None else float(value), "null_reason": reasons.get(name),
+                "value": math.nan if value is None else float(value),
+                "ci_low": interval.get("low", math.nan), "ci_high": interval.get("high", math.nan),
+                "ci_method": interval.get("method"), "baseline": baseline.get("value", math.nan),
+                "baseline_kind": baseline.get("kind"), "null_reason": reasons.get(name),
                 "seed": _seed(record, default_seed), "checkpoint_sha256": checkpoint.get("sha256"),
                 "wall_time_s": record.get("wall_time_s"), "created": record.get("created"),
                 "metrics_file": str(path)})
     frame = pd.DataFrame(rows, columns=["run", "model", "stage", "task", "dataset", "protocol", "metric", "value",
-                                        "null_reason", "seed", "checkpoint_sha256", "wall_time_s", "created",
-                                        "metrics_file"])
+                                        "ci_low", "ci_high", "ci_method", "baseline", "baseline_kind", "null_reason",
+                                        "seed", "checkpoint_sha256", "wall_time_s", "created", "metrics_file"])
     key = ["run", "model", "stage", "task", "dataset", "protocol", "metric"]
     dup = frame[frame.duplicated(key, keep=False)]
     if len(dup):
@@ -270,6 +275,9 @@ def read_summaries(paths: Iterable[str | Path]) -> pd.DataFrame:
             if note not in frame.columns:  # summaries written before the column existed
                 frame[note] = ""
             frame[note] = frame[note].astype(object).where(frame[note].notna(), "")
+        for column in ("ci_low", "ci_high", "ci_method", "baseline", "baseline_kind"):
+            if column not in frame.columns:  # summaries written before records carried intervals and baselines
+                frame[column] = math.nan
         missing = [c for c in SUMMARY_COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"summary {path}: missing columns {missing} (rebuild it with `ibot.results summary`)")
@@ -278,7 +286,7 @@ def read_summaries(paths: Iterable[str | Path]) -> pd.DataFrame:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     frames = [f for f in frames if len(f)] or frames[:1]
     out = pd.concat(frames, ignore_index=True)
-    for column in ("value", "paper_value", "delta", "wall_time_s"):
+    for column in ("value", "paper_value", "delta", "wall_time_s", "ci_low", "ci_high", "baseline"):
         out[column] = pd.to_numeric(out[column], errors="coerce")
     out["is_paper_protocol"] = out["is_paper_protocol"].astype(str).str.lower().eq("true")
     return out
@@ -289,15 +297,17 @@ def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataF
 
     ``n`` counts the values; a setting whose stage ran but whose metric is null everywhere has
     ``n == 0`` and no mean (tables show "n/a"). ``is_paper_protocol`` holds only if every pooled row
-    is the paper's experiment.
+    is the paper's experiment. ``ci_low``/``ci_high`` (the 95 % interval of a single run) are kept only
+    for n == 1 (pooled runs report their std); ``baseline`` is the first run's.
     """
     keys = list(keys)
     if summary.empty:
         return pd.DataFrame(columns=keys + ["mean", "std", "n", "runs", "seeds", "paper_model", "arch", "pretrain_note",
-                                            "unverified",
+                                            "unverified", "ci_low", "ci_high", "baseline", "baseline_kind",
                                             "paper_value", "delta", "higher_is_better", "group", "column",
                                             "paper_table", "paper_protocol", "is_paper_protocol", "null_reason"])
-    first = [c for c in ("paper_model", "arch", "pretrain_note", "unverified", "paper_value", "higher_is_better", "group", "column", "paper_table",
+    first = [c for c in ("paper_model", "arch", "pretrain_note", "unverified", "ci_low", "ci_high", "baseline",
+                         "baseline_kind", "paper_value", "higher_is_better", "group", "column", "paper_table",
                          "paper_protocol", "null_reason") if c not in keys]
     grouped = summary.groupby(keys, dropna=False, sort=False)
     out = grouped["value"].agg(mean="mean", std="std", n="count").reset_index()
@@ -308,6 +318,8 @@ def aggregate(summary: pd.DataFrame, keys: Sequence[str] = AGG_KEYS) -> pd.DataF
                         seeds=("seed", lambda s: ",".join(str(int(v)) for v in sorted(set(s.dropna()))))).reset_index()
     out = out.merge(extra, on=keys, how="left")
     out["delta"] = out["mean"] - pd.to_numeric(out["paper_value"], errors="coerce")
+    for column in ("ci_low", "ci_high"):
+        out[column] = pd.to_numeric(out[column], errors="coerce").where(out["n"] == 1)
     return out
 
 

@@ -3,8 +3,9 @@
 
 ``python -m ibot.results readme --run-dir results/embedded --readme README.md`` writes, from the run's
 ``summary.csv`` (every stage's metrics.json) and its metrics files: one row per metric the paper tables
-report (``results/reference/metric_map.csv``, in its order), one column per model; and where the numbers
-come from (the device and precision recorded in the metrics files, the date, the stage jobs' span).
+report (``results/reference/metric_map.csv``, in its order), one column per model (value and 95 %
+interval), the trivial baseline; and where the numbers come from (the device and precision recorded in
+the metrics files, the date, the stage jobs' span).
 """
 
 from __future__ import annotations
@@ -53,19 +54,32 @@ def _provenance(run_dir: Path, records: list[dict]) -> str:
             f"{max(ends).date() if ends else 'n/a'}; stage jobs span {span:.1f} min (first start to last record).")
 
 
+def _value(row: pd.Series | None) -> str:
+    """``56.5 [49.6, 63.2]``: the value and its 95 % interval (empty when the model has no such row)."""
+    if row is None or pd.isna(row["value"]):
+        return ""
+    interval = "" if pd.isna(row["ci_low"]) else f" [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+    return f"{row['value']:.1f}{interval}"
+
+
 def run_figures(run_dir: str | Path) -> str:
-    """The Markdown block of a run: the paper-table metrics per model, then their provenance."""
+    """The Markdown block of a run: the paper-table metrics per model with their 95 % intervals and the
+    trivial baseline of each (the first model's: it depends on the evaluation items only, except the
+    shuffled-clusters baseline, which keeps that model's cluster sizes), then their provenance."""
     run_dir = Path(run_dir)
     summary = pd.read_csv(run_dir / "summary.csv")
     mapped = summary[summary["column"].notna()].copy()
     mapped["row"] = mapped["group"] + ": " + mapped["column"] + " (" + mapped["stage"] + ")"
     models = list(dict.fromkeys(mapped["model"]))
-    table = mapped.pivot_table(index="row", columns="model", values="value", aggfunc="first", sort=False)
-    lines = ["| metric (stage) | " + " | ".join(f"`{m}`" for m in models) + " |",
-             "|:--|" + "--:|" * len(models)]
-    for row, values in table.iterrows():
-        cells = ["" if pd.isna(values.get(m)) else f"{values[m]:.1f}" for m in models]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines = ["| metric (stage) | " + " | ".join(f"`{m}` [95 % interval]" for m in models)
+             + " | trivial baseline | baseline kind |", "|:--|" + "--:|" * (len(models) + 1) + ":--|"]
+    for label, rows in mapped.groupby("row", sort=False):
+        by_model = {r["model"]: r for _, r in rows.iterrows()}
+        with_baseline = rows[rows["baseline"].notna()]
+        base = with_baseline.iloc[0] if len(with_baseline) else None
+        cells = [_value(by_model.get(m)) for m in models]
+        cells += ["", ""] if base is None else [f"{base['baseline']:.1f}", str(base["baseline_kind"])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + _provenance(run_dir, _records(run_dir))
 
 

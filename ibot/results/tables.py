@@ -2,8 +2,11 @@
 
 Rows per paper architecture P (``models.<name>.paper_model``): the paper's DINO P and iBOT P rows
 (values from ``results/reference/``), then ours (mean ± std (n) over runs/seeds), then
-"Δ vs paper" (ours − paper iBOT). A stage that did not run, or a number the paper does not report,
-is an empty cell; a metric the evaluator did not produce (null in metrics.json) is "n/a". Ours
+"Δ vs paper" (ours − paper iBOT), and last the trivial baseline of every column (what a model that
+learned nothing scores on the same items: chance, majority class, random ranking, first-frame copy...,
+computed by the stage; :mod:`ibot.uncertainty`). A single run's value carries its 95 % interval
+(``56.5 [49.6, 63.2]``). A stage that did not run, or a number the paper does not report, is an empty
+cell; a metric the evaluator did not produce (null in metrics.json) is "n/a". Ours
 next to a paper number but run with another protocol or dataset than the paper's (e.g. a
 shortened schedule) is marked † and gets no Δ.
 """
@@ -51,8 +54,15 @@ UNVERIFIED_NOTE = (f"{UNVERIFIED} run with recipe values no source readable offl
                    "explain` says what would verify each): ")
 
 
-def _cell(mean: Any, std: Any = None, n: Any = None, off_protocol: bool = False) -> dict[str, Any]:
-    return {"mean": mean, "std": std, "n": n, "off_protocol": off_protocol}
+#: The row of the trivial baselines (``baseline`` in summary.csv).
+BASELINE_ROW = "trivial baseline"
+BASELINE_NOTE = f"{BASELINE_ROW}: what a model that learned nothing scores on the same items: "
+INTERVAL_NOTE = "[low, high]: 95 % interval of a single run's value over its evaluation items (`ci_method` in summary.csv)."
+
+
+def _cell(mean: Any, std: Any = None, n: Any = None, off_protocol: bool = False,
+          interval: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    return {"mean": mean, "std": std, "n": n, "off_protocol": off_protocol, "interval": interval}
 
 
 def _paper_label(paper_model: str) -> tuple[str, str]:
@@ -102,7 +112,7 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
         wanted.append(p)
     paper = paper_values(reference, lines, wanted)
 
-    values, on_protocol, unverified = {}, {}, {}
+    values, on_protocol, unverified, baselines = {}, {}, {}, {}
     if len(agg):
         cells = lines[["stage", "metric", "column"]].drop_duplicates()
         merged = agg.merge(cells, on=["stage", "metric"], suffixes=("_agg", ""))
@@ -116,8 +126,12 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
                 unverified.setdefault(row.model, set()).update(_text(row.unverified).split(", "))
             paper_run = bool(row.is_paper_protocol)
             off = bool(paper_model_of.get(row.model)) and bool(_text(row.paper_protocol)) and not paper_run
-            values[(row.model, row.column)] = _cell(row.mean, row.std, row.n, off_protocol=off)
+            low, high = getattr(row, "ci_low", None), getattr(row, "ci_high", None)
+            interval = None if _missing(low) or _missing(high) else (low, high)
+            values[(row.model, row.column)] = _cell(row.mean, row.std, row.n, off_protocol=off, interval=interval)
             on_protocol[(row.model, row.column)] = paper_run
+            if not _missing(getattr(row, "baseline", None)) and row.model in models:
+                baselines.setdefault(row.column, (row.baseline, _text(row.baseline_kind)))
 
     rows: list[dict[str, Any]] = []
     rescaled: dict[str, str] = {}
@@ -147,6 +161,10 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
                     comparable = on_protocol.get((model, c), False) and not (_missing(ours_mean) or _missing(paper_mean))
                     row[c] = _cell(float(ours_mean) - float(paper_mean) if comparable else None)
                 rows.append(row)
+    if baselines:
+        row = {"Method": BASELINE_ROW, "Arch": "", "Source": "computed by the stage"}
+        row.update({c: _cell(baselines[c][0]) if c in baselines else _cell(None) for c in columns})
+        rows.append(row)
     frame = pd.DataFrame(rows, columns=_LEAD + columns)
     pooled = bool(len(agg)) and bool((pd.to_numeric(agg["n"], errors="coerce") > 1).any())
     cells = [frame.at[i, c] for i in frame.index for c in columns]
@@ -154,9 +172,19 @@ def group_table(agg: pd.DataFrame, group: str, *, reference: pd.DataFrame | None
         ([NULL_NOTE] if any(_is_null(cell) for cell in cells) else []) + \
         ([RESCALED_NOTE + "; ".join(f"{m}: {n}" for m, n in rescaled.items())] if rescaled else []) + \
         ([UNVERIFIED_NOTE + "; ".join(f"{m}: {', '.join(sorted(k))}" for m, k in unverified.items())]
-         if unverified else [])
+         if unverified else []) + \
+        ([INTERVAL_NOTE] if any(cell.get("interval") for cell in cells) else []) + \
+        ([BASELINE_NOTE + _baseline_kinds(baselines)] if baselines else [])
     frame.attrs.update(group=group, title=GROUP_TITLES.get(group, group), columns=columns, pooled=pooled, notes=notes)
     return frame
+
+
+def _baseline_kinds(baselines: dict[str, tuple[float, str]]) -> str:
+    """``kind (column, column); kind (column)``: which baseline each column shows."""
+    columns_of: dict[str, list[str]] = {}
+    for column, (_, kind) in baselines.items():
+        columns_of.setdefault(kind or "unnamed", []).append(column)
+    return "; ".join(f"{kind} ({', '.join(columns)})" for kind, columns in columns_of.items())
 
 
 def metrics_table(agg: pd.DataFrame) -> pd.DataFrame:
@@ -164,7 +192,8 @@ def metrics_table(agg: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({
         "model": agg["model"], "paper_model": agg["paper_model"].map(_text), "stage": agg["stage"],
         "dataset": agg["dataset"], "protocol": agg["protocol"], "metric": agg["metric"], "mean": agg["mean"],
-        "std": agg["std"], "n": agg["n"], "paper_protocol": agg["paper_protocol"].map(_text),
+        "std": agg["std"], "n": agg["n"], "ci_low": agg["ci_low"], "ci_high": agg["ci_high"],
+        "baseline": agg["baseline"], "baseline_kind": agg["baseline_kind"].map(_text), "paper_protocol": agg["paper_protocol"].map(_text),
         "paper": pd.to_numeric(agg["paper_value"], errors="coerce"), "delta": agg["delta"], "runs": agg["runs"],
         "seeds": agg["seeds"], "null_reason": agg["null_reason"].map(_text)})
     return out.reset_index(drop=True)
@@ -200,6 +229,9 @@ def _fmt_cell(cell: dict[str, Any], pm: str, delta: bool, always_n: bool = False
     text = fmt_value(cell.get("mean"), cell.get("std"), cell.get("n"), pm=pm, always_n=always_n)
     if delta and text and not text.startswith("-"):
         text = "+" + text
+    if text and cell.get("interval") and not delta:
+        low, high = cell["interval"]
+        text += f" [{float(low):.1f}, {float(high):.1f}]"
     if text and cell.get("off_protocol"):
         text += OFF_PROTOCOL
     return text
@@ -212,6 +244,8 @@ def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
         out[column] = [c.get("mean") for c in frame[column]]
         out[f"{column} std"] = [c.get("std") for c in frame[column]]
         out[f"{column} n"] = [c.get("n") for c in frame[column]]
+        out[f"{column} ci_low"] = [(c.get("interval") or (None, None))[0] for c in frame[column]]
+        out[f"{column} ci_high"] = [(c.get("interval") or (None, None))[1] for c in frame[column]]
     return out
 
 
@@ -333,19 +367,21 @@ def write_tables(agg: pd.DataFrame, out_dir: str | Path, *, reference: pd.DataFr
             written.append(path)
     full = metrics_table(agg)
     full_display = full.copy()
-    for column in ("mean", "std", "paper", "delta"):
+    for column in ("mean", "std", "paper", "delta", "ci_low", "ci_high", "baseline"):
         full_display[column] = [fmt_value(v, digits=2) for v in full[column]]
     full_display["mean"] = ["n/a" if not _missing(n) and int(n) == 0 else text
                             for text, n in zip(full_display["mean"], full["n"])]
     full_display["n"] = full["n"].map(lambda v: "" if _missing(v) else str(int(v)))
     write_text_atomic(out_dir / "all_metrics.md",
-           "**All metrics (mean, sample std, n over runs/seeds; paper value and delta where reported)**\n\n"
+           "**All metrics (mean, sample std, n over runs/seeds; a single run's 95 % interval; the trivial baseline; "
+           "paper value and delta where reported)**\n\n"
            + (full_display.to_markdown(index=False, disable_numparse=True) if len(full_display)
               else _empty_markdown(full_display)) + "\n")
     full.to_csv(out_dir / "all_metrics.csv", index=False, float_format="%.4f")
     frame = pd.DataFrame()
     frame.attrs["title"] = "All metrics"
     write_text_atomic(out_dir / "all_metrics.html",
-                      to_html(frame, display=full_display, numeric=("mean", "std", "n", "paper", "delta")))
+                      to_html(frame, display=full_display,
+                              numeric=("mean", "std", "n", "ci_low", "ci_high", "baseline", "paper", "delta")))
     written += [out_dir / "all_metrics.md", out_dir / "all_metrics.csv", out_dir / "all_metrics.html"]
     return written
