@@ -131,6 +131,7 @@ def _schema() -> dict[str, Any]:
     properties = schema["properties"]
     stage_enum = {"enum": list(EVALUATION_STAGES)}
     properties["stages"]["items"] = stage_enum
+    properties["fresh"]["items"] = {"enum": list(STAGES)}
     model = properties["models"]["additionalProperties"]["properties"]
     model["stages"]["items"] = stage_enum
     model["unsupported_stages"]["propertyNames"] = stage_enum
