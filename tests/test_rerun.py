@@ -232,3 +232,49 @@ def test_forcerun_after_a_code_change_recomputes_and_the_fresh_switch_forces_it(
     stale = list(out.glob("work.stale-*"))
     assert len(stale) == 2 and all(any(s.rglob("*.pth")) for s in stale)  # kept, never deleted
     assert trained(out) == changed  # recomputed from scratch: same code, same config, same result
+
+
+@pytest.mark.timeout(900)
+def test_snakemake_killed_mid_run_unlock_and_rerun_finishes_the_same_work(embedded, weights, tmp_path) -> None:
+    """README "Reliability: after a kill": Snakemake itself is SIGKILLed while a stage runs. The rerun is refused
+    on its lock (the message names --unlock); after `snakemake --unlock` the rerun re-attaches to the still
+    running job or resumes its work/ (same fingerprint), moves nothing aside and completes the stage."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    _, linear, _, _, _ = CASES["downstream.linear:run"]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": "t", "stages": ["linear"], "data": {"embedded": {"generate": False}, "imagenet": str(embedded["imagenet"])},
+        "models": {"m": {"arch": "vit_tiny", "depth": 2, "patch_size": 8, "weights": "checkpoint",
+                         "checkpoint": str(weights)}},
+        "linear": {**linear, "epochs": 60}, "resources": {"default": {"cluster": "local", "cpus_per_task": 1}}}))
+    workdir = tmp_path / "run"
+    target = "results/t/m/linear/metrics.json"
+    out = workdir / "results" / "t" / "m" / "linear"
+    command = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(config), "-c1", target]
+    snakemake = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "work" / "linear_state.pth").is_file():  # the stage has checkpointed an epoch
+        assert time.time() < deadline and snakemake.poll() is None, "the stage never checkpointed"
+        time.sleep(0.2)
+    os.kill(snakemake.pid, signal.SIGKILL)  # Snakemake itself dies; its running job is not told
+    snakemake.wait(timeout=30)
+    assert not (out / "metrics.json").is_file(), "the stage finished before the kill: raise its epochs"
+
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--unlock" in refused.stdout + refused.stderr
+    subprocess.run(command + ["--unlock"], check=True, capture_output=True)
+    _snakemake(root, workdir, config, target)
+    log = (workdir / "results" / "t" / "logs" / "m" / "linear.log").read_text()
+    assert "re-attaching to running local job" in log or "matches this run" in log, log[-3000:]
+    assert not list(out.glob("work.stale-*"))
+    record = read_metrics(out / "metrics.json")
+    assert record["extra"]["fingerprint"] == json.loads((out / "work" / FINGERPRINT_FILE).read_text())["digest"]
