@@ -182,6 +182,19 @@ def _snakemake(project: Path, workdir: Path, config: Path, *args: str) -> str:
     return result.stdout + result.stderr
 
 
+def _linear_config(path: Path, embedded, weights, **linear: Any) -> Path:
+    """A workflow config evaluating the tiny weights with the tiny linear probe of CASES (local jobs)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "run": "t", "stages": ["linear"], "data": {"embedded": {"generate": False}, "imagenet": str(embedded["imagenet"])},
+        "models": {"m": {"arch": "vit_tiny", "depth": 2, "patch_size": 8, "weights": "checkpoint",
+                         "checkpoint": str(weights)}},
+        "linear": {**CASES["downstream.linear:run"][1], **linear},
+        "resources": {"default": {"cluster": "local", "cpus_per_task": 1, "timeout_min": 10}}}))
+    return path
+
+
 @pytest.mark.timeout(900)
 def test_forcerun_after_a_code_change_recomputes_and_the_fresh_switch_forces_it(embedded, weights, tmp_path) -> None:
     """README "Rerun one stage", as a user runs it: ``--forcerun`` resumes unchanged work, recomputes after a
@@ -189,20 +202,13 @@ def test_forcerun_after_a_code_change_recomputes_and_the_fresh_switch_forces_it(
     recomputes unchanged work; every old work directory is kept."""
     import shutil
 
-    import yaml
-
     root = Path(__file__).resolve().parents[1]
     project = tmp_path / "project"
     for part in ("ibot", "downstream", "workflow", "config", "profiles"):
         shutil.copytree(root / part, project / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(root / "Snakefile", project / "Snakefile")
-    stage, linear, _, trained, _ = CASES["downstream.linear:run"]
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "run": "t", "stages": ["linear"], "data": {"embedded": {"generate": False}, "imagenet": str(embedded["imagenet"])},
-        "models": {"m": {"arch": "vit_tiny", "depth": 2, "patch_size": 8, "weights": "checkpoint",
-                         "checkpoint": str(weights)}},
-        "linear": linear, "resources": {"default": {"cluster": "local", "cpus_per_task": 1, "timeout_min": 10}}}))
+    trained = CASES["downstream.linear:run"][3]
+    config = _linear_config(tmp_path / "config.yaml", embedded, weights)
     workdir = tmp_path / "run"
     target = "results/t/m/linear/metrics.json"
     out = workdir / "results" / "t" / "m" / "linear"
@@ -245,16 +251,8 @@ def test_snakemake_killed_mid_run_unlock_and_rerun_finishes_the_same_work(embedd
     import sys
     import time
 
-    import yaml
-
     root = Path(__file__).resolve().parents[1]
-    _, linear, _, _, _ = CASES["downstream.linear:run"]
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "run": "t", "stages": ["linear"], "data": {"embedded": {"generate": False}, "imagenet": str(embedded["imagenet"])},
-        "models": {"m": {"arch": "vit_tiny", "depth": 2, "patch_size": 8, "weights": "checkpoint",
-                         "checkpoint": str(weights)}},
-        "linear": {**linear, "epochs": 60}, "resources": {"default": {"cluster": "local", "cpus_per_task": 1}}}))
+    config = _linear_config(tmp_path / "config.yaml", embedded, weights, epochs=60)
     workdir = tmp_path / "run"
     target = "results/t/m/linear/metrics.json"
     out = workdir / "results" / "t" / "m" / "linear"
