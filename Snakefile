@@ -1,8 +1,8 @@
 # iBOT reproduction workflow. Default target: `rule all` (every enabled stage for every model).
 #   snakemake                                   # embedded default (config/config.yaml)
 #   snakemake --configfile config/paper.yaml    # the paper: ViT-S/16, ViT-B/16, ViT-L/16
-# Profiles live in workflow/profiles/{default,slurm}; with a root Snakefile Snakemake does not
-# find them by itself, so pass `--workflow-profile workflow/profiles/default` (see README).
+# Profiles: profiles/default is the one Snakemake reads by itself (profiles/ next to this Snakefile);
+# `--workflow-profile slurm` picks profiles/slurm.
 from ibot.config import validate_config
 
 # A --configfile replaces the embedded default instead of being merged into it (Snakemake would

@@ -6,6 +6,8 @@ Every stage loads backbone weights through :func:`load_backbone_weights`. It acc
 - exported/released teacher files (``{'state_dict': ...}``, e.g. iBOT ``checkpoint_teacher.pth``),
 - plain backbone state dicts (e.g. DINO releases),
 - for Swin backbones, the official Swin key layout (:func:`swin_official_to_timm`),
+- timm's Hugging Face layout: a folder with ``model.safetensors`` (+ ``config.json``), as ``ibot export``
+  and timm's ``save_for_hf`` write it, or a ``.safetensors`` file (:func:`weights_file`),
 and refuses anything else with the missing/unexpected keys listed: never a silent partial load.
 
 Projection heads (unsupervised classification, semi-supervised fine-tuning from a head layer) load
@@ -36,7 +38,7 @@ __all__ = ["CheckpointError", "BackboneCheckpoint", "save_atomic", "load_file", 
            "check_state_dict",
            "load_backbone_weights", "export_backbone", "sha256_file", "OPTIONAL_BACKBONE_KEYS", "HEAD_SETTINGS",
            "extract_head_state", "head_settings", "locate_heads", "load_head_weights", "build_pretrained_head",
-           "export_heads", "swin_official_to_timm"]
+           "export_heads", "swin_official_to_timm", "weights_file", "load_safetensors"]
 
 
 #: Keys that may be absent on either side: the mask token exists only in iBOT student weights
@@ -149,10 +151,9 @@ class BackboneCheckpoint:
 
     @cached_property
     def _content(self) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-        if not Path(self.path).is_file():
-            raise CheckpointError(f"checkpoint {self.path}: file does not exist")
-        data = Path(self.path).read_bytes()
-        loaded = load_file(self.path, data=data)
+        path = weights_file(self.path)
+        data = path.read_bytes()
+        loaded = load_safetensors(path, data) if path.suffix == ".safetensors" else load_file(path, data=data)
         meta = loaded.get("meta") if isinstance(loaded, Mapping) and isinstance(loaded.get("meta"), Mapping) else {}
         state = extract_backbone_state(loaded, self.key, source=f"checkpoint {self.path}")
         return hashlib.sha256(data).hexdigest(), state, dict(meta)
@@ -190,6 +191,35 @@ class BackboneCheckpoint:
             return default
         side = math.isqrt(pos.shape[1] - 1)
         return side * patch_size if side * side == pos.shape[1] - 1 else default
+
+
+#: The weights file of a folder in timm's Hugging Face layout (timm.models._hub HF_SAFE_WEIGHTS_NAME).
+HF_WEIGHTS_FILE = "model.safetensors"
+
+
+def weights_file(path: str | Path) -> Path:
+    """The file holding the weights at ``path``: the path itself, or ``model.safetensors`` of a folder in
+    timm's Hugging Face layout. Raises CheckpointError naming what is missing."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / HF_WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"checkpoint {path}: a folder without {HF_WEIGHTS_FILE} (expected timm's Hugging "
+                                  f"Face layout: {HF_WEIGHTS_FILE} + config.json, as `ibot export` writes it)")
+        return path / HF_WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: file does not exist")
+    return path
+
+
+def load_safetensors(path: Path, data: bytes) -> dict[str, Any]:
+    """A ``.safetensors`` state dict from its bytes (a format without code: nothing to refuse)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path}: cannot be read as safetensors (truncated?): {error}") from error
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path | BackboneCheckpoint,

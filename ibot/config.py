@@ -131,6 +131,7 @@ def _schema() -> dict[str, Any]:
     properties = schema["properties"]
     stage_enum = {"enum": list(EVALUATION_STAGES)}
     properties["stages"]["items"] = stage_enum
+    properties["fresh"]["items"] = {"enum": list(STAGES)}
     model = properties["models"]["additionalProperties"]["properties"]
     model["stages"]["items"] = stage_enum
     model["unsupported_stages"]["propertyNames"] = stage_enum
@@ -184,6 +185,39 @@ def _apply_recipe(name: str, entry: dict[str, Any], base_dir: Path) -> dict[str,
     return merged
 
 
+def _apply_timm_model(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A model entry naming ``timm_model``: ``arch`` from the name (it must agree when set), ``patch_size`` and
+    ``window_size`` from the name unless the entry sets them (timm's ``model_args`` can change them too),
+    ``weights: checkpoint`` unless set; a ``checkpoint`` folder's ``config.json`` must name that architecture."""
+    timm_model = entry.get("timm_model")
+    if not timm_model:
+        return entry
+    from ibot.models.specs import spec_from_timm_name
+
+    try:
+        spec = spec_from_timm_name(str(timm_model))
+    except ValueError as error:
+        raise ConfigError(f"config key models.{name}.timm_model: {error}") from None
+    if entry.get("arch", spec.arch) != spec.arch:
+        raise ConfigError(f"config key models.{name}.arch: {entry['arch']!r} but timm_model {timm_model!r} is "
+                          f"{spec.arch!r} (leave arch out: it follows from timm_model)")
+    entry = {"arch": spec.arch, "patch_size": spec.patch_size, "weights": "checkpoint", **entry}
+    if spec.window_size is not None:
+        entry.setdefault("window_size", spec.window_size)
+    folder_config = Path(str(entry.get("checkpoint") or "")) / "config.json"
+    if entry.get("checkpoint") and folder_config.is_file():
+        import json
+
+        try:
+            architecture = str(json.loads(folder_config.read_text()).get("architecture", ""))
+        except ValueError as error:
+            raise ConfigError(f"config key models.{name}.checkpoint: {folder_config} is not JSON: {error}") from None
+        if architecture.split(".")[0] != str(timm_model).split(".")[0]:
+            raise ConfigError(f"config key models.{name}.timm_model: {timm_model!r} but {folder_config} says "
+                              f"architecture {architecture!r}")
+    return entry
+
+
 _YAML_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None), "array": list}
 
 
@@ -228,7 +262,7 @@ def validate_config(config: dict[str, Any], *, base_dir: str | Path = ".") -> di
     models = config.get("models") or {}
     for name, entry in list(models.items()):
         if isinstance(entry, dict):
-            models[name] = _apply_recipe(name, entry, Path(base_dir))
+            models[name] = _apply_timm_model(name, _apply_recipe(name, entry, Path(base_dir)))
     schema = _schema()
     _coerce_strings(config, schema, schema.get("$defs") or {})
     validator_cls = jsonschema.validators.extend(jsonschema.Draft202012Validator, {
@@ -667,20 +701,23 @@ def _format_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ibot.config explain``: the resolved config of a model x stage, value by value."""
-    import argparse
+EXPLAIN_HELP = "print the config a stage runs with for a model, value by value, with each value's origin"
+EXPLAIN_EXAMPLE = "ibot explain --configfile config/paper.yaml --model vit_large --stage seg_upernet"
+
+
+def add_explain_arguments(parser) -> None:
+    """The ``explain`` command's arguments (``python -m ibot.config explain`` and ``ibot explain``)."""
+    parser.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
+    parser.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="as snakemake's --config")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--stage", required=True, help="a stage (ibot/stages.py) or a config section")
+    parser.add_argument("--json", action="store_true", help="rows as JSON")
+
+
+def explain_command(args, parser) -> int:
+    """Print the resolved config of ``args.model`` x ``args.stage`` (errors exit through ``parser``)."""
     import json
 
-    parser = argparse.ArgumentParser(prog="python -m ibot.config", description=main.__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    explain = sub.add_parser("explain", help="print the config a stage runs with for a model, with each value's origin")
-    explain.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
-    explain.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE", help="as snakemake's --config")
-    explain.add_argument("--model", required=True)
-    explain.add_argument("--stage", required=True, help="a stage (ibot/stages.py) or a config section")
-    explain.add_argument("--json", action="store_true", help="rows as JSON")
-    args = parser.parse_args(argv)
     try:
         config, sources = load_workflow_config(args.configfile, args.config)
         if args.model not in config["models"]:
@@ -707,6 +744,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, why in sorted(others.items()):
             print(f"#   {key}: {why}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ibot.config explain``: the resolved config of a model x stage, value by value."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ibot.config", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    explain = sub.add_parser("explain", help=EXPLAIN_HELP, description=f"{EXPLAIN_HELP}.",
+                             epilog=f"example:\n  {EXPLAIN_EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_explain_arguments(explain)
+    return explain_command(parser.parse_args(argv), explain)
 
 
 def _stage_names() -> set[str]:

@@ -118,14 +118,14 @@ def write_metrics(path: str | Path, *, run: str, model: str, stage: str, task: s
     a checkpoint modified after the stage started (``wall_time_s`` ago) is an error, not a record.
     Resumed work is tied to its checkpoint by the work directory's fingerprint (ibot.workdir).
     """
-    from ibot.checkpoint import BackboneCheckpoint, sha256_file
+    from ibot.checkpoint import BackboneCheckpoint, sha256_file, weights_file
 
     weights = checkpoint.path if isinstance(checkpoint, BackboneCheckpoint) else checkpoint
-    if weights is not None and Path(weights).stat().st_mtime > time.time() - float(wall_time_s):
+    if weights is not None and weights_file(weights).stat().st_mtime > time.time() - float(wall_time_s):
         raise RuntimeError(f"stage {stage}: checkpoint {weights} was modified while the stage ran; its "
                            f"result would be paired with weights it was not computed from. Rerun the stage.")
     digest = None if weights is None else (checkpoint.sha256 if isinstance(checkpoint, BackboneCheckpoint)
-                                            else sha256_file(weights))
+                                            else sha256_file(weights_file(weights)))
 
     extra = dict(extra or {})
     if NULL_REASONS in extra:

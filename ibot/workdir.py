@@ -5,13 +5,19 @@ Every stage whose registry entry is ``resumable`` keeps its checkpoints in ``<st
 the fingerprint of everything that determines its result (:func:`stage_fingerprint`): the resolved
 stage config (minus keys that only change logging), the model spec, the sha256 of the backbone
 checkpoint it starts from and of every input file its config names, the identity of every dataset it
-reads, the seed, the process count and the version of the fingerprint rule itself. The fingerprint is
-stored in ``work/fingerprint.json``.
+reads, the seed, the process count, the identity of the code that computes it
+(:func:`ibot.code_identity.code_identity`: the project modules it runs, comments, docstrings and log lines
+aside) and the version of the fingerprint rule itself. The fingerprint is stored in ``work/fingerprint.json``.
 
 - Same fingerprint: resume (a requeue, a kill, an identical rerun).
 - Different fingerprint, or a work directory without one: the directory is moved aside to
   ``work.stale-<UTC timestamp>`` (never deleted: it may hold days of compute), the stage starts
   fresh and says so in one log line naming the keys that changed.
+
+- A fresh recompute was asked for (the workflow's ``fresh`` switch, :func:`fresh_request`, or
+  ``python -m downstream <stage> --fresh``): the directory is moved aside even for the same
+  fingerprint. The request carries a token recorded in ``fingerprint.json``, so a requeued or resumed
+  job of the same request continues its own fresh work instead of starting over again.
 
 Changing ``epochs`` also starts fresh, upward or downward: every schedule of these recipes (cosine
 lr, weight decay, teacher momentum and temperature, step milestones, poly decay) is a function of
@@ -30,12 +36,16 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ibot.io import write_json_atomic
 
-__all__ = ["FINGERPRINT_FILE", "FINGERPRINT_VERSION", "WorkDir", "stage_fingerprint", "dataset_identity",
-           "fingerprint_digest", "prepare_work_dir"]
+__all__ = ["FINGERPRINT_FILE", "FINGERPRINT_VERSION", "FRESH_ENV", "WorkDir", "stage_fingerprint", "dataset_identity",
+           "fingerprint_digest", "prepare_work_dir", "fresh_request"]
 
 FINGERPRINT_FILE = "fingerprint.json"
-#: Bump when a code change alters what a given fingerprint computes (old work dirs then go stale).
-FINGERPRINT_VERSION = 1
+#: Bump when the fingerprint rule itself changes (what it holds, how it is computed); changes to the code a
+#: stage runs are in the fingerprint already (``code``). 2: the code identity was added.
+FINGERPRINT_VERSION = 2
+#: The workflow's ``fresh`` switch reaches the stage command lines through this variable (set by
+#: workflow/rules/common.smk): JSON ``{"stages": [...], "token": ...}``, one token per Snakemake invocation.
+FRESH_ENV = "IBOT_FRESH"
 #: Manifest written by the embedded generator at a set's root (``ibot.data.embedded``): its sha256
 #: names every file of the set, so it is the set's identity without listing the files.
 _MANIFEST_DONE = "DONE"
@@ -91,12 +101,14 @@ def _walk_files(root: Path) -> Iterable[tuple[str, int]]:
 
 def stage_fingerprint(*, stage: str, config: Mapping[str, Any], model_spec: Mapping[str, Any],
                       checkpoint_sha256: str | None, data: Mapping[str, str | Path], seed: int, world_size: int,
-                      operational_keys: Iterable[str] = (), files: Mapping[str, str] | None = None) -> dict[str, Any]:
+                      operational_keys: Iterable[str] = (), files: Mapping[str, str] | None = None,
+                      code: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Everything that determines a resumable stage's result (see the module docstring).
 
     ``data`` maps a dataset kind (e.g. ``imagenet``) to the root the stage reads; ``operational_keys``
     are config keys that cannot change the result (log intervals) and are left out; ``files`` the
-    sha256 of the input files the config names (dotted key -> digest).
+    sha256 of the input files the config names (dotted key -> digest); ``code`` the identity of the code
+    that computes the stage (:func:`ibot.code_identity.code_identity`).
     """
     skip = set(operational_keys)
     fingerprint = {
@@ -109,7 +121,23 @@ def stage_fingerprint(*, stage: str, config: Mapping[str, Any], model_spec: Mapp
         "seed": int(seed),
         "world_size": int(world_size),
     }
+    if code is not None:
+        fingerprint["code"] = {"digest": code["digest"], "modules": dict(sorted(code["modules"].items()))}
     return {**fingerprint, "files": dict(sorted(files.items()))} if files else fingerprint
+
+
+def fresh_request(stage: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The token of a fresh recompute the workflow asks of ``stage`` (its ``fresh`` switch names the stage), or
+    None. A malformed value is an error naming the variable, not a silent resume."""
+    value = environ.get(FRESH_ENV)
+    if not value:
+        return None
+    try:
+        request = json.loads(value)
+        stages, token = list(request["stages"]), str(request["token"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{FRESH_ENV}={value!r}: expected JSON {{'stages': [...], 'token': ...}} ({error})") from None
+    return token if stage in stages else None
 
 
 def _changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -140,9 +168,10 @@ def _stale_name(work: Path) -> Path:
     return candidate
 
 
-def prepare_work_dir(work: str | Path, fingerprint: Mapping[str, Any], *,
+def prepare_work_dir(work: str | Path, fingerprint: Mapping[str, Any], *, fresh: str | None = None,
                      log: Callable[[str], None] = lambda message: print(message, flush=True)) -> WorkDir:
-    """Resume ``work`` if it was made for ``fingerprint``, else move it aside and start fresh.
+    """Resume ``work`` if it was made for ``fingerprint`` (and, with a ``fresh`` token, by that fresh request),
+    else move it aside and start fresh.
 
     In a distributed job only rank 0 looks and moves; every rank returns the same answer after a
     barrier. Call it before anything reads or writes ``work``.
@@ -157,18 +186,21 @@ def prepare_work_dir(work: str | Path, fingerprint: Mapping[str, Any], *,
     if dist_utils.is_main():
         record = _read_record(work / FINGERPRINT_FILE)
         occupied = work.is_dir() and any(work.iterdir())
-        if occupied and record is not None and record["digest"] == digest:
+        same = record is not None and record["digest"] == digest
+        if occupied and same and (fresh is None or record.get("fresh") == fresh):
             resumed = True
             log(f"{label} work dir {work} matches this run (fingerprint {digest[:12]}): resuming from it")
         elif occupied:
             stale = _stale_name(work)
-            why = ("; ".join(_changes(record.get("fingerprint", {}), fingerprint)) if record
+            why = ("a fresh recompute was requested (fresh switch)" if same else
+                   "; ".join(_changes(record.get("fingerprint", {}), fingerprint)) if record
                    else f"it has no {FINGERPRINT_FILE}")
             work.rename(stale)
             log(f"{label} work dir {work} was made for another setup ({why}): moved aside to {stale}, "
                 f"starting fresh")
         work.mkdir(parents=True, exist_ok=True)
         if not resumed:
-            write_json_atomic({"digest": digest, "fingerprint": fingerprint}, work / FINGERPRINT_FILE)
+            write_json_atomic({"digest": digest, "fingerprint": fingerprint, **({"fresh": fresh} if fresh else {})},
+                              work / FINGERPRINT_FILE)
     dist_utils.barrier()  # other ranks touch work/ only once rank 0 has settled it
     return WorkDir(path=work, fingerprint=fingerprint, digest=digest, resumed=resumed, stale=stale)

@@ -13,6 +13,8 @@ import time
 import pytest
 
 from helpers import BIN, REPO, planned, sh, tiny_pretrain_snakefile
+from ibot.results.dvc_tools import run_dvc_yaml
+from ibot.results.plots import CURVE_SETS
 
 
 def test_dvc_lock_serialises_callers(tmp_path):
@@ -36,18 +38,6 @@ def test_dvc_lock_serialises_callers(tmp_path):
     assert waited > 0.3
 
 
-# What the project's .gitignore must say: results are ignored except the *.dvc pointers, the
-# reference and the small text results (the summary, DVC metrics, tables, dvc-plots curves).
-_GITIGNORE = """/.snakemake/
-/results/**
-!/results/**/
-!/results/**/*.dvc
-!/results/reference/**
-!/results/*/summary.csv
-!/results/*/metrics_flat.json
-!/results/*/tables/**
-!/results/*/curves/**
-"""
 
 
 @pytest.mark.slow
@@ -59,7 +49,7 @@ def test_dvc_round_trip_restores_checkpoint_without_pretraining_rerun(tmp_path):
     repo, remote = tmp_path / "repo", tmp_path / "remote"
     repo.mkdir()
     (repo / "Snakefile").write_text(tiny_pretrain_snakefile(200000))
-    (repo / ".gitignore").write_text(_GITIGNORE)
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")  # the project's: results ignored but the DVC-facing files
     sh(["git", "init", "-q"], repo)
     sh([str(BIN / "dvc"), "init", "-q"], repo)
     sh([str(BIN / "snakemake"), "-c1", "-q"], repo)
@@ -72,12 +62,16 @@ def test_dvc_round_trip_restores_checkpoint_without_pretraining_rerun(tmp_path):
         "heads.pth.dvc", "metrics.json.dvc", "teacher_backbone.pth.dvc", "train_log.csv.dvc"], out
     sh([str(BIN / "dvc"), "remote", "add", "-d", "local", str(remote)], repo)
     sh(py + ["dvc-push"], repo)
-    # the project's dvc.yaml: run metrics and pretraining curves as DVC sees them
-    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    # the run's dvc.yaml as the workflow writes it: its metrics and pretraining curves as DVC sees them
+    (repo / "results/embedded/dvc.yaml").write_text(run_dvc_yaml("embedded", curves=True))
     (repo / "results/embedded/metrics_flat.json").write_text('{"vit_tiny": {"knn": {"top1_k20": 31.5}}}')
-    (repo / "results/embedded/curves/loss").mkdir(parents=True)
-    (repo / "results/embedded/curves/loss/pretrain_vit_tiny.csv").write_text(
-        "epoch,iteration,loss,cls,patch\n0,0,9.0,5.0,4.0\n0,1,8.5,4.8,3.7\n")
+    for name, columns in CURVE_SETS.items():  # what the plots rule writes for a pretrained model
+        (repo / "results/embedded/curves" / name).mkdir(parents=True)
+        (repo / "results/embedded/curves" / name / "pretrain_vit_tiny.csv").write_text(
+            "epoch,iteration," + ",".join(columns) + "\n" + "".join(
+                f"0,{i}," + ",".join(str(9.0 - i - j) for j in range(len(columns))) + "\n" for i in range(2)))
+    assert "failed to load" not in sh([str(BIN / "dvc"), "metrics", "show"], repo)  # stdout and stderr
+    assert "failed to load" not in sh([str(BIN / "dvc"), "plots", "show", "--json"], repo)
     metrics = json.loads(sh([str(BIN / "dvc"), "metrics", "show", "--json"], repo, stdout_only=True))
     assert metrics[""]["data"]["results/embedded/metrics_flat.json"]["data"] == {"vit_tiny": {"knn": {"top1_k20": 31.5}}}
     plots = json.loads(sh([str(BIN / "dvc"), "plots", "show", "--json"], repo, stdout_only=True))
@@ -88,7 +82,7 @@ def test_dvc_round_trip_restores_checkpoint_without_pretraining_rerun(tmp_path):
     sh(["git", "commit", "-qm", "results"], repo)
     tracked = sh(["git", "ls-files"], repo, stdout_only=True).split()
     assert checkpoint + ".dvc" in tracked and checkpoint not in tracked
-    assert {"dvc.yaml", "results/embedded/metrics_flat.json", "results/embedded/curves/loss/pretrain_vit_tiny.csv"} <= set(tracked)
+    assert {"results/embedded/dvc.yaml", "results/embedded/metrics_flat.json", "results/embedded/curves/loss/pretrain_vit_tiny.csv"} <= set(tracked)
     assert "results/embedded/vit_tiny/knn/metrics.json" not in tracked
 
     clone = tmp_path / "clone"  # fresh clone: no cache, no data, no checkpoint, no .snakemake

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 def embedded_run(tmp_path_factory) -> tuple[Path, float]:
     workdir = tmp_path_factory.mktemp("embedded")
     command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile",
-               str(ROOT / "config" / "config.yaml"), "--workflow-profile", str(ROOT / "workflow/profiles/default"),
+               str(ROOT / "config" / "config.yaml"),
                "--directory", str(workdir)]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -112,7 +112,7 @@ def check_report(workdir: Path, out_dir: Path):
 
     report = out_dir / "report.html"
     command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile",
-               str(ROOT / "config" / "config.yaml"), "--workflow-profile", str(ROOT / "workflow/profiles/default"),
+               str(ROOT / "config" / "config.yaml"),
                "--directory", str(workdir), "--report", str(report)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0 and report.is_file(), result.stdout[-4000:] + result.stderr[-4000:]

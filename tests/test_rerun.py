@@ -166,3 +166,113 @@ def test_rerun_resumes_same_setup_and_starts_fresh_after_a_config_change(entry: 
     assert changed != first
     new_digest = json.loads((work / FINGERPRINT_FILE).read_text())["digest"]
     assert new_digest != digest and record_changed["extra"]["fingerprint"] == new_digest
+
+
+def _snakemake(project: Path, workdir: Path, config: Path, *args: str) -> str:
+    """``snakemake`` of a copy of the project (its code on PYTHONPATH: what the jobs import) in ``workdir``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(project / "Snakefile"), "--directory",
+                             str(workdir), "--configfile", str(config), "-c1", *args],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _linear_config(path: Path, embedded, weights, **linear: Any) -> Path:
+    """A workflow config evaluating the tiny weights with the tiny linear probe of CASES (local jobs)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "run": "t", "stages": ["linear"], "data": {"embedded": {"generate": False}, "imagenet": str(embedded["imagenet"])},
+        "models": {"m": {"arch": "vit_tiny", "depth": 2, "patch_size": 8, "weights": "checkpoint",
+                         "checkpoint": str(weights)}},
+        "linear": {**CASES["downstream.linear:run"][1], **linear},
+        "resources": {"default": {"cluster": "local", "cpus_per_task": 1, "timeout_min": 10}}}))
+    return path
+
+
+@pytest.mark.timeout(900)
+def test_forcerun_after_a_code_change_recomputes_and_the_fresh_switch_forces_it(embedded, weights, tmp_path) -> None:
+    """README "Rerun one stage", as a user runs it: ``--forcerun`` resumes unchanged work, recomputes after a
+    change to the stage's computing code (not after a comment/log change), and ``--config fresh=[...]``
+    recomputes unchanged work; every old work directory is kept."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    project = tmp_path / "project"
+    for part in ("ibot", "downstream", "workflow", "config", "profiles"):
+        shutil.copytree(root / part, project / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "Snakefile", project / "Snakefile")
+    trained = CASES["downstream.linear:run"][3]
+    config = _linear_config(tmp_path / "config.yaml", embedded, weights)
+    workdir = tmp_path / "run"
+    target = "results/t/m/linear/metrics.json"
+    out = workdir / "results" / "t" / "m" / "linear"
+    log = workdir / "results" / "t" / "logs" / "m" / "linear.log"
+
+    _snakemake(project, workdir, config, target)
+    first = trained(out)
+    _snakemake(project, workdir, config, target, "--forcerun", "linear")
+    assert "matches this run" in log.read_text() and not list(out.glob("work.stale-*"))
+
+    engine = project / "downstream" / "engine" / "linear.py"  # comments and log lines: still the same code
+    engine.write_text(engine.read_text() + "\n# a comment\nprint('a log line')\n")
+    assert "Nothing to be done" in _snakemake(project, workdir, config, target)  # code is no rerun trigger
+    _snakemake(project, workdir, config, target, "--forcerun", "linear")
+    assert "matches this run" in log.read_text() and not list(out.glob("work.stale-*"))
+
+    code = project / "downstream" / "linear.py"  # what the stage computes: another seed for the heads
+    code.write_text(code.read_text().replace("device=device, seed=ctx.seed,", "device=device, seed=ctx.seed + 1,"))
+    _snakemake(project, workdir, config, target, "--forcerun", "linear")
+    text = log.read_text()
+    assert "moved aside" in text and "code.modules.downstream.linear" in text
+    assert len(list(out.glob("work.stale-*"))) == 1 and trained(out) != first
+
+    changed = trained(out)
+    _snakemake(project, workdir, config, target, "--forcerun", "linear", "--config", "fresh=[linear]")
+    assert "fresh recompute was requested" in log.read_text()
+    stale = list(out.glob("work.stale-*"))
+    assert len(stale) == 2 and all(any(s.rglob("*.pth")) for s in stale)  # kept, never deleted
+    assert trained(out) == changed  # recomputed from scratch: same code, same config, same result
+
+
+@pytest.mark.timeout(900)
+def test_snakemake_killed_mid_run_unlock_and_rerun_finishes_the_same_work(embedded, weights, tmp_path) -> None:
+    """README "Reliability: after a kill": Snakemake itself is SIGKILLed while a stage runs. The rerun is refused
+    on its lock (the message names --unlock); after `snakemake --unlock` the rerun re-attaches to the still
+    running job or resumes its work/ (same fingerprint), moves nothing aside and completes the stage."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    config = _linear_config(tmp_path / "config.yaml", embedded, weights, epochs=60)
+    workdir = tmp_path / "run"
+    target = "results/t/m/linear/metrics.json"
+    out = workdir / "results" / "t" / "m" / "linear"
+    command = [sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(config), "-c1", target]
+    snakemake = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "work" / "linear_state.pth").is_file():  # the stage has checkpointed an epoch
+        assert time.time() < deadline and snakemake.poll() is None, "the stage never checkpointed"
+        time.sleep(0.2)
+    os.kill(snakemake.pid, signal.SIGKILL)  # Snakemake itself dies; its running job is not told
+    snakemake.wait(timeout=30)
+    assert not (out / "metrics.json").is_file(), "the stage finished before the kill: raise its epochs"
+
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode != 0 and "--unlock" in refused.stdout + refused.stderr
+    subprocess.run(command + ["--unlock"], check=True, capture_output=True)
+    _snakemake(root, workdir, config, target)
+    log = (workdir / "results" / "t" / "logs" / "m" / "linear.log").read_text()
+    assert "re-attaching to running local job" in log or "matches this run" in log, log[-3000:]
+    assert not list(out.glob("work.stale-*"))
+    record = read_metrics(out / "metrics.json")
+    assert record["extra"]["fingerprint"] == json.loads((out / "work" / FINGERPRINT_FILE).read_text())["digest"]

@@ -115,7 +115,7 @@ def test_results_rules_rebuild_on_metrics_change_and_report_builds(tmp_path):
     smk = [str(BIN / "snakemake"), *configfile]
     sh(smk + ["-c2", "-q"], tmp_path)
     run = tmp_path / "results" / "embedded"
-    for rel in ("summary.csv", "metrics_flat.json", "tables/classification.md", "tables/robustness.tex",
+    for rel in ("summary.csv", "metrics_flat.json", "dvc.yaml", "tables/classification.md", "tables/robustness.tex",
                 "plots/ours_vs_paper.png", "curves/loss/pretrain_vit_small.csv", "figures/attention_vit_small.png",
                 "figures/attention_vit_tiny.png"):
         assert (run / rel).is_file(), rel

@@ -6,7 +6,7 @@
   bit-identical to an uninterrupted run;
 - killing the caller (``python -m ibot.train``) while its job runs and rerunning it re-attaches to
   that job: exactly one job is ever submitted;
-- the Snakemake SLURM profile (workflow/profiles/slurm) submits a rule to the cluster;
+- the Snakemake SLURM profile (profiles/slurm) submits a rule to the cluster;
 - the embedded workflow with `cluster: slurm` (2-task DDP pretraining, k-NN and linear as SLURM jobs)
   gives the metrics of the local run.
 
@@ -344,7 +344,7 @@ def test_snakemake_slurm_profile_submits_a_rule(slurm_cluster, tmp_path):
     env = _env(slurm_cluster)
     env["PATH"] = f"{shim}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--workflow-profile", str(ROOT / "workflow" / "profiles" / "slurm"),
+        [sys.executable, "-m", "snakemake", "--workflow-profile", str(ROOT / "profiles" / "slurm"),
          "--snakefile", str(workdir / "Snakefile"), "--directory", str(workdir),
          "--slurm-init-seconds-before-status-checks", "2"],
         env=env, cwd=workdir, capture_output=True, text=True, timeout=300)

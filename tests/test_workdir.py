@@ -179,3 +179,77 @@ def test_metrics_refuse_a_checkpoint_modified_while_the_stage_ran(tmp_path: Path
     with pytest.raises(RuntimeError, match="modified while the stage ran"):
         write_metrics(tmp_path / "stale.json", wall_time_s=time.time() - started, **common)
     assert not (tmp_path / "stale.json").exists()
+
+
+# -- code identity and the fresh switch ------------------------------------------------------------------
+def _project_copy(tmp_path: Path) -> Path:
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "project"
+    for package in ("ibot", "downstream"):
+        shutil.copytree(root / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def test_code_identity_follows_computing_code_not_comments_docstrings_or_logs(tmp_path: Path) -> None:
+    from ibot.code_identity import code_identity
+
+    copy = _project_copy(tmp_path)
+    entry = "downstream.linear:run"
+    before = code_identity(entry, copy)
+    assert {"downstream.linear", "downstream.engine.linear", "ibot.models.vision_transformer"} <= set(before["modules"])
+    assert not {"ibot.progress", "ibot.tensorboard", "ibot.metrics", "ibot.run.launcher"} & set(before["modules"])
+    assert code_identity(entry, copy) == before
+
+    engine = copy / "downstream" / "engine" / "linear.py"
+    source = engine.read_text()
+    # a comment, a docstring, blank lines and a log line: the same code
+    assert source.startswith('"""')
+    engine.write_text('"""Reworded: ' + source[3:].replace("\ndef ", "\n\n# a new comment\ndef ", 1)
+                      + "\n\nprint('loaded')  # log only\n")
+    assert code_identity(entry, copy) == before
+    # a change to what the stage computes (a module it imports): another identity, naming that module
+    stage = copy / "downstream" / "linear.py"
+    stage.write_text(stage.read_text().replace("seed_everything(ctx.seed)", "seed_everything(ctx.seed + 1)"))
+    after = code_identity(entry, copy)
+    changed = {m for m in before["modules"] if before["modules"][m] != after["modules"][m]}
+    assert after["digest"] != before["digest"] and changed == {"downstream.linear"}
+
+
+def test_changed_code_moves_the_work_aside_naming_the_module(tmp_path: Path, data: Path) -> None:
+    def fingerprint(digest: str) -> dict:
+        return stage_fingerprint(stage="linear", config={"epochs": 2}, model_spec=SPEC, checkpoint_sha256=None,
+                                 data={"imagenet": data}, seed=0, world_size=1,
+                                 code={"digest": digest, "modules": {"downstream.linear": digest}})
+
+    work = tmp_path / "work"
+    prepare_work_dir(work, fingerprint("a"))
+    (work / "state.pth").write_bytes(b"old")
+    lines: list[str] = []
+    result = prepare_work_dir(work, fingerprint("b"), log=lines.append)
+    assert not result.resumed and (result.stale / "state.pth").read_bytes() == b"old"
+    assert "code.modules.downstream.linear: 'a' -> 'b'" in lines[0]
+
+
+def test_fresh_request_moves_matching_work_aside_once_per_request(tmp_path: Path, data: Path) -> None:
+    from ibot.workdir import FRESH_ENV, fresh_request
+
+    work = tmp_path / "work"
+    prepare_work_dir(work, _fingerprint(data))
+    (work / "state.pth").write_bytes(b"old")
+    lines: list[str] = []
+    fresh = prepare_work_dir(work, _fingerprint(data), fresh="token-1", log=lines.append)
+    assert not fresh.resumed and (fresh.stale / "state.pth").read_bytes() == b"old"
+    assert "fresh recompute was requested" in lines[0]
+    (work / "state.pth").write_bytes(b"new")  # the fresh run's own progress: a requeue of it resumes
+    assert prepare_work_dir(work, _fingerprint(data), fresh="token-1").resumed
+    assert prepare_work_dir(work, _fingerprint(data)).resumed  # a later plain run resumes the fresh work
+    assert not prepare_work_dir(work, _fingerprint(data), fresh="token-2").resumed
+    assert len(list(tmp_path.glob("work.stale-*"))) == 2
+
+    environ = {FRESH_ENV: json.dumps({"stages": ["linear"], "token": "t"})}
+    assert fresh_request("linear", environ) == "t" and fresh_request("finetune", environ) is None
+    assert fresh_request("linear", {}) is None
+    with pytest.raises(ValueError, match=FRESH_ENV):
+        fresh_request("linear", {FRESH_ENV: "linear"})

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["ArchSpec", "SwinSpec", "ModelSpec", "VIT_ARCHITECTURES", "SWIN_ARCHITECTURES", "ARCHITECTURES"]
+__all__ = ["ArchSpec", "SwinSpec", "ModelSpec", "VIT_ARCHITECTURES", "SWIN_ARCHITECTURES", "ARCHITECTURES",
+           "TIMM_ARCHITECTURES", "spec_from_timm_name"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,29 @@ class ModelSpec:
     @property
     def num_blocks(self) -> int:
         return self.depth or self.size.depth
+
+
+#: The timm architecture each backbone is (the same module tree and parameter names): ``ibot export`` writes
+#: a backbone under this name (plus ``model_args`` for sizes the name does not carry: an embedded depth,
+#: Swin-T/14's window, swin_mini's widths), and a ``models.<name>.timm_model`` entry names one of these.
+TIMM_ARCHITECTURES: dict[str, str] = {
+    "vit_tiny": "vit_tiny_patch{patch}_224", "vit_small": "vit_small_patch{patch}_224",
+    "vit_base": "vit_base_patch{patch}_224", "vit_large": "vit_large_patch{patch}_224",
+    "swin_tiny": "swin_tiny_patch4_window7_224", "swin_mini": "swin_tiny_patch4_window7_224",
+}
+
+
+def spec_from_timm_name(name: str) -> ModelSpec:
+    """The spec of a timm ViT/Swin-T architecture name (a pretrained tag after ``.`` is ignored), e.g.
+    ``vit_small_patch16_224.dino`` -> vit_small/16, ``swin_tiny_patch4_window7_224`` -> swin_tiny/4, window 7."""
+    import re
+
+    base = name.split(".", 1)[0]
+    vit = re.fullmatch(r"(vit_(?:tiny|small|base|large))_patch(\d+)_\d+", base)
+    if vit:
+        return ModelSpec(arch=vit.group(1), patch_size=int(vit.group(2)))
+    swin = re.fullmatch(r"swin_tiny_patch4_window(\d+)_\d+", base)
+    if swin:
+        return ModelSpec(arch="swin_tiny", patch_size=4, window_size=int(swin.group(1)))
+    raise ValueError(f"timm model {name!r}: not an architecture of this project; expected vit_<tiny|small|base|large>_"
+                     f"patch<P>_<size> or swin_tiny_patch4_window<W>_<size> (a pretrained tag after '.' is allowed)")

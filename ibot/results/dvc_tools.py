@@ -1,5 +1,10 @@
 """DVC versions and shares the expensive outputs; Snakemake stays the one that runs the DAG.
 
+- :func:`run_dvc_yaml` — the ``results/<run>/dvc.yaml`` the workflow writes for each run (rule
+  ``dvc_yaml``): its metrics (``metrics_flat.json``) and, when it pretrains, its curves for ``dvc plots``.
+  DVC reads every ``dvc.yaml`` of the repository, so each run declares exactly what it wrote and
+  ``dvc metrics show`` / ``dvc plots show`` run clean whatever runs a clone holds (a root file naming
+  every run's files would warn about the runs that are not there);
 - :func:`track` — ``dvc add`` every output of the pretraining jobs (the exported teacher backbone, its
   summary and the training curves: *all* outputs of the rule, found with ``snakemake --summary``, so
   that a pulled job is complete), optionally ``dvc push``;
@@ -46,7 +51,27 @@ from ibot.stages import BACKBONE_STAGE
 
 __all__ = ["DVCError", "Remote", "repo_root", "dvc_lock", "run_dvc", "run_snakemake", "snakemake_summary",
            "rule_outputs", "tracked_outputs", "remote_config", "check_remote", "s3_credentials_source", "track",
-           "push", "pull", "mark_up_to_date", "PRETRAIN_RULES", "SECRET_OPTIONS"]
+           "push", "pull", "mark_up_to_date", "PRETRAIN_RULES", "SECRET_OPTIONS", "CURVE_TITLES", "run_dvc_yaml"]
+
+#: Titles of the ``dvc plots`` of a run's pretraining curves (one plot per folder of ibot.results.plots.CURVE_SETS).
+CURVE_TITLES = {"loss": "pretraining losses (total, [CLS], patch)", "lr": "learning rate and weight decay",
+                "teacher": "teacher momentum and temperatures"}
+
+
+def run_dvc_yaml(run: str, *, curves: bool) -> str:
+    """The text of ``results/<run>/dvc.yaml``: the run's metrics file and, if it pretrains (``curves``), one
+    plot per curve folder; paths relative to the run folder, as DVC reads them. No ``stages:``: Snakemake
+    runs the DAG, a DVC pipeline would be a second one with its own idea of "changed"."""
+    from ibot.results.plots import CURVE_SETS
+
+    content: dict = {"metrics": ["metrics_flat.json"]}
+    if curves:
+        content["plots"] = [{f"curves/{name}": {"x": "iteration", "y": list(columns),
+                                                "title": f"{run}: {CURVE_TITLES[name]}"}}
+                            for name, columns in CURVE_SETS.items()]
+    header = (f"# Written by the workflow (rule dvc_yaml) for run {run!r}: what DVC versions of it (metrics, curves).\n"
+              "# Checkpoints: `ibot dvc-track` adds <file>.dvc pointers beside the pretraining outputs.\n")
+    return header + yaml.safe_dump(content, sort_keys=False)
 
 #: The rules whose outputs are tracked: the stage that makes the backbone (pretraining).
 PRETRAIN_RULES = (BACKBONE_STAGE.name,)

@@ -86,7 +86,7 @@ def read_train_log(path: str | Path) -> pd.DataFrame:
     return frame.sort_values("iteration", kind="stable").reset_index(drop=True)
 
 
-#: Down-sampled pretraining curves for ``dvc plots`` (dvc.yaml: one plot per folder of
+#: Down-sampled pretraining curves for ``dvc plots`` (results/<run>/dvc.yaml: one plot per folder of
 #: ``results/<run>/curves/``): folder -> columns (besides epoch and iteration).
 CURVE_SETS = {"loss": ("loss", "cls", "patch"), "lr": ("lr", "wd"),
               "teacher": ("momentum", "teacher_temp", "teacher_patch_temp")}

@@ -50,6 +50,9 @@ def _add_stage_parser(sub: Any, stage: Stage) -> None:
     parser.add_argument("--run", default="standalone", help="run name recorded in the metrics file")
     parser.add_argument("--model", default=None, help="model name recorded in the metrics file (default: arch)")
     parser.add_argument("--seed", type=int, default=0)
+    if stage.resumable:
+        parser.add_argument("--fresh", action="store_true",
+                            help="recompute from scratch: move its work/ aside even if it matches (never deleted)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,16 +81,20 @@ def _data_roots(stage: Stage, values: Sequence[str]) -> dict[str, Path]:
 
 def context_from_args(args: argparse.Namespace) -> StageContext:
     """The stage context of a parsed command line (config resolved, data roots checked)."""
+    import uuid
+
     from ibot.checkpoint import BackboneCheckpoint
+    from ibot.workdir import fresh_request
 
     stage = STAGES[args.stage]
+    fresh = uuid.uuid4().hex if getattr(args, "fresh", False) else fresh_request(stage.name)
     checkpoint = getattr(args, "checkpoint", None)
     return StageContext(
         stage=stage.name, config=resolve_stage_config(stage.name, args.config), model=ModelSpec.from_args(args),
         out=args.out, data=_data_roots(stage, args.data),
         checkpoint=BackboneCheckpoint(checkpoint, args.checkpoint_key) if checkpoint else None,
         inputs={flag: getattr(args, flag) for flag in stage.needs}, run=args.run, model_name=args.model or "",
-        seed=args.seed)
+        seed=args.seed, fresh=fresh if stage.resumable else None)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
@@ -104,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     args = parser.parse_args(argv)
     try:
         ctx = context_from_args(args)
-    except ConfigError as error:
+    except ValueError as error:  # ConfigError, or a malformed fresh request
         parser.exit(2, f"python -m downstream {args.stage}: error: {error}\n")
     return launch("ibot.run.context:run_stage", {"ctx": ctx}, job_dir=ctx.dir / "job", resources=args.resources,
                   name=f"{ctx.stage}-{ctx.name}")

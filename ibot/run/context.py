@@ -40,6 +40,7 @@ class StageContext:
     model_name: str = ""                             # results/<run>/<model_name>/ (default: the arch)
     seed: int = 0
     work: WorkDir | None = None                      # prepared in the job iff the entry is resumable
+    fresh: str | None = None                         # token of a requested fresh recompute (ibot.workdir)
     started: float | None = None                     # set in the job: the wall time of the record starts here
 
     @property
@@ -68,6 +69,7 @@ class StageContext:
         """Everything that determines its result (:func:`ibot.workdir.stage_fingerprint`), the content of
         the input files its config names (entry ``file_keys`` that are set) included."""
         from ibot.checkpoint import sha256_file
+        from ibot.code_identity import code_identity
         from ibot.distributed import world_size
         from ibot.workdir import stage_fingerprint
 
@@ -81,7 +83,8 @@ class StageContext:
         return stage_fingerprint(
             stage=self.stage, config=self.config, model_spec=self.model.as_dict(),
             checkpoint_sha256=self.checkpoint.sha256 if self.checkpoint else None, data=self.data, seed=self.seed,
-            world_size=world_size(), operational_keys=self.entry.operational_keys, files=files)
+            world_size=world_size(), operational_keys=self.entry.operational_keys, files=files,
+            code=code_identity(self.entry.entry))
 
     def write_metrics(self, *, task: str, dataset: str, protocol: str, metrics: Mapping[str, float | None],
                       extra: Mapping[str, Any] | None = None, null_reasons: Mapping[str, str] | None = None,
@@ -114,7 +117,7 @@ def run_stage(ctx: StageContext) -> Any:
     init_distributed()
     ctx = replace(ctx, started=time.time())
     if ctx.entry.resumable:
-        ctx = replace(ctx, work=prepare_work_dir(ctx.dir / "work", ctx.fingerprint()))
+        ctx = replace(ctx, work=prepare_work_dir(ctx.dir / "work", ctx.fingerprint(), fresh=ctx.fresh))
     result = resolve_entry(ctx.entry.entry)(ctx)
     barrier()  # every process leaves once the main one has written the record
     return result

@@ -6,6 +6,16 @@ from ibot.config import model_spec, planned_stages, stage_config, stage_data, st
 from ibot.data.kinds import DATASET_KINDS
 from ibot.stages import BACKBONE_STAGE, STAGES as REGISTRY
 
+# The `fresh` switch (config key; use with --forcerun): the stage command lines of this invocation find it in
+# the environment (ibot.workdir.fresh_request), so it never becomes a param that would rerun jobs later.
+if config.get("fresh"):
+    import os
+    import uuid
+
+    from ibot.workdir import FRESH_ENV
+
+    os.environ[FRESH_ENV] = json.dumps({"stages": list(config["fresh"]), "token": uuid.uuid4().hex})
+
 # Rules run `{PYTHON} -m ...`: the interpreter running Snakemake, so an unactivated venv works.
 PYTHON = sys.executable
 RUN = config["run"]

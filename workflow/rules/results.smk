@@ -3,11 +3,13 @@
 # [CLS] attention maps. Outputs flagged report() make `snakemake --report report.html` one
 # self-contained HTML page (captions in workflow/report/). The summary's inputs are the metrics
 # files themselves, so any changed metrics file rebuilds the summary, the tables and the plots.
-# DVC (dvc.yaml, python -m ibot.results dvc-*) versions and shares these outputs; it runs nothing.
+# DVC (results/<run>/dvc.yaml, written here; ibot dvc-*) versions and shares these outputs; it runs nothing.
 import os as _os
 from pathlib import Path as _Path
 
 from ibot.results.aggregate import METRIC_MAP_CSV, PAPER_PROTOCOLS_CSV, REFERENCE_CSV
+from ibot.io import write_text_atomic
+from ibot.results.dvc_tools import run_dvc_yaml
 from ibot.results.plots import PLOT_FILES, curve_outputs
 from ibot.results.tables import GROUPS as TABLE_GROUPS, table_outputs
 
@@ -37,6 +39,7 @@ def has_cls_attention(model):
 RESULT_TARGETS = [
     f"{RESULT_DIR}/summary.csv",
     f"{RESULT_DIR}/metrics_flat.json",
+    f"{RESULT_DIR}/dvc.yaml",
     *TABLE_FILES,
     *(f"{RESULT_DIR}/plots/{name}" for name in PLOT_FILES),
     *curve_outputs(f"{RESULT_DIR}/curves", pretrained_models()),
@@ -58,6 +61,18 @@ def models_json():
 
 def attention_args(wildcards):
     return checkpoint_args(wildcards) + model_spec(config, wildcards.model).cli_args()
+
+
+rule dvc_yaml:
+    # What DVC versions of this run (its metrics, its pretraining curves), declared by the run itself, so that
+    # `dvc metrics show` / `dvc plots show` never name files of runs a clone does not hold.
+    output:
+        f"{RESULT_DIR}/dvc.yaml",
+    params:
+        text=lambda wildcards: run_dvc_yaml(RUN, curves=bool(pretrained_models())),
+    localrule: True
+    run:
+        write_text_atomic(output[0], params.text)
 
 
 rule summary:
