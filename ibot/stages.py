@@ -103,7 +103,7 @@ _REGISTRY: tuple[Stage, ...] = (
           preflight="downstream.semi_supervised:preflight", priority=1),
     Stage("unsupervised", "downstream.unsupervised:run", "unsupervised", ("imagenet",),
           "unsupervised classification: argmax of the teacher [CLS] head on val; NMI/ARI/FMI/ACC (Tab. 5)",
-          weights=("pretrain", "checkpoint"), file_keys=("heads",)),
+          file_keys=("heads",)),
     Stage("video_segmentation", "downstream.video_segmentation:run", "video_segmentation", ("davis",),
           "DAVIS-2017 video object segmentation: label propagation on frozen patch features; J&F (Tab. 16)",
           operational_keys=("save_masks",)),
