@@ -139,6 +139,21 @@ def _readme(args) -> None:
     print(write_readme_block(args.run_dir, args.readme, args.block))
 
 
+def _evidence(args) -> None:
+    from ibot.results.evidence import format_evidence
+
+    report, ok = format_evidence(args.run_dir, args.model, args.random_model)
+    print(report)
+    if not ok:
+        raise SystemExit(1)
+
+
+def _evidence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, help="results/<run> of a finished run (its summary.csv)")
+    p.add_argument("--model", required=True, help="the evaluated model (models.<name>)")
+    p.add_argument("--random-model", default=None, help="the same architecture at random init (models.<name>)")
+
+
 def _plan(args) -> None:
     from ibot.results.plan import main_plan
 
@@ -276,6 +291,9 @@ COMMANDS: dict[str, Command] = {
                          "--images /datasets/imagenet/val --out attention.png", _attention_args, _attention),
     "readme": Command("fill README.md's block of a run with its figures (paper-table metrics per model, device, date)",
                       "python -m ibot.results readme --run-dir results/embedded", _readme_args, _readme),
+    "evidence": Command("does every stage work: each number against its trivial baseline and the random-init model",
+                        "ibot evidence --run-dir results/embedded --model vit_tiny --random-model vit_tiny_random",
+                        _evidence_args, _evidence),
     "compare": Command("compare two runs (RUN_A RUN_B, each 'run' or 'run1,run2' pooled), or a run with the paper",
                        "ibot compare embedded --paper      # or: ibot compare s0,s1,s2 s3,s4 --by paper_model",
                        _compare_args, _compare),

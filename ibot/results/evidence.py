@@ -1,0 +1,116 @@
+"""Does every stage work? A run's numbers against their trivial baselines and the random-init model.
+
+A stage that ignores its weights, or scores against shuffled labels, writes a metrics file as valid as
+a working one. What tells them apart is the evidence each record carries (:mod:`ibot.uncertainty`):
+
+- **above its baseline**: a metric's 95 % interval lies entirely on the good side of what a model that
+  learned nothing scores on the same items (chance, majority class, random ranking, first-frame copy,
+  random boxes, shuffled clusters, uniform guess), or its value does where it has no interval;
+- **beats random init**: in every family pretraining is meant to help (:data:`FAMILIES`), the
+  pretrained model's number exceeds the random-init model's by more than its own interval, i.e. the
+  random-init number lies outside (below) the pretrained number's 95 % interval.
+
+``ibot evidence --run-dir results/embedded --model vit_tiny --random-model vit_tiny_random`` prints both
+checks (exit status 1 if one fails);
+``tests/test_pipeline_e2e.py`` asserts them on the embedded run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+__all__ = ["FAMILIES", "NOT_SIGNAL", "baseline_checks", "random_init_checks", "read_summary", "format_evidence"]
+
+#: Per family pretraining is meant to help: the (stage, metric) pairs whose pretrained number must beat
+#: random init (the stage's headline number; every transfer set).
+FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "k-NN": (("knn", "top1_k20"),),
+    "linear": (("linear", "top1"),),
+    "fine-tuning": (("finetune", "top1"),),
+    "semi-supervised": (("semi_supervised", "linear_10pct_top1"), ("semi_supervised", "finetune_10pct_top1")),
+    "unsupervised": (("unsupervised", "acc"),),
+    "transfer": tuple((f"transfer_{d}", "top1") for d in ("cifar10", "cifar100", "inat18", "inat19", "flowers", "cars")),
+    "detection": (("detection", "bbox_AP50"),),
+    "segmentation": (("seg_linear", "mIoU"),),
+    "retrieval": (("retrieval", "roxford5k_medium_map"), ("retrieval", "rparis6k_medium_map")),
+    "video segmentation": (("video_segmentation", "jf_mean"),),
+    "robustness (clean)": (("bg_challenge", "original"),),
+}
+
+#: Metrics that are not evidence of a working stage when above their baseline: the ImageNet-9 variants
+#: without the object (a model that uses the object is near chance there) and the background gap.
+NOT_SIGNAL: frozenset[tuple[str, str]] = frozenset({
+    ("bg_challenge", "no_fg"), ("bg_challenge", "only_bg_b"), ("bg_challenge", "only_bg_t"),
+    ("bg_challenge", "bg_gap")})
+
+
+def _higher_is_better(row: Mapping) -> bool:
+    value = row.get("higher_is_better")
+    return True if value is None or (isinstance(value, float) and math.isnan(value)) else bool(value)
+
+
+def baseline_checks(summary: pd.DataFrame, model: str) -> pd.DataFrame:
+    """One row per metric of ``model`` the paper tables report (``column`` set) that has a baseline:
+    value, interval, baseline and ``above`` (the interval, or the value without one, is beyond it)."""
+    rows = summary[(summary["model"] == model) & summary["column"].notna() & summary["baseline"].notna()]
+    rows = rows[[(s, m) not in NOT_SIGNAL for s, m in zip(rows["stage"], rows["metric"])]]
+    rows = rows.drop_duplicates(["stage", "metric"])
+    out = []
+    for row in rows.to_dict("records"):
+        higher = _higher_is_better(row)
+        bound = row["ci_low"] if higher else row["ci_high"]
+        bound = row["value"] if pd.isna(bound) else bound
+        above = bool(bound > row["baseline"]) if higher else bool(bound < row["baseline"])
+        out.append({"stage": row["stage"], "metric": row["metric"], "value": row["value"], "ci_low": row["ci_low"],
+                    "ci_high": row["ci_high"], "baseline": row["baseline"], "baseline_kind": row["baseline_kind"],
+                    "higher_is_better": higher, "above": above})
+    return pd.DataFrame(out, columns=["stage", "metric", "value", "ci_low", "ci_high", "baseline", "baseline_kind",
+                                      "higher_is_better", "above"])
+
+
+def random_init_checks(summary: pd.DataFrame, model: str, random_model: str) -> pd.DataFrame:
+    """One row per :data:`FAMILIES` pair: the pretrained value and interval, the random-init value and
+    ``beats`` (random init below the pretrained interval; missing numbers count as not beaten)."""
+    def lookup(name: str, stage: str, metric: str) -> dict | None:
+        hit = summary[(summary["model"] == name) & (summary["stage"] == stage) & (summary["metric"] == metric)]
+        return None if hit.empty else hit.iloc[0].to_dict()
+
+    out = []
+    for family, pairs in FAMILIES.items():
+        for stage, metric in pairs:
+            ours, rand = lookup(model, stage, metric), lookup(random_model, stage, metric)
+            low = None if ours is None else (ours["value"] if pd.isna(ours["ci_low"]) else ours["ci_low"])
+            beats = ours is not None and rand is not None and not pd.isna(rand["value"]) and bool(low > rand["value"])
+            out.append({"family": family, "stage": stage, "metric": metric,
+                        "value": None if ours is None else ours["value"], "ci_low": None if ours is None else ours["ci_low"],
+                        "ci_high": None if ours is None else ours["ci_high"],
+                        "random_init": None if rand is None else rand["value"], "beats": beats})
+    return pd.DataFrame(out)
+
+
+def read_summary(run_dir: str | Path) -> pd.DataFrame:
+    """A run's ``summary.csv``."""
+    from ibot.results.aggregate import read_summaries
+
+    return read_summaries([Path(run_dir) / "summary.csv"])
+
+
+def format_evidence(run_dir: str | Path, model: str, random_model: str | None = None) -> tuple[str, bool]:
+    """Both checks of a run as Markdown, and whether every one holds."""
+    summary = read_summary(run_dir)
+    if model not in set(summary["model"]):
+        raise ValueError(f"{run_dir}/summary.csv: no model {model!r} (models: {sorted(set(summary['model']))})")
+    checks = baseline_checks(summary, model)
+    text = [f"**{model}: every number against its trivial baseline** (interval beyond it: above)", "",
+            checks.to_markdown(index=False, floatfmt=".1f")]
+    ok = bool(checks["above"].all())
+    if random_model:
+        versus = random_init_checks(summary, model, random_model)
+        text += ["", f"**{model} vs {random_model}** (random init below the pretrained interval: beats)", "",
+                 versus.to_markdown(index=False, floatfmt=".1f")]
+        ok = ok and bool(versus["beats"].all())
+    return "\n".join(text), ok
