@@ -364,3 +364,32 @@ def test_readme_block_is_written_from_the_run(tmp_path):
     assert "run `seed0`" in body and "2026-" in body
     with pytest.raises(ValueError, match="no <!-- other:start -->"):
         replace_block(text, "other", body)
+
+
+def test_intervals_and_baselines_reach_summary_tables_and_readme(tmp_path):
+    """A record's 95 % interval and trivial baseline: summary columns, "value [low, high]" cells and a
+    "trivial baseline" row in the paper-style tables, and both in the README block."""
+    from ibot.results.readme import write_readme_block
+    from ibot.results.tables import BASELINE_ROW
+    from ibot.uncertainty import baseline, interval
+
+    knn = FIXTURES / "seed0" / "vit_tiny" / "knn" / "metrics.json"
+    out = _copy_record(tmp_path, knn, "ev", intervals={"top1_k20": interval(30.25, 41.5, "wilson", 400)},
+                       baselines={"top1_k20": baseline(10.0, "chance (1/10 balanced classes)")})
+    summary = build_summary([out], INFO)
+    row = summary[summary["metric"] == "top1_k20"].iloc[0]
+    assert (row["ci_low"], row["ci_high"], row["ci_method"]) == (30.25, 41.5, "wilson")
+    assert row["baseline"] == 10.0 and row["baseline_kind"].startswith("chance")
+    assert summary[summary["metric"] == "top5_k20"]["baseline"].isna().all()  # only what the record carries
+    frame = group_table(aggregate(summary), "classification")
+    markdown = to_markdown(frame)
+    value = f"{row['value']:.1f} [30.2, 41.5]"
+    assert _row(frame, "ours: vit_tiny")["k-NN"]["interval"] == (30.25, 41.5) and value in markdown
+    assert _row(frame, BASELINE_ROW)["k-NN"]["mean"] == 10.0
+    assert "chance (1/10 balanced classes) (k-NN)" in markdown and "95 % interval" in markdown
+    run = out.parents[2]
+    summary.to_csv(run / "summary.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- ev:start -->\n<!-- ev:end -->\n")
+    body = write_readme_block(run, readme)
+    assert f"| classification: k-NN (knn) | {value} | 10.0 | chance (1/10 balanced classes) |" in body

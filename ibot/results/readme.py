@@ -80,7 +80,34 @@ def run_figures(run_dir: str | Path) -> str:
         cells = [_value(by_model.get(m)) for m in models]
         cells += ["", ""] if base is None else [f"{base['baseline']:.1f}", str(base["baseline_kind"])]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + _provenance(run_dir, _records(run_dir))
+    records = _records(run_dir)
+    return "\n".join(lines) + "\n\n" + _evidence(summary, records) + _provenance(run_dir, records)
+
+
+def _evidence(summary: pd.DataFrame, records: list[dict]) -> str:
+    """The two checks of :mod:`ibot.results.evidence` in two sentences: the first model with weights
+    against its baselines, and against the first random-init model (no checkpoint in any of its
+    records) when the run has one."""
+    from ibot.results.evidence import baseline_checks, random_init_checks
+
+    models = list(dict.fromkeys(summary["model"]))
+    with_weights = {r["model"] for r in records if r.get("checkpoint")}
+    random = [m for m in models if m not in with_weights]
+    pretrained = [m for m in models if m in with_weights]
+    if not pretrained:
+        return ""
+    checks = baseline_checks(summary, pretrained[0])
+    below = [f"{r.stage} {r.metric}" for r in checks.itertuples() if not r.above]
+    text = (f"Beyond its trivial baseline with its 95 % interval: {int(checks['above'].sum())} of {len(checks)} "
+            f"numbers of `{pretrained[0]}`" + (f" (not: {', '.join(below)})" if below else "") + ". ")
+    if random:
+        versus = random_init_checks(summary, pretrained[0], random[0])
+        by_family = versus.groupby("family", sort=False)["beats"].all()
+        won, lost = [f for f, ok in by_family.items() if ok], [f for f, ok in by_family.items() if not ok]
+        text += (f"Pretraining beats random init (`{random[0]}` below the 95 % interval) in {len(won)} of "
+                 f"{len(by_family)} families: {', '.join(won) or 'none'}"
+                 + (f"; not in {', '.join(lost)}" if lost else "") + ".")
+    return text + "\n\n"
 
 
 def write_readme_block(run_dir: str | Path, readme: str | Path, name: str | None = None) -> str:
