@@ -43,7 +43,7 @@ PAPER_PROTOCOLS_CSV = REFERENCE_DIR / "paper_protocols.csv"
 
 SUMMARY_COLUMNS = [
     "run", "model", "paper_model", "arch", "pretrain_note", "unverified", "stage", "task", "dataset", "protocol", "metric",
-    "value", "ci_low", "ci_high", "ci_method", "baseline", "baseline_kind",
+    "value", "ci_low", "ci_high", "ci_method", "ci_n", "baseline", "baseline_kind",
     "null_reason", "seed", "paper_dataset", "paper_protocol", "is_paper_protocol", "paper_value", "delta",
     "higher_is_better", "group", "column", "paper_table", "paper_source", "paper_note", "checkpoint_sha256",
     "wall_time_s", "created", "metrics_file",
@@ -190,13 +190,15 @@ def _records_frame(paths: Sequence[str | Path], default_seed: int | None) -> pd.
                 "dataset": record["dataset"], "protocol": record["protocol"], "metric": name,
                 "value": math.nan if value is None else float(value),
                 "ci_low": interval.get("low", math.nan), "ci_high": interval.get("high", math.nan),
-                "ci_method": interval.get("method"), "baseline": baseline.get("value", math.nan),
+                "ci_method": interval.get("method"), "ci_n": interval.get("n", math.nan),
+                "baseline": baseline.get("value", math.nan),
                 "baseline_kind": baseline.get("kind"), "null_reason": reasons.get(name),
                 "seed": _seed(record, default_seed), "checkpoint_sha256": checkpoint.get("sha256"),
                 "wall_time_s": record.get("wall_time_s"), "created": record.get("created"),
                 "metrics_file": str(path)})
     frame = pd.DataFrame(rows, columns=["run", "model", "stage", "task", "dataset", "protocol", "metric", "value",
-                                        "ci_low", "ci_high", "ci_method", "baseline", "baseline_kind", "null_reason",
+                                        "ci_low", "ci_high", "ci_method", "ci_n", "baseline", "baseline_kind",
+                                        "null_reason",
                                         "seed", "checkpoint_sha256", "wall_time_s", "created", "metrics_file"])
     key = ["run", "model", "stage", "task", "dataset", "protocol", "metric"]
     dup = frame[frame.duplicated(key, keep=False)]
@@ -275,7 +277,7 @@ def read_summaries(paths: Iterable[str | Path]) -> pd.DataFrame:
             if note not in frame.columns:  # summaries written before the column existed
                 frame[note] = ""
             frame[note] = frame[note].astype(object).where(frame[note].notna(), "")
-        for column in ("ci_low", "ci_high", "ci_method", "baseline", "baseline_kind"):
+        for column in ("ci_low", "ci_high", "ci_method", "ci_n", "baseline", "baseline_kind"):
             if column not in frame.columns:  # summaries written before records carried intervals and baselines
                 frame[column] = math.nan
         missing = [c for c in SUMMARY_COLUMNS if c not in frame.columns]
@@ -286,7 +288,7 @@ def read_summaries(paths: Iterable[str | Path]) -> pd.DataFrame:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     frames = [f for f in frames if len(f)] or frames[:1]
     out = pd.concat(frames, ignore_index=True)
-    for column in ("value", "paper_value", "delta", "wall_time_s", "ci_low", "ci_high", "baseline"):
+    for column in ("value", "paper_value", "delta", "wall_time_s", "ci_low", "ci_high", "ci_n", "baseline"):
         out[column] = pd.to_numeric(out[column], errors="coerce")
     out["is_paper_protocol"] = out["is_paper_protocol"].astype(str).str.lower().eq("true")
     return out
