@@ -98,7 +98,29 @@ def test_evidence_checks_by_hand() -> None:
     assert baseline_checks(summary.assign(group="coverage"), "ours").empty  # numbers outside the main tables
     assert checks.at["knn", "above"] and checks.at["imagenet_c", "above"] and checks.at["unsupervised", "above"]
     assert not checks.at["linear", "above"]
-    versus = random_init_checks(summary, "ours", "rand").set_index("stage")
-    assert versus.at["knn", "beats"]  # 34.0 below [36.8, 46.4]
+    versus = random_init_checks(summary, "ours", "rand").set_index("family")
+    assert versus.at["k-NN", "beats"]  # 34.0 below [36.8, 46.4]
     assert not versus.at["linear", "beats"]  # 11.0 inside [9.0, 15.0]
-    assert not versus.at["finetune", "beats"]  # no number at all is not a win
+    assert not versus.at["robustness (clean)", "beats"]  # Tab. 8's clean accuracy is the linear probe's
+    assert not versus.at["fine-tuning", "beats"]  # no number at all is not a win
+
+
+def test_a_family_of_disjoint_sets_is_judged_on_its_pooled_images() -> None:
+    """Transfer: 500 val images per set, a few points of gain per set (inside each set's interval) and
+    the same gain over the 1,000 pooled images (beyond the pooled interval)."""
+    from ibot.results.evidence import random_init_checks
+
+    rows = [("ours", "transfer_cifar10", "top1", 35.8, 31.7, 40.1, 10.0, "chance", True, "CIFAR-10"),
+            ("ours", "transfer_cifar100", "top1", 34.6, 30.6, 38.9, 10.0, "chance", True, "CIFAR-100"),
+            ("ours", "transfer_flowers", "top1", 90.0, 87.0, 92.5, 10.0, "chance", True, "Flowers"),  # no random
+            ("rand", "transfer_cifar10", "top1", 32.0, 28.0, 36.3, 10.0, "chance", True, "CIFAR-10"),
+            ("rand", "transfer_cifar100", "top1", 31.0, 27.1, 35.2, 10.0, "chance", True, "CIFAR-100")]
+    summary = _summary(rows).assign(ci_method="wilson", ci_n=500)
+    per_set_low = summary[summary["model"] == "ours"]["ci_low"].head(2)
+    assert (per_set_low < summary[summary["model"] == "rand"]["value"].to_numpy()).all()  # each set alone: no
+    row = random_init_checks(summary, "ours", "rand").set_index("family").loc["transfer"]
+    assert row["stage"] == "transfer_cifar10+transfer_cifar100"  # only the sets both models ran
+    assert row["value"] == pytest.approx(35.2) and row["random_init"] == pytest.approx(31.5)
+    assert row["ci_low"] == pytest.approx(wilson(352, 1000)["low"]) and row["beats"]
+    with pytest.raises(ValueError, match="Wilson"):
+        random_init_checks(summary.assign(ci_method="bootstrap-percentile"), "ours", "rand")

@@ -36,7 +36,7 @@ FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
     "k-NN": (("knn", "top1_k20"),),
     "linear": (("linear", "top1"),),
     "fine-tuning": (("finetune", "top1"),),
-    "semi-supervised": (("semi_supervised", "linear_10pct_top1"), ("semi_supervised", "finetune_10pct_top1")),
+    "semi-supervised": (("semi_supervised", "finetune_10pct_top1"),),  # Tab. 4 fine-tunes
     "unsupervised": (("unsupervised", "acc"),),
     "transfer": tuple((f"transfer_{d}", "top1") for d in TRANSFER_DATASETS),
     "detection": (("detection", "bbox_AP50"),),
