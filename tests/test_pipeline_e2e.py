@@ -70,9 +70,10 @@ def test_pretraining_ran_to_the_end_and_exported(embedded_run):
 
 
 # Families where the embedded data does not show pretraining's gain within the budget, with the experiment
-# that says why in README "Embedded default" (random-init patch features already separate the embedded
-# objects by colour; longer schedules and more queries kept random init level or ahead).
-NOT_REACHED = {"detection", "retrieval", "video segmentation"}
+# that says why in README "Known limitations" (random-init patch features already separate the embedded
+# objects by colour: longer schedules and more queries kept random init level or ahead; segmentation's
+# gain of 2-3 mIoU is inside its interval over 20-40 val images).
+NOT_REACHED = {"detection", "segmentation", "retrieval", "video segmentation"}
 STAGES_CHECKED = {"knn", "linear", "finetune", "semi_supervised", "unsupervised", "detection", "seg_upernet",
                   "seg_linear", "bg_challenge", "occlusion", "imagenet_c", "video_segmentation", "retrieval"}
 
@@ -171,7 +172,7 @@ def check_report(workdir: Path, out_dir: Path):
     # What is on screen is this run's result: the classification table's k-NN cell of vit_tiny.
     knn = read_metrics(workdir / "results" / "embedded" / "vit_tiny" / "knn" / "metrics.json")["metrics"]["top1_k20"]
     rows = {row[0]: row for row in view.tables["classification (Tab.1/2)"]}
-    assert rows["ours: vit_tiny"][3] == f"{knn:.1f}", rows
+    assert rows["ours: vit_tiny"][3].startswith(f"{knn:.1f} ["), rows  # the value and its 95 % interval
     return view
 
 

@@ -81,8 +81,8 @@ def _planned_finetune_commands(*config: str) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_the_workflow_plans_one_job_per_lr_and_adding_one_keeps_the_others():
-    single = _planned_finetune_commands()
-    assert list(single) == ["0.004"] and single["0.004"]["lr"] == 0.004 and single["0.004"]["lrs"] is None
+    single = _planned_finetune_commands()  # the embedded config's lr: 0.001
+    assert list(single) == ["0.001"] and single["0.001"]["lr"] == 0.001 and single["0.001"]["lrs"] is None
     swept = _planned_finetune_commands("finetune={lrs: [0.001, 0.004]}")
-    assert sorted(swept) == ["0.001", "0.004"] and swept["0.001"]["lr"] == 0.001
-    assert swept["0.004"] == single["0.004"]  # same params: the existing run is not rerun
+    assert sorted(swept) == ["0.001", "0.004"] and swept["0.004"]["lr"] == 0.004
+    assert swept["0.001"] == single["0.001"]  # same params: the existing run is not rerun
