@@ -35,7 +35,7 @@ __all__ = ["ConfigError", "deep_merge", "load_yaml", "validate_config", "section
            "stage_config", "resolve_stage_config", "explain_stage", "stage_resources", "global_batch", "model_spec",
            "pretrain_data", "stage_data", "LR_SCALING", "scaled_lr",
            "check_datasets",
-           "check_stage_configs", "planned_stages",
+           "check_stage_configs", "planned_stages", "skipped_models",
            "json_or_file", "mapping_arg", "parse_config_overrides", "update_config", "load_workflow_config",
            "SCHEMA_DIR", "REPO_ROOT"]
 
@@ -280,9 +280,25 @@ def validate_config(config: dict[str, Any], *, base_dir: str | Path = ".") -> di
                 global_batch(config, name)
             except ConfigError as error:
                 problems.append(str(error))
+    problems += _ablation_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return config
+
+
+def _ablation_problems(config: Mapping[str, Any]) -> list[str]:
+    """Ablation setting ids (``models.<m>.ablation``, ``ablation_not_planned``) must name a row of
+    results/reference/ablation_settings.csv."""
+    import csv
+
+    named = [(f"models.{m}.ablation", s) for m, e in config["models"].items() for s in e.get("ablation") or []]
+    named += [("ablation_not_planned", s) for s in config.get("ablation_not_planned") or {}]
+    if not named:
+        return []
+    with open(REPO_ROOT / "results" / "reference" / "ablation_settings.csv", newline="") as handle:
+        known = {row["setting"] for row in csv.DictReader(handle)}
+    return [f"config key {key}: {setting!r} is not an ablation setting (results/reference/ablation_settings.csv)"
+            for key, setting in named if setting not in known]
 
 
 def _weights_problems(config: Mapping[str, Any], model: str) -> list[str]:
@@ -403,6 +419,59 @@ def planned_stages(config: Mapping[str, Any], model: str) -> list[str]:
     skipped = {**(entry.get("unsupported_stages") or {}),
                **({} if config.get("extra_stages") else entry.get("unreported_stages") or {})}
     return first + [stage for stage in config.get("stages") or [] if stage not in skipped]
+
+
+def _input_files(config: Mapping[str, Any], model: str) -> list[tuple[str, str]]:
+    """(config key, path) of every file the model's planned jobs read: its external ``checkpoint`` and the
+    files its stages' configs name (registry ``file_keys``: e.g. ``pretrain.mim_tokenizer``)."""
+    from ibot.stages import STAGES
+
+    entry = config["models"][model]
+    files = []
+    if entry["weights"] == "checkpoint" and entry.get("checkpoint") and not entry.get("weights_from"):
+        files.append((f"models.{model}.checkpoint", str(entry["checkpoint"])))
+    for name in planned_stages(config, model):
+        resolved = stage_config(config, name, model)
+        for key in STAGES[name].file_keys:
+            value: Any = resolved
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, Mapping) else None
+            if value:
+                files.append((f"{STAGES[name].config_path}.{key}", str(value)))
+    return files
+
+
+def skipped_models(config: Mapping[str, Any], base_dir: str | Path = ".") -> dict[str, str]:
+    """``{model: why}`` of the models ``skip_models_missing_files`` leaves out of the plan: a user-provided
+    input file is absent, or it takes its weights (``weights_from``) or a file from the results of a model
+    that is itself skipped. Files under this run's results folder are made by the DAG, never missing."""
+    if not config.get("skip_models_missing_files"):
+        return {}
+    root = f"{config['results_dir']}/{config['run']}/"
+    skipped: dict[str, str] = {}
+    changed = True
+    while changed:  # a skip propagates to the models that read the skipped model's outputs
+        changed = False
+        for model in config["models"]:
+            if model in skipped:
+                continue
+            why = None
+            source = config["models"][model].get("weights_from")
+            if source in skipped:
+                why = f"takes its weights from {source}, skipped ({skipped[source]})"
+            for key, path in _input_files(config, model):
+                if why:
+                    break
+                if path.startswith(root):
+                    other = path[len(root):].split("/", 1)[0]
+                    if other in skipped:
+                        why = f"{key} is an output of {other}, skipped ({skipped[other]})"
+                elif not (Path(base_dir) / path).exists():
+                    why = f"needs {key}: {path} (absent)"
+            if why:
+                skipped[model] = why
+                changed = True
+    return skipped
 
 
 def model_spec(config: Mapping[str, Any], model: str) -> ModelSpec:

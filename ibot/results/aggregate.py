@@ -342,8 +342,16 @@ def models_info_from_config(config: Mapping[str, Any]) -> dict[str, dict[str, An
                  if (keys := unverified_values(config, name, stage))}
         out[name] = {"paper_model": label, **ModelSpec.of(entry).as_dict(),
                      "weights": entry.get("weights", "pretrain"), "pretrain_note": pretrain_note(config, name),
-                     "unverified": marks}
+                     "unverified": marks, "ablation": list(entry.get("ablation") or []),
+                     "pretrain_epochs": _pretrain_epochs(config, name)}
     return out
+
+
+def _pretrain_epochs(config: Mapping[str, Any], model: str) -> int | None:
+    """Pretraining epochs of the backbone a model evaluates (its own or its ``weights_from`` model's)."""
+    from ibot.results.ablations import model_epochs
+
+    return model_epochs(config, model)
 
 
 def pretrain_note(config: Mapping[str, Any], model: str) -> str:

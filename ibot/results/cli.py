@@ -47,6 +47,22 @@ def _tables(args) -> None:
     print(f"[results] {len(paths)} table files in {args.out_dir}")
 
 
+def _ablations(args) -> None:
+    from ibot.results.aggregate import load_models_info
+    from ibot.results.ablations import write_ablation_tables
+
+    models = json.dumps(load_models_info(args.config, args.models_json))
+    print(f"[results] ablation tables: {write_ablation_tables(args.summary, models, args.out_dir, args.run)}")
+
+
+def _ablations_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--summary", required=True, help="the run's summary.csv")
+    p.add_argument("--config", default=None, help="workflow config (models: their ablation settings)")
+    p.add_argument("--models-json", default=None, help="models info as the summary rule passes it")
+    p.add_argument("--out-dir", required=True, help="writes ablations.md and ablations.csv here")
+    p.add_argument("--run", default="")
+
+
 def _plots(args) -> None:
     import pandas as pd
 
@@ -121,16 +137,24 @@ def _coverage(args) -> None:
     from ibot.io import write_text_atomic
     from ibot.results.coverage import coverage, format_coverage, planned_outputs
 
+    from ibot.config import skipped_models
+    from ibot.results.ablations import ablation_coverage, format_ablation_coverage
+
     config, _ = load_workflow_config(args.configfile)
-    report = format_coverage(coverage(config, planned_outputs(args.configfile)), args.configfile)
+    planned = planned_outputs(args.configfile)
+    report = format_coverage(coverage(config, planned), args.configfile)
+    ablations = format_ablation_coverage(ablation_coverage(config, planned, skipped=skipped_models(config)),
+                                         args.configfile)
     if args.out:
-        write_text_atomic(args.out, report)
+        write_text_atomic(args.out, report + "\n" + ablations)
     headline = report.split("\n\n| table |")[0]
+    print(headline + "\n")
+    print(ablations.split("\n\n| table |")[0])
     if args.readme:
         from ibot.results.readme import replace_block
 
-        write_text_atomic(args.readme, replace_block(Path(args.readme).read_text(), "coverage", headline))
-    print(headline)
+        block = headline + "\n\n" + ablations.split("\n\n| ")[0]  # both headlines (ablations: + its reasons' head)
+        write_text_atomic(args.readme, replace_block(Path(args.readme).read_text(), args.block, block))
 
 
 def _readme(args) -> None:
@@ -211,7 +235,8 @@ def _attention_args(p: argparse.ArgumentParser) -> None:
 def _coverage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configfile", nargs="+", default=[], help="as snakemake's (default: config/config.yaml)")
     p.add_argument("--out", default=None, help="also write the Markdown report here")
-    p.add_argument("--readme", default=None, help="also fill this file's <!-- coverage:start/end --> block")
+    p.add_argument("--readme", default=None, help="also fill this file's <!-- BLOCK:start/end --> block")
+    p.add_argument("--block", default="coverage", help="the README block to fill (default: coverage)")
 
 
 def _readme_args(p: argparse.ArgumentParser) -> None:
@@ -276,8 +301,11 @@ COMMANDS: dict[str, Command] = {
     "summary": Command("metrics.json files of a run -> summary.csv (+ metrics_flat.json for DVC)",
                        "python -m ibot.results summary --config config/config.yaml --run-dir results/embedded "
                        "--out /tmp/summary.csv", _summary_args, _summary),
-    "coverage": Command("which of the paper's iBOT numbers a config's Snakemake plan produces, and why not",
+    "coverage": Command("which of the paper's numbers (main tables, then ablations) a config's plan produces, and why not",
                         "ibot coverage --configfile config/paper.yaml --out coverage.md", _coverage_args, _coverage),
+    "ablations": Command("summary.csv -> the paper's ablation tables (rows = settings, ours beside the paper, deltas)",
+                         "ibot ablations --config config/ablations.yaml --summary results/ablations/summary.csv "
+                         "--out-dir results/ablations/tables", _ablations_args, _ablations),
     "plan": Command("estimated device-hours and wall time of every job of a config, before launching",
                     "ibot plan --configfile config/paper.yaml --device-kind nvidia-h200", _plan_args, _plan),
     "tables": Command("summary.csv of one or more runs/seeds -> paper-style tables (md, csv, tex, html)",

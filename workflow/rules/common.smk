@@ -2,7 +2,7 @@
 import json
 import sys
 
-from ibot.config import model_spec, planned_stages, stage_config, stage_data, stage_resources
+from ibot.config import model_spec, planned_stages, skipped_models, stage_config, stage_data, stage_resources
 from ibot.data.kinds import DATASET_KINDS
 from ibot.stages import BACKBONE_STAGE, STAGES as REGISTRY
 
@@ -20,7 +20,11 @@ if config.get("fresh"):
 PYTHON = sys.executable
 RUN = config["run"]
 RESULTS = config["results_dir"]
-MODELS = list(config["models"])
+# skip_models_missing_files: models whose user-provided file is absent are left out of the plan, said here
+SKIPPED = skipped_models(config)  # paths relative to the working directory, as Snakemake reads inputs
+for _model, _why in SKIPPED.items():
+    print(f"[ibot] models.{_model}: not planned: {_why} (skip_models_missing_files)", file=sys.stderr)
+MODELS = [model for model in config["models"] if model not in SKIPPED]
 STAGES = list(config["stages"])
 
 wildcard_constraints:

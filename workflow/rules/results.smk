@@ -7,6 +7,7 @@
 import os as _os
 from pathlib import Path as _Path
 
+from ibot.results.ablations import ABLATIONS_CSV, SETTINGS_CSV
 from ibot.results.aggregate import METRIC_MAP_CSV, PAPER_PROTOCOLS_CSV, REFERENCE_CSV
 from ibot.io import write_text_atomic
 from ibot.results.dvc_tools import run_dvc_yaml
@@ -19,7 +20,8 @@ RESULT_DIR = f"{RESULTS}/{RUN}"
 # results/reference/ of the repository (relative to the working directory when inside it)
 REFERENCE_FILES = {name: _os.path.relpath(path) if path.is_relative_to(_Path.cwd()) else str(path)
                    for name, path in (("ibot_paper_results", REFERENCE_CSV), ("metric_map", METRIC_MAP_CSV),
-                                      ("paper_protocols", PAPER_PROTOCOLS_CSV))}
+                                      ("paper_protocols", PAPER_PROTOCOLS_CSV), ("ibot_paper_ablations", ABLATIONS_CSV),
+                                   ("ablation_settings", SETTINGS_CSV))}
 TABLE_FILES = table_outputs(f"{RESULT_DIR}/tables")
 TABLE_HTML = {group: f"{RESULT_DIR}/tables/{group}.html" for group in (*TABLE_GROUPS, "all_metrics")}
 TABLE_LABELS = {"classification": "classification (Tab.1/2)", "dense": "dense (Tab.6)", "robustness": "robustness (Tab.8)",
@@ -44,6 +46,8 @@ RESULT_TARGETS = [
     *(f"{RESULT_DIR}/plots/{name}" for name in PLOT_FILES),
     *curve_outputs(f"{RESULT_DIR}/curves", pretrained_models()),
     *(f"{RESULT_DIR}/figures/attention_{m}.png" for m in MODELS if has_cls_attention(m)),
+    # the paper's ablation tables, when a model reproduces an ablation setting (config/ablations.yaml)
+    *([f"{RESULT_DIR}/tables/ablations.md"] if any(config["models"][m].get("ablation") for m in MODELS) else []),
 ]
 
 
@@ -171,3 +175,23 @@ rule attention_maps:
     shell:
         "{PYTHON:q} -m ibot.results attention {params.args:q} --images {params.images:q} "
         "--title {params.title:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule ablation_tables:
+    input:
+        summary=rules.summary.output.summary,
+        reference=REFERENCE_FILES["ibot_paper_ablations"],
+        settings=REFERENCE_FILES["ablation_settings"],
+    output:
+        md=f"{RESULT_DIR}/tables/ablations.md",
+        csv=f"{RESULT_DIR}/tables/ablations.csv",
+    params:
+        models=models_json(),
+        out_dir=f"{RESULT_DIR}/tables",
+        run=RUN,
+    log:
+        f"{RESULT_DIR}/logs/results/ablation_tables.log",
+    localrule: True
+    shell:
+        "{PYTHON:q} -m ibot.results ablations --models-json {params.models:q} --summary {input.summary:q} "
+        "--out-dir {params.out_dir:q} --run {params.run:q} > {log:q} 2>&1"

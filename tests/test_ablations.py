@@ -1,0 +1,118 @@
+"""The paper's ablations: reference settings, config/ablations.yaml (coverage, plan, one pretraining step of
+every ablation model with its resolved recipe), the ablation tables and the skipping of models whose
+user-provided file is absent."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+
+from helpers import REPO
+from ibot.config import ConfigError, load_workflow_config, skipped_models, validate_config
+from ibot.results.ablations import (ablation_coverage, ablation_tables, format_ablation_tables, load_ablations,
+                                    load_settings, row_job)
+
+ABLATIONS = REPO / "config" / "ablations.yaml"
+
+
+def test_every_reference_row_has_a_setting_and_a_reference_row_to_compare_with():
+    rows, settings = load_ablations(), load_settings()
+    assert len(rows) == 154 and len(settings) == 78 and rows["setting"].notna().all()
+    # the deltas of a table are taken against a setting printed in the same columns
+    for setting in settings[settings["delta_vs"] != ""].itertuples():
+        own = set(rows[rows["setting"] == setting.setting]["task"])
+        assert own & set(rows[rows["setting"] == setting.delta_vs]["task"]), setting.setting
+
+
+def _config(models: dict, **extra) -> dict:
+    return validate_config({"run": "r", "results_dir": "results", "stages": [],
+                            "data": {"embedded": {"generate": False}, "imagenet": "/data"},
+                            "models": models, **extra}, base_dir=REPO)
+
+
+def test_a_row_is_produced_by_the_model_with_its_epochs_and_tab19_hours_by_the_longest_run():
+    tiny = {"arch": "vit_tiny", "patch_size": 16}
+    config = _config({"dino_300": {**tiny, "ablation": ["tab19_dino_2c"], "overrides": {"pretrain": {"epochs": 300}}},
+                      "dino_800": {**tiny, "ablation": ["tab19_dino_2c"], "overrides": {"pretrain": {"epochs": 800}}}})
+    rows = load_ablations()
+    dino = rows[rows["setting"] == "tab19_dino_2c"]
+    jobs = {(r.task, r.metric, r.epochs_n): row_job(r, config) for r in dino.itertuples()}
+    assert jobs[("linear", "top1", 300)] == ("dino_300", "linear", "top1")
+    assert jobs[("linear", "top1", 800)] == ("dino_800", "linear", "top1")
+    assert jobs[("compute", "train_time", 100)] == ("dino_800", "pretrain", "train_hours_100ep")
+    assert jobs[("compute", "train_time", 300)] == ("dino_800", "pretrain", "train_hours_300ep")
+    assert jobs[("compute", "gpu_mem", None)] == ("dino_800", "pretrain", "peak_memory_gb")
+    other = rows[rows["setting"] == "tab9_ibot"].iloc[0]
+    assert row_job(other, config) == "no model of this config lists ablation setting 'tab9_ibot'"
+    config["ablation_not_planned"] = {"tab9_ibot": "because"}
+    assert row_job(other, config) == "because"
+
+
+def test_unknown_settings_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"models.m.ablation: 'tab99' is not an ablation setting"):
+        _config({"m": {"arch": "vit_tiny", "patch_size": 16, "ablation": ["tab99"]}})
+    with pytest.raises(ConfigError, match=r"ablation_not_planned: 'nope' is not an ablation setting"):
+        _config({"m": {"arch": "vit_tiny", "patch_size": 16}}, ablation_not_planned={"nope": "x"})
+
+
+def test_a_missing_user_file_skips_its_model_and_those_reading_its_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = {"arch": "vit_tiny", "patch_size": 16}
+    models = {"released": {**tiny, "weights": "checkpoint", "checkpoint": "weights/absent.pth", "stages": ["knn"]},
+              "source": {**tiny, "stages": ["knn"]},
+              "ft": {**tiny, "weights": "checkpoint", "weights_from": "source", "stages": ["finetune"]}}
+    config = _config(copy.deepcopy(models), skip_models_missing_files=True)
+    assert skipped_models(config) == {"released": "needs models.released.checkpoint: weights/absent.pth (absent)"}
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "absent.pth").write_bytes(b"x")
+    assert skipped_models(config) == {}
+    assert skipped_models(_config(copy.deepcopy(models))) == {}  # off by default: a missing file fails the plan
+    # a pretraining resuming from an absent file is skipped, and so is the model evaluating its weights
+    models["source"]["overrides"] = {"pretrain": {"load_from": "weights/gone.pth"}}
+    skipped = skipped_models(_config(copy.deepcopy(models), skip_models_missing_files=True))
+    assert skipped == {"source": "needs pretrain.load_from: weights/gone.pth (absent)",
+                       "ft": "takes its weights from source, skipped (needs pretrain.load_from: weights/gone.pth (absent))"}
+
+
+def test_ablation_tables_put_ours_beside_the_paper_with_both_deltas():
+    from ibot.results.aggregate import SUMMARY_COLUMNS
+
+    summary = pd.DataFrame([
+        {**dict.fromkeys(SUMMARY_COLUMNS), "run": "r", "model": m, "stage": s, "dataset": "d", "protocol": "p",
+         "metric": k, "value": v, "seed": 0, "is_paper_protocol": False}
+        for m, s, k, v in [("base", "knn", "top1_k20", 50.0), ("base", "linear", "top1", 60.0),
+                           ("dino", "knn", "top1_k20", 45.0), ("dino", "linear", "top1", 57.5)]])
+    models = {"base": {"ablation": ["tab9_ibot"], "pretrain_epochs": 300},
+              "dino": {"ablation": ["tab9_dino"], "pretrain_epochs": 300}}
+    frame = ablation_tables(summary, models)
+    tab9 = frame[frame["table"] == "Tab.9 tokenizer ablation"].set_index(["setting", "column"])
+    assert tab9.loc[("tab9_dino", "k-NN"), "ours"] == 45.0 and tab9.loc[("tab9_dino", "k-NN"), "paper"] == 67.9
+    assert tab9.loc[("tab9_dino", "k-NN"), "delta_ours"] == pytest.approx(-5.0)
+    assert tab9.loc[("tab9_dino", "k-NN"), "delta_paper"] == pytest.approx(67.9 - 69.1)
+    assert tab9.loc[("tab9_dino", "Lin."), "delta_ours"] == pytest.approx(-2.5)
+    assert pd.isna(tab9.loc[("tab9_no_cls", "k-NN"), "ours"])  # not run: empty, never a number
+    text = format_ablation_tables(frame, "r")
+    assert "| tab9_dino | DINO ViT-S/16: w/o L_MIM (DINO: [CLS] self-distillation only) | 45.0 / 67.9 |" in text
+    assert "-5.0 / -1.2" in text
+    tab19 = frame[frame["table"] == "Tab.19 time/memory"]
+    assert {"T100", "T300", "T800", "Mem. (GB)", "Lin.300", "Lin.800", "Fin.800"} <= set(tab19["column"])
+
+
+def test_the_ablation_config_plans_most_rows_and_says_why_not_for_the_others():
+    from ibot.results.coverage import planned_outputs
+
+    config, _ = load_workflow_config([ABLATIONS])
+    frame = ablation_coverage(config, planned_outputs([ABLATIONS]), skipped=skipped_models(config))
+    assert len(frame) == 154
+    planned = frame["status"].isin(["planned", "needs file"])
+    assert planned.mean() >= 0.85, frame[~planned][["setting", "reason"]]
+    assert (frame[~planned]["reason"] != "").all()
+    # released weights and the DALL-E encoder are user-provided: absent here, their rows wait for them
+    needs = frame[frame["status"] == "needs file"]
+    assert needs["reason"].str.contains("absent").all()
+    assert set(needs["setting"]) >= {"tab9_beit", "tab11_ibot_s_200_ld075", "seg_ln_ibot_b_on"}
+    # everything that needs no user file is in the Snakemake plan
+    assert {"tab9_frozen_dino", "tab20_kmeans", "tab17_vanilla", "center_m08", "mc_b_s04"} <= set(
+        frame[frame["status"] == "planned"]["setting"])
