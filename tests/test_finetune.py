@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,191 @@ def test_randaugment_posterize_zero_bits() -> None:
     assert np.asarray(auto_augment.posterize(image, 0)).max() == 0
     transform = finetune_train_transform({**DEFAULTS, "crop": 56})
     assert transform(image).shape == (3, 56, 56)
+
+
+# -- precision deepspeed_fp16: the official --enable_deepspeed fp16 engine (Tab. 11 "DS") -------------------
+def _toy(weight: list[float], *, inner: str = "adamw", lr: float = 0.01, weight_decay: float = 0.1, **kwargs):
+    """Linear(n, 1) without bias, halved, its optimizer wrapped: (model, Fp16MasterOptimizer)."""
+    from downstream.engine.fp16_master import Fp16MasterOptimizer
+    model = torch.nn.Linear(len(weight), 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([weight]))
+    model.half()
+    if inner == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, eps=1e-8)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return model, Fp16MasterOptimizer(opt, **kwargs)
+
+
+def _backward(model, opt, x: list[float]) -> None:
+    opt.backward(model(torch.tensor([x], dtype=torch.float16)).sum())  # d loss / d w = x
+
+
+def test_deepspeed_fp16_defaults_are_the_official_ds_config() -> None:
+    """utils.py:496-501: loss_scale 0 (dynamic), initial_scale_power 7, loss_scale_window 128."""
+    _, opt = _toy([1.0, -2.0])
+    assert opt.loss_scale == 2.0 ** 7 == 128 and opt.scale_window == 128 and opt.min_scale == 1
+    assert opt.clip_grad == 0.0  # the official ds config has no gradient_clipping
+
+
+def test_deepspeed_fp16_overflow_skips_step_and_halves_scale() -> None:
+    model, opt = _toy([1.0, -2.0])
+    _backward(model, opt, [1.0, 0.5])
+    model.weight.grad[0, 0] = float("inf")
+    assert opt.step() is True
+    assert opt.loss_scale == 64  # 128 / 2
+    assert model.weight.tolist() == [[1.0, -2.0]]  # step skipped: parameters unchanged
+    assert opt.fp32_groups[0][0].tolist() == [[1.0, -2.0]]
+    assert not opt.optimizer.state and model.weight.grad is None  # no AdamW state, gradients dropped
+    _backward(model, opt, [1.0, 0.5])
+    model.weight.grad[0, 1] = float("nan")
+    assert opt.step() is True and opt.loss_scale == 32
+    _, floor = _toy([1.0], initial_scale_power=0)  # floor: DeepSpeed's min_loss_scale 1
+    floor.fp16_groups[0][0].grad = torch.tensor([[float("inf")]], dtype=torch.float16)
+    assert floor.step() is True and floor.loss_scale == 1
+
+
+def test_deepspeed_fp16_scale_doubles_after_the_window() -> None:
+    """DeepSpeed FP16_Optimizer._update_scale: doubled at the step where ``window`` overflow-free steps
+    have passed since the last overflow (with window 128: the 129th clean step from the start)."""
+    model, opt = _toy([1.0, -2.0], lr=0.0)
+    for _ in range(128):
+        _backward(model, opt, [1.0, 0.5])
+        assert opt.step() is False
+    assert opt.loss_scale == 128
+    _backward(model, opt, [1.0, 0.5])
+    opt.step()
+    assert opt.loss_scale == 256
+    # small window, hand-traced: overflow at iter 0 (scale 64); clean iters 1, 2, 3; iter 4 (3 clean since) doubles
+    model, opt = _toy([1.0, -2.0], lr=0.0, scale_window=3)
+    scales = []
+    for step in range(8):
+        _backward(model, opt, [1.0, 0.5])
+        if step in (0, 5):
+            model.weight.grad.fill_(float("inf"))
+        opt.step()
+        scales.append(opt.loss_scale)
+    assert scales == [64, 64, 64, 64, 128, 64, 64, 64]
+
+
+def test_deepspeed_fp16_step_dtypes_and_matches_fp32_adamw() -> None:
+    """One AdamW step, hand-computed: w = [1, -2], grad = x = [1, 0.5], lr 0.01, wd 0.1, first step
+    (bias-corrected m/sqrt(v) = sign(g)): w' = w (1 - lr wd) - lr sign(g) = [0.989, -2.008]."""
+    model, opt = _toy([1.0, -2.0])
+    _backward(model, opt, [1.0, 0.5])
+    assert model.weight.grad.tolist() == [[128.0, 64.0]]  # the loss is scaled by 2^7
+    assert opt.step() is False
+    master = opt.fp32_groups[0][0]
+    assert master.dtype == torch.float32 and model.weight.dtype == torch.float16
+    assert all(s.dtype == torch.float32 for s in opt.optimizer.state[master].values() if s.ndim)
+    assert master.tolist()[0] == pytest.approx([0.989, -2.008], abs=1e-6)
+    assert torch.equal(model.weight, master.half())  # the fp16 weights are the rounded masters
+    assert model.weight.float().tolist()[0] == pytest.approx([0.989, -2.008], abs=2 ** -10)  # fp16 ulp at 1-2
+    ref = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.1, eps=1e-8)
+    ref(torch.tensor([[1.0, 0.5]])).sum().backward()
+    ref_opt.step()
+    assert torch.allclose(master, ref.weight, atol=1e-6)
+
+
+def test_deepspeed_fp16_unscales_and_clips_master_gradients() -> None:
+    """SGD lr 1: the update is the unscaled fp32 gradient [3, 4] (norm 5); clip_grad 1 divides it by
+    DeepSpeed's ``(norm + 1e-6) / clip_grad``."""
+    model, opt = _toy([0.0, 0.0], inner="sgd", lr=1.0)
+    _backward(model, opt, [3.0, 4.0])
+    opt.step()
+    assert opt.fp32_groups[0][0].tolist()[0] == pytest.approx([-3.0, -4.0])
+    model, opt = _toy([0.0, 0.0], inner="sgd", lr=1.0, clip_grad=1.0)
+    _backward(model, opt, [3.0, 4.0])
+    opt.step()
+    assert opt.fp32_groups[0][0].tolist()[0] == pytest.approx([-0.6, -0.8], rel=1e-5)
+
+
+def test_deepspeed_fp16_state_dict_resumes_scale_and_masters(tmp_path: Path) -> None:
+    from ibot.checkpoint import load_file
+    model, opt = _toy([1.0, -2.0], scale_window=2)
+    for step in range(4):
+        _backward(model, opt, [1.0, 0.5 * step - 1.0])
+        if step == 1:
+            model.weight.grad.fill_(float("inf"))
+        opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "state.pth")
+    state = load_file(tmp_path / "state.pth")  # weights_only, as the loop's resume loads it
+    model2, opt2 = _toy([0.0, 0.0], scale_window=2)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["optimizer"])
+    # window 2: clean iter 0, overflow at iter 1 (128 -> 64), clean iters 2, 3: the scale doubles at iter 4
+    assert (opt2.loss_scale, opt2.cur_iter, opt2.last_overflow_iter) == (opt.loss_scale, 4, 1) == (64, 4, 1)
+    assert torch.equal(opt2.fp32_groups[0][0], opt.fp32_groups[0][0])
+    for m, o in ((model, opt), (model2, opt2)):  # the next step (the scale doubles on both) is identical
+        _backward(m, o, [0.25, -1.0])
+        o.step()
+    assert opt2.loss_scale == opt.loss_scale == 128 and torch.equal(opt2.fp32_groups[0][0], opt.fp32_groups[0][0])
+    assert torch.equal(model2.weight, model.weight)
+
+
+def test_deepspeed_fp16_is_a_finetune_precision(tmp_path: Path) -> None:
+    import jsonschema
+    from ibot.config import load_workflow_config, stage_config
+    extra = tmp_path / "ds.yaml"
+    extra.write_text("finetune:\n  precision: deepspeed_fp16\n")
+    config, _ = load_workflow_config([ROOT / "config" / "config.yaml", extra], base_dir=ROOT)
+    assert stage_config(config, "finetune", "vit_tiny")["precision"] == "deepspeed_fp16"
+    schema = yaml.safe_load((ROOT / "workflow/schemas/finetune.schema.yaml").read_text())
+    jsonschema.validate({**DEFAULTS, "precision": "deepspeed_fp16"}, schema)
+
+
+def test_deepspeed_fp16_fit_on_cpu_halves_the_model_and_resumes(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """finetune.fit with deepspeed_fp16 on CPU (torch runs the fp16 ViT there): the model trains in fp16,
+    the checkpoint carries the fp32 masters and the loss scale, and a run killed in epoch 2 resumes from
+    the epoch-1 state to the uninterrupted run's weights."""
+    from downstream.engine.data import make_loader
+    torch.manual_seed(0)
+    dataset = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32), torch.arange(8) % 4, torch.arange(8))
+    init = finetune.ViTClassifier(build_backbone("vit_tiny", patch_size=8, img_size=32, depth=2,
+                                                 masked_im_modeling=False), num_classes=4).state_dict()
+    config = {**DEFAULTS, "epochs": 2, "warmup_epochs": 1, "precision": "deepspeed_fp16", "mixup": 0.0,
+              "cutmix": 0.0, "lr": 1e-3}
+    plan = finetune.plan_batches(4, 1, 8, mixup=False, tag="t")
+
+    def run(state_file: Path):
+        net = finetune.ViTClassifier(build_backbone("vit_tiny", patch_size=8, img_size=32, depth=2,
+                                                    masked_im_modeling=False), num_classes=4)
+        net.load_state_dict(init)
+        loader = make_loader(dataset, plan.per_process, shuffle=True, seed=0, drop_last=True)
+        val = make_loader(dataset, plan.per_process, shuffle=False)
+        history = finetune.fit(net, loader, val, config=config, plan=plan, mixup_fn=None, num_classes=4, num_val=8,
+                               lr=1e-3, layer_decay=0.75, per_epoch_schedule=False, precision="deepspeed_fp16",
+                               device=torch.device("cpu"), seed=0, state_file=state_file, fingerprint="x",
+                               tb_dir=tmp_path / "tb", tb_prefix="t", tag="t")
+        return net, history
+
+    net, history = run(tmp_path / "full.pth")
+    assert all(p.dtype == torch.float16 for p in net.parameters())
+    state = torch.load(tmp_path / "full.pth", weights_only=True)
+    assert state["optimizer"]["cur_scale"] == 128 and state["optimizer"]["cur_iter"] == 4  # 2 epochs x 2 steps
+    assert all(m.dtype == torch.float32 for g in state["optimizer"]["fp32_groups"] for m in g)
+    assert [h["epoch"] for h in history] == [1, 2] and all(math.isfinite(h["train_loss"]) for h in history)
+
+    real_evaluate, calls = finetune.evaluate, []
+
+    def dying_evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed.pth")
+    assert torch.load(tmp_path / "killed.pth", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(finetune, "evaluate", real_evaluate)
+    resumed, resumed_history = run(tmp_path / "killed.pth")
+    assert [h["epoch"] for h in resumed_history] == [1, 2]
+    assert resumed_history[1] == pytest.approx(history[1])
+    for a, b in zip(resumed.parameters(), net.parameters()):
+        assert torch.equal(a, b)

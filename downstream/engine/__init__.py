@@ -11,5 +11,7 @@
   saved head and the classifier the robustness stages load;
 - :mod:`~downstream.engine.finetune`: the one fine-tuning loop (model, AdamW groups with layer decay,
   timm schedulers, mixup/cutmix, AMP, accumulation, resume, live curves), used by fine-tuning,
-  transfer learning and semi-supervised fine-tuning.
+  transfer learning and semi-supervised fine-tuning;
+- :mod:`~downstream.engine.fp16_master`: the official ``--enable_deepspeed`` fp16 engine (fp16 model,
+  fp32 master weights, dynamic loss scale) behind ``finetune.precision: deepspeed_fp16``.
 """

@@ -16,9 +16,10 @@ fine-tuning build their model and loaders and train with :func:`fit`.
   ``decay ** (depth + 1 - layer_id)`` (timm's own ViT matcher differs: it merges the final norm
   into the last block, scale ``decay``, and puts the head alone on top);
 - timm ``CosineLRScheduler``: per iteration with a prefixed warmup (fine-tuning) or per epoch
-  (eval_cls.py); fp16 AMP with a grad scaler on GPU (``precision``), gradient accumulation, optional
-  clipping; evaluation on val every ``val_freq`` epochs; the reported epoch is the best one (the
-  official "Max accuracy"), the last one's numbers kept beside it.
+  (eval_cls.py); fp16 AMP with a grad scaler on GPU (``precision``), or ``deepspeed_fp16``: the official
+  ``--enable_deepspeed`` engine (fp16 model, fp32 masters, dynamic loss scale; :mod:`.fp16_master`),
+  gradient accumulation, optional clipping; evaluation on val every ``val_freq`` epochs; the reported
+  epoch is the best one (the official "Max accuracy"), the last one's numbers kept beside it.
 
 The data order and augmentation seeds of an epoch depend only on ``(seed, epoch, rank)`` and the state
 is saved after every epoch, so a resumed run trains exactly as an uninterrupted one.
@@ -26,6 +27,7 @@ is saved after every epoch, so a resumed run trains exactly as an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from downstream.engine.fp16_master import Fp16MasterOptimizer
 from downstream.engine.metrics import evaluate
 from downstream.engine.setup import autocast, log, progress, seed_everything
 from ibot.checkpoint import BackboneCheckpoint, load_file, save_atomic
@@ -189,6 +192,8 @@ def train_one_epoch(module: nn.Module, net: nn.Module, loader, optimizer: torch.
     module.train()
     accum = plan.accum
     loss_sum, count = torch.zeros((), device=device), 0
+    # deepspeed_fp16: fp16 model fed fp16 images without autocast (engine_for_finetuning.py:70-73)
+    fp16_master = isinstance(optimizer, Fp16MasterOptimizer)
     optimizer.zero_grad(set_to_none=True)
     batches = progress(loader, desc=f"{tag} epoch {epoch + 1}/{epochs}",
                        total=min(len(loader), plan.steps_per_epoch * accum))
@@ -205,19 +210,27 @@ def train_one_epoch(module: nn.Module, net: nn.Module, loader, optimizer: torch.
             soft = mixup_target(targets, num_classes, lam=1.0, smoothing=float(config["smoothing"]))
         else:
             soft = targets
-        with autocast(precision, device):
+        if fp16_master:
+            images = images.half()  # after mixup, as the official loop (:67-71)
+        with contextlib.nullcontext() if fp16_master else autocast(precision, device):
             loss = criterion(module(images), soft)
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"{tag}: loss is {float(loss.detach())} at epoch {epoch + 1}, step {step}")
-        scaler.scale(loss / accum).backward()
-        if (step + 1) % accum == 0:
-            if config["clip_grad"]:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(net.parameters(), float(config["clip_grad"]))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
+        if fp16_master:  # DeepSpeed model.backward / model.step (engine_for_finetuning.py:85-88)
+            optimizer.backward(loss / accum)
+            if (step + 1) % accum == 0:
+                optimizer.step()  # skipped (scale halved) on an inf/nan gradient
+                optimizer.zero_grad()
+        else:
+            scaler.scale(loss / accum).backward()
+            if (step + 1) % accum == 0:
+                if config["clip_grad"]:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(net.parameters(), float(config["clip_grad"]))
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float()
         count += 1
     return float(all_reduce_sum(loss_sum.clone()) / max(1, count * world_size()))
 
@@ -266,11 +279,19 @@ def fit(net: nn.Module, train_loader, val_loader, *, config: Mapping[str, Any], 
     AdamW with weight-decay groups and layer decay (``layer_decay`` < 1) at peak ``lr``; the schedule is
     per iteration (fine-tuning, run_class_finetuning.py) or, with ``per_epoch_schedule``, per epoch and
     stepped after epoch ``e`` with ``e`` as the official eval_cls.py does (transfer :768, semi-supervised
-    :860): the first epoch runs at the scheduler's initial value. The state (model, optimizer, scaler,
-    history) is saved atomically after every epoch; the curves go to ``tb_dir`` as ``<tb_prefix>/...``.
+    :860): the first epoch runs at the scheduler's initial value. ``precision`` ``deepspeed_fp16`` halves
+    ``net`` and wraps the optimizer in :class:`Fp16MasterOptimizer`. The state (model, optimizer with its
+    fp32 masters and loss scale, scaler, history) is saved atomically after every epoch; the curves go to
+    ``tb_dir`` as ``<tb_prefix>/...``.
     """
     epochs = int(config["epochs"])
+    if precision == "deepspeed_fp16":
+        net.half()  # DeepSpeed's fp16 engine casts the whole module, LayerNorm included
     optimizer = build_optimizer(net, {**config, "lr": lr, "layer_decay": layer_decay})
+    if precision == "deepspeed_fp16":
+        # the official ds config (utils.py:496-501) sets no gradient_clipping, so --clip_grad (default None,
+        # run_class_finetuning.py:82) never clips there; a clip_grad set here clips the unscaled fp32 grads
+        optimizer = Fp16MasterOptimizer(optimizer, clip_grad=float(config["clip_grad"] or 0.0))
     scheduler = (epoch_scheduler(optimizer, config) if per_epoch_schedule
                  else iteration_scheduler(optimizer, config, plan.steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=(precision == "fp16"))

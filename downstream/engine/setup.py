@@ -16,7 +16,9 @@ from ibot.progress import progress  # re-exported: the stages' one progress help
 __all__ = ["PRECISIONS", "pick_device", "autocast", "resolve_precision", "seed_everything", "log", "progress",
            "build_eval_backbone"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+#: ``deepspeed_fp16``: the official ``--enable_deepspeed`` fine-tuning (fp16 model, fp32 master weights, dynamic
+#: loss scale: :mod:`downstream.engine.fp16_master`); only the fine-tuning loop trains with it.
+PRECISIONS = ("fp32", "bf16", "fp16", "deepspeed_fp16")
 
 
 def pick_device() -> torch.device:
@@ -24,9 +26,16 @@ def pick_device() -> torch.device:
 
 
 def autocast(precision: str, device: torch.device):
-    """Autocast context for ``precision`` (``fp32``: none; ``fp16`` falls back to fp32 on CPU)."""
+    """Autocast context for ``precision`` (``fp32``: none; ``fp16`` falls back to fp32 on CPU).
+
+    ``deepspeed_fp16`` (an fp16 model): fp16 autocast on every device, as the official evaluation of the
+    DeepSpeed model (engine_for_finetuning.py:168 ``torch.cuda.amp.autocast()``) casts fp32 images; torch
+    runs fp16 ops on CPU too. Its training forward runs without autocast (the loop feeds fp16 images).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
+    if precision == "deepspeed_fp16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
     if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -34,10 +43,16 @@ def autocast(precision: str, device: torch.device):
 
 
 def resolve_precision(precision: str, device: torch.device, tag: str) -> str:
-    """The precision a training loop runs: fp16 (with a grad scaler) needs a GPU, fp32 stands in on CPU."""
+    """The precision a training loop runs: fp16 (with a grad scaler) needs a GPU, fp32 stands in on CPU.
+
+    ``deepspeed_fp16`` runs as asked on CPU too (torch 2.9 has CPU fp16 kernels for every op of the ViT
+    fine-tuning, slower than fp32): a CPU run of that ablation is still the fp16-model recipe.
+    """
     if precision == "fp16" and device.type != "cuda":
         log(f"[{tag}] precision fp16 needs a GPU: running in fp32 on CPU")
         return "fp32"
+    if precision == "deepspeed_fp16" and device.type != "cuda":
+        log(f"[{tag}] precision deepspeed_fp16 on CPU: fp16 model and kernels (slow), as on GPU")
     return precision
 
 
