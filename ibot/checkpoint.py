@@ -284,7 +284,7 @@ def export_backbone(backbone: nn.Module, path: str | Path, meta: Mapping[str, An
 # -- projection heads --------------------------------------------------------------------------------
 #: The settings a head is built from (official main_ibot.py flag names; ``head_hidden_dim`` is ours).
 HEAD_SETTINGS = ("out_dim", "patch_out_dim", "norm_last_layer", "shared_head", "shared_head_teacher", "norm_in_head",
-                 "act_in_head", "use_bn_in_head", "head_hidden_dim")
+                 "act_in_head", "use_bn_in_head", "head_hidden_dim", "head_sharing")
 
 
 def extract_head_state(checkpoint: Any, key: str | None = None, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
