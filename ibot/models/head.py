@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IBOTHead", "HEAD_SHARING", "build_head", "head_sharing_of", "loss_patch_out_dim"]
+__all__ = ["IBOTHead", "HEAD_SHARING", "build_head", "head_kwargs", "head_sharing_of", "loss_patch_out_dim"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.SyncBatchNorm)
 
@@ -277,16 +277,21 @@ def build_head(embed_dim: int, cfg: Mapping[str, Any], *, teacher: bool) -> IBOT
     ``head_sharing`` ('flags': the two official flags; else a Tab. 17 variant of ``HEAD_SHARING``, which
     then overrides them).
     """
+    return IBOTHead(embed_dim, **head_kwargs(cfg, teacher=teacher))
+
+
+def head_kwargs(cfg: Mapping[str, Any], *, teacher: bool) -> dict[str, Any]:
+    """``IBOTHead`` keyword arguments (all but ``in_dim``) of ``build_head``."""
     norm = cfg.get("norm_in_head") or ("bn" if cfg.get("use_bn_in_head", False) else None)
-    norm_last_layer = True if teacher else cfg.get("norm_last_layer", True)
     shared_head, shared_layers = head_sharing_of(cfg, teacher=teacher)
     nlayers = 3  # official fixed depth (models/head.py:147)
     if shared_layers is not None and shared_layers < 0:
         shared_layers += nlayers
-    return IBOTHead(embed_dim, cfg.get("out_dim", 8192), patch_out_dim=cfg.get("patch_out_dim", 8192),
-                    norm=norm, act=cfg.get("act_in_head", cfg.get("act", "gelu")), nlayers=nlayers,
-                    hidden_dim=cfg.get("head_hidden_dim", 2048), norm_last_layer=norm_last_layer,
-                    shared_head=shared_head, shared_mlp_layers=shared_layers)
+    return dict(out_dim=cfg.get("out_dim", 8192), patch_out_dim=cfg.get("patch_out_dim", 8192), norm=norm,
+                act=cfg.get("act_in_head", cfg.get("act", "gelu")), nlayers=nlayers,
+                hidden_dim=cfg.get("head_hidden_dim", 2048),
+                norm_last_layer=True if teacher else cfg.get("norm_last_layer", True),
+                shared_head=shared_head, shared_mlp_layers=shared_layers)
 
 
 def loss_patch_out_dim(cfg: Mapping[str, Any]) -> int:
