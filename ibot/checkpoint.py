@@ -336,8 +336,9 @@ def build_pretrained_head(path: str | Path, key: str | None, embed_dim: int) -> 
 
     Sizes come from the weights (``mlp.0`` = hidden width, ``last_layer`` = out_dim, ``last_layer2`` =
     patch_out_dim; a teacher whose two output layers hold equal weights is the shared head; a DINO head,
-    without ``last_layer2``, loads as a shared head), activation and norm from the recorded settings
-    (default: the official gelu, no norm).
+    without ``last_layer2``, loads as a shared head), activation, norm and ``head_sharing`` (a Tab. 17
+    variant overrides the inferred flags; default ``flags``) from the recorded settings (default: the
+    official gelu, no norm).
     """
     from ibot.models.head import build_head
 

@@ -6,6 +6,9 @@ initialisation match and released checkpoints load strictly. Besides the officia
 tokens, ``forward_cls``/``forward_patch`` run the head on selected tokens only (e.g. the student's
 masked patches), and ``forward_patch_mean`` gives the per-image token mean of the patch logits that
 the teacher centre needs without projecting every token to the (large) output dimension.
+
+The head-sharing ablations of paper Tab. 17 (``head_sharing``, ``HEAD_SHARING``) add an optional
+patch-branch MLP tail, ``patch_mlp.*``; the official configurations build none.
 """
 
 from __future__ import annotations
