@@ -284,7 +284,7 @@ def export_backbone(backbone: nn.Module, path: str | Path, meta: Mapping[str, An
 # -- projection heads --------------------------------------------------------------------------------
 #: The settings a head is built from (official main_ibot.py flag names; ``head_hidden_dim`` is ours).
 HEAD_SETTINGS = ("out_dim", "patch_out_dim", "norm_last_layer", "shared_head", "shared_head_teacher", "norm_in_head",
-                 "act_in_head", "use_bn_in_head", "head_hidden_dim")
+                 "act_in_head", "use_bn_in_head", "head_hidden_dim", "head_sharing")
 
 
 def extract_head_state(checkpoint: Any, key: str | None = None, *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -336,8 +336,9 @@ def build_pretrained_head(path: str | Path, key: str | None, embed_dim: int) -> 
 
     Sizes come from the weights (``mlp.0`` = hidden width, ``last_layer`` = out_dim, ``last_layer2`` =
     patch_out_dim; a teacher whose two output layers hold equal weights is the shared head; a DINO head,
-    without ``last_layer2``, loads as a shared head), activation and norm from the recorded settings
-    (default: the official gelu, no norm).
+    without ``last_layer2``, loads as a shared head), activation, norm and ``head_sharing`` (a Tab. 17
+    variant overrides the inferred flags; default ``flags``) from the recorded settings (default: the
+    official gelu, no norm).
     """
     from ibot.models.head import build_head
 

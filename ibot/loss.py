@@ -59,14 +59,24 @@ class IBOTLoss(nn.Module):
     Args mirror the official class: ``ngcrops``/``nlcrops`` global/local crops, teacher temperatures
     (``*2`` for patch tokens) warmed up over ``warmup_teacher_temp_epochs`` (the patch one is held at its
     warm-up value for the first ``mim_start_epoch`` epochs), centre EMA momenta ``center_momentum*``.
+
+    Ablation knobs of the patch targets (defaults = official): ``patch_centering`` (False: no centre is
+    subtracted from the teacher patch logits, sharpening only, paper Tab. 18 text; ``center2`` is still
+    updated so checkpoints keep the same buffers) and ``patch_targets`` ('soft': the teacher distribution;
+    'hard': its one-hot argmax, Tab. 18's hardmax row).
     """
 
     def __init__(self, out_dim: int, patch_out_dim: int, ngcrops: int, nlcrops: int, warmup_teacher_temp: float,
                  teacher_temp: float, warmup_teacher_temp2: float, teacher_temp2: float,
                  warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
                  center_momentum: float = 0.9, center_momentum2: float = 0.9, lambda1: float = 1.0,
-                 lambda2: float = 1.0, mim_start_epoch: int = 0) -> None:
+                 lambda2: float = 1.0, mim_start_epoch: int = 0, patch_centering: bool = True,
+                 patch_targets: str = "soft") -> None:
         super().__init__()
+        if patch_targets not in ("soft", "hard"):
+            raise ValueError(f"patch_targets: {patch_targets!r}; expected 'soft' or 'hard'")
+        self.patch_centering = patch_centering
+        self.patch_targets = patch_targets
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.center_momentum2 = center_momentum2
@@ -144,9 +154,13 @@ class IBOTLoss(nn.Module):
             student_patch = student_patch[mask]
         if teacher_patch.dim() == 3:
             teacher_patch = teacher_patch[mask]
-        teacher = F.softmax((teacher_patch.float() - self.center2[0]) / temp, dim=-1)
+        # official: softmax((teacher_patch - center2) / temp2) (main_ibot.py:535)
+        centred = teacher_patch.float() - self.center2[0] if self.patch_centering else teacher_patch.float()
         student = F.log_softmax(student_patch.float() / self.student_temp, dim=-1)
-        token_loss = -(teacher * student).sum(-1)  # [M]
+        if self.patch_targets == "hard":  # one-hot argmax of softmax(centred / temp) = argmax of centred
+            token_loss = -student.gather(-1, centred.argmax(dim=-1, keepdim=True)).squeeze(-1)
+        else:
+            token_loss = -(F.softmax(centred / temp, dim=-1) * student).sum(-1)  # [M]
         # Each masked token weighs 1 / (masked tokens of its image); rows follow the image order.
         weights = (1.0 / counts.clamp(min=1).float()).repeat_interleave(counts, output_size=token_loss.shape[0])
         return (token_loss * weights).sum() / mask.shape[0] * self.lambda2

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from ibot.models.head import IBOTHead, build_head, loss_patch_out_dim
+from ibot.models.head import IBOTHead, build_head, head_kwargs, loss_patch_out_dim
 
 IN_DIM, OUT_DIM, PATCH_DIM = 32, 64, 48
 
@@ -95,3 +95,90 @@ def test_build_head_follows_official_flags() -> None:
     assert loss_patch_out_dim(cfg) == 64
     assert loss_patch_out_dim({**cfg, "shared_head_teacher": False}) == 48
     assert isinstance(build_head(IN_DIM, {"use_bn_in_head": True}, teacher=False).mlp[1], torch.nn.BatchNorm1d)
+
+
+# -- head-sharing variants (paper Tab. 17) ----------------------------------------------------------
+# Small head: in 8, hidden 16, bottleneck 4, out 10, patch out 6. By hand:
+#   MLP = (8*16+16) + (16*16+16) + (16*4+4) = 144 + 272 + 68 = 484; its 3rd linear layer alone: 68
+#   last_layer = 10*4 (weight_v) + 10 (weight_g) = 50; last_layer2 = 6*4 + 6 = 30
+SMALL = {"out_dim": 10, "patch_out_dim": 6, "head_hidden_dim": 16}
+SMALL_COUNTS = {  # variant -> (student, teacher) parameter counts
+    "flags": (484 + 50 + 30, 484 + 50),  # official defaults: shared_head false, shared_head_teacher true
+    "vanilla": (2 * 484 + 50 + 30, 2 * 484 + 50 + 30),
+    "shared": (484 + 50, 484 + 50),
+    "shared_partial": (484 + 68 + 50 + 30, 484 + 68 + 50 + 30),
+    "semi_shared": (2 * 484 + 50 + 30, 484 + 50),
+    "semi_shared_partial": (484 + 68 + 50 + 30, 484 + 50),
+}
+
+
+def _small(variant: str, teacher: bool) -> IBOTHead:
+    """``build_head``'s head of ``variant`` with a 4-dim bottleneck (the official 256 is not a config key)."""
+    torch.manual_seed(0)
+    return IBOTHead(8, **{**head_kwargs({**SMALL, "head_sharing": variant}, teacher=teacher), "bottleneck_dim": 4})
+
+
+@pytest.mark.parametrize("variant", sorted(SMALL_COUNTS))
+def test_head_sharing_parameter_counts(variant: str) -> None:
+    for teacher, expected in zip((False, True), SMALL_COUNTS[variant]):
+        head = _small(variant, teacher)
+        assert sum(p.numel() for p in head.parameters()) == expected, (variant, teacher)
+
+
+def test_head_sharing_modules_and_names() -> None:
+    vanilla = _small("vanilla", False)
+    assert {k for k in vanilla.state_dict() if k.startswith("patch_mlp.")} == {
+        f"patch_mlp.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
+    assert vanilla.last_layer2 is not vanilla.last_layer and vanilla.patch_out_dim == 6
+    partial = _small("shared_partial", False)
+    assert {k for k in partial.state_dict() if k.startswith("patch_mlp.")} == {"patch_mlp.0.weight", "patch_mlp.0.bias"}
+    assert partial.patch_mlp[0].in_features == 16 and partial.patch_mlp[0].out_features == 4
+    shared = _small("shared", False)
+    assert shared.last_layer2 is shared.last_layer and not hasattr(shared, "patch_mlp")
+    # flags = official modules, names and init (the same random draws as before this option existed)
+    torch.manual_seed(0)
+    official = IBOTHead(8, 10, patch_out_dim=6, hidden_dim=16, bottleneck_dim=4)
+    flags = _small("flags", False)
+    assert official.state_dict().keys() == flags.state_dict().keys()
+    assert all(torch.equal(v, flags.state_dict()[k]) for k, v in official.state_dict().items())
+    # the patch MLP has the trunk's init
+    assert torch.all(vanilla.patch_mlp[0].bias == 0) and not torch.equal(vanilla.patch_mlp[0].weight, vanilla.mlp[0].weight)
+
+
+@pytest.mark.parametrize("shared_mlp_layers", [0, 1, 2])
+@pytest.mark.parametrize("norm", [None, "ln"])
+def test_separate_patch_mlp_selected_tokens_and_exact_mean(shared_mlp_layers: int, norm) -> None:
+    """With a non-linear patch MLP tail the patch centre is still exact: token features are computed per
+    token and only the (linear) output layer is moved after the mean; equals the official patch.mean(1)."""
+    head = _head(shared_mlp_layers=shared_mlp_layers, norm=norm)
+    with torch.no_grad():  # make the patch branch differ visibly from the [CLS] one
+        for p in head.patch_mlp.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    tokens = torch.randn(3, 1 + 6, IN_DIM)
+    cls, patch = head(tokens)
+    mask = torch.rand(3, 6) < 0.5
+    assert torch.allclose(head.forward_cls(tokens[:, 0]), cls, atol=1e-6)
+    assert torch.allclose(head.forward_patch(tokens[:, 1:][mask]), patch[mask], atol=1e-6)
+    assert torch.allclose(head.forward_patch_mean(tokens[:, 1:]), patch.mean(1), atol=1e-6)
+    # the patch branch: shared prefix, own tail, normalise, last_layer2 (written out)
+    x = tokens[:, 1:]
+    for module in list(head.mlp)[:head._split]:
+        x = module(x)
+    x = torch.nn.functional.normalize(head.patch_mlp(x), dim=-1)
+    assert torch.allclose(patch, head.last_layer2(x), atol=1e-6)
+    assert not torch.allclose(patch, head.project_patch(head.features(tokens[:, 1:])), atol=1e-3)  # not the [CLS] MLP
+
+
+def test_head_sharing_loss_patch_out_dim_and_bad_variant() -> None:
+    cfg = {"out_dim": 64, "patch_out_dim": 48}
+    expected = {"flags": 64, "vanilla": 48, "shared": 64, "shared_partial": 48, "semi_shared": 64,
+                "semi_shared_partial": 64}
+    for variant, dim in expected.items():
+        assert loss_patch_out_dim({**cfg, "head_sharing": variant}) == dim, variant
+    # flags still follows the two official flags; a variant overrides them
+    assert loss_patch_out_dim({**cfg, "shared_head_teacher": False}) == 48
+    assert loss_patch_out_dim({**cfg, "shared_head_teacher": True, "head_sharing": "vanilla"}) == 48
+    with pytest.raises(ValueError, match="head_sharing"):
+        build_head(IN_DIM, {"head_sharing": "half"}, teacher=False)
+    with pytest.raises(ValueError, match="bottleneck_dim > 0"):
+        IBOTHead(IN_DIM, OUT_DIM, bottleneck_dim=0, shared_mlp_layers=1)

@@ -160,3 +160,61 @@ def test_temperature_schedules() -> None:
     assert np.allclose(loss.teacher_temp2_schedule, [0.04] * 3 + [0.04, 0.05, 0.06, 0.07] + [0.07] * 3)
     assert len(_loss(mim_start_epoch=0).teacher_temp2_schedule) == 10
     assert np.allclose(teacher_temp_schedule(0.04, 0.07, 30, 100)[[0, 29, 30, 99]], [0.04, 0.07, 0.07, 0.07])
+
+
+# -- patch-target ablations (paper App. E, Tab. 18) ---------------------------------------------------
+def _toy_patch_loss(**kwargs) -> IBOTLoss:
+    """1 global crop, 1 image of 2 tokens, P = 3 (only the patch term matters here)."""
+    return IBOTLoss(out_dim=2, patch_out_dim=3, ngcrops=1, nlcrops=0, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                    warmup_teacher_temp2=0.07, teacher_temp2=0.07, warmup_teacher_temp_epochs=0, nepochs=1, **kwargs)
+
+
+def test_hard_patch_targets_by_hand() -> None:
+    """Hard targets = cross-entropy with the one-hot argmax of the centred teacher logits."""
+    loss = _toy_patch_loss(patch_targets="hard")
+    loss.center2.copy_(torch.tensor([0.0, 2.0, 0.0]).view(1, 1, 3))
+    teacher = torch.tensor([[[1.0, 2.5, 0.0], [0.0, 0.0, 3.0]]])  # centred: [1, .5, 0] -> 0; [0, -2, 3] -> 2
+    student = torch.tensor([[[0.1, 0.2, 0.3], [0.3, -0.1, 0.0]]])
+    mask = torch.tensor([[True, True]])
+    got = loss.patch_loss(student, teacher, mask, temp=0.07).item()
+
+    def nll(logits, k):  # -log softmax(logits / 0.1)[k]
+        z = [v / STUDENT_TEMP for v in logits]
+        return math.log(sum(math.exp(v) for v in z)) - z[k]
+    expected = (nll([0.1, 0.2, 0.3], 0) + nll([0.3, -0.1, 0.0], 2)) / 2  # mean over the image's 2 masked tokens
+    assert got == pytest.approx(expected, rel=1e-6)
+    # without the centre the first token's argmax moves to 1
+    uncentred = _toy_patch_loss(patch_targets="hard", patch_centering=False)
+    uncentred.center2.copy_(loss.center2)
+    expected = (nll([0.1, 0.2, 0.3], 1) + nll([0.3, -0.1, 0.0], 2)) / 2
+    assert uncentred.patch_loss(student, teacher, mask, temp=0.07).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="patch_targets"):
+        _toy_patch_loss(patch_targets="onehot")
+
+
+def test_patch_centering_off_equals_a_zero_centre() -> None:
+    s_cls, s_local, s_patch, t_cls, t_patch, masks = _inputs(6)
+    off, zero = _loss(patch_centering=False), _loss()
+    off.center2.normal_()  # a centre that would matter, ignored by the loss ...
+    off.center.copy_(torch.randn(1, K))
+    zero.center.copy_(off.center)  # ... while zero's centre2 stays 0 ([CLS] centre equal in both)
+    centre2_before = off.center2.clone()
+    out_off = off((s_cls, s_patch), (t_cls, t_patch), s_local, masks, 1)
+    out_zero = zero((s_cls, s_patch), (t_cls, t_patch), s_local, masks, 1)
+    assert torch.allclose(out_off["patch"], out_zero["patch"], rtol=1e-6)
+    assert torch.allclose(out_off["cls"], out_zero["cls"], rtol=1e-6)
+    # ... and still updated (uniform checkpoints)
+    assert torch.allclose(off.center2, 0.9 * centre2_before + 0.1 * t_patch.mean(1).mean(0).view(1, 1, P), atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.8, 0.99, 0.999])
+def test_patch_center_momentum_by_hand(momentum: float) -> None:
+    loss = _loss(center_momentum2=momentum)
+    loss.center.fill_(1.0)
+    loss.center2.fill_(2.0)
+    t_cls = torch.arange(G * B * K, dtype=torch.float32).view(G * B, K)
+    t_patch = torch.arange(G * B * N * P, dtype=torch.float32).view(G * B, N, P) / 100
+    loss.update_center(t_cls, t_patch)
+    assert np.allclose(loss.center2[0, 0].numpy(), momentum * 2.0 + (1 - momentum) * t_patch.numpy().mean(axis=(0, 1)),
+                       atol=1e-6)
+    assert np.allclose(loss.center[0].numpy(), 0.9 * 1.0 + 0.1 * t_cls.numpy().mean(axis=0))  # [CLS] m unchanged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -190,3 +191,115 @@ def test_compiled_backbones_give_the_same_steps(images, tmp_path):
         losses[compiled] = [trainer.train_step(crops, masks, 0, it)["loss"]
                             for it, (crops, _, masks) in zip(range(2), trainer._loader(0))]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+# -- head-sharing variants (paper Tab. 17) and patch-target ablations (App. E, Tab. 18) -------------
+VARIANTS = ("flags", "vanilla", "shared", "shared_partial", "semi_shared", "semi_shared_partial")
+_MLP = {f"mlp.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
+_LAST, _LAST2 = {"last_layer.weight_g", "last_layer.weight_v"}, {"last_layer2.weight_g", "last_layer2.weight_v"}
+#: student head parameters the teacher EMA pairs by name (main_ibot.py:381-390 rule); a teacher whose
+#: head is shared names its single output layer ``last_layer``: it follows the student's [CLS] branch.
+EMA_HEAD_PAIRS = {
+    "flags": _MLP | _LAST,  # official: the student's last_layer2 has no teacher counterpart
+    "vanilla": _MLP | {"patch_" + n for n in _MLP} | _LAST | _LAST2,
+    "shared": _MLP | _LAST,
+    "shared_partial": _MLP | {"patch_mlp.0.weight", "patch_mlp.0.bias"} | _LAST | _LAST2,
+    "semi_shared": _MLP | _LAST,
+    "semi_shared_partial": _MLP | _LAST,
+}
+# small head; no lr warm-up and no frozen last layer, so the first step moves every parameter
+ABLATION = {"head_hidden_dim": 32, "drop_path": 0.0, "epochs": 1, "warmup_epochs": 0, "freeze_last_layer": 0}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_head_sharing_ema_pairs(variant):
+    from ibot.train.pretrain import _shared_parameters, build_models
+
+    torch.manual_seed(0)
+    student, teacher = build_models({**TINY, **ABLATION, "head_sharing": variant}, SPEC)
+    names = {id(p): n for n, p in student.named_parameters()}
+    paired = {names[id(p)] for p in _shared_parameters(student, teacher)[0]}
+    assert {n.removeprefix("head.") for n in paired if n.startswith("head.")} == EMA_HEAD_PAIRS[variant]
+    assert {n for n in names.values() if n.startswith("backbone.")} - {"backbone.masked_embed"} <= paired
+    if teacher.head.last_layer2 is teacher.head.last_layer:  # a shared teacher head: one branch for both
+        tokens = torch.randn(5, 192)
+        if variant == "flags":  # official copy order: the alias ends up with the student's last_layer2
+            assert torch.equal(teacher.head.last_layer.weight_v, student.head.last_layer2.weight_v)
+        else:  # starts as the student's [CLS] branch, which its EMA follows
+            assert torch.allclose(teacher.head.forward_patch(tokens), student.head.forward_cls(tokens), atol=1e-6)
+
+
+def _ablation_config():
+    """The resolved config of the embedded workflow with ``--config``-style ablation overrides."""
+    from ibot.config import load_workflow_config, stage_config
+
+    config, _ = load_workflow_config([], ["pretrain={head_sharing: semi_shared, patch_targets: hard, "
+                                          "patch_centering: false, patch_center_momentum: 0.99}"])
+    return stage_config(config, "pretrain", "vit_tiny")
+
+
+def test_ablation_keys_resolve_and_bad_values_are_named():
+    from ibot.config import ConfigError, load_workflow_config
+
+    resolved = _ablation_config()
+    assert (resolved["head_sharing"], resolved["patch_targets"]) == ("semi_shared", "hard")
+    assert resolved["patch_centering"] is False and resolved["patch_center_momentum"] == 0.99
+    for bad in ("head_sharing: half", "patch_targets: argmax", "patch_center_momentum: 1.5"):
+        with pytest.raises(ConfigError) as info:
+            load_workflow_config([], [f"pretrain={{{bad}}}"])
+        assert f"pretrain.{bad.split(':')[0]}" in str(info.value), bad
+
+
+@pytest.mark.parametrize("variant,targets", [(v, "soft") for v in VARIANTS] + [("flags", "hard"), ("resolved", None)])
+def test_one_step_per_head_sharing_variant(images, tmp_path, variant, targets):
+    """One pretraining step: finite loss, the loss built as configured, the teacher = EMA of its pairs."""
+    if variant == "resolved":  # the ablation keys of a resolved workflow config (semi_shared, hard, ...)
+        resolved = _ablation_config()
+        cfg = {**TINY, **ABLATION, **{k: resolved[k] for k in
+                                      ("head_sharing", "patch_targets", "patch_centering", "patch_center_momentum")}}
+    else:
+        cfg = {**TINY, **ABLATION, "head_sharing": variant, "patch_targets": targets}
+    trainer = Trainer(cfg, SPEC, images, tmp_path)
+    assert trainer.loss.patch_targets == cfg["patch_targets"]
+    assert trainer.loss.patch_centering == cfg.get("patch_centering", True)
+    assert trainer.loss.center_momentum2 == cfg.get("patch_center_momentum", 0.9)
+    student_before = {n: p.detach().clone() for n, p in trainer.student.named_parameters()}
+    teacher_before = {n: p.detach().clone() for n, p in trainer.teacher.named_parameters()}
+    crops, _, masks = next(iter(trainer._loader(0)))
+    row = trainer.train_step(crops, masks, 0, 0)
+    assert all(math.isfinite(row[k]) for k in ("loss", "cls", "patch")) and row["patch"] > 0
+    m = row["momentum"]
+    student_after = dict(trainer.student.named_parameters())
+    for name, param in trainer.teacher.named_parameters():
+        expected = m * teacher_before[name] + (1 - m) * student_after[name].detach()
+        assert torch.allclose(param, expected, atol=1e-6), name
+        if cfg["head_sharing"] != "flags":  # the teacher started as the student's paired parameters
+            assert torch.equal(teacher_before[name], student_before[name]), name
+    if cfg["head_sharing"] == "semi_shared":  # the single teacher head followed the student's [CLS] branch
+        assert not torch.equal(student_after["head.last_layer.weight_v"], student_before["head.last_layer.weight_v"])
+        assert torch.allclose(trainer.teacher.head.last_layer2.weight_v,
+                              m * student_before["head.last_layer.weight_v"]
+                              + (1 - m) * student_after["head.last_layer.weight_v"].detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "semi_shared_partial"])
+def test_exported_heads_of_a_variant_rebuild(tmp_path, variant):
+    """heads.pth of any variant (head_sharing recorded with the head settings, as run() writes it)
+    rebuilds through build_pretrained_head with the same outputs."""
+    from ibot.checkpoint import HEAD_SETTINGS, build_pretrained_head, export_heads
+    from ibot.train.pretrain import build_models
+
+    cfg = {**TINY, **ABLATION, "head_sharing": variant}
+    torch.manual_seed(0)
+    student, teacher = build_models(cfg, SPEC)
+    with torch.no_grad():  # make the two student branches differ from the teacher's
+        for param in student.head.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    heads = {"teacher": teacher.head, "student": student.head}
+    export_heads(heads, tmp_path / "heads.pth", {**{k: cfg[k] for k in HEAD_SETTINGS if k in cfg}, "embed_dim": 192})
+    tokens = torch.randn(2, 1 + 4, 192)
+    for key, head in heads.items():
+        rebuilt = build_pretrained_head(tmp_path / "heads.pth", key, 192)
+        assert set(rebuilt.state_dict()) == set(head.state_dict()), key
+        for ours, theirs in zip(head(tokens), rebuilt(tokens)):
+            assert torch.equal(ours, theirs), key

@@ -157,7 +157,15 @@ def build_models(cfg: Mapping[str, Any], spec: ModelSpec | Mapping[str, Any]) ->
     teacher_backbone = build_backbone(spec.arch, masked_im_modeling=False, **kwargs)
     student = IBOTModel(student_backbone, build_head(student_backbone.embed_dim, cfg, teacher=False))
     teacher = IBOTModel(teacher_backbone, build_head(teacher_backbone.embed_dim, cfg, teacher=True))
-    teacher.load_state_dict(student.state_dict(), strict=False)  # official: shared names only
+    state = student.state_dict()
+    if cfg.get("head_sharing", "flags") != "flags":
+        # Only the EMA pairs (names the teacher has as parameters or buffers): a teacher head that shares
+        # its output layer then starts as the student's [CLS] branch, the branch its EMA follows. The
+        # official copy (main_ibot.py:263, kept for ``flags``) also writes the student's separate
+        # ``last_layer2`` into the teacher's alias, after ``last_layer``: it starts as the patch layer.
+        names = {n for n, _ in teacher.named_parameters()} | {n for n, _ in teacher.named_buffers()}
+        state = {k: v for k, v in state.items() if k in names}
+    teacher.load_state_dict(state, strict=False)  # official: shared names only
     for param in teacher.parameters():
         param.requires_grad = False
     return student, teacher
@@ -214,7 +222,11 @@ class Trainer:
                              self.cfg["warmup_teacher_temp"], self.cfg["teacher_temp"],
                              self.cfg["warmup_teacher_patch_temp"], self.cfg["teacher_patch_temp"],
                              self.cfg["warmup_teacher_temp_epochs"], epochs, lambda1=self.cfg["lambda1"],
-                             lambda2=self.cfg["lambda2"], mim_start_epoch=self.cfg["pred_start_epoch"]).to(self.device)
+                             lambda2=self.cfg["lambda2"], mim_start_epoch=self.cfg["pred_start_epoch"],
+                             # patch-target ablations (App. E, Tab. 18); defaults = official (main_ibot.py:482)
+                             center_momentum2=self.cfg.get("patch_center_momentum", 0.9),
+                             patch_centering=self.cfg.get("patch_centering", True),
+                             patch_targets=self.cfg.get("patch_targets", "soft")).to(self.device)
         if self.cfg["optimizer"] != "adamw":
             raise ValueError(f"pretrain.optimizer: {self.cfg['optimizer']!r} is not supported; use 'adamw' (ViT recipe)")
         # fused AdamW on CUDA: one kernel for all parameters (same update; the default is foreach)
