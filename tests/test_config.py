@@ -84,11 +84,14 @@ OFFICIAL_MAIN_IBOT_DEFAULTS = {
 #: Settings of ours that are not official flags (documented in pretrain.schema.yaml).
 REPRODUCTION_SETTINGS = {"global_crops_size", "local_crops_size", "precision", "log_every", "head_hidden_dim",
                          "global_batch_size", "batch_rescale", "augmentation", "compile"}
+#: Ablation settings of ours (paper Tab. 9/20 offline MIM targets, ibot/tokenizers.py); defaults = official.
+MIM_TARGET_SETTINGS = {"mim_target", "mim_tokenizer"}
 
 
 def test_pretrain_defaults_equal_the_official_main_ibot_flags():
     """The defaults every pretraining run starts from (schema -> DEFAULTS) are main_ibot.py's."""
-    assert set(PRETRAIN_DEFAULTS) == set(OFFICIAL_MAIN_IBOT_DEFAULTS) | REPRODUCTION_SETTINGS
+    assert set(PRETRAIN_DEFAULTS) == set(OFFICIAL_MAIN_IBOT_DEFAULTS) | REPRODUCTION_SETTINGS | MIM_TARGET_SETTINGS
+    assert PRETRAIN_DEFAULTS["mim_target"] == "online" and PRETRAIN_DEFAULTS["mim_tokenizer"] is None  # official
     for key, (official, line) in OFFICIAL_MAIN_IBOT_DEFAULTS.items():
         assert PRETRAIN_DEFAULTS[key] == official, f"pretrain.{key}: ours {PRETRAIN_DEFAULTS[key]!r}, official " \
             f"{official!r} (bytedance/ibot main_ibot.py:{line})"
