@@ -14,6 +14,7 @@ validate_config(config, base_dir=workflow.basedir)
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/tokenizers.smk"  # offline MIM tokenizers (k-means), top-level `tokenizers`
 include: "workflow/rules/stages.smk"  # one rule per stage of the registry (ibot/stages.py)
 include: "workflow/rules/results.smk"
 

@@ -95,7 +95,7 @@ class IBOTLoss(nn.Module):
 
     def forward(self, student_output: tuple[Tensor, Tensor], teacher_output: tuple[Tensor, Tensor],
                 student_local_cls: Tensor | None, student_mask: Tensor | Sequence[Tensor], epoch: int,
-                teacher_patch_mean: Tensor | None = None) -> dict[str, Tensor]:
+                teacher_patch_mean: Tensor | None = None, patch_targets: Tensor | None = None) -> dict[str, Tensor]:
         """Loss terms, then an in-place centre update (call order and arguments as official).
 
         Args:
@@ -107,6 +107,9 @@ class IBOTLoss(nn.Module):
             epoch: selects the teacher temperatures.
             teacher_patch_mean: per-image token mean of the teacher patch logits [G*B, P] for the centre;
                 required when the teacher patch logits are given as masked rows only.
+            patch_targets: offline MIM targets (ibot.tokenizers; paper Tab. 9/20): tokenizer ids of the
+                masked tokens [M] (or of all tokens [G*B, N]); the patch term is then
+                :meth:`target_patch_loss` instead of the teacher distillation (the centre still updates, unused).
 
         Returns:
             dict(cls=..., patch=..., loss=cls + patch).
@@ -123,7 +126,10 @@ class IBOTLoss(nn.Module):
 
         mask = flatten_masks(student_mask, self.ngcrops)
         loss_cls = self.cls_loss(student_cls, teacher_cls, float(self.teacher_temp_schedule[epoch]))
-        loss_patch = self.patch_loss(student_patch, teacher_patch, mask, float(self.teacher_temp2_schedule[epoch]))
+        if patch_targets is not None:
+            loss_patch = self.target_patch_loss(student_patch, patch_targets, mask)
+        else:
+            loss_patch = self.patch_loss(student_patch, teacher_patch, mask, float(self.teacher_temp2_schedule[epoch]))
         self.update_center(teacher_cls, teacher_patch_mean)
         return dict(cls=loss_cls, patch=loss_patch, loss=loss_cls + loss_patch)
 
@@ -162,6 +168,23 @@ class IBOTLoss(nn.Module):
         else:
             token_loss = -(F.softmax(centred / temp, dim=-1) * student).sum(-1)  # [M]
         # Each masked token weighs 1 / (masked tokens of its image); rows follow the image order.
+        weights = (1.0 / counts.clamp(min=1).float()).repeat_interleave(counts, output_size=token_loss.shape[0])
+        return (token_loss * weights).sum() / mask.shape[0] * self.lambda2
+
+    def target_patch_loss(self, student_patch: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        """Offline-target MIM term (paper Tab. 9/20, App. E): ``lambda2`` x the same per-image averaging as
+        :meth:`patch_loss` (mean over an image's masked tokens, then over images and global crops) of the
+        cross-entropy between ``log_softmax(student / student_temp)`` and the one-hot tokenizer id; no
+        centring or sharpening (a hard label has none).
+
+        ``student_patch``: [G*B, N, V] or masked rows [M, V]; ``targets``: ids [M] in ``mask.nonzero()``
+        order or [G*B, N] (or [G*B, h, w]) for all tokens; ``mask``: the crop-major bool [G*B, N]."""
+        counts = mask.sum(dim=-1)
+        if student_patch.dim() == 3:
+            student_patch = student_patch[mask]
+        if targets.dim() > 1:
+            targets = targets.flatten(1)[mask]
+        token_loss = F.cross_entropy(student_patch.float() / self.student_temp, targets.long(), reduction="none")
         weights = (1.0 / counts.clamp(min=1).float()).repeat_interleave(counts, output_size=token_loss.shape[0])
         return (token_loss * weights).sum() / mask.shape[0] * self.lambda2
 

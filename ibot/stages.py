@@ -88,7 +88,8 @@ _REGISTRY: tuple[Stage, ...] = (
           outputs={"backbone": "teacher_backbone.pth", "student_backbone": "student_backbone.pth",
                    "heads": "heads.pth", "curves": "train_log.csv"},
           weights=("pretrain",), resumable=True, operational_keys=("num_workers", "log_every", "saveckp_freq"),
-          file_keys=("load_from",), data_resolver="ibot.config:pretrain_data",
+          file_keys=("load_from", "mim_tokenizer"), data_resolver="ibot.config:pretrain_data",
+          preflight="ibot.tokenizers:check_mim_config",
           priority=10),  # the critical path: before the random-init baselines, which need no pretraining
     Stage("knn", "downstream.knn:run", "knn", ("imagenet",), "weighted k-NN on frozen [CLS] features (Tab. 1)"),
     Stage("linear", "downstream.linear:run", "linear", ("imagenet",),

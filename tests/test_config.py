@@ -88,13 +88,17 @@ REPRODUCTION_SETTINGS = {"global_crops_size", "local_crops_size", "precision", "
 ABLATION_SETTINGS = {"head_sharing": ("flags", "models/head.py:161-179, main_ibot.py:233,243"),
                      "patch_center_momentum": (0.9, "main_ibot.py:482 center_momentum2"),
                      "patch_centering": (True, "main_ibot.py:535"), "patch_targets": ("soft", "main_ibot.py:535")}
+#: Ablation settings of ours (paper Tab. 9/20 offline MIM targets, ibot/tokenizers.py); defaults = official.
+MIM_TARGET_SETTINGS = {"mim_target", "mim_tokenizer"}
 
 
 def test_pretrain_defaults_equal_the_official_main_ibot_flags():
     """The defaults every pretraining run starts from (schema -> DEFAULTS) are main_ibot.py's."""
-    assert set(PRETRAIN_DEFAULTS) == set(OFFICIAL_MAIN_IBOT_DEFAULTS) | REPRODUCTION_SETTINGS | set(ABLATION_SETTINGS)
+    assert set(PRETRAIN_DEFAULTS) == (set(OFFICIAL_MAIN_IBOT_DEFAULTS) | REPRODUCTION_SETTINGS | set(ABLATION_SETTINGS)
+                                      | MIM_TARGET_SETTINGS)
     for key, (official, where) in ABLATION_SETTINGS.items():
         assert PRETRAIN_DEFAULTS[key] == official, f"pretrain.{key}: ours {PRETRAIN_DEFAULTS[key]!r} ({where})"
+    assert PRETRAIN_DEFAULTS["mim_target"] == "online" and PRETRAIN_DEFAULTS["mim_tokenizer"] is None  # official
     for key, (official, line) in OFFICIAL_MAIN_IBOT_DEFAULTS.items():
         assert PRETRAIN_DEFAULTS[key] == official, f"pretrain.{key}: ours {PRETRAIN_DEFAULTS[key]!r}, official " \
             f"{official!r} (bytedance/ibot main_ibot.py:{line})"

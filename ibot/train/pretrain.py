@@ -36,6 +36,7 @@ from ibot.models.head import build_head, loss_patch_out_dim
 from ibot.config import scaled_lr
 from ibot.models.specs import ModelSpec
 from ibot.models.vision_transformer import build_backbone
+from ibot.tokenizers import build_mim_tokenizer, check_mim_heads
 from ibot.train.schedules import (cancel_last_layer_gradients, clip_gradients_per_param, cosine_schedule,
                                   param_groups)
 
@@ -187,8 +188,15 @@ class Trainer:
         self.device = torch.device("cuda", dist_utils.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
         self.autocast_dtype, use_scaler = _precision(self.cfg, self.device)
         torch.manual_seed(self.cfg["seed"])
+        check_mim_heads(self.cfg)  # offline MIM target: head sizes the official teacher copy accepts
         self.student, self.teacher = (m.to(self.device) for m in build_models(self.cfg, self.spec))
         select_attention_kernel((self.student, self.teacher), self.device, self.autocast_dtype)
+        # Offline MIM target (paper Tab. 9/20; None = the official online teacher), checked against the
+        # student's patch head here, before any data or training: a vocabulary mismatch fails at once.
+        self.tokenizer = build_mim_tokenizer(self.cfg, patch_size=self.student.backbone.mask_patch_size,
+                                             student_patch_dim=self.student.head.patch_out_dim)
+        if self.tokenizer is not None:
+            self.tokenizer.to(self.device)
         if self.cfg["compile"]:  # the backbones only: static shapes ([B, N, D] tokens); heads see masked subsets
             for model in (self.student, self.teacher):
                 model.backbone.compile()
@@ -320,13 +328,16 @@ class Trainer:
         globals_ = torch.cat(images[:g])
         locals_ = torch.cat(images[g:]) if len(images) > g else None
 
+        patch_targets = None
+        if self.tokenizer is not None:  # offline target: ids of the masked tokens, from the unmasked crops
+            patch_targets = self.tokenizer.tokenize(globals_).flatten(1)[global_masks.flatten(1)]
         with self._autocast():
             with torch.no_grad():
                 teacher_out = self.teacher(globals_, None, global_masks, teacher=True)
             student_out = self.student_ddp(globals_, locals_, global_masks)
             losses = self.loss((student_out["cls"], student_out["patch"]), (teacher_out["cls"], teacher_out["patch"]),
                                student_out.get("local_cls"), global_masks, epoch,
-                               teacher_patch_mean=teacher_out["patch_mean"])
+                               teacher_patch_mean=teacher_out["patch_mean"], patch_targets=patch_targets)
         loss = losses["loss"]  # its finiteness is checked in _materialize, before any checkpoint is written
 
         self.optimizer.zero_grad(set_to_none=True)
