@@ -147,7 +147,7 @@ def _teacher(out: Path) -> dict[str, torch.Tensor]:
 
 def _log_rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "work" / "train_log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("images_per_s", "elapsed_h")} for row in rows]  # timings
 
 
 def _assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:

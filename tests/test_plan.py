@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ibot.config import load_workflow_config
 from ibot.models.specs import VIT_ARCHITECTURES
-from ibot.results.plan import backbone_forward_flops, effective_flops_per_s, load_rates, plan, vit_forward_flops
+from ibot.results.plan import (TAB19_SETTINGS, activation_factor, backbone_forward_flops, effective_flops_per_s,
+                               format_plan, load_rates, plan, tab19_memory, vit_forward_flops)
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = [str(ROOT / "config" / "paper.yaml")]
@@ -80,3 +81,55 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
     extra = subprocess.run([sys.executable, "-m", "ibot.results", "plan", "--configfile", *PAPER, "--config",
                             "extra_stages=true"], capture_output=True, text=True, cwd=ROOT, check=True)
     assert "total: 83 compute jobs" in extra.stdout and "vit_large                seg_upernet" in extra.stdout
+
+
+def _tab19_paper_memory() -> dict[str, float]:
+    """Tab.19's peak GB per GPU from the reference CSV, keyed like TAB19_SETTINGS."""
+    import csv
+
+    rows = [r for r in csv.DictReader((ROOT / "results" / "reference" / "ibot_paper_ablations.csv").open())
+            if r["table"] == "Tab.19 time/memory" and r["metric"] == "gpu_mem"]
+    found = {}
+    for row in rows:
+        method = "BEiT" if row["model"].startswith("BEiT") else "DINO" if row["model"].startswith("DINO") else "iBOT"
+        crops = row["protocol"].split("crops ")[1].replace("^2", "")
+        found[f"{method} {crops}"] = float(row["value"])
+    return found
+
+
+def test_memory_model_predicts_the_tab19_rows_it_was_not_calibrated_on():
+    """One factor, calibrated on Tab.19's iBOT 2x224^2 row (13.1 GB), predicts the other four rows within 15 %
+    (DINO 2 crops 9.3, DINO multi-crop 15.4, iBOT multi-crop 19.5, BEiT 5.6) with the official code's layout;
+    this repository's layout (heads on masked tokens only) needs less, never more, in the same settings."""
+    paper = _tab19_paper_memory()
+    assert set(paper) == set(TAB19_SETTINGS)
+    official, ours = tab19_memory("official"), tab19_memory("ours")
+    assert official["iBOT 2x224"] == pytest.approx(paper["iBOT 2x224"])  # the calibration point
+    assert 1.0 < activation_factor() < 2.5  # the count explains most of the measured bytes
+    for name, value in paper.items():
+        assert official[name] == pytest.approx(value, rel=0.15), name
+        assert ours[name] <= official[name] + 1e-9, name
+    # MIM adds memory, multi-crop more: the table's order
+    assert official["DINO 2x224"] < official["iBOT 2x224"] < official["DINO 2x224+10x96"] < official[
+        "iBOT 2x224+10x96"]
+    assert ours["iBOT 2x224"] < official["iBOT 2x224"] and ours["DINO 2x224"] == official["DINO 2x224"]
+
+
+def test_plan_predicts_pretraining_time_marks_and_memory():
+    """T100/T300/T800 proportional to epochs where the run reaches them; a positive memory figure for the
+    paper's and the embedded config; the table shows them and the device kind."""
+    config, _ = load_workflow_config(PAPER)
+    rates = load_rates()
+    jobs = plan(config, rates, "nvidia-h200")
+    small = next(j for j in jobs if (j.model, j.stage) == ("vit_small", "pretrain"))  # 800 epochs
+    assert small.epoch_hours == pytest.approx({100: small.wall_hours / 8, 300: small.wall_hours * 3 / 8,
+                                               800: small.wall_hours})
+    assert 2 < small.peak_memory_gb < 40
+    base = next(j for j in jobs if (j.model, j.stage) == ("vit_base", "pretrain"))  # 400 epochs
+    assert set(base.epoch_hours) == {100, 300} and base.peak_memory_gb > small.peak_memory_gb
+    assert all(j.peak_memory_gb is None and not j.epoch_hours for j in jobs if j.stage != "pretrain")
+    text = format_plan(jobs, "nvidia-h200", rates["devices"]["nvidia-h200"])
+    assert "pretraining on nvidia-h200" in text and "T800 h" in text and "peak GiB" in text
+    embedded, _ = load_workflow_config([str(ROOT / "config" / "config.yaml")])
+    tiny = [j for j in plan(embedded, rates, "cpu-2core-avx2") if j.stage == "pretrain"]
+    assert tiny and all(j.peak_memory_gb > 0 for j in tiny)

@@ -13,7 +13,7 @@ from ibot.data.embedded import EmbeddedSizes, generate
 from ibot.models.specs import ModelSpec
 from helpers import run_pretrain, run_stage
 from ibot.stages import stage_defaults
-from ibot.train.pretrain import Trainer, train
+from ibot.train.pretrain import Trainer, epoch_marks, time_memory_metrics, train
 from ibot.train.schedules import clip_gradients_per_param, cosine_schedule
 from official_ibot_step import build_harnesses, official_loss
 
@@ -155,7 +155,10 @@ def test_export_and_metrics(images, tmp_path):
                                                           exported["state_dict"]["blocks.0.attn.qkv.weight"])
     record = read_metrics(tmp_path / "metrics.json")
     assert (record["stage"], record["task"], record["checkpoint"]) == ("pretrain", "pretrain", None)
-    assert set(record["metrics"]) == {"loss", "cls", "patch"} and record["extra"]["summary"]["epochs"] == 1
+    # Tab.19 quantities: 1 epoch reaches none of the T100/T300/T800 marks; CPU memory is the resident peak
+    assert set(record["metrics"]) == {"loss", "cls", "patch", "train_hours", "peak_memory_gb"}
+    assert record["extra"]["summary"]["epochs"] == 1 and record["extra"]["summary"]["memory_kind"] == "cpu_peak_rss"
+    assert record["metrics"]["train_hours"] > 0 and record["metrics"]["peak_memory_gb"] > 0
     assert record["extra"]["fingerprint"] == json.loads((tmp_path / "work" / "fingerprint.json").read_text())["digest"]
 
 
@@ -303,3 +306,42 @@ def test_exported_heads_of_a_variant_rebuild(tmp_path, variant):
         assert set(rebuilt.state_dict()) == set(head.state_dict()), key
         for ours, theirs in zip(head(tokens), rebuilt(tokens)):
             assert torch.equal(ours, theirs), key
+
+
+def test_epoch_marks_are_the_tab19_epochs_a_run_reaches():
+    assert epoch_marks(800) == [100, 300, 800] and epoch_marks(300) == [100, 300]
+    assert epoch_marks(299) == [100] and epoch_marks(99) == []
+    assert epoch_marks(3, marks=(1, 2, 5)) == [1, 2]
+
+
+def test_resume_adds_elapsed_time_and_records_memory(images, tmp_path):
+    """Wall-clock is cumulative over resumes (checkpoint ``elapsed_s``), the time at each mark reached is kept
+    across the resume, train_log rows carry ``elapsed_h``, and CPU memory is labelled as the resident peak."""
+    first = Trainer({**TINY, "epochs": 1}, SPEC, images, tmp_path)
+    first.time_marks = (1, 2, 3)  # tiny marks standing in for 100/300/800
+    one = first.fit()
+    assert one["train_hours"] > 0 and set(one["train_hours_at"]) == {1} and not one["train_hours_partial"]
+    assert load_file(tmp_path / "checkpoint.pth")["elapsed_s"] == pytest.approx(one["train_hours"] * 3600)
+    second = Trainer({**TINY, "epochs": 2}, SPEC, images, tmp_path)
+    second.time_marks = (1, 2, 3)
+    two = second.fit()
+    assert second.start_epoch == 1 and two["train_hours"] > one["train_hours"]
+    assert set(two["train_hours_at"]) == {1, 2} and two["train_hours_at"][1] == one["train_hours_at"][1]
+    assert two["train_hours_at"][2] == pytest.approx(two["train_hours"])
+    assert two["train_time_s"] < two["train_hours"] * 3600  # train_time_s: this session only
+    metrics = time_memory_metrics(two)
+    assert set(metrics) == {"train_hours", "train_hours_1ep", "train_hours_2ep", "peak_memory_gb"}
+    assert two["memory_kind"] == "cpu_peak_rss" and two["peak_memory_gb"] > 0.05  # torch alone is > 50 MB
+    assert two["crops"] == {"global": "2x32", "local": "2x16"} and two["world_size"] == 1 and two["device_name"]
+    hours = [json.loads(line)["elapsed_h"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert hours == sorted(hours) and hours[-1] <= two["train_hours"]
+    # a checkpoint from before this record (no elapsed_s): counted from 0 and flagged partial
+    state = load_file(tmp_path / "checkpoint.pth")
+    for key in ("elapsed_s", "mark_elapsed_s", "elapsed_partial"):
+        state.pop(key)
+    torch.save(state, tmp_path / "checkpoint.pth")
+    third = Trainer({**TINY, "epochs": 3}, SPEC, images, tmp_path)
+    third.time_marks = (1, 2, 3)
+    three = third.fit()
+    assert three["train_hours_partial"] and set(three["train_hours_at"]) == {3}
+    assert three["train_hours"] < two["train_hours"] + three["train_time_s"] / 3600 * 1.01

@@ -19,6 +19,15 @@ The model is deliberately simple and says what it assumes:
 * **Wall time** = device-hours / the job's GPUs (``resources``: nodes x gpus_per_node), i.e. perfect
   scaling, no queueing.
 
+* **Pretraining time marks**: the wall hours at 100, 300 and 800 epochs when the job reaches them
+  (the paper's Tab.19 T100/T300/T800), proportional to epochs like everything above.
+* **Peak memory per process** of pretraining (:func:`training_memory`): parameters, gradients and AdamW
+  states of the student, the EMA teacher's parameters, plus the activations the student saves for its
+  backward (per crop ~ depth x tokens x embed_dim, plus heads x tokens^2 attention maps unless attention is
+  fused; the head's MLP and logits for the tokens it projects; halved by fp16/bf16 autocast), scaled by ONE
+  factor calibrated on Tab.19's iBOT 2x224^2 row (13.1 GB, V100, 64 images per GPU, fp16). GiB (2^30 bytes),
+  as ``torch.cuda.max_memory_allocated`` / 1024^3, the quantity the trainer records as ``peak_memory_gb``.
+
 Treat the figures as the order of magnitude that decides whether to launch, not as a schedule.
 """
 
@@ -27,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,7 +44,8 @@ from ibot.models.specs import ARCHITECTURES, ArchSpec, SwinSpec
 from ibot.stages import BACKBONE_STAGE
 
 __all__ = ["DATASET_IMAGES", "Job", "vit_forward_flops", "backbone_forward_flops", "job_work", "plan", "load_rates",
-           "format_plan", "DEFAULT_RATES"]
+           "format_plan", "DEFAULT_RATES", "TIME_MARKS", "epoch_hours", "MemoryCase", "memory_case",
+           "training_memory", "activation_factor", "pretrain_memory_gb", "TAB19_SETTINGS", "tab19_memory"]
 
 DEFAULT_RATES = Path(__file__).resolve().parents[2] / "bench" / "measured_rates.json"
 
@@ -83,6 +93,8 @@ class Job:
     what: str  # the images counted, in words
     device_hours: float = 0.0
     wall_hours: float = 0.0
+    epoch_hours: dict[int, float] = field(default_factory=dict)  # pretraining: wall hours at TIME_MARKS reached
+    peak_memory_gb: float | None = None  # pretraining: predicted peak GiB per process (training_memory)
 
 
 Passes = list[tuple[float, int, int, float]]  # (images, height, width, cost factor: 1 forward, 3 training)
@@ -188,6 +200,198 @@ def effective_flops_per_s(rates: Mapping[str, Any], kind: str) -> tuple[float, M
     return per_image * reference["images_per_s"], device
 
 
+# -- pretraining time marks and peak memory (the paper's Tab.19) ---------------------------------------------
+
+#: Epochs of the paper's Tab.19 wall-clock columns T100/T300/T800 (arXiv:2111.07832v3); ibot.train.pretrain
+#: records the same marks (``train_hours_<m>ep``).
+TIME_MARKS = (100, 300, 800)
+GIB = 2 ** 30
+#: The published point the memory model is calibrated on (its only free constant, :func:`activation_factor`):
+#: Tab.19 iBOT ViT-S/16, 2x224^2 crops, 13.1 GB per V100, global batch 1024 on 16 GPUs (64 per GPU), fp16.
+CALIBRATION = {"setting": "iBOT 2x224", "peak_gib": 13.1, "source": "arXiv:2111.07832v3 Tab.19"}
+
+
+def epoch_hours(wall_hours: float, epochs: int, marks: Sequence[int] = TIME_MARKS) -> dict[int, float]:
+    """Wall hours at each mark the run reaches: the job's hours x mark / epochs (cost proportional to epochs)."""
+    return {mark: wall_hours * mark / epochs for mark in marks if epochs and mark <= epochs}
+
+
+@dataclass(frozen=True)
+class MemoryCase:
+    """What one training process holds at its peak (end of the student's forward), in countable terms.
+
+    Per image of the process's batch: the student backbone's crops, the tokens through the head's MLP
+    (its saved activations), and the tokens whose logits enter a loss (student logits + log-softmax,
+    teacher logits + softmax targets)."""
+
+    arch: str
+    patch: int
+    batch: int  # images per process
+    crops: tuple[tuple[int, int], ...]  # (number, side) of the crops the student back-propagates
+    half: bool  # fp16 / bf16 autocast: activations in 2 bytes
+    fused_attention: bool  # SDPA saves no tokens^2 attention maps
+    head_tokens: float  # student tokens through the head MLP per image
+    cls_logit_tokens: float  # [CLS] tokens with a loss over out_dim per image
+    patch_logit_tokens: float  # patch tokens with a loss over patch_out_dim per image
+    out_dim: int = 8192
+    patch_out_dim: int = 8192
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    depth: int | None = None  # None: the architecture's
+    teacher: bool = True  # an EMA teacher (fp32 parameters, no gradients or optimizer states)
+    separate_patch_layer: bool = False  # the student's own patch output layer (shared_head false)
+    frozen_params: int = 0  # other frozen weights held (BEiT's DALL-E tokenizer)
+    linear_head: bool = False  # a single linear layer instead of the MLP head (BEiT)
+
+
+def _vit_params(spec: ArchSpec, depth: int, patch: int, size: int) -> int:
+    dim, hidden = spec.embed_dim, int(spec.embed_dim * spec.mlp_ratio)
+    block = 4 * dim * dim + 4 * dim + 2 * dim * hidden + hidden + dim + 4 * dim  # qkv, proj, MLP, 2 norms
+    return 3 * patch * patch * dim + dim + ((size // patch) ** 2 + 2) * dim + depth * block + 2 * dim
+
+
+def _head_params(case: MemoryCase, dim: int, patch_layer: bool) -> int:
+    if case.linear_head:
+        return dim * case.patch_out_dim + case.patch_out_dim
+    h, b = case.hidden_dim, case.bottleneck_dim
+    mlp = dim * h + h + h * h + h + h * b + b
+    return mlp + b * case.out_dim + case.out_dim + (b * case.patch_out_dim + case.patch_out_dim if patch_layer else 0)
+
+
+def training_memory(case: MemoryCase, factor: float | None = None) -> dict[str, float]:
+    """Peak bytes of one training process (analytic, see the module doc): ``states`` (student weights,
+    gradients, AdamW moments, the autocast weight copies; teacher weights; frozen weights), the analytic
+    saved ``activations`` and ``total`` = states + factor x activations (``factor``: :func:`activation_factor`)."""
+    spec = ARCHITECTURES[case.arch]
+    if isinstance(spec, SwinSpec):
+        raise ValueError(f"training_memory: no memory model for Swin ({case.arch}); ViT only")
+    depth, dim, heads = case.depth or spec.depth, spec.embed_dim, spec.num_heads
+    size = max(side for _, side in case.crops)
+    backbone = _vit_params(spec, depth, case.patch, size)
+    student = backbone + _head_params(case, dim, case.separate_patch_layer)
+    teacher = backbone + _head_params(case, dim, False) if case.teacher else 0
+    act = 2 if case.half else 4
+    # fp32 weights + gradients + 2 AdamW moments, autocast's cached half copies, fp32 teacher and frozen weights
+    states = student * (16 + (2 if case.half else 0)) + 4 * (teacher + case.frozen_params)
+    saved = 0.0
+    for number, side in case.crops:
+        tokens = (side // case.patch) ** 2 + 1
+        # per block: LN in, qkv in, q, k, v, attention out, LN in, fc1 in, fc1 out (4D), GELU out (4D) = 16 D
+        # (Korthikanti et al. 2022, without dropout); attention maps: softmax output (fp32 under autocast)
+        # + its half copy for attn @ v, unless fused attention recomputes them
+        maps = 0 if case.fused_attention else heads * tokens * tokens * (6 if case.half else 4)
+        saved += number * (depth * (16 * tokens * dim * act + maps) + 3 * side * side * act)
+    h, b = case.hidden_dim, case.bottleneck_dim
+    per_head_token = dim if case.linear_head else dim + 4 * h + 3 * b  # MLP inputs/outputs, L2 norm, last layer
+    saved += case.head_tokens * per_head_token * act
+    # per logit in a loss: student logits (act) + fp32 log-softmax, teacher logits (act) + fp32 softmax targets
+    per_logit = 2 * act + 8 if case.teacher else act + 4
+    saved += case.cls_logit_tokens * case.out_dim * per_logit + case.patch_logit_tokens * case.patch_out_dim * per_logit
+    activations = case.batch * saved
+    factor = activation_factor() if factor is None else factor
+    return {"states": float(states), "activations": activations, "factor": factor,
+            "total": states + factor * activations}
+
+
+def _mean_ratio(value: Any) -> float:
+    """Mean masking ratio over the images (a list of ratios: images split evenly, official main_ibot.py)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return sum(float(v) for v in values) / len(values) if values else 0.0
+
+
+def memory_case(cfg: Mapping[str, Any], arch: str, patch: int, *, half: bool, fused_attention: bool,
+                layout: str = "ours", depth: int | None = None) -> MemoryCase:
+    """The :class:`MemoryCase` of a pretraining stage config.
+
+    ``layout`` = which code runs it: ``ours`` (ibot.train.pretrain: the student head projects [CLS] of
+    every crop and only the *masked* patch tokens of the global crops); ``official`` (main_ibot.py: the
+    head runs on every token of every crop, the patch loss on every global patch token, then masked;
+    with MIM off -- DINO -- only [CLS] is needed, as DINO's main_dino.py computes)."""
+    g, gs = int(cfg["global_crops_number"]), int(cfg["global_crops_size"])
+    l, ls = int(cfg["local_crops_number"]), int(cfg["local_crops_size"])
+    grid_g, grid_l = (gs // patch) ** 2, (ls // patch) ** 2
+    mim = float(cfg.get("lambda2", 1.0)) > 0 and _mean_ratio(cfg.get("pred_ratio", 0.0)) > 0
+    if layout == "ours":
+        masked = g * grid_g * _mean_ratio(cfg.get("pred_ratio", 0.0)) if mim else 0.0
+        head_tokens, patch_logits = g + l + masked, masked
+    elif layout == "official":
+        head_tokens = g * (grid_g + 1) + l * (grid_l + 1) if mim else g + l
+        patch_logits = g * grid_g if mim else 0.0
+    else:
+        raise ValueError(f"memory_case: layout {layout!r}; expected 'ours' or 'official'")
+    out_dim = int(cfg["out_dim"])
+    shared = bool(cfg.get("shared_head"))
+    return MemoryCase(arch, patch, int(cfg["batch_size_per_gpu"]), ((g, gs),) + (((l, ls),) if l else ()),
+                      half, fused_attention, head_tokens, float(g + l), patch_logits, out_dim=out_dim,
+                      patch_out_dim=out_dim if shared else int(cfg.get("patch_out_dim", out_dim)),
+                      hidden_dim=int(cfg.get("head_hidden_dim", 2048)), depth=depth,
+                      separate_patch_layer=not shared)
+
+
+#: Tab.19's settings (ViT-S/16, 64 images per V100, fp16, the 2021 code's explicit softmax attention), as
+#: pretraining config changes of the ViT-S/16 recipe (config/paper/vit_small.yaml). DINO = the iBOT code with
+#: MIM off (lambda2 0, pred_ratio 0); iBOT 2x224: the ablation base (r = 0.3 fixed; Tab.19 prints no ratio);
+#: iBOT multi-crop: the paper's default ratios. BEiT: one 224^2 crop, no teacher, a linear head on the 40 %
+#: masked patches (75 of 196), and the frozen DALL-E tokenizer encoder (~54 M parameters; an approximation).
+TAB19_SETTINGS: dict[str, dict[str, Any]] = {
+    "BEiT 1x224": {"beit": True},
+    "DINO 2x224": {"local_crops_number": 0, "pred_ratio": 0.0, "pred_ratio_var": 0.0, "lambda2": 0.0},
+    "iBOT 2x224": {"local_crops_number": 0, "pred_ratio": 0.3, "pred_ratio_var": 0.0},
+    "DINO 2x224+10x96": {"local_crops_number": 10, "pred_ratio": 0.0, "pred_ratio_var": 0.0, "lambda2": 0.0},
+    "iBOT 2x224+10x96": {"local_crops_number": 10, "pred_ratio": [0.0, 0.3], "pred_ratio_var": [0.0, 0.2]},
+}
+_VIT_S_RECIPE = {"global_crops_number": 2, "global_crops_size": 224, "local_crops_size": 96, "batch_size_per_gpu": 64,
+                 "out_dim": 8192, "patch_out_dim": 8192, "shared_head": True, "head_hidden_dim": 2048, "lambda2": 1.0}
+
+
+def tab19_case(setting: str, layout: str = "official") -> MemoryCase:
+    """The :class:`MemoryCase` of one Tab.19 setting (V100, fp16, unfused attention, 64 images per GPU)."""
+    cfg = {**_VIT_S_RECIPE, **TAB19_SETTINGS[setting]}
+    if cfg.pop("beit", False):
+        masked = 75.0  # BEiT's 40 % block masking of 196 patches
+        return MemoryCase("vit_small", 16, 64, ((1, 224),), True, False, head_tokens=masked, cls_logit_tokens=0,
+                          patch_logit_tokens=masked, teacher=False, frozen_params=54_000_000, linear_head=True)
+    return memory_case(cfg, "vit_small", 16, half=True, fused_attention=False, layout=layout)
+
+
+def activation_factor() -> float:
+    """The one calibrated constant: measured / analytic activation bytes on :data:`CALIBRATION` (Tab.19 iBOT
+    2x224^2, 13.1 GB), counted with the official layout, the code that produced the table. It absorbs what
+    the count leaves out (drop-path masks, norm statistics, transient buffers at the peak) and is a property
+    of the backbone arithmetic, so the same factor predicts this repository's trainer (layout ``ours``)."""
+    memory = training_memory(tab19_case(CALIBRATION["setting"], "official"), factor=0.0)
+    return (CALIBRATION["peak_gib"] * GIB - memory["states"]) / memory["activations"]
+
+
+def tab19_memory(layout: str = "official") -> dict[str, float]:
+    """Predicted peak GiB per GPU of every Tab.19 setting: ``official`` = the code behind the table (compare
+    with its numbers), ``ours`` = this repository's trainer in the same setting (masked-token heads)."""
+    factor = activation_factor()
+    return {name: training_memory(tab19_case(name, layout), factor)["total"] / GIB for name in TAB19_SETTINGS}
+
+
+def _resolved_precision(cfg: Mapping[str, Any], cuda: bool, device_precision: str | None) -> str:
+    """ibot.train.pretrain._precision without torch: auto = fp16 on CUDA when use_fp16 (official), else fp32."""
+    choice = cfg.get("precision", "auto")
+    if choice == "auto":
+        return "fp16" if cfg.get("use_fp16", True) and cuda else "fp32"
+    if choice == "bf16_if_native":
+        return "bf16" if cuda or device_precision == "bf16" else "fp32"
+    return str(choice)
+
+
+def pretrain_memory_gb(cfg: Mapping[str, Any], arch: str, patch: int, kind: str,
+                       device: Mapping[str, Any] | None = None, depth: int | None = None) -> float | None:
+    """Predicted peak GiB per process of this repository's trainer on ``kind`` (None for Swin): CUDA kinds
+    (``nvidia-*``) use fused attention, CPU the explicit softmax under autocast (select_attention_kernel)."""
+    if isinstance(ARCHITECTURES.get(arch), SwinSpec):
+        return None
+    cuda = kind.startswith("nvidia")
+    half = _resolved_precision(cfg, cuda, (device or {}).get("precision")) in ("fp16", "bf16")
+    case = memory_case(cfg, arch, patch, half=half, fused_attention=cuda or not half, depth=depth)
+    return training_memory(case)["total"] / GIB
+
+
 def plan(config: Mapping[str, Any], rates: Mapping[str, Any], kind: str) -> list[Job]:
     """Every job the Snakemake DAG of ``config`` runs (pretraining, then each planned stage), costed."""
     from ibot.config import planned_stages, stage_config, stage_resources
@@ -209,7 +413,14 @@ def plan(config: Mapping[str, Any], rates: Mapping[str, Any], kind: str) -> list
             for name, run_cfg in runs:
                 flops, what = job_work(stage, run_cfg, config, model)
                 hours = flops / rate / 3600
-                jobs.append(Job(model, name, gpus, flops, what, hours, hours / gpus))
+                job = Job(model, name, gpus, flops, what, hours, hours / gpus)
+                if stage == BACKBONE_STAGE.name:
+                    arch = config["models"][model]["arch"]
+                    job.epoch_hours = epoch_hours(job.wall_hours, int(run_cfg["epochs"]))
+                    job.peak_memory_gb = pretrain_memory_gb(run_cfg, arch, config["models"][model]["patch_size"],
+                                                            kind, (rates.get("devices") or {}).get(kind),
+                                                            depth=config["models"][model].get("depth"))
+                jobs.append(job)
     return jobs
 
 
@@ -228,6 +439,16 @@ def format_plan(jobs: list[Job], kind: str, device: Mapping[str, Any]) -> str:
                  f"{total:,.0f} GPU-hours ({pretrain:,.0f} pretraining, "
                  f"{total - pretrain:,.0f} evaluations), {serial:,.0f} h wall if run one after another "
                  f"({math.ceil(serial / 24)} days); dense stages count the backbone only (lower bounds)")
+    pretraining = [j for j in jobs if j.stage == BACKBONE_STAGE.name]
+    if pretraining:  # the paper's Tab.19 quantities, predicted for this device kind
+        lines.append(f"pretraining on {kind} (Tab.19 quantities): wall hours at 100/300/800 epochs where reached; "
+                     f"peak GiB per process (memory model calibrated on Tab.19 iBOT 2x224^2, 13.1 GB V100, "
+                     f"factor {activation_factor():.2f})")
+        lines.append(f"{'model':<24} {'GPUs':>4} {'T100 h':>8} {'T300 h':>8} {'T800 h':>8} {'peak GiB':>9}")
+        for job in pretraining:
+            marks = [f"{job.epoch_hours[m]:>8.1f}" if m in job.epoch_hours else f"{'-':>8}" for m in TIME_MARKS]
+            memory = f"{job.peak_memory_gb:>9.1f}" if job.peak_memory_gb is not None else f"{'-':>9}"
+            lines.append(f"{job.model:<24} {job.gpus:>4} {' '.join(marks)} {memory}")
     return "\n".join(lines)
 
 

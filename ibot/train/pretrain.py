@@ -40,7 +40,13 @@ from ibot.tokenizers import build_mim_tokenizer, check_mim_heads
 from ibot.train.schedules import (cancel_last_layer_gradients, clip_gradients_per_param, cosine_schedule,
                                   param_groups)
 
-__all__ = ["IBOTModel", "GlobalBatchSampler", "run", "select_attention_kernel", "train"]
+__all__ = ["IBOTModel", "GlobalBatchSampler", "run", "select_attention_kernel", "train", "epoch_marks",
+           "peak_memory", "TIME_MARKS"]
+
+#: Epochs at which the paper reports pretraining wall-clock (Tab.19 T100/T300/T800, arXiv:2111.07832v3):
+#: a run records its cumulative hours at each one it reaches (``train_hours_<mark>ep``).
+TIME_MARKS = (100, 300, 800)
+GIB = 2 ** 30  # memory unit of ``peak_memory_gb``: GiB, as torch.cuda.max_memory_allocated / 1024^3
 
 
 class IBOTModel(nn.Module):
@@ -100,6 +106,30 @@ class GlobalBatchSampler(Sampler[int]):
         for step in range(self.steps):
             start = step * self.global_batch + self.rank * local
             yield from order[start:start + local].tolist()
+
+
+def epoch_marks(epochs: int, marks: tuple[int, ...] = TIME_MARKS) -> list[int]:
+    """The marks a run of ``epochs`` epochs reaches (T100/T300/T800 of Tab.19 for an 800-epoch run)."""
+    return [mark for mark in marks if mark <= epochs]
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory of this process, maximum over the processes (all-reduce max), in GiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (what the official MetricLogger's "max mem" shows; the
+    paper's Tab.19 GB) and ``max_memory_reserved`` (the caching allocator's pool). CPU: the process's
+    peak resident set (``ru_maxrss``, kB on Linux), a different quantity: ``memory_kind`` tells them apart
+    so that tables never mix them silently. Scope: this process, i.e. the last (resumed) session."""
+    if device.type == "cuda":
+        values = torch.tensor([torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
+                              dtype=torch.float64, device=device)
+        allocated, reserved = dist_utils.all_reduce_max(values).tolist()
+        return {"memory_kind": "cuda_max_allocated", "peak_memory_gb": allocated / GIB,
+                "max_memory_reserved_gb": reserved / GIB}
+    import resource
+
+    rss = torch.tensor([float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024], dtype=torch.float64)
+    return {"memory_kind": "cpu_peak_rss", "peak_memory_gb": dist_utils.all_reduce_max(rss).item() / GIB}
 
 
 def _precision(cfg: Mapping[str, Any], device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -246,6 +276,9 @@ class Trainer:
         self.wd_schedule = cosine_schedule(self.cfg["weight_decay"], self.cfg["weight_decay_end"], epochs, iters)
         self.momentum_schedule = cosine_schedule(self.cfg["momentum_teacher"], 1.0, epochs, iters)
         self.start_epoch = 0
+        # cumulative training seconds over every session (checkpoint ``elapsed_s``) and at each TIME_MARKS epoch
+        self.elapsed_s, self.mark_elapsed_s, self.elapsed_partial = 0.0, {}, False
+        self.time_marks = TIME_MARKS  # tests set tiny marks
 
     # -- checkpointing ------------------------------------------------------------------------
     @property
@@ -257,7 +290,9 @@ class Trainer:
         state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "epoch": epoch,
                  "args": {**self.cfg, **{k: v for k, v in self.spec.items() if v is not None}},
-                 "ibot_loss": self.loss.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+                 "ibot_loss": self.loss.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                 "elapsed_s": self.elapsed_s, "mark_elapsed_s": dict(self.mark_elapsed_s),
+                 "elapsed_partial": self.elapsed_partial}
         if self.scaler is not None:
             state["fp16_scaler"] = self.scaler.state_dict()
         if torch.cuda.is_available():
@@ -295,6 +330,11 @@ class Trainer:
             if "cuda" in state["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         self.start_epoch = int(state["epoch"])
+        # older checkpoints (and official ones) carry no time: count from 0 and say the figure is partial
+        self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.mark_elapsed_s = {int(k): float(v) for k, v in (state.get("mark_elapsed_s") or {}).items()}
+        self.elapsed_partial = bool(state.get("elapsed_partial", False)) or (
+            self.start_epoch > 0 and "elapsed_s" not in state)
         print(f"[pretrain] resumed from {path} at epoch {self.start_epoch}", flush=True)
 
     # -- training -----------------------------------------------------------------------------
@@ -406,6 +446,7 @@ class Trainer:
         log = TrainLog(self.work_dir / "train_log.jsonl", keep_before_epoch=self.start_epoch)
         tb = ScalarWriter(tb_dir, resume_step=self.start_epoch * self.iters_per_epoch)  # flushes every add
         epochs, started = self.cfg["epochs"], time.time()
+        previous_s = self.elapsed_s  # sessions before this one (resume)
         total_iters = (epochs - self.start_epoch) * self.iters_per_epoch
         done_iters = 0
         for epoch in range(self.start_epoch, epochs):
@@ -420,7 +461,8 @@ class Trainer:
                     rows = self._materialize(pending)  # the only host sync of the loop
                     rate = len(rows) * self.global_batch / max(time.time() - interval_start, 1e-9)
                     for row, done in zip(rows, pending):  # throughput of the interval, data loading included
-                        log.write({"epoch": epoch, "iteration": done["iteration"], **row, "images_per_s": rate})
+                        log.write({"epoch": epoch, "iteration": done["iteration"], **row, "images_per_s": rate,
+                                   "elapsed_h": (previous_s + time.time() - started) / 3600})
                     stats = {**rows[-1], "images_per_s": rate}
                     pending, interval_start = [], time.time()
                     tb.add({f"pretrain/{key}": value for key, value in stats.items()}, it)
@@ -430,12 +472,30 @@ class Trainer:
                           f"loss {stats['loss']:.4f} (cls {stats['cls']:.4f} patch {stats['patch']:.4f}) "
                           f"lr {stats['lr']:.2e} {stats['images_per_s']:.1f} img/s eta {eta / 60:.1f} min",
                           flush=True)
+            # cumulative time at the end of the epoch, before its checkpoint (which stores it)
+            self.elapsed_s = previous_s + time.time() - started
+            if epoch + 1 in self.time_marks:
+                self.mark_elapsed_s[epoch + 1] = self.elapsed_s
             self.save(epoch + 1)
             print(f"[pretrain] epoch {epoch + 1} done in {time.time() - epoch_start:.1f}s; checkpoint saved", flush=True)
         tb.close()
         dist_utils.barrier()
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
-        return {"epochs": epochs, "iterations_per_epoch": self.iters_per_epoch, "global_batch": self.global_batch,
+        device = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                  else _cpu_model())
+        cfg = self.cfg
+        return {**peak_memory(self.device), "memory_unit": "GiB (2^30 bytes)",
+                "device_name": device, "device_type": self.device.type, "world_size": dist_utils.world_size(),
+                "device_count": torch.cuda.device_count() if self.device.type == "cuda" else 1,
+                "crops": {"global": f"{cfg['global_crops_number']}x{cfg['global_crops_size']}",
+                          "local": f"{cfg['local_crops_number']}x{cfg['local_crops_size']}"},
+                # cumulative over resumes; partial: resumed from a checkpoint that did not record its time
+                "train_hours": self.elapsed_s / 3600, "train_hours_partial": self.elapsed_partial,
+                "train_hours_at": {mark: self.mark_elapsed_s[mark] / 3600 for mark in epoch_marks(epochs, self.time_marks)
+                                   if mark in self.mark_elapsed_s},
+                # train_time_s: this session only (since the resume); elapsed_s: all sessions
+                "elapsed_s": self.elapsed_s,
+                "epochs": epochs, "iterations_per_epoch": self.iters_per_epoch, "global_batch": self.global_batch,
                 "recipe_global_batch": self.cfg["global_batch_size"], "batch_rescaled": self.batch_rescaled,
                 "peak_lr": scaled_lr("pretrain", self.cfg["lr"], self.global_batch), "precision": precision,
                 "train_time_s": time.time() - started, "resumed_from_epoch": self.start_epoch}
@@ -456,6 +516,12 @@ class TrainLog:
         if self.enabled:
             with self.path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
+
+
+def _cpu_model() -> str:
+    from ibot.metrics import device_info
+
+    return str(device_info().get("name") or "cpu")
 
 
 def _row_epoch(line: str) -> int | None:
@@ -501,9 +567,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
     classes = len(getattr(trainer.dataset.dataset, "classes", []))
     ctx.write_metrics(task="pretrain", dataset=_dataset_label(ctx, classes),
                       protocol=f"ibot,{cfg['epochs']}ep,batch={trainer.global_batch}",
-                      metrics={key: float(last[key]) for key in ("loss", "cls", "patch") if key in last},
+                      metrics={**{key: float(last[key]) for key in ("loss", "cls", "patch") if key in last},
+                               **time_memory_metrics(summary)},
                       extra={"summary": summary, "last_logged_iteration": last.get("iteration")})
     return summary
+
+
+def time_memory_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The paper's Tab.19 quantities of a run (arXiv:2111.07832v3): ``train_hours`` (cumulative over resumes,
+    to the last epoch), ``train_hours_<m>ep`` for each mark m of TIME_MARKS the run reached (one 800-epoch run
+    gives T100/T300/T800) and ``peak_memory_gb`` (GiB per process, max over processes; its kind, CUDA allocated
+    or CPU resident, in ``extra.summary.memory_kind``)."""
+    metrics = {"train_hours": float(summary["train_hours"])}
+    metrics.update({f"train_hours_{int(mark)}ep": float(hours) for mark, hours in summary["train_hours_at"].items()})
+    metrics["peak_memory_gb"] = float(summary["peak_memory_gb"])
+    return metrics
 
 
 def _dataset_label(ctx: StageContext, num_classes: int) -> str:
@@ -516,5 +594,6 @@ def _dataset_label(ctx: StageContext, num_classes: int) -> str:
 def export_log_csv(jsonl: Path, csv_path: Path) -> list[dict[str, Any]]:
     """``train_log.jsonl`` as CSV (the results' curves); returns its rows."""
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    write_csv_atomic(csv_path, rows, list(rows[0]) if rows else ["epoch"])
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # union: a log resumed from an older one
+    write_csv_atomic(csv_path, rows, columns or ["epoch"])
     return rows
