@@ -164,10 +164,14 @@ def format_ablation_coverage(frame: pd.DataFrame, configfiles: Iterable[str | Pa
             f"results/reference/ibot_paper_ablations.csv ({100 * (planned | needs).sum() / max(total, 1):.0f}%) are "
             f"planned: {int(planned.sum())} by a job of the Snakemake plan, {int(needs.sum())} by jobs waiting for a "
             f"user-provided file absent here; {int((frame['status'] == 'not planned').sum())} not planned.**"]
-    for title, mask in (("needs a user-provided file", needs), ("not planned because", frame["status"] == "not planned")):
-        if mask.any():
-            text += ["", f"| {title} | rows |", "|---|---|"]
-            text += [f"| {reason} | {count} |" for reason, count in frame[mask]["reason"].value_counts().items()]
+    if needs.any():  # grouped by the absent file (the reasons name each model's key)
+        files = frame[needs]["reason"].str.extract(r"(\S+) \(absent\)", expand=False).fillna(frame[needs]["reason"])
+        text += ["", "| needs this user-provided file (absent here) | rows |", "|---|---|"]
+        text += [f"| {path} | {count} |" for path, count in files.value_counts().items()]
+    if (frame["status"] == "not planned").any():
+        text += ["", "| not planned because | rows |", "|---|---|"]
+        text += [f"| {reason} | {count} |"
+                 for reason, count in frame[frame["status"] == "not planned"]["reason"].value_counts().items()]
     text += ["", "| table | setting | model | epochs | task | metric | paper | status | job or reason |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in frame.itertuples(index=False):
