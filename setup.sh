@@ -60,7 +60,7 @@ if ! have mmcv "$MMCV_VERSION" || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
 fi
 
 step "installing the project and its pinned dependencies"
-if [[ $WITH_TEST == 1 ]]; then EXTRA=".[test]"; else EXTRA="."; fi
+if [[ $WITH_TEST == 1 ]]; then EXTRA=".[test,dalle]"; else EXTRA="."; fi  # tests: also the DALL-E tokenizer (Tab. 9/20)
 "${PIP[@]}" install --progress-bar on -e "$EXTRA"
 "$PY" -c "import torch, mmcv.ops, mmdet, mmseg, timm; print('environment ok: torch', torch.__version__, '| mmcv', mmcv.__version__, '| timm', timm.__version__)"
 

@@ -92,6 +92,7 @@ class OursStep(Trainer):
         self.work_dir = Path("harness-no-checkpoints")
         self.autocast_dtype, use_scaler = _precision(cfg, device)
         self.student, self.teacher, self.student_ddp = student, teacher, student
+        self.tokenizer = None  # the online tokenizer (the official target)
         select_attention_kernel((student, teacher), device, self.autocast_dtype)  # the trainer's choice
         self.ema_pairs = _shared_parameters(student, teacher)
         self.loss = IBOTLoss(cfg["out_dim"], loss_patch_out_dim(cfg), cfg["global_crops_number"],

@@ -5,6 +5,7 @@ user-provided file is absent."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pandas as pd
 import pytest
@@ -116,3 +117,75 @@ def test_the_ablation_config_plans_most_rows_and_says_why_not_for_the_others():
     # everything that needs no user file is in the Snakemake plan
     assert {"tab9_frozen_dino", "tab20_kmeans", "tab17_vanilla", "center_m08", "mc_b_s04"} <= set(
         frame[frame["status"] == "planned"]["setting"])
+
+
+# -- one embedded-size pretraining step of every ablation model, with its resolved recipe ---------------------
+#: Size keys shrunk for a CPU step; every other value (the setting's knobs) is the resolved recipe's.
+SHRUNK = {"epochs": 1, "batch_size_per_gpu": 4, "global_batch_size": None, "global_crops_size": 64,
+          "local_crops_size": 32, "num_workers": 0, "head_hidden_dim": 64, "warmup_epochs": 0,
+          "warmup_teacher_temp_epochs": 0, "pred_start_epoch": 0, "saveckp_freq": 0, "precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def step_images(tmp_path_factory):
+    from ibot.data.embedded import EmbeddedSizes, generate
+
+    sizes = EmbeddedSizes(classes=2, train_per_class=4, val_per_class=1, c_per_class=1, a_classes=2, image_size=64)
+    return generate(tmp_path_factory.mktemp("data"), seed=0, sets=["imagenet"], sizes=sizes)["imagenet"]
+
+
+def _tokenizer_file(kind: str, cfg: dict, spec: dict, tmp_path) -> str:
+    """A stand-in of the file the setting reads, of the kind and vocabulary its recipe expects."""
+    import torch
+
+    from ibot.checkpoint import export_backbone, export_heads
+    from ibot.train.pretrain import build_models
+
+    path = tmp_path / f"{kind}.pth"
+    if kind == "kmeans":  # K centroids in the tokenizer's pixel space (what `ibot.tokenizers fit-kmeans` writes)
+        p, k = spec["patch_size"], cfg["patch_out_dim"]
+        torch.save({"centroids": torch.rand(k, 3 * p * p), "meta": {"k": k, "patch_size": p,
+                                                                     "crop": cfg["global_crops_size"]}}, path)
+    elif kind == "frozen":  # the frozen model's export: its vocabulary is its head's patch output
+        student, teacher = build_models(cfg, spec)
+        path = tmp_path / "pretrain" / "teacher_backbone.pth"
+        export_backbone(teacher.backbone, path, {**spec, "epochs": 0, "network": "teacher"})
+        export_heads({"teacher": teacher.head, "student": student.head}, path.with_name("heads.pth"),
+                     {**spec, "epochs": 0, "out_dim": cfg["out_dim"], "patch_out_dim": cfg["patch_out_dim"],
+                      "shared_head": cfg["shared_head"], "shared_head_teacher": cfg["shared_head_teacher"]})
+    else:  # dalle: a random-weights encoder pickled as the release is
+        from dall_e.encoder import Encoder
+
+        torch.save(Encoder(n_hid=64, n_blk_per_group=1, vocab_size=8192), path)
+    return str(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained_models():
+    config, _ = load_workflow_config([ABLATIONS])
+    return config, [m for m, e in config["models"].items() if e["weights"] == "pretrain"]
+
+
+@pytest.mark.parametrize("model", _pretrained_models()[1])
+def test_every_ablation_model_takes_a_pretraining_step_with_its_resolved_recipe(model, step_images, tmp_path,
+                                                                                one_thread):
+    import math
+
+    from ibot.config import stage_config
+    from ibot.train.pretrain import Trainer
+
+    config, _ = _pretrained_models()
+    cfg = {**copy.deepcopy(stage_config(config, "pretrain", model)), **SHRUNK}
+    cfg["local_crops_number"] = min(cfg["local_crops_number"], 2)
+    spec = {"arch": "vit_tiny", "patch_size": 16, "depth": 2}
+    if cfg["mim_target"] in ("kmeans", "frozen", "dalle"):
+        if cfg["mim_target"] == "dalle":
+            pytest.importorskip("dall_e", reason="the [dalle] extra (setup.sh --test installs it)")
+        cfg["mim_tokenizer"] = _tokenizer_file(cfg["mim_target"], cfg, spec, tmp_path)
+    trainer = Trainer(cfg, spec, step_images / "train", tmp_path / "work")
+    crops, _, masks = next(iter(trainer._loader(0)))
+    row = trainer.train_step(crops, masks, 0, 0)
+    assert math.isfinite(row["loss"]), row
+    # the setting's terms: no [CLS] term without lambda1 (or without a second global crop), no MIM term without lambda2
+    assert (row["cls"] == 0) == (cfg["lambda1"] == 0 or cfg["global_crops_number"] == 1), row
+    assert (row["patch"] == 0) == (cfg["lambda2"] == 0), row

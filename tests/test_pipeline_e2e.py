@@ -191,3 +191,39 @@ def test_report_reads_right_in_a_browser(embedded_run, tmp_path):
     start = time.perf_counter()
     view = check_report(run_dir.parents[1], tmp_path)
     print(f"report + browser: {time.perf_counter() - start:.0f}s, {len(view.screenshots)} screenshots")
+
+
+def test_embedded_ablations_end_to_end(embedded_run):
+    """config/ablations_embedded.yaml (iBOT, MIM off, [CLS] loss off, MPP tokenizer; k-NN and linear) through
+    Snakemake in the same working directory (the embedded datasets are already generated): every number is
+    beyond chance with its 95 % interval and the ablation tables put each beside the paper's row."""
+    import pandas as pd
+
+    workdir = embedded_run[0].parents[1]
+    config_file = ROOT / "config" / "ablations_embedded.yaml"
+    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile", str(config_file),
+               "--directory", str(workdir)]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "rule embedded_data" not in result.stdout + result.stderr  # shared with the main run, not regenerated
+    print(f"embedded ablation run: {seconds:.0f}s")
+    run_dir = workdir / "results" / "ablations_embedded"
+    tables = pd.read_csv(run_dir / "tables" / "ablations.csv")
+    ours = tables[tables["ours"].notna()]
+    expected = {("tab9_ibot", "emb_ibot"), ("tab9_dino", "emb_dino"), ("tab9_no_cls", "emb_no_cls"),
+                ("tab20_mpp", "emb_mpp"), ("tab20_ibot", "emb_ibot")}
+    assert set(zip(ours["setting"], ours["our_model"])) == expected
+    assert set(ours["column"]) == {"k-NN", "Lin."} and len(ours) == 10
+    assert (ours["ci_low"] > 10.0).all(), ours  # 10 balanced classes: beyond chance with the interval
+    dino = ours[(ours["setting"] == "tab9_dino") & (ours["column"] == "k-NN")].iloc[0]
+    base = ours[(ours["setting"] == "tab9_ibot") & (ours["column"] == "k-NN")].iloc[0]
+    assert dino["delta_ours"] == pytest.approx(dino["ours"] - base["ours"])
+    assert dino["delta_paper"] == pytest.approx(67.9 - 69.1)
+    text = (run_dir / "tables" / "ablations.md").read_text()
+    assert "## Tab.9 tokenizer ablation" in text and "## Tab.17 head sharing" not in text  # only tables it ran
+    for model in ("emb_ibot", "emb_dino", "emb_no_cls", "emb_mpp"):  # Tab. 19 quantities of every pretraining
+        record = read_metrics(run_dir / model / "pretrain" / "metrics.json")
+        assert record["metrics"]["train_hours"] > 0 and record["metrics"]["peak_memory_gb"] > 0
+        assert record["extra"]["summary"]["memory_kind"] == "cpu_peak_rss"

@@ -81,10 +81,13 @@ def load_ablations(path: str | Path = ABLATIONS_CSV, settings: pd.DataFrame | No
 
 
 def model_epochs(config: Mapping[str, Any], model: str) -> int | None:
-    """Pretraining epochs of the backbone a model evaluates: its own, or its ``weights_from`` model's."""
+    """Pretraining epochs of the backbone a model evaluates, as ablation rows are matched: ``paper_epochs``
+    when set (a shrunken stand-in), else its own, or its ``weights_from`` model's."""
     from ibot.config import section_config
 
     entry = config["models"][model]
+    if entry.get("paper_epochs"):
+        return int(entry["paper_epochs"])
     source = entry.get("weights_from") or (model if entry["weights"] == "pretrain" else None)
     return int(section_config(config, "pretrain", source)["epochs"]) if source else None
 
@@ -236,11 +239,15 @@ def _fmt(value: Any, digits: int = 1, sign: bool = False) -> str:
 def format_ablation_tables(frame: pd.DataFrame, run: str = "") -> str:
     """Markdown: one table per paper table, rows = settings, per printed column ours / paper, and the deltas
     against the table's reference row (Δ ours / Δ paper)."""
+    if frame["ours"].notna().any():  # the tables this run has a number in
+        frame = frame[frame.groupby("table")["ours"].transform(lambda v: v.notna().any())]
     text = [f"# Ablations{f' of run {run}' if run else ''}: ours beside the paper",
             "", "Cells: ours / paper (ours with its 95 % interval when a single run has one); Δ: against the "
                 "table's reference row (the setting named in `delta_vs`), ours / paper. Empty: not run.", ""]
     for table, rows in frame.groupby("table", sort=False):
-        columns = list(dict.fromkeys(rows["column"]))
+        # the printed order: that of the setting with the most columns, then any other
+        widest = rows.groupby("setting", sort=False)["column"].agg(list).loc[lambda c: c.map(len).idxmax()]
+        columns = list(dict.fromkeys([*widest, *rows["column"]]))
         has_delta = rows["delta_vs"].ne("").any()
         header = ["setting", "method", *columns] + ([f"Δ {c}" for c in columns] if has_delta else []) + ["our model"]
         text += [f"## {table}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
