@@ -16,7 +16,7 @@ from typing import Sequence
 __all__ = ["build_parser", "main", "RESULTS_COMMANDS"]
 
 #: The ``python -m ibot.results`` commands a user runs by hand (the others are steps of the workflow's rules).
-RESULTS_COMMANDS = ("coverage", "plan", "evidence", "compare", "tables", "dvc-track", "dvc-push", "dvc-pull")
+RESULTS_COMMANDS = ("coverage", "plan", "evidence", "compare", "tables", "ablations", "dvc-track", "dvc-push", "dvc-pull")
 
 _DESCRIPTION = ("iBOT reproduction: explain, cost, check coverage, compare, tabulate, share and export what the "
                 "Snakemake workflow runs (the workflow itself: `snakemake`).")
@@ -25,6 +25,7 @@ _EPILOG = """examples:
   ibot explain --model vit_tiny --stage linear           # what a stage runs with, value by value
   ibot plan --configfile config/paper.yaml               # GPU-hours of the paper before launching
   ibot coverage --configfile config/released.yaml        # paper numbers reproduced from released weights
+  ibot coverage --configfile config/ablations.yaml       # the paper's 154 ablation numbers: planned, waiting, why not
   ibot compare embedded --paper                          # a finished run next to the paper
   ibot evidence --run-dir results/embedded --model vit_tiny --random-model vit_tiny_random
   ibot export results/embedded/vit_tiny/pretrain/teacher_backbone.pth --arch vit_tiny --depth 6 --out hub/

@@ -222,6 +222,13 @@ IMPLEMENTATION: dict[str, dict[str, tuple[Any, str]]] = {
         "precision": ("auto", "main_ibot.py:97 use_fp16: fp16 + GradScaler when true, else fp32"),
         "global_crops_size": (224, "main_ibot.py:592,599 RandomResizedCrop(224)"),
         "local_crops_size": (96, "main_ibot.py:608 RandomResizedCrop(96)"),
+        # ablation knobs (paper Tab. 9/17/18/20, App. E): their defaults are the official behaviour
+        "head_sharing": ("flags", "main_ibot.py:233,243 shared_head / shared_head_teacher as given"),
+        "patch_center_momentum": (0.9, "main_ibot.py:482 center_momentum2=0.9 (hard-coded)"),
+        "patch_centering": (True, "main_ibot.py:535 teacher_patch - self.center2"),
+        "patch_targets": ("soft", "main_ibot.py:535 softmax teacher patch targets"),
+        "mim_target": ("online", "main_ibot.py:535 the teacher's patch distribution"),
+        "mim_tokenizer": (None, "no offline tokenizer (the online teacher)"),
     },
     "linear": {"lrs": (None, "eval_linear.py lr grid (ibot.config.OFFICIAL_LR_GRID)"),
                "cache_val_features": (True, f"deterministic val transform, frozen backbone: {_ALL}")},

@@ -52,7 +52,14 @@ def _ablations(args) -> None:
     from ibot.results.ablations import write_ablation_tables
 
     models = json.dumps(load_models_info(args.config, args.models_json))
-    print(f"[results] ablation tables: {write_ablation_tables(args.summary, models, args.out_dir, args.run)}")
+    written = write_ablation_tables(args.summary, models, args.out_dir, args.run)
+    print(f"[results] ablation tables: {written}")
+    if args.readme:
+        from ibot.io import write_text_atomic
+        from ibot.results.readme import replace_block
+
+        body = written.read_text().split("\n", 2)[2]  # without the title line
+        write_text_atomic(args.readme, replace_block(Path(args.readme).read_text(), args.block, body))
 
 
 def _ablations_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +68,8 @@ def _ablations_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-json", default=None, help="models info as the summary rule passes it")
     p.add_argument("--out-dir", required=True, help="writes ablations.md and ablations.csv here")
     p.add_argument("--run", default="")
+    p.add_argument("--readme", default=None, help="also fill this file's <!-- BLOCK:start/end --> block with them")
+    p.add_argument("--block", default="ablations-embedded", help="the README block (default: ablations-embedded)")
 
 
 def _plots(args) -> None:
@@ -153,7 +162,8 @@ def _coverage(args) -> None:
     if args.readme:
         from ibot.results.readme import replace_block
 
-        block = headline + "\n\n" + ablations.split("\n\n| ")[0]  # both headlines (ablations: + its reasons' head)
+        # the main tables' headline, or the ablations' with its tables of files and reasons
+        block = headline if args.part == "main" else ablations.split("\n\n| table |")[0]
         write_text_atomic(args.readme, replace_block(Path(args.readme).read_text(), args.block, block))
 
 
@@ -237,6 +247,8 @@ def _coverage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the Markdown report here")
     p.add_argument("--readme", default=None, help="also fill this file's <!-- BLOCK:start/end --> block")
     p.add_argument("--block", default="coverage", help="the README block to fill (default: coverage)")
+    p.add_argument("--part", choices=("main", "ablations"), default="main",
+                   help="which report goes into the block: the main tables' headline or the ablations' summary")
 
 
 def _readme_args(p: argparse.ArgumentParser) -> None:
