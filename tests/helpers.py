@@ -86,3 +86,19 @@ def tiny_pretrain_snakefile(backbone_bytes: int) -> str:
     pretraining stage's outputs (teacher_backbone.pth of ``backbone_bytes`` random bytes, heads.pth,
     train_log.csv, metrics.json) in seconds: what the DVC tests track, push and pull."""
     return _TINY_PRETRAIN_SNAKEFILE.replace("BACKBONE_BYTES", str(int(backbone_bytes)))
+
+
+def kill_at_second_evaluation(monkeypatch: Any) -> None:
+    """Make the fine-tuning loop's second evaluation raise KeyboardInterrupt (a kill after epoch 1's
+    checkpoint); ``monkeypatch.undo()`` or a new setattr restores it."""
+    from downstream.engine import finetune
+
+    real_evaluate, calls = finetune.evaluate, []
+
+    def dying_evaluate(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "evaluate", dying_evaluate)

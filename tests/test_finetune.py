@@ -12,7 +12,7 @@ import yaml
 
 from downstream.engine import finetune
 from downstream.engine.data import finetune_train_transform
-from helpers import run_stage
+from helpers import kill_at_second_evaluation, run_stage
 from ibot.metrics import read_metrics
 from ibot.stages import stage_defaults
 from ibot.models.layer_decay import vit_layer_id
@@ -364,15 +364,8 @@ def test_deepspeed_fp16_fit_on_cpu_halves_the_model_and_resumes(tmp_path: Path,
     assert all(m.dtype == torch.float32 for g in state["optimizer"]["fp32_groups"] for m in g)
     assert [h["epoch"] for h in history] == [1, 2] and all(math.isfinite(h["train_loss"]) for h in history)
 
-    real_evaluate, calls = finetune.evaluate, []
-
-    def dying_evaluate(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(finetune, "evaluate", dying_evaluate)
+    real_evaluate = finetune.evaluate
+    kill_at_second_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed.pth")
     assert torch.load(tmp_path / "killed.pth", weights_only=True)["epoch"] == 1

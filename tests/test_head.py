@@ -75,15 +75,22 @@ def test_shared_head() -> None:
     assert len(list(head.parameters())) == 8
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"shared_head": True}, {"bottleneck_dim": 0}, {"norm": "ln"}])
-def test_selected_tokens_match_full_forward(kwargs: dict) -> None:
-    head = _head(**kwargs)
+def _assert_selected_tokens_match(head: IBOTHead) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[CLS], masked-patch and patch-mean forwards equal the official forward on every token; returns
+    (tokens, cls logits, patch logits) of that forward."""
     tokens = torch.randn(3, 1 + 6, IN_DIM)
     cls, patch = head(tokens)
     mask = torch.rand(3, 6) < 0.5
     assert torch.allclose(head.forward_cls(tokens[:, 0]), cls, atol=1e-6)
     assert torch.allclose(head.forward_patch(tokens[:, 1:][mask]), patch[mask], atol=1e-6)
     assert torch.allclose(head.forward_patch_mean(tokens[:, 1:]), patch.mean(1), atol=1e-6)
+    return tokens, cls, patch
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"shared_head": True}, {"bottleneck_dim": 0}, {"norm": "ln"}])
+def test_selected_tokens_match_full_forward(kwargs: dict) -> None:
+    head = _head(**kwargs)
+    tokens, cls, patch = _assert_selected_tokens_match(head)
 
 
 def test_build_head_follows_official_flags() -> None:
@@ -154,12 +161,7 @@ def test_separate_patch_mlp_selected_tokens_and_exact_mean(shared_mlp_layers: in
     with torch.no_grad():  # make the patch branch differ visibly from the [CLS] one
         for p in head.patch_mlp.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    tokens = torch.randn(3, 1 + 6, IN_DIM)
-    cls, patch = head(tokens)
-    mask = torch.rand(3, 6) < 0.5
-    assert torch.allclose(head.forward_cls(tokens[:, 0]), cls, atol=1e-6)
-    assert torch.allclose(head.forward_patch(tokens[:, 1:][mask]), patch[mask], atol=1e-6)
-    assert torch.allclose(head.forward_patch_mean(tokens[:, 1:]), patch.mean(1), atol=1e-6)
+    tokens, cls, patch = _assert_selected_tokens_match(head)
     # the patch branch: shared prefix, own tail, normalise, last_layer2 (written out)
     x = tokens[:, 1:]
     for module in list(head.mlp)[:head._split]:

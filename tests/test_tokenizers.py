@@ -13,17 +13,13 @@ from ibot.checkpoint import export_backbone, export_heads, load_file
 from ibot.data.embedded import EmbeddedSizes, generate
 from ibot.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
 from ibot.loss import IBOTLoss
-from ibot.stages import stage_defaults
 from ibot.tokenizers import (DalleTokenizer, KMeansTokenizer, MPPTokenizer, build_tokenizer, check_mim_config,
                              main as tokenizers_main)
 from ibot.train.pretrain import Trainer, build_models
+from test_pretrain import SPEC, TINY as PRETRAIN_TINY
 
-DEFAULTS = stage_defaults("pretrain")
-SPEC = {"arch": "vit_tiny", "patch_size": 8, "depth": 2}
-TINY = {**DEFAULTS, "epochs": 1, "batch_size_per_gpu": 8, "global_crops_size": 32, "local_crops_size": 16,
-        "local_crops_number": 2, "num_workers": 0, "out_dim": 128, "patch_out_dim": 128, "warmup_epochs": 0,
-        "warmup_teacher_temp_epochs": 0, "pred_ratio": [0.0, 0.3], "pred_ratio_var": [0.0, 0.2],
-        "shared_head": False, "saveckp_freq": 0, "log_every": 100, "precision": "fp32"}
+#: test_pretrain's tiny recipe, one epoch without warm-ups
+TINY = {**PRETRAIN_TINY, "epochs": 1, "warmup_epochs": 0, "warmup_teacher_temp_epochs": 0, "saveckp_freq": 0}
 NORMALISE = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 

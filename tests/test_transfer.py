@@ -16,7 +16,7 @@ import yaml
 
 from downstream import transfer as common
 from downstream.engine import finetune
-from helpers import run_stage
+from helpers import kill_at_second_evaluation, run_stage
 from ibot.data.embedded import EmbeddedSizes, generate
 from ibot.data.transfer_sets import TRANSFER_KINDS, read_transfer_set
 from ibot.metrics import read_metrics
@@ -371,15 +371,8 @@ def test_resume_after_kill_equals_the_uninterrupted_run(sets: dict[str, Path], t
     run_stage("transfer_cars", _argv(tmp_path, "cars", sets["cars"], "full", ckpt))
     full = read_metrics(tmp_path / "full" / "transfer_cars" / "metrics.json")["extra"]["history"]
 
-    real_evaluate, calls = finetune.evaluate, []
-
-    def dying_evaluate(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(finetune, "evaluate", dying_evaluate)
+    real_evaluate = finetune.evaluate
+    kill_at_second_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_stage("transfer_cars", _argv(tmp_path, "cars", sets["cars"], "killed", ckpt))
     state = torch.load(tmp_path / "killed" / "transfer_cars" / "work" / "checkpoint.pth", weights_only=True)
