@@ -101,6 +101,27 @@ def test_ablation_tables_put_ours_beside_the_paper_with_both_deltas():
     assert {"T100", "T300", "T800", "Mem. (GB)", "Lin.300", "Lin.800", "Fin.800"} <= set(tab19["column"])
 
 
+def test_tab19_hours_and_memory_name_the_device_they_were_measured_on(tmp_path):
+    import json
+
+    from ibot.results.aggregate import SUMMARY_COLUMNS
+
+    record = tmp_path / "metrics.json"
+    record.write_text(json.dumps({"extra": {"summary": {"device_name": "NVIDIA H100", "world_size": 16,
+                                                        "memory_kind": "cuda_max_allocated"}}}))
+    summary = pd.DataFrame([{**dict.fromkeys(SUMMARY_COLUMNS), "run": "r", "model": "ibot_800", "stage": "pretrain",
+                             "dataset": "d", "protocol": "p", "metric": k, "value": v, "seed": 0,
+                             "is_paper_protocol": False, "metrics_file": str(record)}
+                            for k, v in [("train_hours_100ep", 20.0), ("train_hours_800ep", 160.0),
+                                         ("peak_memory_gb", 18.0)]])
+    frame = ablation_tables(summary, {"ibot_800": {"ablation": ["tab19_ibot_mc"], "pretrain_epochs": 800}})
+    cells = frame[frame["setting"] == "tab19_ibot_mc"].set_index("column")
+    assert cells.loc["T100", "ours"] == 20.0 and cells.loc["T100", "paper"] == 24.3
+    assert cells.loc["Mem. (GB)", "ours"] == 18.0 and pd.isna(cells.loc["T300", "ours"])
+    text = format_ablation_tables(frame)
+    assert "Ours measured on: ibot_800: NVIDIA H100 x 16 processes, cuda_max_allocated" in text
+
+
 def test_the_ablation_config_plans_most_rows_and_says_why_not_for_the_others():
     from ibot.results.coverage import planned_outputs
 

@@ -223,11 +223,29 @@ def ablation_tables(summary: pd.DataFrame, models: Mapping[str, Mapping[str, Any
                         "column": _column(row, multi), "paper": row.value, "ours": value, "ci_low": ci_low,
                         "ci_high": ci_high, "our_model": our_model, "delta_vs": row.delta_vs})
     frame = pd.DataFrame(out)
+    devices = _pretraining_devices(summary)
+    frame["measured_on"] = [devices.get(m, "") if c.startswith(("T", "Mem")) else ""
+                            for m, c in zip(frame["our_model"], frame["column"])]
     for source, target in (("paper", "delta_paper"), ("ours", "delta_ours")):
         base = frame.set_index(["setting", "column"])[source].to_dict()
         frame[target] = [(v - base[(b, c)]) if b and pd.notna(v) and pd.notna(base.get((b, c))) else None
                          for v, b, c in zip(pd.to_numeric(frame[source]), frame["delta_vs"], frame["column"])]
     return frame
+
+
+def _pretraining_devices(summary: pd.DataFrame) -> dict[str, str]:
+    """``{model: "NVIDIA H100 x 16 processes, cuda_max_allocated"}`` from each pretraining's metrics.json
+    (Tab. 19's hours and memory mean nothing without the device and what the memory figure counts)."""
+    out = {}
+    rows = summary[summary["stage"] == "pretrain"].drop_duplicates("model") if len(summary) else summary
+    for model, path in zip(rows.get("model", []), rows.get("metrics_file", [])):
+        try:
+            info = json.loads(Path(str(path)).read_text())["extra"]["summary"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        out[model] = (f"{info.get('device_name', '?')} x {info.get('world_size', '?')} processes, "
+                      f"{info.get('memory_kind', '?')}")
+    return out
 
 
 def _fmt(value: Any, digits: int = 1, sign: bool = False) -> str:
@@ -267,6 +285,10 @@ def format_ablation_tables(frame: pd.DataFrame, run: str = "") -> str:
                               if cell.delta_vs else "ref.")
             line = [setting, f"{first['model']}: {first['varies']}", *values] + (deltas if has_delta else [])
             text.append("| " + " | ".join(line + [first["our_model"]]) + " |")
+        measured = rows[rows["measured_on"] != ""][["our_model", "measured_on"]].drop_duplicates()
+        if len(measured):  # the paper's: two 8-GPU V100 machines, batch 1024 (Tab. 19)
+            text += ["", "Ours measured on: " + "; ".join(f"{m}: {d}" for m, d in measured.values) +
+                     " (the paper: two 8-GPU V100 machines, batch 1024, peak GPU memory per GPU)"]
         text.append("")
     return "\n".join(text)
 
