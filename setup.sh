@@ -33,10 +33,32 @@ sys.exit(0 if version(sys.argv[1]).split('+')[0] == sys.argv[2] else 1)
 PYEOF
 }
 
+# PyPI's x86_64 torch is the CUDA build: ~6.6 GB installed, ~3.8 GB of wheels. Installed in one pip call
+# (with pip's cache) it peaks near 14 GB; installed one CUDA wheel at a time without the cache, ~8 GB.
+NEED_GB=9
 if ! have torch "$TORCH_VERSION" || ! have torchvision "$TORCHVISION_VERSION"; then
+  avail_gb=$(( $(df -Pk "$VENV" | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+  if (( avail_gb < NEED_GB )); then
+    echo "setup.sh: $(realpath "$VENV") has ${avail_gb} GB free; torch $TORCH_VERSION needs about $NEED_GB GB" \
+         "(the venv ends near 8.5 GB). Free space there or set VENV=<dir on a larger disk>." >&2
+    exit 1
+  fi
   step "installing torch $TORCH_VERSION + torchvision $TORCHVISION_VERSION (large download, ~2 min)"
   "${PIP[@]}" install --progress-bar on "pip>=24" "setuptools<70" wheel ninja
-  "${PIP[@]}" install --progress-bar on "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  report=$(mktemp)
+  "${PIP[@]}" install --quiet --dry-run --report "$report" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  # the large wheels first, each downloaded, installed and dropped before the next
+  mapfile -t large < <("$PY" - "$report" <<'PYEOF'
+import json, sys
+for item in json.load(open(sys.argv[1]))["install"]:
+    name, version = item["metadata"]["name"], item["metadata"]["version"]
+    if name.startswith("nvidia-") or name == "triton":
+        print(f"{name}=={version}")
+PYEOF
+)
+  for req in "${large[@]}"; do "${PIP[@]}" install --no-cache-dir --no-deps --progress-bar on "$req"; done
+  rm -f "$report"
+  "${PIP[@]}" install --no-cache-dir --progress-bar on "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 
 if ! have mmcv "$MMCV_VERSION" || ! "$PY" -c "import mmcv.ops" 2>/dev/null; then
