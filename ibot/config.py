@@ -288,17 +288,21 @@ def validate_config(config: dict[str, Any], *, base_dir: str | Path = ".") -> di
 
 def _ablation_problems(config: Mapping[str, Any]) -> list[str]:
     """Ablation setting ids (``models.<m>.ablation``, ``ablation_not_planned``) must name a row of
-    results/reference/ablation_settings.csv."""
+    results/reference/ablation_settings.csv; ``models.<m>.ablation_gain_over`` another model of the config."""
     import csv
 
+    problems = [f"config key models.{m}.ablation_gain_over: {e['ablation_gain_over']!r} is not a model of this "
+                f"config (models: {sorted(config['models'])})" for m, e in config["models"].items()
+                if e.get("ablation_gain_over") and (e["ablation_gain_over"] not in config["models"]
+                                                    or e["ablation_gain_over"] == m)]
     named = [(f"models.{m}.ablation", s) for m, e in config["models"].items() for s in e.get("ablation") or []]
     named += [("ablation_not_planned", s) for s in config.get("ablation_not_planned") or {}]
     if not named:
-        return []
+        return problems
     with open(REPO_ROOT / "results" / "reference" / "ablation_settings.csv", newline="") as handle:
         known = {row["setting"] for row in csv.DictReader(handle)}
-    return [f"config key {key}: {setting!r} is not an ablation setting (results/reference/ablation_settings.csv)"
-            for key, setting in named if setting not in known]
+    return problems + [f"config key {key}: {setting!r} is not an ablation setting "
+                       f"(results/reference/ablation_settings.csv)" for key, setting in named if setting not in known]
 
 
 def _weights_problems(config: Mapping[str, Any], model: str) -> list[str]:

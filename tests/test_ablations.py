@@ -101,6 +101,38 @@ def test_ablation_tables_put_ours_beside_the_paper_with_both_deltas():
     assert {"T100", "T300", "T800", "Mem. (GB)", "Lin.300", "Lin.800", "Fin.800"} <= set(tab19["column"])
 
 
+def test_fig5_gains_are_ours_minus_the_named_baseline_at_the_rows_k():
+    from ibot.results.aggregate import SUMMARY_COLUMNS
+
+    summary = pd.DataFrame([
+        {**dict.fromkeys(SUMMARY_COLUMNS), "run": "r", "model": m, "stage": "linear_part", "dataset": "d",
+         "protocol": "p", "metric": k, "value": v, "seed": 0, "is_paper_protocol": False}
+        for m, k, v in [("ibot", "top1_k56", 70.0), ("ibot", "top1_k1", 40.0),
+                        ("dino", "top1_k56", 64.5), ("dino", "top1_k1", 25.0)]])
+    models = {"ibot": {"ablation": ["partwise_topk", "partwise_top1"], "pretrain_epochs": 800,
+                       "ablation_gain_over": "dino"},
+              "dino": {"ablation": [], "pretrain_epochs": 800}}
+    frame = ablation_tables(summary, models)
+    fig5 = frame[frame["table"] == "Fig.5 part-wise linear (text)"].set_index("setting")
+    assert set(fig5["column"]) == {"Lin. gain over DINO ViT-S/16"}
+    assert fig5.loc["partwise_topk", "ours"] == pytest.approx(5.5) and fig5.loc["partwise_topk", "paper"] == 5.9
+    assert fig5.loc["partwise_top1", "ours"] == pytest.approx(15.0) and fig5.loc["partwise_top1", "paper"] == 17.9
+    assert fig5.loc["partwise_topk", "our_model"] == "ibot - dino" and pd.isna(fig5.loc["partwise_topk", "ci_low"])
+    # the k comes from the row (top-56 / top-1 patch tokens), the subtracted model from the config
+    tiny = {"arch": "vit_tiny", "patch_size": 16, "stages": ["linear_part"], "paper_epochs": 800}
+    config = _config({"ibot": {**tiny, "ablation": ["partwise_topk", "partwise_top1"], "ablation_gain_over": "dino"},
+                      "dino": tiny})
+    rows = load_ablations()
+    jobs = {r.setting: row_job(r, config) for r in rows[rows["setting"].str.startswith("partwise")].itertuples()}
+    assert jobs == {"partwise_topk": ("ibot", "linear_part", "top1_k56"),
+                    "partwise_top1": ("ibot", "linear_part", "top1_k1")}
+    config["models"]["ibot"]["ablation_gain_over"] = None  # a gain with nothing to subtract is not planned
+    frame = ablation_coverage(config, [], reference=rows[rows["setting"] == "partwise_topk"])
+    assert frame["status"].tolist() == ["not planned"] and "needs ablation_gain_over" in frame["reason"][0]
+    with pytest.raises(ConfigError, match=r"models.ibot.ablation_gain_over: 'nobody' is not a model"):
+        _config({"ibot": {**tiny, "ablation_gain_over": "nobody"}})
+
+
 def test_tab19_hours_and_memory_name_the_device_they_were_measured_on(tmp_path):
     import json
 
@@ -138,6 +170,9 @@ def test_the_ablation_config_plans_most_rows_and_says_why_not_for_the_others():
     # everything that needs no user file is in the Snakemake plan
     assert {"tab9_frozen_dino", "tab20_kmeans", "tab17_vanilla", "center_m08", "mc_b_s04"} <= set(
         frame[frame["status"] == "planned"]["setting"])
+    fig5 = frame[frame["setting"] == "partwise_topk"].iloc[0]  # both released teachers: iBOT minus DINO
+    assert fig5["status"] == "needs file" and "ibot_s_partwise/linear_part/metrics.json (top1_k56) - " \
+        "results/ablations/dino_s_partwise/linear_part/metrics.json (top1_k56)" in fig5["job"]
 
 
 # -- one embedded-size pretraining step of every ablation model, with its resolved recipe ---------------------

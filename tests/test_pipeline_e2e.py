@@ -194,7 +194,7 @@ def test_report_reads_right_in_a_browser(embedded_run, tmp_path):
 
 
 def test_embedded_ablations_end_to_end(embedded_run):
-    """config/ablations_embedded.yaml (iBOT, MIM off, [CLS] loss off, MPP tokenizer; k-NN and linear) through
+    """config/ablations_embedded.yaml (iBOT, MIM off, [CLS] loss off, MPP tokenizer; k-NN, linear, part-wise) through
     Snakemake in the same working directory (the embedded datasets are already generated): every number is
     beyond chance with its 95 % interval and the ablation tables put each beside the paper's row."""
     import pandas as pd
@@ -223,6 +223,11 @@ def test_embedded_ablations_end_to_end(embedded_run):
     assert dino["delta_paper"] == pytest.approx(67.9 - 69.1)
     text = (run_dir / "tables" / "ablations.md").read_text()
     assert "## Tab.9 tokenizer ablation" in text and "## Tab.17 head sharing" not in text  # only tables it ran
+    for model in ("emb_ibot", "emb_dino"):  # part-wise probing (Fig. 5's analysis): every k beyond chance
+        record = read_metrics(run_dir / model / "linear_part" / "metrics.json")
+        assert set(record["metrics"]) >= {"top1_k1", "top1_k4", "top1_k16"}, record["metrics"]
+        assert all(record["intervals"][name]["low"] > record["baselines"][name]["value"] == 10.0
+                   for name in ("top1_k1", "top1_k4", "top1_k16")), record
     for model in ("emb_ibot", "emb_dino", "emb_no_cls", "emb_mpp"):  # Tab. 19 quantities of every pretraining
         record = read_metrics(run_dir / model / "pretrain" / "metrics.json")
         assert record["metrics"]["train_hours"] > 0 and record["metrics"]["peak_memory_gb"] > 0

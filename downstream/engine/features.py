@@ -1,10 +1,11 @@
 """Frozen-backbone features: extraction over a whole dataset (gathered across processes, in dataset
-order), the k-NN feature (final-norm [CLS]) and the linear-probe feature (the [CLS] tokens of the last
-blocks, optionally with the patch-token mean)."""
+order), the k-NN feature (final-norm [CLS]), the linear-probe feature (the [CLS] tokens of the last
+blocks, optionally with the patch-token mean) and the part-wise feature (the mean of the patch tokens
+the [CLS] token attends to most)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +15,7 @@ from downstream.engine.setup import autocast, progress
 from ibot.distributed import all_gather_cat
 
 __all__ = ["extract_features", "cls_features", "avgpool_mode", "feature_dim", "backbone_feature_dim",
-           "linear_features"]
+           "linear_features", "partwise_features"]
 
 
 def cls_features(backbone: nn.Module, images: Tensor) -> Tensor:
@@ -89,3 +90,25 @@ def linear_features(backbone: nn.Module, images: Tensor, n_last_blocks: int,
     if mode > 0:
         parts.append(outputs[-1][:, 1:].mean(dim=1))
     return torch.cat(parts, dim=-1)
+
+
+def partwise_features(backbone: nn.Module, images: Tensor, topk: Sequence[int], *, final_norm: bool = False,
+                      reverse: bool = False) -> Tensor:
+    """Part-wise linear-probe features [len(topk), B, D] (official analysis/linear_part/eval.py:249-255): the
+    last block's [CLS]-to-patch attention averaged over heads ranks the patches; for each k the mean of the
+    k top-ranked patch tokens (bottom-ranked if ``reverse``, the official ``--reverse_top``).
+
+    The official model is built with ``use_mean_pooling=True`` (eval.py:118-121), which makes its final norm
+    an identity (models/vision_transformer.py:160): the tokens are the last block's output without the final
+    LayerNorm, ``final_norm=False`` here; ``True`` applies the backbone's final norm.
+    """
+    if not hasattr(backbone, "get_last_tokens_and_selfattention"):
+        raise ValueError(f"part-wise linear probing reads ViT patch tokens; {type(backbone).__name__} has none")
+    tokens, attention = backbone.get_last_tokens_and_selfattention(images, norm=final_norm)
+    patches = tokens[:, 1:]
+    if max(topk) > patches.shape[1]:
+        raise ValueError(f"linear_part.topk: {max(topk)} patches asked, the backbone gives {patches.shape[1]}")
+    scores = attention[:, :, 0, 1:].mean(dim=1) * (-1.0 if reverse else 1.0)  # [B, N]
+    order = scores.topk(max(topk), dim=-1).indices  # [B, max k], most attended first
+    ranked = torch.gather(patches, 1, order.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    return torch.stack([ranked[:, :k].mean(dim=1) for k in topk])

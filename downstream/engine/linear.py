@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,8 @@ from ibot.models.specs import ModelSpec
 from ibot.tensorboard import ScalarWriter
 
 __all__ = ["OFFICIAL_LR_GRID", "protocol_label", "LinearHeads", "LinearSweep", "HEAD_META_KEYS", "LinearHead",
-           "read_head", "LinearClassifier", "load_linear_classifier", "ProbeResult", "train_probe", "save_probe"]
+           "read_head", "LinearClassifier", "load_linear_classifier", "ProbeFeatures", "ProbeResult", "train_probe",
+           "save_probe", "save_history"]
 
 
 
@@ -60,10 +61,16 @@ def protocol_label(config: Mapping[str, Any]) -> str:
 
 # -- heads ----------------------------------------------------------------------------------------
 class LinearHeads(nn.Module):
-    """``num_heads`` independent ``nn.Linear(dim, num_classes)``; forward → logits [H, B, C]."""
+    """``num_heads`` independent ``nn.Linear(dim, num_classes)``; forward → logits [H, B, C].
 
-    def __init__(self, dim: int, num_classes: int, num_heads: int, seed: int = 0) -> None:
+    Features [B, F] feed every head; grouped features [G, B, F] feed head ``h`` with group ``h // (H / G)``
+    (consecutive heads share a group: one feature per group, e.g. per part-wise k, one head per lr)."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int, seed: int = 0, groups: int = 1) -> None:
         super().__init__()
+        if num_heads % groups:
+            raise ValueError(f"{num_heads} heads cannot be split into {groups} feature groups")
+        self.group_of = [head // (num_heads // groups) for head in range(num_heads)]
         self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(num_heads))
         generator = torch.Generator().manual_seed(seed)
         weight = torch.empty(num_classes, dim).normal_(mean=0.0, std=0.01, generator=generator)
@@ -73,6 +80,8 @@ class LinearHeads(nn.Module):
                 head.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            return torch.stack([head(x[group]) for head, group in zip(self.heads, self.group_of)])
         x = x.reshape(x.shape[0], -1)
         return torch.stack([head(x) for head in self.heads])
 
@@ -83,16 +92,17 @@ class LinearSweep:
     One SGD optimizer with one parameter group per head (lr = base lr × batch/256: ibot.config.LR_SCALING, momentum,
     weight decay) and one per-epoch cosine schedule; the summed per-head losses are backpropagated
     once — each head's gradient is exactly that of its own loss, so the result equals training each
-    head alone on the same batches.
+    head alone on the same batches. With ``groups`` feature groups, every group has its own head per lr
+    (heads = groups × lrs, group-major).
     """
 
     def __init__(self, dim: int, num_classes: int, lrs: Sequence[float], *, batch_size: int, epochs: int,
                  momentum: float = 0.9, weight_decay: float = 0.0, seed: int = 0,
-                 device: torch.device | str = "cpu") -> None:
-        self.lrs = [float(lr) for lr in lrs]
+                 device: torch.device | str = "cpu", groups: int = 1) -> None:
+        self.lrs = [float(lr) for lr in lrs] * groups
         self.scaled_lrs = [scaled_lr("linear", lr, batch_size) for lr in self.lrs]
         self.num_classes = num_classes
-        self.heads = LinearHeads(dim, num_classes, len(self.lrs), seed=seed).to(device)
+        self.heads = LinearHeads(dim, num_classes, len(self.lrs), seed=seed, groups=groups).to(device)
         self.module: nn.Module = self.heads
         if world_size() > 1:
             device_ids = [device.index] if isinstance(device, torch.device) and device.type == "cuda" else None
@@ -229,7 +239,17 @@ def load_linear_classifier(model_spec: ModelSpec | Mapping[str, Any], checkpoint
     return LinearClassifier(backbone, head).eval().requires_grad_(False)
 
 
-# -- the sweep over a dataset (the linear stage; semi-supervised linear probing) ----------------------
+# -- the sweep over a dataset (the linear stage; semi-supervised linear probing; part-wise probing) -----
+@dataclass(frozen=True)
+class ProbeFeatures:
+    """What the heads read from the frozen backbone: ``fn(images)`` → [B, F], or [G, B, F] with one feature per
+    ``groups`` label (each group gets its own head per learning rate)."""
+
+    fn: Callable[[Tensor], Tensor]
+    dim: int
+    groups: tuple[str, ...] = ()
+
+
 @dataclass
 class ProbeResult:
     """The best (head, epoch) on val and every head's evaluations."""
@@ -242,6 +262,7 @@ class ProbeResult:
     num_train: int
     num_val: int
     val_labels: list[int]           # true classes of val, in order (interval and baseline of the accuracies)
+    groups: tuple[str, ...] = ()    # feature groups (history rows carry theirs in ``group``)
 
     @property
     def num_classes(self) -> int:
@@ -251,26 +272,41 @@ class ProbeResult:
         """``top1`` (and ``top5`` with at least 5 classes) of the best head."""
         return {"top1": self.best["top1"], **({"top5": self.best["top5"]} if self.num_classes >= 5 else {})}
 
-    def per_head(self) -> list[dict[str, Any]]:
-        """Per learning rate: its best top-1, the epoch of it, and its last top-1."""
-        per_head: dict[str, dict[str, Any]] = {}
+    def best_by_group(self) -> dict[str, dict[str, Any]]:
+        """Per feature group: its best (head, epoch) row of the history (ties: later wins, like ``best``)."""
+        best: dict[str, dict[str, Any]] = {}
         for row in self.history:
-            entry = per_head.setdefault(str(row["lr"]), {"lr": row["lr"], "best_top1": -1.0, "best_epoch": None})
+            if row["top1"] >= best.get(row.get("group", ""), {"top1": -1.0})["top1"]:
+                best[row.get("group", "")] = row
+        return best
+
+    def per_head(self) -> list[dict[str, Any]]:
+        """Per head (learning rate, and feature group when grouped): its best top-1, the epoch of it, and its
+        last top-1."""
+        per_head: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in self.history:
+            group = row.get("group", "")
+            entry = per_head.setdefault((group, str(row["lr"])), {
+                **({"group": group} if self.groups else {}), "lr": row["lr"], "best_top1": -1.0, "best_epoch": None})
             if row["top1"] >= entry["best_top1"]:
                 entry.update(best_top1=row["top1"], best_epoch=row["epoch"])
             entry["last_top1"] = row["top1"]
         return list(per_head.values())
 
 
-def _head_names(lrs: Sequence[float]) -> list[str]:
-    """TensorBoard name of each head: ``lr_<base lr>`` (``_<index>`` added if two heads share an lr)."""
-    names = [f"lr_{lr:g}" for lr in lrs]
+def _head_names(lrs: Sequence[float], groups: Sequence[str] = ()) -> list[str]:
+    """TensorBoard name of each head: ``[<group>_]lr_<base lr>`` (``_<index>`` added if two heads share one)."""
+    names = [f"{group}_lr_{lr:g}" for group in groups for lr in lrs] if groups else [f"lr_{lr:g}" for lr in lrs]
     return names if len(set(names)) == len(names) else [f"{n}_{i}" for i, n in enumerate(names)]
 
 
 def train_probe(backbone: nn.Module, data: str | Path, config: Mapping[str, Any], *, device: torch.device,
-                seed: int, state_file: Path, fingerprint: str, tb_dir: str | Path) -> ProbeResult:
+                seed: int, state_file: Path, fingerprint: str, tb_dir: str | Path,
+                features: ProbeFeatures | None = None) -> ProbeResult:
     """Train the sweep's heads on frozen features of ``<data>/train`` and pick the best on ``<data>/val``.
+
+    ``features``: what the heads read (default: the linear-probe feature of ``config``'s ``n_last_blocks`` and
+    ``avgpool_patchtokens``, :func:`linear_features`).
 
     The training state is saved atomically after every epoch in ``state_file`` (tagged with the work
     ``fingerprint``) and a rerun resumes from it; TensorBoard scalars go to ``tb_dir`` (module docstring
@@ -283,18 +319,22 @@ def train_probe(backbone: nn.Module, data: str | Path, config: Mapping[str, Any]
     per_process = max(1, int(config["batch_size"]) // world_size())
     global_batch = per_process * world_size()
     lrs = list(config["lrs"] or OFFICIAL_LR_GRID)
-    n_last, avgpool = int(config["n_last_blocks"]), config["avgpool_patchtokens"]
-    dim = backbone_feature_dim(backbone, n_last, avgpool)
-    log(f"[linear] {len(train_set)} train / {len(val_set)} val images, {num_classes} classes; features {dim}; "
-        f"{len(lrs)} heads; batch {global_batch}; {epochs} epochs; device {device}")
+    if features is None:
+        n_last, avgpool = int(config["n_last_blocks"]), config["avgpool_patchtokens"]
+        features = ProbeFeatures(lambda images: linear_features(backbone, images, n_last, avgpool),
+                                 backbone_feature_dim(backbone, n_last, avgpool))
+    dim, groups = features.dim, features.groups
+    log(f"[linear] {len(train_set)} train / {len(val_set)} val images, {num_classes} classes; features {dim}"
+        f"{f' x {len(groups)} groups' if groups else ''}; {len(lrs) * max(1, len(groups))} heads; "
+        f"batch {global_batch}; {epochs} epochs; device {device}")
 
     def features_of(images: Tensor) -> Tensor:
         with torch.no_grad(), autocast(config["precision"], device):
-            return linear_features(backbone, images, n_last, avgpool).float()
+            return features.fn(images).float()
 
     sweep = LinearSweep(dim, num_classes, lrs, batch_size=global_batch, epochs=epochs,
                         momentum=float(config["momentum"]), weight_decay=float(config["weight_decay"]), seed=seed,
-                        device=device)
+                        device=device, groups=max(1, len(groups)))
     train_loader = make_loader(train_set, per_process, shuffle=True, seed=seed, num_workers=int(config["num_workers"]))
     val_loader = make_loader(val_set, per_process, shuffle=False, num_workers=int(config["num_workers"]))
     start_epoch, history, best = 0, [], {"top1": -1.0}
@@ -304,13 +344,14 @@ def train_probe(backbone: nn.Module, data: str | Path, config: Mapping[str, Any]
         start_epoch, history, best = int(state["epoch"]), list(state["history"]), dict(state["best"])
         log(f"[linear] resuming from {state_file} after epoch {start_epoch}")
     tb = ScalarWriter(tb_dir, resume_step=start_epoch + 1)
-    names = _head_names(lrs)
+    names = _head_names(lrs, groups)
+    group_of = [groups[g] if groups else "" for g in sweep.heads.group_of]
 
     val_cache: list[tuple[Tensor, Tensor, Tensor]] | None = None
     for epoch in range(start_epoch, epochs):
         train_loader.sampler.set_epoch(epoch)
         seed_everything(seed + 1000 * epoch + rank())
-        losses = torch.zeros(len(lrs), device=device)
+        losses = torch.zeros(len(sweep.lrs), device=device)
         steps = 0
         for images, targets, _ in progress(train_loader, desc=f"linear epoch {epoch + 1}/{epochs}"):
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -327,13 +368,14 @@ def train_probe(backbone: nn.Module, data: str | Path, config: Mapping[str, Any]
                              for images, targets, index in progress(val_loader, desc="linear val features")]
             hits = _val_hits(sweep, val_cache, len(val_set))  # [N, H, 2]
             accuracy = 100.0 * hits.double().mean(dim=0)  # [H, 2]
-            for head, lr in enumerate(lrs):
+            for head, lr in enumerate(sweep.lrs):
                 top1, top5 = float(accuracy[head, 0]), float(accuracy[head, 1])
-                history.append({"head": head, "lr": lr, "scaled_lr": sweep.scaled_lrs[head], "epoch": epoch + 1,
-                                "top1": top1, "top5": top5 if num_classes >= 5 else ""})
+                history.append({"head": head, "group": group_of[head], "lr": lr, "scaled_lr": sweep.scaled_lrs[head],
+                                "epoch": epoch + 1, "top1": top1, "top5": top5 if num_classes >= 5 else ""})
                 if top1 >= best["top1"]:
-                    best = {"top1": top1, "top5": top5, "head": head, "lr": lr, "scaled_lr": sweep.scaled_lrs[head],
-                            "epoch": epoch + 1, "state_dict": sweep.head_state(head)}
+                    best = {"top1": top1, "top5": top5, "head": head, "group": group_of[head], "lr": lr,
+                            "scaled_lr": sweep.scaled_lrs[head], "epoch": epoch + 1,
+                            "state_dict": sweep.head_state(head)}
             log(f"[linear] epoch {epoch + 1}: mean train loss {scalars['linear/train_loss_mean']:.4f}; "
                 f"best head this epoch top-1 {float(accuracy[:, 0].max()):.2f}; best so far {best['top1']:.2f} "
                 f"(lr {best['lr']:g}, epoch {best['epoch']})")
@@ -350,7 +392,7 @@ def train_probe(backbone: nn.Module, data: str | Path, config: Mapping[str, Any]
     tb.close()
     return ProbeResult(best=best, history=history, classes=list(train_set.classes), feature_dim=dim,
                        global_batch=global_batch, num_train=len(train_set), num_val=len(val_set),
-                       val_labels=list(val_set.targets))
+                       val_labels=list(val_set.targets), groups=tuple(groups))
 
 
 def save_probe(result: ProbeResult, folder: Path, config: Mapping[str, Any], model: ModelSpec, seed: int) -> None:
@@ -359,7 +401,7 @@ def save_probe(result: ProbeResult, folder: Path, config: Mapping[str, Any], mod
     if not is_main():
         return
     best = result.best
-    write_csv_atomic(folder / "per_head.csv", result.history, ["head", "lr", "scaled_lr", "epoch", "top1", "top5"])
+    save_history(result, folder)
     meta = {"n_last_blocks": int(config["n_last_blocks"]), "avgpool_patchtokens": config["avgpool_patchtokens"],
             "num_classes": result.num_classes, "lr": best["lr"], "scaled_lr": best["scaled_lr"], "epoch": best["epoch"],
             "top1": best["top1"], "top5": best["top5"] if result.num_classes >= 5 else None,
@@ -368,6 +410,13 @@ def save_probe(result: ProbeResult, folder: Path, config: Mapping[str, Any], mod
             "feature_dim": result.feature_dim, "model_spec": model.as_dict(), "seed": seed,
             "protocol": protocol_label(config)}
     save_atomic({"state_dict": best["state_dict"], "meta": meta}, folder / "head.pth")
+
+
+def save_history(result: ProbeResult, folder: Path) -> None:
+    """``per_head.csv``: every head at every evaluation (with its feature ``group`` when grouped; main process)."""
+    if is_main():
+        columns = ["head", *(["group"] if result.groups else []), "lr", "scaled_lr", "epoch", "top1", "top5"]
+        write_csv_atomic(folder / "per_head.csv", result.history, columns)
 
 
 def _val_hits(sweep: LinearSweep, cache: list[tuple[Tensor, Tensor, Tensor]], num_samples: int) -> Tensor:

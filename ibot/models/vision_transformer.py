@@ -98,10 +98,24 @@ class IBOTVisionTransformer(VisionTransformer):
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = block(x)
-        last = self.blocks[-1]
-        attn = last.attn
+        return self._block_attention(self.blocks[-1], x)
+
+    def get_last_tokens_and_selfattention(self, x: Tensor, norm: bool = False) -> tuple[Tensor, Tensor]:
+        """The last block's output tokens [B, 1+N, D] (after the final norm if ``norm``) and its softmax
+        attention [B, heads, 1+N, 1+N], from one forward (part-wise linear probing)."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        attention = self._block_attention(self.blocks[-1], x)
+        x = self.blocks[-1](x)
+        return (self.norm(x) if norm else x), attention
+
+    @staticmethod
+    def _block_attention(block: nn.Module, x: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d)) of ``block`` on its input tokens ``x``, [B, heads, T, T]."""
+        attn = block.attn
         batch, tokens, dim = x.shape
-        qkv = attn.qkv(last.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, dim // attn.num_heads)
+        qkv = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, dim // attn.num_heads)
         q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

@@ -9,7 +9,9 @@ A reference row is produced by the model of its setting whose pretraining has th
 800-epoch columns of Tab. 19 are different models), through the stage of its task (:data:`TASK_STAGE`);
 Tab. 19's hours to 100/300/800 epochs come from the longest run of the setting (the cumulative time it
 records at those epochs) and its memory from the same run. A row whose model is left out of the plan for an
-absent user-provided file (``skip_models_missing_files``) is planned but marked as needing that file.
+absent user-provided file (``skip_models_missing_files``) is planned but marked as needing that file. A row the
+paper prints as a gain over another method (Fig. 5's part-wise probing: "gain over DINO ViT-S/16") is ours minus
+the same metric of the model named by ``models.<m>.ablation_gain_over``.
 
 ``ibot coverage --configfile config/ablations.yaml`` reports these rows beside the main tables;
 ``ibot ablations --summary <run>/summary.csv`` writes the tables (rows = settings, columns as printed, ours
@@ -42,7 +44,11 @@ TASK_STAGE: dict[tuple[str, str], tuple[str, str]] = {
     ("semantic_seg", "mIoU"): ("seg_linear", "mIoU"),
     ("compute", "gpu_mem"): ("pretrain", "peak_memory_gb"),
     ("compute", "train_time"): ("pretrain", "train_hours_{epochs}ep"),
+    # Fig. 5: the mean of the top-k patch tokens (k read from the row's protocol), as a gain over DINO
+    ("linear", "top1 gain over DINO ViT-S/16"): ("linear_part", "top1_k{topk}"),
 }
+_TOPK = re.compile(r"top-(\d+) patch token")
+_GAIN = " gain over "
 #: Column labels as the paper prints them.
 _COLUMN = {"knn": "k-NN", "linear": "Lin.", "finetune": "Fin.", "semantic_seg": "mIoU"}
 
@@ -107,7 +113,20 @@ def _select(row: Any, epochs: Mapping[str, int | None]) -> tuple[str, str, str] 
     if not matching:
         return (f"no model of setting {row.setting!r} is pretrained {row.epochs_n} epochs "
                 f"({', '.join(f'{m}: {e}' for m, e in epochs.items())})")
+    if "{topk}" in metric:
+        found = _TOPK.search(row.protocol)
+        if not found:
+            return f"the row's protocol names no top-k patch count: {row.protocol!r}"
+        metric = metric.format(topk=found.group(1))
     return matching[0], stage, metric
+
+
+def gain_baseline(row: Any, models: Mapping[str, Mapping[str, Any]], model: str) -> str | None:
+    """The model whose metric a gain row subtracts (``models.<model>.ablation_gain_over``), ``""`` when the row
+    is a gain but the model names none, ``None`` for a row that is not a gain."""
+    if _GAIN not in row.metric:
+        return None
+    return str(models[model].get("ablation_gain_over") or "")
 
 
 def row_job(row: Any, config: Mapping[str, Any]) -> tuple[str, str, str] | str:
@@ -139,15 +158,22 @@ def ablation_coverage(config: Mapping[str, Any], planned: Iterable[str], *, skip
             status, reason = "not planned", found
         else:
             model, stage, metric = found
-            target = f"{root}/{model}/{stage}/metrics.json"
-            if stage not in planned_stages(config, model):
-                status, reason = "not planned", f"{model} does not run {stage}"
-            elif model in skipped:
-                status, job, reason = "needs file", f"{target} ({metric})", skipped[model]
-            elif target in planned:
-                status, job = "planned", f"{target} ({metric})"
+            baseline = gain_baseline(row, config["models"], model)
+            models = [model] + ([baseline] if baseline else [])
+            targets = [f"{root}/{m}/{stage}/metrics.json" for m in models]
+            missing_stage = [m for m in models if stage not in planned_stages(config, m)]
+            if baseline == "":
+                status, reason = "not planned", (f"the paper prints a {row.metric}: {model} needs "
+                                                 f"ablation_gain_over (the model subtracted)")
+            elif missing_stage:
+                status, reason = "not planned", f"{', '.join(missing_stage)} does not run {stage}"
+            elif any(m in skipped for m in models):
+                status, job = "needs file", " - ".join(f"{t} ({metric})" for t in targets)
+                reason = "; ".join(skipped[m] for m in models if m in skipped)
+            elif all(t in planned for t in targets):
+                status, job = "planned", " - ".join(f"{t} ({metric})" for t in targets)
             else:
-                status, reason = "not planned", f"{target} is not in the Snakemake plan"
+                status, reason = "not planned", f"{', '.join(t for t in targets if t not in planned)} is not in the Snakemake plan"
             if job:
                 unverified = ", ".join(sorted(unverified_values(config, model, stage)))
         out.append({"table": row.table, "setting": row.setting, "model": row.model, "epochs": row.epochs,
@@ -191,6 +217,8 @@ def _column(row: Any, multi_epoch: bool) -> str:
     if row.task == "compute":
         return "Mem. (GB)" if row.metric == "gpu_mem" else f"T{row.epochs_n}"
     label = _COLUMN.get(row.task, f"{row.task} {row.metric}")
+    if _GAIN in row.metric:  # Fig. 5: "Lin. gain over DINO ViT-S/16"
+        label += _GAIN + row.metric.split(_GAIN, 1)[1]
     return f"{label}{row.epochs_n}" if multi_epoch and row.epochs_n else label
 
 
@@ -217,7 +245,13 @@ def ablation_tables(summary: pd.DataFrame, models: Mapping[str, Mapping[str, Any
             if isinstance(found, tuple):
                 our_model, stage, metric = found
                 record = ours.get((our_model, stage, metric))
-                if record is not None:
+                baseline = gain_baseline(row, models, our_model)
+                if baseline is not None:  # a gain: ours minus the baseline model's same metric (no interval)
+                    other = ours.get((baseline, stage, metric))
+                    if record is not None and other is not None:
+                        value = record.mean - other.mean
+                    our_model = f"{our_model} - {baseline}" if baseline else our_model
+                elif record is not None:
                     value, ci_low, ci_high = record.mean, record.ci_low, record.ci_high
             out.append({"table": table, "setting": row.setting, "model": row.model, "varies": row.varies,
                         "column": _column(row, multi), "paper": row.value, "ours": value, "ci_low": ci_low,

@@ -343,6 +343,7 @@ def models_info_from_config(config: Mapping[str, Any]) -> dict[str, dict[str, An
         out[name] = {"paper_model": label, **ModelSpec.of(entry).as_dict(),
                      "weights": entry.get("weights", "pretrain"), "pretrain_note": pretrain_note(config, name),
                      "unverified": marks, "ablation": list(entry.get("ablation") or []),
+                     "ablation_gain_over": entry.get("ablation_gain_over"),
                      "pretrain_epochs": _pretrain_epochs(config, name)}
     return out
 

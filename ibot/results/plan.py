@@ -122,7 +122,7 @@ def _stage_passes(stage: str, cfg: Mapping[str, Any], config: Mapping[str, Any],
     crop = _square(cfg.get("crop"))
     if stage in ("knn", "unsupervised"):
         return [(n_train + n_val, crop, crop, 1.0)], "features of IN-1K train + val"
-    if stage == "linear":  # frozen backbone forward on augmented images every epoch, val each epoch
+    if stage in ("linear", "linear_part"):  # frozen backbone forward on augmented images every epoch, val each epoch
         return [(cfg["epochs"] * (n_train + n_val), crop, crop, 1.0)], f"{cfg['epochs']} ep forward"
     if stage == "finetune":
         return ([(cfg["epochs"] * n_train, crop, crop, 3.0), (cfg["epochs"] * n_val, crop, crop, 1.0)],
