@@ -1,6 +1,6 @@
 """Reruns never reuse stale work: the resume rule (ibot.workdir) in every resumable stage of the registry.
 
-For each run function of a ``resumable`` registry entry (pretraining, linear probing, fine-tuning,
+For each run function of a ``resumable`` registry entry (pretraining, linear and part-wise probing, fine-tuning,
 semi-supervised, transfer, detection, segmentation; entries sharing a function share its resume code,
 so one of them runs), after a completed run:
 - an identical rerun resumes (trains nothing) and gives the identical result;
@@ -85,6 +85,11 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], Callable[[Path], str
     "downstream.linear:run": (
         "linear", {"resize": 36, "crop": 32, "batch_size": 8, "num_workers": 0, "epochs": 2, "lrs": [0.01, 0.3],
                    "n_last_blocks": 1}, {"lrs": [0.02, 0.5]}, _trained("head.pth", "state_dict"), "imagenet"),
+    "downstream.linear_part:run": (
+        "linear_part", {"resize": 36, "crop": 32, "batch_size": 8, "num_workers": 0, "epochs": 2, "lrs": [0.01, 0.3],
+                        "topk": [1, 4]}, {"lrs": [0.02, 0.5]},
+        lambda out: _tensors_digest(torch.load(out / "work" / "linear_part_state.pth", weights_only=True)["sweep"]["heads"]),
+        "imagenet"),
     "downstream.finetune:run": (
         "finetune", {"resize": 36, "crop": 32, "batch_size": 8, "num_workers": 0, "epochs": 2, "warmup_epochs": 1,
                      "precision": "fp32"}, {"lr": 2e-3}, _trained("work/checkpoint.pth", "model"), "imagenet"),
