@@ -97,6 +97,17 @@ def test_each_ingredient_changes_the_fingerprint(tmp_path: Path, data: Path) -> 
     heads.write_bytes(b"other heads")
     assert replace(base, checkpoint=BackboneCheckpoint(ckpt)).fingerprint()["checkpoint_sha256"] != with_ckpt
     assert replace(base, config={**base.config, "heads": str(heads)}).fingerprint()["files"] != with_heads
+    # a frozen MIM tokenizer (pretrain.mim_tokenizer) is a backbone export and the heads.pth beside it
+    export = tmp_path / "tok" / "teacher_backbone.pth"
+    export.parent.mkdir()
+    export.write_bytes(b"backbone")
+    pretrain = replace(base, stage="pretrain", config={**stage_defaults("pretrain"), "mim_tokenizer": str(export)})
+    assert set(pretrain.fingerprint()["files"]) == {"mim_tokenizer"}  # no heads beside it: the file alone
+    (export.parent / "heads.pth").write_bytes(b"heads")
+    files = pretrain.fingerprint()["files"]
+    assert set(files) == {"mim_tokenizer", "mim_tokenizer:heads"}
+    (export.parent / "heads.pth").write_bytes(b"retrained heads")
+    assert pretrain.fingerprint()["files"]["mim_tokenizer:heads"] != files["mim_tokenizer:heads"]
 
 
 def test_dataset_identity_follows_the_files(data: Path) -> None:

@@ -67,8 +67,9 @@ class StageContext:
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines its result (:func:`ibot.workdir.stage_fingerprint`), the content of
-        the input files its config names (entry ``file_keys`` that are set) included."""
-        from ibot.checkpoint import sha256_file
+        the input files its config names (entry ``file_keys`` that are set) included, with the ``heads.pth``
+        our pretraining exports beside a backbone (a frozen MIM tokenizer reads both)."""
+        from ibot.checkpoint import locate_heads, sha256_file
         from ibot.code_identity import code_identity
         from ibot.distributed import world_size
         from ibot.workdir import stage_fingerprint
@@ -80,6 +81,9 @@ class StageContext:
                 value = value.get(part) if isinstance(value, Mapping) else None
             if value:
                 files[key] = sha256_file(value)
+                heads = locate_heads(None, value)
+                if heads != Path(value):
+                    files[f"{key}:heads"] = sha256_file(heads)
         return stage_fingerprint(
             stage=self.stage, config=self.config, model_spec=self.model.as_dict(),
             checkpoint_sha256=self.checkpoint.sha256 if self.checkpoint else None, data=self.data, seed=self.seed,
