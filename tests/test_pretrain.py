@@ -13,7 +13,7 @@ from ibot.data.embedded import EmbeddedSizes, generate
 from ibot.models.specs import ModelSpec
 from helpers import run_pretrain, run_stage
 from ibot.stages import stage_defaults
-from ibot.train.pretrain import Trainer, epoch_marks, time_memory_metrics, train
+from ibot.train.pretrain import Trainer, epoch_marks, max_peak_memory, time_memory_metrics, train
 from ibot.train.schedules import clip_gradients_per_param, cosine_schedule
 from official_ibot_step import build_harnesses, official_loss
 
@@ -345,3 +345,21 @@ def test_resume_adds_elapsed_time_and_records_memory(images, tmp_path):
     three = third.fit()
     assert three["train_hours_partial"] and set(three["train_hours_at"]) == {3}
     assert three["train_hours"] < two["train_hours"] + three["train_time_s"] / 3600 * 1.01
+    # the peak memory is the training's, kept in the checkpoint: a rerun that trains nothing reports it
+    stored = load_file(tmp_path / "checkpoint.pth")["peak_memory"]
+    assert stored["memory_kind"] == "cpu_peak_rss" and stored["peak_memory_gb"] == three["peak_memory_gb"]
+    state = load_file(tmp_path / "checkpoint.pth")
+    state["peak_memory"] = {**stored, "peak_memory_gb": 123.0}
+    torch.save(state, tmp_path / "checkpoint.pth")
+    done = Trainer({**TINY, "epochs": 3}, SPEC, images, tmp_path).fit()
+    assert done["peak_memory_gb"] == 123.0 and done["train_hours"] == pytest.approx(three["train_hours"])
+
+
+def test_peak_memory_is_the_maximum_over_sessions_of_one_kind():
+    cpu = {"memory_kind": "cpu_peak_rss", "peak_memory_gb": 2.0}
+    assert max_peak_memory(None, cpu) == cpu
+    assert max_peak_memory({**cpu, "peak_memory_gb": 3.0}, cpu)["peak_memory_gb"] == 3.0
+    cuda = {"memory_kind": "cuda_max_allocated", "peak_memory_gb": 1.0, "max_memory_reserved_gb": 1.5}
+    assert max_peak_memory({**cuda, "peak_memory_gb": 0.5, "max_memory_reserved_gb": 2.0}, cuda) == {
+        **cuda, "max_memory_reserved_gb": 2.0}
+    assert max_peak_memory({**cpu, "peak_memory_gb": 9.0}, cuda) == cuda  # resumed on a GPU: its own peak

@@ -41,7 +41,7 @@ from ibot.train.schedules import (cancel_last_layer_gradients, clip_gradients_pe
                                   param_groups)
 
 __all__ = ["IBOTModel", "GlobalBatchSampler", "run", "select_attention_kernel", "train", "epoch_marks",
-           "peak_memory", "TIME_MARKS"]
+           "peak_memory", "max_peak_memory", "TIME_MARKS"]
 
 #: Epochs at which the paper reports pretraining wall-clock (Tab.19 T100/T300/T800, arXiv:2111.07832v3):
 #: a run records its cumulative hours at each one it reaches (``train_hours_<mark>ep``).
@@ -279,6 +279,9 @@ class Trainer:
         # cumulative training seconds over every session (checkpoint ``elapsed_s``) and at each TIME_MARKS epoch
         self.elapsed_s, self.mark_elapsed_s, self.elapsed_partial = 0.0, {}, False
         self.time_marks = TIME_MARKS  # tests set tiny marks
+        # peak memory over every session that trained (checkpoint ``peak_memory``): a resumed run that trains
+        # nothing reports the training's peak, not that of a process which only loaded the checkpoint
+        self.peak_memory: dict[str, Any] | None = None
 
     # -- checkpointing ------------------------------------------------------------------------
     @property
@@ -292,7 +295,7 @@ class Trainer:
                  "args": {**self.cfg, **{k: v for k, v in self.spec.items() if v is not None}},
                  "ibot_loss": self.loss.state_dict(), "rng": {"torch": torch.get_rng_state()},
                  "elapsed_s": self.elapsed_s, "mark_elapsed_s": dict(self.mark_elapsed_s),
-                 "elapsed_partial": self.elapsed_partial}
+                 "elapsed_partial": self.elapsed_partial, "peak_memory": self.peak_memory}
         if self.scaler is not None:
             state["fp16_scaler"] = self.scaler.state_dict()
         if torch.cuda.is_available():
@@ -335,6 +338,7 @@ class Trainer:
         self.mark_elapsed_s = {int(k): float(v) for k, v in (state.get("mark_elapsed_s") or {}).items()}
         self.elapsed_partial = bool(state.get("elapsed_partial", False)) or (
             self.start_epoch > 0 and "elapsed_s" not in state)
+        self.peak_memory = state.get("peak_memory")
         print(f"[pretrain] resumed from {path} at epoch {self.start_epoch}", flush=True)
 
     # -- training -----------------------------------------------------------------------------
@@ -476,6 +480,7 @@ class Trainer:
             self.elapsed_s = previous_s + time.time() - started
             if epoch + 1 in self.time_marks:
                 self.mark_elapsed_s[epoch + 1] = self.elapsed_s
+            self.peak_memory = max_peak_memory(self.peak_memory, peak_memory(self.device))
             self.save(epoch + 1)
             print(f"[pretrain] epoch {epoch + 1} done in {time.time() - epoch_start:.1f}s; checkpoint saved", flush=True)
         tb.close()
@@ -484,7 +489,7 @@ class Trainer:
         device = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                   else _cpu_model())
         cfg = self.cfg
-        return {**peak_memory(self.device), "memory_unit": "GiB (2^30 bytes)",
+        return {**(self.peak_memory or peak_memory(self.device)), "memory_unit": "GiB (2^30 bytes)",
                 "device_name": device, "device_type": self.device.type, "world_size": dist_utils.world_size(),
                 "device_count": torch.cuda.device_count() if self.device.type == "cuda" else 1,
                 "crops": {"global": f"{cfg['global_crops_number']}x{cfg['global_crops_size']}",
@@ -571,6 +576,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                **time_memory_metrics(summary)},
                       extra={"summary": summary, "last_logged_iteration": last.get("iteration")})
     return summary
+
+
+def max_peak_memory(previous: Mapping[str, Any] | None, current: Mapping[str, Any]) -> dict[str, Any]:
+    """The larger of two :func:`peak_memory` records, field by field (a session resumed on another kind of
+    device starts over from its own)."""
+    if not previous or previous.get("memory_kind") != current["memory_kind"]:
+        return dict(current)
+    return {key: max(float(previous.get(key, value)), float(value)) if isinstance(value, (int, float)) else value
+            for key, value in current.items()}
 
 
 def time_memory_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
